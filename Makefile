@@ -1,0 +1,47 @@
+# Two entry points for a fresh machine: `make test` and `make demo`. Each creates .venv,
+# installs the pinned requirements and builds fastabsld._C (C++ always, CUDA when nvcc exists).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.requirements-installed
+BUILT := $(VENV)/.fastabsld-built
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py pyproject.toml
+
+# nvcc here is a wrapper script; CUDA_HOME must be the toolkit folder above the real nvcc.
+CUDA_HOME ?= $(shell for d in /usr/local/cuda /usr/local/cuda-*; do [ -x $$d/bin/nvcc ] && echo $$d && break; done)
+export CUDA_HOME
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export MAX_JOBS ?= 2
+
+.PHONY: test demo build bench clean
+
+$(INSTALLED): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(BUILT): $(INSTALLED) $(SOURCES)
+	@echo "building fastabsld._C (log: build/install.log)"
+	@mkdir -p build
+	$(PY) -m pip install --no-build-isolation --no-deps -v -e . > build/install.log 2>&1 || { tail -60 build/install.log; exit 1; }
+	@grep -m1 -E "fastabsld: building" build/install.log || true
+	@grep -E "^ *\[[0-9]+/[0-9]+\] " build/install.log | sed -E 's/^ *(\[[0-9/]+\]) ([^ ]+) .* -c ([^ ]+) .*/  \1 \2 \3/' || true
+	$(PY) -c "import fastabsld, torch; assert fastabsld.HAS_EXTENSION, 'fastabsld._C did not build'; print('fastabsld._C loaded:', torch.ops.fastabsld)"
+	touch $@
+
+build: $(BUILT)
+
+test: $(BUILT)
+	$(PY) -m pytest -q tests benchmarks --benchmark-disable
+
+bench: $(BUILT)
+	$(PY) -m pytest -q benchmarks --benchmark-only
+
+demo: $(BUILT)
+	$(PY) -m fastabsld demo
+
+clean:
+	rm -rf build $(BUILT) fastabsld/_C*.so

@@ -1,0 +1,18 @@
+// The schemas of every op in torch.ops.fastabsld, and the Python module stub of fastabsld._C.
+// Kernels register per backend with TORCH_LIBRARY_IMPL in their own files.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(fastabsld, m) {
+  // One projected ascent step of PGD, per sample over all non-batch dimensions.
+  // alpha/eps: the scalars are used where the per-sample tensors (shape (B,), fp32) are absent.
+  m.def(
+      "pgd_step(Tensor x_adv, Tensor x, Tensor grad, Tensor? alpha_per_sample, "
+      "Tensor? eps_per_sample, float alpha, float eps, str norm, float clamp_min, "
+      "float clamp_max) -> Tensor");
+}

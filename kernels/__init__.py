@@ -1,0 +1,13 @@
+"""Triton kernels of fastabsld (installed as ``fastabsld.kernels``).
+
+They run on CUDA tensors, and on CPU tensors under the Triton interpreter
+(``TRITON_INTERPRET=1`` set before this package is imported). ``HAS_TRITON`` is False where
+triton is not installed; nothing here is imported by the package then.
+"""
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False

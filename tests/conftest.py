@@ -1,0 +1,28 @@
+"""Test set-up: runs Triton kernels in the interpreter on machines without a GPU.
+
+``TRITON_INTERPRET`` must be set before any ``@triton.jit`` decorator runs, so this happens
+before anything imports ``fastabsld``.
+"""
+
+import os
+import shutil
+
+if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_GPU = torch.cuda.is_available()
+
+
+@pytest.fixture(params=["cpu"] + (["cuda"] if HAS_GPU else []))
+def device(request):
+    """Every device the machine has: the CPU, and CUDA where a GPU exists."""
+    return torch.device(request.param)
+
+
+def triton_device():
+    """The device on which Triton kernels run here: CUDA, or the CPU under the interpreter."""
+    return torch.device("cuda" if HAS_GPU else "cpu")
