@@ -63,3 +63,102 @@ def pgd_step(x_adv, x, grad, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
     else:
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
     return torch.clamp(x0 + delta, clamp[0], clamp[1]).to(x_adv.dtype)
+
+
+REDUCTIONS = ("none", "sum", "batchmean", "mean")
+
+
+def row_temperature(temperature, labels, batch, num_classes, name="temperature"):
+    """Resolves a temperature argument to one value per row.
+
+    Args:
+        temperature: a number, a 0-d tensor, or a 1-D tensor: length C (gathered by ``labels``)
+            when labels are given, else length B.
+        labels: (B,) integer class labels or None. Ignored rows may hold any value.
+        batch: B.
+        num_classes: C.
+        name: the argument's name for error messages.
+
+    Returns:
+        Tensor: (B,) or 0-d fp32/fp64 tensor of temperatures (a number becomes a 0-d tensor).
+    """
+    if not isinstance(temperature, torch.Tensor):
+        return torch.tensor(float(temperature), dtype=torch.float64)
+    if temperature.dim() == 0:
+        return temperature
+    if temperature.dim() != 1:
+        raise ValueError(f"{name} must be a number, a 0-d or a 1-D tensor, got shape {tuple(temperature.shape)}")
+    if labels is not None:
+        if temperature.shape[0] != num_classes:
+            raise ValueError(f"{name} with labels must have length C={num_classes}, got {temperature.shape[0]}")
+        return temperature[labels.clamp(0, num_classes - 1)]
+    if temperature.shape[0] != batch:
+        raise ValueError(f"{name} without labels must have length B={batch}, got {temperature.shape[0]}")
+    return temperature
+
+
+def kd_kl_div(student_logits, teacher_logits, labels=None, teacher_temperature=1.0, student_temperature=1.0,
+              reduction="batchmean", ignore_index=-100):
+    """KL(softmax(teacher / tau_t) || softmax(student / tau_s)) per row, then reduced.
+
+    The exact KL with 0 log 0 = 0: a teacher logit of -inf is a class ruled out. Computed in
+    fp64 for fp64 inputs, else fp32; differentiable in both logits through autograd.
+
+    Args:
+        student_logits: (B, C) logits of the student.
+        teacher_logits: (B, C) logits of the teacher.
+        labels: (B,) class labels or None; selects per-class temperatures and ignored rows.
+        teacher_temperature: number, 0-d tensor, (C,) with labels, or (B,) without.
+        student_temperature: likewise.
+        reduction: "none" (per-row, shape (B,)), "sum", "batchmean" (sum / counted rows) or
+            "mean" (sum / (counted rows * C)).
+        ignore_index: rows whose label equals it contribute nothing and are not counted.
+
+    Returns:
+        Tensor: the loss, fp32 (fp64 for fp64 inputs).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    batch, num_classes = student_logits.shape
+    compute = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+    s = student_logits.to(compute)
+    t = teacher_logits.to(compute)
+    tau_t = row_temperature(teacher_temperature, labels, batch, num_classes, "teacher_temperature")
+    tau_s = row_temperature(student_temperature, labels, batch, num_classes, "student_temperature")
+    tau_t = tau_t.to(s.device, compute).reshape(-1, 1) if tau_t.dim() else tau_t.to(s.device, compute)
+    tau_s = tau_s.to(s.device, compute).reshape(-1, 1) if tau_s.dim() else tau_s.to(s.device, compute)
+    log_p = torch.log_softmax(t / tau_t, dim=1)
+    log_q = torch.log_softmax(s / tau_s, dim=1)
+    p = log_p.exp()
+    support = p > 0
+    zero = torch.zeros((), dtype=compute, device=s.device)
+    terms = p * (torch.where(support, log_p, zero) - torch.where(support, log_q, zero))
+    rows = terms.sum(dim=1)
+    if labels is not None:
+        counted = labels != ignore_index
+        rows = torch.where(counted, rows, zero)
+        count = counted.sum().to(compute)
+    else:
+        count = torch.tensor(float(batch), dtype=compute, device=s.device)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "batchmean":
+        return rows.sum() / count
+    return rows.sum() / (count * num_classes)
+
+
+def released_absld_kl_mean(student_logits, teacher_probs):
+    """The per-element KL of the released ABSLD code: mean of ``p * (log(p + 1e-5) - log q)``.
+
+    Args:
+        student_logits: (B, C) student logits (the student is not tempered).
+        teacher_probs: (B, C) teacher soft labels.
+
+    Returns:
+        Tensor: the mean over all B*C elements.
+    """
+    log_q = torch.log_softmax(student_logits.float(), dim=1)
+    p = teacher_probs.float()
+    return (p * (torch.log(p + 1e-5) - log_q)).mean()
