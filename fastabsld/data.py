@@ -79,12 +79,11 @@ def stratified_split(labels, sizes, seed):
     # have samples left over.
     for p in np.argsort(-fractions, kind="stable"):
         missing = sizes[p] - quota[:, p].sum()
-        for c in np.argsort(-remainder[:, p], kind="stable"):
-            if missing <= 0:
-                break
-            if quota[c].sum() < counts[c]:
-                quota[c, p] += 1
-                missing -= 1
+        while missing > 0:
+            for c in np.argsort(-remainder[:, p], kind="stable"):
+                if missing > 0 and quota[c].sum() < counts[c]:
+                    quota[c, p] += 1
+                    missing -= 1
     parts = [[] for _ in sizes]
     for ci, c in enumerate(classes):
         idx = rng.permutation(np.flatnonzero(labels == c))

@@ -195,15 +195,17 @@ def beta_at(cfg, epoch):
         epoch: 0-based epoch.
 
     Returns:
-        float: beta.
+        float: beta (0 for ``rslad`` and ``pgd-at``, whose temperatures stay at 1).
     """
+    if cfg.method != "absld":
+        return 0.0
     return cfg.beta * cfg.lr_gamma ** sum(m <= epoch for m in milestone_epochs(cfg))
 
 
 def build_loss(cfg, num_classes):
     """The distillation loss module of a method (``None`` for ``pgd-at``).
 
-    ``rslad`` is ABSLDLoss with beta = 0, so its temperatures stay at 1.
+    ``rslad`` is ABSLDLoss with beta = 0 (see :func:`beta_at`), so its temperatures stay at 1.
 
     Args:
         cfg: TrainConfig.
@@ -215,7 +217,7 @@ def build_loss(cfg, num_classes):
     if cfg.method == "pgd-at":
         return None
     return ABSLDLoss(num_classes, adv_weight=cfg.adv_weight, nat_weight=cfg.nat_weight, tau_init=1.0,
-                     tau_min=cfg.tau_min, tau_max=cfg.tau_max, beta=cfg.beta if cfg.method == "absld" else 0.0,
+                     tau_min=cfg.tau_min, tau_max=cfg.tau_max, beta=beta_at(cfg, 0),
                      temperature_mode=cfg.temperature_mode)
 
 
