@@ -57,7 +57,7 @@ def evaluate(model, loader, attacks=ATTACKS, *, eps=8 / 255, alpha=2 / 255, num_
         eps: attack radius.
         alpha: PGD / CW step size.
         num_classes: C (default: the width of the model's logits).
-        device: device to evaluate on (default: the model's).
+        device: device the batches are moved to (default: the model's; the model must be there).
         progress: show a tqdm progress bar.
         steps: PGD / CW steps (20 in the standard evaluation; fewer for quick checks).
         cw_confidence: margin of the CW loss.

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import fastabsld.loss
 from fastabsld.absld_loss import ABSLDLoss
+from tests.conftest import HAS_GPU
 from tests.released import (released_absld_loss, released_kl_mean, released_soft_labels,
                             released_temperature_update)
 
@@ -162,6 +163,34 @@ def test_update_without_risk_keeps_temperatures():
     before = loss_fn.tau_adv.clone(), loss_fn.tau_nat.clone()
     loss_fn.update_temperatures()
     assert torch.equal(loss_fn.tau_adv, before[0]) and torch.equal(loss_fn.tau_nat, before[1])
+
+
+def test_forward_and_update_trace_without_host_sync():
+    # fullgraph tracing fails on .item(), bool(tensor) and data-dependent Python branches.
+    eager, traced = ABSLDLoss(5, temperature_mode="released"), ABSLDLoss(5, temperature_mode="released")
+    compiled = torch.compile(traced, backend="eager", fullgraph=True)
+    for seed in range(2):
+        batch = random_case(8, 5, seed=seed, dtype=torch.float32)
+        torch.testing.assert_close(compiled(*batch), eager(*batch))
+    torch.testing.assert_close(traced.risk_adv, eager.risk_adv)
+    torch.compile(traced.update_temperatures, backend="eager", fullgraph=True)()
+    eager.update_temperatures()
+    torch.testing.assert_close(traced.tau_adv, eager.tau_adv)
+    assert not torch.equal(traced.tau_adv, torch.ones(5))
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs CUDA")
+def test_no_sync_on_cuda():
+    loss_fn = ABSLDLoss(10).cuda()
+    adv, nat, teacher, labels = (t.cuda() for t in random_case(32, 10, dtype=torch.float32))
+    adv.requires_grad_()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss_fn(adv, nat, teacher, labels).backward()
+        loss_fn.teacher_probs(teacher, labels)
+        loss_fn.update_temperatures()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_state_dict_round_trip():
