@@ -1,6 +1,7 @@
 """The ABSLD objective as a module holding the class-wise temperatures and the class risks."""
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -49,16 +50,16 @@ class ABSLDLoss(nn.Module):
     def __init__(self, num_classes, *, adv_weight=5 / 6, nat_weight=1 / 6, tau_init=1.0, tau_min=0.5, tau_max=5.0,
                  beta=0.1, temperature_mode="paper"):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
         for name, value in (("adv_weight", adv_weight), ("nat_weight", nat_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         check_temperature_bounds(tau_min, tau_max, tau_init)
         check_beta(beta)
         if temperature_mode not in TEMPERATURE_MODES:
             raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, got {temperature_mode!r}")
-        self.num_classes = num_classes
+        self.num_classes = int(num_classes)
         self.adv_weight = float(adv_weight)
         self.nat_weight = float(nat_weight)
         self.tau_min = float(tau_min)
@@ -71,8 +72,9 @@ class ABSLDLoss(nn.Module):
         self.register_buffer("risk_nat", torch.zeros(num_classes))
 
     def extra_repr(self):
-        return (f"num_classes={self.num_classes}, adv_weight={self.adv_weight:.4g}, nat_weight={self.nat_weight:.4g}, "
-                f"tau=[{self.tau_min}, {self.tau_max}], beta={self.beta:.4g}, temperature_mode={self.temperature_mode!r}")
+        return (f"num_classes={self.num_classes}, adv_weight={self.adv_weight:.4g}, "
+                f"nat_weight={self.nat_weight:.4g}, tau=[{self.tau_min}, {self.tau_max}], beta={self.beta:.4g}, "
+                f"temperature_mode={self.temperature_mode!r}")
 
     def get_extra_state(self):
         return {"beta": self.beta}

@@ -4,6 +4,8 @@ Per-class accuracies are fp64 tensors; a class without samples holds NaN, and th
 skip it. Nothing here synchronises with the host.
 """
 
+import numbers
+
 import torch
 
 
@@ -24,7 +26,7 @@ def _predictions(predictions_or_logits, labels):
 
 
 def _check_num_classes(num_classes):
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
 
 
@@ -127,7 +129,7 @@ class ClassAccuracy:
 
     def __init__(self, num_classes, device=None):
         _check_num_classes(num_classes)
-        self.num_classes = num_classes
+        self.num_classes = int(num_classes)
         self._device_given = device is not None
         self.correct = torch.zeros(num_classes, dtype=torch.int64, device=device)
         self.total = torch.zeros(num_classes, dtype=torch.int64, device=device)

@@ -5,6 +5,7 @@ Everything here stays on the tensors' device: no ``.item()``, no branching on te
 """
 
 import math
+import numbers
 
 import torch
 
@@ -21,7 +22,7 @@ def check_temperature_bounds(tau_min, tau_max, tau_init=None):
     if tau_init is not None:
         values["tau_init"] = tau_init
     for name, value in values.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not 0 < tau_min <= tau_max:
         raise ValueError(f"need 0 < tau_min <= tau_max, got tau_min={tau_min}, tau_max={tau_max}")
@@ -35,7 +36,7 @@ def check_beta(beta):
     Args:
         beta: the step size of the anti-bias update.
     """
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not math.isfinite(beta) or beta < 0:
+    if not isinstance(beta, numbers.Real) or isinstance(beta, bool) or not math.isfinite(beta) or beta < 0:
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
 
 
