@@ -58,6 +58,7 @@ def anti_bias_update(tau, risk, beta, tau_min=0.5, tau_max=5.0):
     Returns:
         Tensor: (C,) new temperatures, in ``tau``'s dtype and device (a new tensor).
     """
+    check_temperature_bounds(tau_min, tau_max)
     if tau.dim() != 1 or risk.shape != tau.shape:
         raise ValueError(f"tau and risk must both have shape (C,), got {tuple(tau.shape)} and {tuple(risk.shape)}")
     compute = torch.float64 if tau.dtype == torch.float64 else torch.float32

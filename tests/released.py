@@ -15,15 +15,16 @@ def released_temperature_update(tau, risk, beta, tau_min=0.5, tau_max=5.0):
 
 
 def released_kl_mean(student_logits, teacher_probs):
-    """The released per-element KL: ``mean(p * (log(p + 1e-5) - log softmax(student)))``."""
-    return (teacher_probs * (torch.log(teacher_probs + 1e-5) - torch.log_softmax(student_logits, dim=1))).mean()
+    """The released per-element KL, ``-log(softmax(s)) * p + log(p + 1e-5) * p``, averaged over B*C."""
+    log_q = torch.log(torch.softmax(student_logits, dim=1))
+    return (-log_q * teacher_probs + torch.log(teacher_probs + 1e-5) * teacher_probs).mean()
 
 
 def released_soft_labels(teacher_logits, labels, tau_adv, tau_nat, aliased):
     """The two branches' teacher soft labels.
 
-    ``aliased=True`` mimics the released script: the natural branch's in-place division acts on
-    the very tensor the adversarial branch divided, so both end up divided by
+    ``aliased=True`` mimics the released script: its two "copies" of the teacher logits are
+    ``.detach()`` views of one storage, divided in place row by row, so both end up divided by
     ``tau_adv[y] * tau_nat[y]`` before either softmax is taken.
     """
     if aliased:

@@ -127,6 +127,8 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="shape"):
         anti_bias_update(torch.ones(2, 2), torch.ones(2, 2), 0.1)
     with pytest.raises(ValueError, match="tau_min"):
+        anti_bias_update(torch.ones(3), torch.ones(3), 0.1, tau_min=2.0, tau_max=1.0)
+    with pytest.raises(ValueError, match="tau_min"):
         check_temperature_bounds(0.0, 5.0)
     with pytest.raises(ValueError, match="tau_init"):
         check_temperature_bounds(0.5, 5.0, 6.0)
