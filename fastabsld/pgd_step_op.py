@@ -86,6 +86,4 @@ def pgd_step(x_adv, x, grad, *, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
         alpha_t, alpha_f = alpha_f.reshape(1).expand(batch), 0.0
     if isinstance(eps_f, torch.Tensor):
         eps_t, eps_f = eps_f.reshape(1).expand(batch), 0.0
-    if norm == "l2" and HAS_EXTENSION:  # until the C++/CUDA L2 kernels land
-        return _reference_kernel(x_adv, x, grad, alpha_t, eps_t, alpha_f, eps_f, norm, lo, hi)
     return torch.ops.fastabsld.pgd_step(x_adv, x, grad, alpha_t, eps_t, alpha_f, eps_f, norm, lo, hi)
