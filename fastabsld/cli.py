@@ -176,8 +176,8 @@ def build_parser():
                                    "with the same budget and seeds, and prints a side-by-side table of clean and "
                                    "PGD-20 accuracy, worst-class accuracy and NSD with mean +- std over seeds.")
     d.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    d.add_argument("--epochs", type=_positive_int, default=40, help="student epochs")
-    d.add_argument("--teacher-epochs", type=_positive_int, default=40)
+    d.add_argument("--epochs", type=_positive_int, default=30, help="student epochs")
+    d.add_argument("--teacher-epochs", type=_positive_int, default=30)
     d.add_argument("--out", default=os.path.join("runs", "demo"), help="report folder")
     d.add_argument("--cache-dir", default=None)
     _add_common(d)

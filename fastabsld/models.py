@@ -163,7 +163,7 @@ class WideResNet(nn.Module):
 
 MODELS = {
     "cnn-s": lambda c, i: SmallCNN(c, i, width=16),
-    "cnn-l": lambda c, i: SmallCNN(c, i, width=48),
+    "cnn-l": lambda c, i: SmallCNN(c, i, width=32),
     "resnet18": ResNet18,
     "mobilenetv2": MobileNetV2,
     "wrn-34-10": lambda c, i: WideResNet(c, i, 34, 10),
