@@ -60,9 +60,12 @@ def _train(args):
 
 
 def _summary(test):
+    def cell(value):
+        return f"{'n/a':>8}" if value is None else f"{value:>8.4f}"
+
     lines = [f"{'attack':<12} {'average':>8} {'worst':>8} {'NSD':>8}"]
     for attack, m in test.items():
-        lines.append(f"{attack:<12} {m['average']:>8.4f} {m['worst']:>8.4f} {m['nsd']:>8.4f}")
+        lines.append(f"{attack:<12} {cell(m['accuracy'])} {cell(m['worst_class_accuracy'])} {cell(m['nsd'])}")
     return "\n".join(lines)
 
 
@@ -146,8 +149,9 @@ def build_parser():
     t.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
     t.add_argument("--train-subset", type=_positive_int, default=None, help="use only N training images")
     t.add_argument("--eval-every", type=_positive_int, default=1, help="validation evaluation period in epochs")
-    t.add_argument("--select-metric", default="pgd20.average",
-                   help="validation metric choosing the kept weights: <clean|pgd20>.<average|worst>")
+    t.add_argument("--select-metric", default="pgd20.accuracy",
+                   help="validation metric choosing the kept weights: <clean|pgd20>.<accuracy|worst_class_accuracy> "
+                        "(default: pgd20.accuracy)")
     t.add_argument("--test-attacks", nargs="+", default=None,
                    help="final test attacks (default: clean fgsm pgd20 cw; add autoattack if torchattacks is "
                         "installed)")

@@ -141,8 +141,8 @@ def plot_run(run_dir, result):
     robust = [a for a in test if a != "clean"]
     if robust:
         attack = robust_attack(test)
-        per_class = {f"{method} clean": test["clean"]["per_class"]} if "clean" in test else {}
-        per_class[f"{method} {attack}"] = test[attack]["per_class"]
+        per_class = {f"{method} clean": test["clean"]["per_class_accuracy"]} if "clean" in test else {}
+        per_class[f"{method} {attack}"] = test[attack]["per_class_accuracy"]
         written.append(plot_per_class(per_class, os.path.join(run_dir, "per_class_accuracy.png"),
                                       f"per-class test accuracy ({method})"))
     temps = plot_temperatures(result["history"], os.path.join(run_dir, "temperatures.png"),

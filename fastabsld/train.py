@@ -31,18 +31,9 @@ from fastabsld import checkpoint, report
 from fastabsld.data import TensorLoader, load_dataset
 from fastabsld.models import build_model
 
-try:
-    from fastabsld.attack import ce_loss, kl_loss, pgd
-except ImportError:  # until the attack module lands
-    from fastabsld._interim import ce_loss, kl_loss, pgd
-try:
-    from fastabsld.loss import ABSLDLoss
-except ImportError:
-    from fastabsld._interim import ABSLDLoss
-try:
-    from fastabsld.evaluation import evaluate
-except ImportError:
-    from fastabsld._interim import evaluate
+from fastabsld.attack import ce_loss, kl_loss, pgd
+from fastabsld.evaluation import evaluate
+from fastabsld.loss import ABSLDLoss
 
 METHODS = ("absld", "rslad", "pgd-at")
 # Released schedule: LR (and beta) times 0.1 at epochs 215, 260 and 285 of 300.
@@ -54,6 +45,7 @@ THREAT = {"digits": (0.1, 0.025), "cifar10": (8 / 255, 2 / 255), "cifar100": (8 
 DEFAULT_MODELS = {"digits": ("cnn-s", "cnn-l"), "cifar10": ("resnet18", "wrn-34-10"),
                   "cifar100": ("resnet18", "wrn-34-10")}
 CHECKPOINT_FORMAT = 1
+SELECT_KEYS = ("accuracy", "worst_class_accuracy")
 
 
 @dataclass
@@ -75,7 +67,8 @@ class TrainConfig:
         adv_weight, nat_weight: weights of the adversarial and natural distillation terms.
         eval_every: evaluate on the validation split every this many epochs (and after the last).
         val_attacks: attacks of the validation evaluation.
-        select_metric: ``"<attack>.<average|worst>"`` on the validation split choosing the kept weights.
+        select_metric: ``"<attack>.<accuracy|worst_class_accuracy>"`` on the validation split, choosing
+            the kept weights.
         test_attacks: attacks of the final test evaluation.
         seed: seed of initialisation, data order and attack noise.
         split_seed: seed of the train/val/test split.
@@ -110,7 +103,7 @@ class TrainConfig:
     nat_weight: float = 1 / 6
     eval_every: int = 1
     val_attacks: tuple = ("clean", "pgd20")
-    select_metric: str = "pgd20.average"
+    select_metric: str = "pgd20.accuracy"
     test_attacks: tuple = ("clean", "fgsm", "pgd20", "cw")
     seed: int = 0
     split_seed: int = 0
@@ -141,8 +134,8 @@ class TrainConfig:
         self.val_attacks = tuple(self.val_attacks)
         self.test_attacks = tuple(self.test_attacks)
         attack, _, key = self.select_metric.partition(".")
-        if attack not in self.val_attacks or key not in ("average", "worst"):
-            raise ValueError(f"select_metric must be '<one of val_attacks {self.val_attacks}>.<average|worst>', "
+        if attack not in self.val_attacks or key not in SELECT_KEYS:
+            raise ValueError(f"select_metric must be '<one of val_attacks {self.val_attacks}>.<{'|'.join(SELECT_KEYS)}>', "
                              f"got {self.select_metric!r}")
 
     def to_dict(self):
@@ -280,7 +273,8 @@ def _temperatures(loss_fn):
 
 def _selection_value(cfg, val_metrics):
     attack, _, key = cfg.select_metric.partition(".")
-    return val_metrics[attack][key]
+    value = val_metrics[attack][key]
+    return -math.inf if value is None else value
 
 
 def _eval_loader(split, cfg):
@@ -424,7 +418,7 @@ def teacher_config(cfg):
         TrainConfig: method ``pgd-at`` with the teacher architecture and epochs.
     """
     return dataclasses.replace(cfg, method="pgd-at", model=cfg.teacher_model, epochs=cfg.teacher_epochs,
-                               seed=cfg.teacher_seed, train_subset=None, select_metric="pgd20.average",
+                               seed=cfg.teacher_seed, train_subset=None, select_metric="pgd20.accuracy",
                                val_attacks=("clean", "pgd20"), test_attacks=("clean", "pgd20"), teacher_path=None)
 
 
@@ -487,7 +481,7 @@ def get_teacher(cfg, *, data=None, log=print):
         result = train(tcfg, os.path.splitext(path)[0] + "-run", data=data, log=log)
         os.replace(os.path.join(os.path.splitext(path)[0] + "-run", "best.pt"), path)
         test = result["test"]
-        log(f"teacher test accuracy: clean {test['clean']['average']:.3f}, PGD-20 {test['pgd20']['average']:.3f}")
+        log(f"teacher test accuracy: clean {test['clean']['accuracy']:.3f}, PGD-20 {test['pgd20']['accuracy']:.3f}")
     teacher, _ = load_model(path, resolve_device(cfg.device))
     return teacher.requires_grad_(False)
 
