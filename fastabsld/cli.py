@@ -14,10 +14,10 @@ import os
 import sys
 
 EPS_HELP = ("L-inf radius of the attacks (default: 0.1 on digits, 8/255 on CIFAR). The digits images are 8x8 with "
-            "17 grey levels (steps of 1/16 = 0.0625); eps = 0.1 moves each pixel by 1.6 grey levels, which keeps "
-            "the digit legible to a person, while the small pixel count makes it a strong attack: a CNN trained "
-            "without defence falls from ~98%% to a few %% under PGD-20. 8/255 (the CIFAR value) is half a grey level "
-            "on digits and leaves almost nothing to defend against.")
+            "17 grey levels (steps of 1/16 = 0.0625); eps = 0.1 moves each pixel by at most 1.6 grey levels, which "
+            "keeps the digit legible to a person, yet it is a real threat: the cnn-s student trained without defence "
+            "falls from 99.6%% clean to 30%% under PGD-20 (its worst class to 4%%). 8/255, the CIFAR value, is half a "
+            "grey level on digits and leaves that model at 95%%: too little to defend against.")
 
 
 def _positive_int(text):

@@ -60,7 +60,8 @@ def format_table(results, seeds):
     Returns:
         str: the table and the verdict lines.
     """
-    head = f"{'test split, ' + str(len(seeds)) + ' seeds':<27} {'RSLAD':>15} {'ABSLD':>15} {'ABSLD-RSLAD':>12}  verdict"
+    head = (f"{'test split, ' + str(len(seeds)) + ' seeds':<27} {'RSLAD':>15} {'ABSLD':>15} "
+            f"{'ABSLD-RSLAD (paired)':>20}  verdict")
     lines = [head, "-" * len(head)]
     verdicts = {}
     for label, attack, key, higher in ROWS:
@@ -68,10 +69,11 @@ def format_table(results, seeds):
         for method in METHODS:
             mean, std = _mean_std([r[attack][key] for r in results[method]])
             cols.append(f"{mean:.3f} +- {std:.3f}")
-        word, diff = verdict([r[attack][key] for r in results["rslad"]], [r[attack][key] for r in results["absld"]],
-                             higher)
+        rslad, absld = ([r[attack][key] for r in results[m]] for m in METHODS)
+        word, diff = verdict(rslad, absld, higher)
+        paired_std = _mean_std([a - r for a, r in zip(absld, rslad)])[1]
         verdicts[key if attack == ATTACK else "clean"] = word
-        lines.append(f"{label:<27} {cols[0]:>15} {cols[1]:>15} {diff:>+12.3f}  {word}")
+        lines.append(f"{label:<27} {cols[0]:>15} {cols[1]:>15} {f'{diff:+.3f} +- {paired_std:.3f}':>20}  {word}")
     lines.append("")
     lines.append(_sentence("worst-class robust accuracy", verdicts["worst_class_accuracy"]))
     lines.append(_sentence("robust fairness (NSD)", verdicts["nsd"]))

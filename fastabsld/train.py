@@ -39,8 +39,8 @@ METHODS = ("absld", "rslad", "pgd-at")
 # Released schedule: LR (and beta) times 0.1 at epochs 215, 260 and 285 of 300.
 RELEASED_MILESTONES = (215 / 300, 260 / 300, 285 / 300)
 # Threat model per data set: (eps, alpha). Digits pixels take 17 grey levels (steps of 1/16); eps = 0.1
-# is 1.6 levels per pixel, small enough that the digit stays legible to a person and large enough that
-# robustness differs clearly between classes (an undefended CNN drops to near 0%). CIFAR: 8/255, 2/255.
+# is 1.6 levels per pixel: the digit stays legible to a person, while an undefended cnn-s drops from
+# 99.6% to 30% under PGD-20 (8/255 leaves it at 95%). CIFAR: the standard 8/255 and 2/255.
 THREAT = {"digits": (0.1, 0.025), "cifar10": (8 / 255, 2 / 255), "cifar100": (8 / 255, 2 / 255)}
 DEFAULT_MODELS = {"digits": ("cnn-s", "cnn-l"), "cifar10": ("resnet18", "wrn-34-10"),
                   "cifar100": ("resnet18", "wrn-34-10")}

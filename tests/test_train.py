@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from fastabsld import train as train_mod
-from fastabsld.data import DIGITS_SPLIT, TensorLoader, crop_flip, load_digits, stratified_split
+from fastabsld.data import (CIFAR_FOLDERS, DIGITS_SPLIT, TensorLoader, crop_flip, load_cifar, load_dataset, load_digits,
+                            stratified_split)
 from fastabsld.models import MODELS, build_model
 from fastabsld.train import TrainConfig, beta_at, config_hash, get_teacher, milestone_epochs, teacher_config, train
 
@@ -225,3 +227,42 @@ def test_teacher_is_trained_once_then_cached(tmp_path, digits, monkeypatch):
     monkeypatch.setattr(train_mod, "train", no_training)
     again = get_teacher(dataclasses.replace(cfg, method="rslad", seed=9), data=digits)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+
+
+def _fake_cifar(folder, per_batch, classes, files, label_key):
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for name in files:
+        entry = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 label_key: [i % classes for i in range(per_batch)]}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(entry, f)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_from_local_pickle_folder(tmp_path, name):
+    if name == "cifar10":
+        _fake_cifar(tmp_path / "cifar-10-batches-py", 20, 10,
+                    [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "labels")
+    else:
+        _fake_cifar(tmp_path / "cifar-100-python", 200, 100, ["train", "test"], "fine_labels")
+    data = load_dataset(name, data_dir=str(tmp_path), val_size=20 if name == "cifar10" else 100)
+    n_train = 100 if name == "cifar10" else 200
+    classes = 10 if name == "cifar10" else 100
+    assert data.num_classes == classes and data.augment and data.in_channels == 3
+    assert data.train[0].shape == (n_train - len(data.val[1]), 3, 32, 32) and data.test[0].shape[1:] == (3, 32, 32)
+    assert np.bincount(data.val[1].numpy(), minlength=classes).tolist() == [len(data.val[1]) // classes] * classes
+    # Pixels are the pickle's bytes / 255 in (C, H, W) order.
+    with open(os.path.join(tmp_path, CIFAR_FOLDERS[name], "test_batch" if name == "cifar10" else "test"), "rb") as f:
+        raw = pickle.load(f)["data"]
+    assert torch.allclose(data.test[0][3], torch.from_numpy(raw[3].reshape(3, 32, 32)).float() / 255)
+    loader = TensorLoader(*data.train, 16, shuffle=True, augment=True)
+    x, _ = next(iter(loader))
+    assert x.shape == (16, 3, 32, 32)
+
+
+def test_missing_cifar_folder_without_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        load_cifar("cifar10", str(tmp_path), download=False)
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        load_dataset("svhn")
