@@ -35,7 +35,8 @@ def _set_threads(threads):
 
 
 def _train(args):
-    from fastabsld.train import TrainConfig, train
+    from fastabsld import checkpoint
+    from fastabsld.train import RUNTIME_FIELDS, TrainConfig, train
 
     _set_threads(args.threads)
     fields = {k: getattr(args, k) for k in ("method", "dataset", "model", "teacher_model", "epochs", "batch_size",
@@ -48,10 +49,16 @@ def _train(args):
         fields["cache_dir"] = args.cache_dir
     cfg = TrainConfig(**fields, progress=not args.no_progress)
     run_dir = args.run_dir or os.path.join("runs", f"{cfg.method}-{cfg.dataset}-{cfg.model}-seed{cfg.seed}")
-    if not args.resume and os.path.exists(os.path.join(run_dir, "last.pt")):
-        print(f"error: {run_dir} holds a run already; pass --resume to continue it or choose another --run-dir",
-              file=sys.stderr)
-        return 2
+    last = os.path.join(run_dir, "last.pt")
+    if os.path.exists(last):
+        if not args.resume:
+            print(f"error: {run_dir} holds a run already; pass --resume to continue it or choose another --run-dir",
+                  file=sys.stderr)
+            return 2
+        # A resumed run keeps its recipe; only where it runs may change.
+        saved = checkpoint.load(last)["config"]
+        cfg = TrainConfig(**{**saved, **{k: v for k, v in cfg.to_dict().items() if k in RUNTIME_FIELDS}})
+        print(f"resuming {run_dir} with its saved configuration ({cfg.method}, {cfg.epochs} epochs)")
     result = train(cfg, run_dir, resume=args.resume)
     print(_summary(result["test"]))
     print(f"best epoch on validation: {result['best']['epoch']} ({cfg.select_metric} = {result['best']['value']:.4f})")
@@ -140,7 +147,8 @@ def build_parser():
     t.add_argument("--batch-size", type=_positive_int, default=128)
     t.add_argument("--lr", type=float, default=0.1)
     t.add_argument("--eps", type=float, default=None, help=EPS_HELP)
-    t.add_argument("--alpha", type=float, default=None, help="PGD step size (default: eps / 4 on digits, 2/255 on CIFAR)")
+    t.add_argument("--alpha", type=float, default=None,
+                   help="PGD step size (default: eps / 4 on digits, 2/255 on CIFAR)")
     t.add_argument("--steps", type=int, default=10, help="PGD steps of the inner maximisation (default: 10)")
     t.add_argument("--beta", type=float, default=0.1, help="temperature learning rate of ABSLD (default: 0.1)")
     t.add_argument("--temperature-mode", choices=("paper", "released"), default="paper",

@@ -46,6 +46,8 @@ DEFAULT_MODELS = {"digits": ("cnn-s", "cnn-l"), "cifar10": ("resnet18", "wrn-34-
                   "cifar100": ("resnet18", "wrn-34-10")}
 CHECKPOINT_FORMAT = 1
 SELECT_KEYS = ("accuracy", "worst_class_accuracy")
+# TrainConfig fields that say where a run executes, not what it computes (free to change on resume).
+RUNTIME_FIELDS = ("device", "data_dir", "cache_dir", "progress")
 
 
 @dataclass
@@ -135,7 +137,8 @@ class TrainConfig:
         self.test_attacks = tuple(self.test_attacks)
         attack, _, key = self.select_metric.partition(".")
         if attack not in self.val_attacks or key not in SELECT_KEYS:
-            raise ValueError(f"select_metric must be '<one of val_attacks {self.val_attacks}>.<{'|'.join(SELECT_KEYS)}>', "
+            raise ValueError(f"select_metric must be '<one of val_attacks {self.val_attacks}>."
+                             f"<{'|'.join(SELECT_KEYS)}>', "
                              f"got {self.select_metric!r}")
 
     def to_dict(self):
@@ -423,7 +426,7 @@ def teacher_config(cfg):
 
 
 # Fields that do not change a trained teacher's weights.
-_HASH_EXCLUDED = ("device", "data_dir", "cache_dir", "progress", "test_attacks")
+_HASH_EXCLUDED = RUNTIME_FIELDS + ("test_attacks",)
 
 
 def config_hash(cfg):

@@ -13,15 +13,7 @@ from fastabsld import train as train_mod
 from fastabsld.data import load_digits
 from fastabsld.models import build_model
 from fastabsld.train import TrainConfig, train
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Training these tiny models is fastest on one thread (and the CI machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.train_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
 class _Exploding:

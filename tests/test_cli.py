@@ -6,18 +6,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from fastabsld import cli
 from fastabsld.demo import format_table, verdict
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.train_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["demo", "--help"]])
@@ -57,6 +49,12 @@ def test_train_eval_and_refuse_overwrite(tmp_path, capsys):
     assert "pgd20" in out and "run folder" in out
     assert json.loads(open(os.path.join(run, "metrics.json")).read())["config"]["epochs"] == 1
     assert cli.main(["train", *common]) == 2  # refuses to overwrite without --resume
+    capsys.readouterr()
+    # --resume keeps the run's saved recipe (1 epoch, already done), whatever the other flags say.
+    assert cli.main(["train", "--run-dir", run, "--resume", "--epochs", "5", "--no-progress",
+                     "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "saved configuration (pgd-at, 1 epochs)" in capsys.readouterr().out
+    assert len(json.loads(open(os.path.join(run, "metrics.json")).read())["history"]) == 1
     out_json = str(tmp_path / "eval.json")
     assert cli.main(["eval", os.path.join(run, "best.pt"), "--attacks", "clean", "fgsm", "--split", "val",
                      "--json", out_json, "--no-progress"]) == 0

@@ -16,15 +16,7 @@ from fastabsld.data import (CIFAR_FOLDERS, DIGITS_SPLIT, TensorLoader, crop_flip
                             stratified_split)
 from fastabsld.models import MODELS, build_model
 from fastabsld.train import TrainConfig, beta_at, config_hash, get_teacher, milestone_epochs, teacher_config, train
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Training these tiny models is fastest on one thread (and the CI machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.train_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
 # ---------------------------------------------------------------- data
@@ -157,7 +149,8 @@ def test_config_validation_and_defaults():
     cfg = TrainConfig()
     assert (cfg.model, cfg.teacher_model, cfg.eps) == ("cnn-s", "cnn-l", 0.1)
     assert TrainConfig(dataset="cifar10").eps == pytest.approx(8 / 255)
-    for bad in ({"method": "trades"}, {"dataset": "mnist"}, {"epochs": 0}, {"select_metric": "cw.accuracy"}, {"select_metric": "pgd20.average"}):
+    for bad in ({"method": "trades"}, {"dataset": "mnist"}, {"epochs": 0}, {"select_metric": "cw.accuracy"},
+                {"select_metric": "pgd20.average"}):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
 
