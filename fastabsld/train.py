@@ -284,6 +284,63 @@ def _eval_loader(split, cfg):
     return TensorLoader(split[0], split[1], max(cfg.batch_size, 256))
 
 
+def train_epoch(student, loss_fn, optimizer, loader, cfg, generator, *, teacher=None, device="cpu", progress=False,
+                desc="epoch"):
+    """One pass over ``loader``: a distillation step (``loss_fn`` given) or a PGD-AT step per batch, then SGD.
+
+    No host synchronisation happens inside the loop; the mean loss stays on the device.
+
+    Args:
+        student: the network being trained.
+        loss_fn: ABSLDLoss (switched to training mode, so it accumulates class risks) or None for PGD-AT.
+        optimizer: the optimiser of ``student``.
+        loader: iterable of (x, y) batches.
+        cfg: TrainConfig (threat model).
+        generator: torch.Generator of the attacks' random starts.
+        teacher: the frozen teacher (needed with ``loss_fn``).
+        device: where the batches go.
+        progress: show a progress bar.
+        desc: the progress bar's label.
+
+    Returns:
+        Tensor: the mean training loss, 0-d, on ``device``.
+    """
+    from tqdm.auto import tqdm
+
+    if loss_fn is not None:
+        loss_fn.train()
+    student.train()
+    loss_sum = torch.zeros((), device=device)
+    batches = 0
+    for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if loss_fn is None:
+            loss = pgd_at_step(student, x, y, cfg, generator)
+        else:
+            loss = distill_step(student, teacher, loss_fn, x, y, cfg, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach()
+        batches += 1
+    return loss_sum / max(batches, 1)
+
+
+def _restore(path, cfg, device, student, optimizer, scheduler, loss_fn, generators, log):
+    """Loads ``last.pt`` into the run's objects; returns (history, best, epochs done)."""
+    state = checkpoint.load(path, map_location=device)
+    if state["config"] != cfg.to_dict():
+        changed = sorted(k for k, v in cfg.to_dict().items() if state["config"].get(k) != v)
+        log(f"warning: resuming with a changed config (fields: {', '.join(changed)})")
+    student.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if loss_fn is not None:
+        loss_fn.load_state_dict(state["loss_fn"])
+    checkpoint.set_rng_state(state["rng"], generators)
+    return state["history"], state["best"], state["epoch"]
+
+
 def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, log=print):
     """Trains a student with ``cfg.method``, checkpointing every epoch; evaluates the kept weights on test.
 
@@ -330,44 +387,24 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, log=print
     best_path = os.path.join(run_dir, "best.pt") if run_dir else None
     best_state = None
     if resume and last_path and os.path.exists(last_path):
-        state = checkpoint.load(last_path, map_location=device)
-        if state["config"] != cfg.to_dict():
-            changed = sorted(k for k, v in cfg.to_dict().items() if state["config"].get(k) != v)
-            log(f"warning: resuming with a changed config (fields: {', '.join(changed)})")
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if loss_fn is not None:
-            loss_fn.load_state_dict(state["loss_fn"])
-        history, best, start = state["history"], state["best"], state["epoch"]
-        if best_path and os.path.exists(best_path):
+        history, best, start = _restore(last_path, cfg, device, student, optimizer, scheduler, loss_fn, generators,
+                                        log)
+        if os.path.exists(best_path):
             best_state = checkpoint.load(best_path, map_location=device)["model"]
-        checkpoint.set_rng_state(state["rng"], generators)
         log(f"resumed {run_dir} after epoch {start}")
     elif resume:
         log(f"no checkpoint in {run_dir}; starting from scratch")
 
+    shapes = {"num_classes": data.num_classes, "in_channels": data.in_channels}
     epochs = tqdm(range(start, cfg.epochs), desc=f"{cfg.method} epochs", disable=not cfg.progress,
                   initial=start, total=cfg.epochs, leave=False)
     for epoch in epochs:
         began = time.perf_counter()
         if loss_fn is not None:
             loss_fn.beta = beta_at(cfg, epoch)
-            loss_fn.train()
-        student.train()
-        loss_sum = torch.zeros((), device=device)
-        batches = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not cfg.progress, leave=False)
-        for x, y in batches:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if loss_fn is None:
-                loss = pgd_at_step(student, x, y, cfg, attack_gen)
-            else:
-                loss = distill_step(student, teacher, loss_fn, x, y, cfg, attack_gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
-        entry = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum.item() / len(loader)}
+        mean_loss = train_epoch(student, loss_fn, optimizer, loader, cfg, attack_gen, teacher=teacher, device=device,
+                                progress=cfg.progress, desc=f"epoch {epoch + 1}")
+        entry = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": mean_loss.item()}
         if loss_fn is not None:
             entry["beta"] = loss_fn.beta
             loss_fn.update_temperatures()
@@ -382,9 +419,8 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, log=print
                 best_state = copy.deepcopy(student.state_dict())
                 if best_path:
                     checkpoint.atomic_save({"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch + 1,
-                                            "model": best_state, "num_classes": data.num_classes,
-                                            "in_channels": data.in_channels, "val": entry["val"],
-                                            "temperatures": _temperatures(loss_fn)}, best_path)
+                                            "model": best_state, "val": entry["val"],
+                                            "temperatures": _temperatures(loss_fn), **shapes}, best_path)
         entry["seconds"] = time.perf_counter() - began
         history.append(entry)
         epochs.set_postfix(loss=f"{entry['train_loss']:.4f}")
@@ -394,8 +430,7 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, log=print
                 "model": student.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "loss_fn": None if loss_fn is None else loss_fn.state_dict(),
                 "beta": None if loss_fn is None else loss_fn.beta, "rng": checkpoint.rng_state(generators),
-                "history": history, "best": best, "num_classes": data.num_classes,
-                "in_channels": data.in_channels}, last_path)
+                "history": history, "best": best, **shapes}, last_path)
             report.write_metrics(run_dir, {"config": cfg.to_dict(), "history": history, "best": best})
     epochs.close()
 
