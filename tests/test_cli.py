@@ -86,3 +86,17 @@ def test_format_table_is_honest():
     table = format_table(results, [0, 1])
     assert "ABSLD improved worst-class robust accuracy over RSLAD beyond the seed spread." in table
     assert "ABSLD improved robust fairness (NSD)" in table
+
+
+def test_demo_end_to_end_tiny(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--seeds", "0", "--epochs", "1", "--teacher-epochs", "1", "--out", str(out),
+                     "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "trained and cached at" in printed and "RSLAD" in printed and "PGD-20 worst-class acc." in printed
+    assert "ABSLD did NOT clearly improve" in printed  # one seed has no spread: never claims a win
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["seeds"] == [0] and set(summary["results"]) == {"rslad", "absld"}
+    for name in ("per_class_robust_accuracy.png", "absld_temperatures.png", "rslad-seed0/metrics.json",
+                 "absld-seed0/best.pt"):
+        assert (out / name).stat().st_size > 0, name
