@@ -43,7 +43,7 @@ def _jit_helpers(fn):
             namespace.update(wrappers)
 
 
-def compile_for_gpus(kernel, signature, constexprs, targets=TARGETS, options=None):
+def compile_for_gpus(kernel, signature, constexprs, targets=TARGETS, options=None, divisible_by_16=()):
     """Compiles a ``@triton.jit`` kernel to cubin for each compute capability in ``targets``.
 
     Args:
@@ -54,15 +54,18 @@ def compile_for_gpus(kernel, signature, constexprs, targets=TARGETS, options=Non
         targets: compute capabilities, e.g. (80, 90).
         options: compile options as a launch would pass them, e.g. ``{"num_warps": 8,
             "debug": True}``; None for the defaults.
+        divisible_by_16: names of pointer or integer arguments to specialise as multiples of 16,
+            as a launch does for aligned tensors and such integers (it enables vector accesses).
 
     Returns:
         dict: ``{capability: compiled kernel}``; each has ``asm["ptx"]`` and ``asm["cubin"]``.
     """
     fn = _jit_function(kernel)
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
     compiled = {}
     with _jit_helpers(fn):
         for capability in targets:
-            source = ASTSource(fn, signature=dict(signature), constexprs=dict(constexprs))
+            source = ASTSource(fn, signature=dict(signature), constexprs=dict(constexprs), attrs=attrs)
             compiled[capability] = triton.compile(source, target=GPUTarget("cuda", capability, 32),
                                                   options=dict(options or {}))
             assert compiled[capability].asm["cubin"], f"no cubin for sm_{capability}"
