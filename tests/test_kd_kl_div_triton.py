@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from fastabsld import reference
 from fastabsld.kernels import kd_kl_div as kd
 from tests.conftest import HAS_GPU, triton_device
-from tests.triton_aot import compile_for_gpus
+from tests.triton_aot import compile_many_for_gpus
 
 DEVICE = triton_device()
 IGNORE = -100
@@ -317,24 +317,39 @@ DTYPE_NAMES_ALL = ["fp32", "fp16", "bf16"]
 DTYPE_PAIRS_ALL = [(student, teacher) for student in DTYPE_NAMES_ALL for teacher in DTYPE_NAMES_ALL]
 
 
-@pytest.mark.parametrize("index", range(len(DTYPE_PAIRS_ALL)))
-def test_every_variant_compiles_for_sm80_and_sm90(index):
-    """Both kernels for each (student, teacher) dtype pair, with their launch options (device
-    asserts on), for contiguous logits (unit column stride, which Triton specialises) and, for a
-    third of the pairs each, any strides; the tile kernel alternately at its narrowest and
-    widest tile."""
-    student, teacher = DTYPE_PAIRS_ALL[index]
-    tile = kd.tile_config(128, 10) if index % 2 else kd.tile_config(1, kd.ONLINE_THRESHOLD)
-    for position, (kernel, config) in enumerate([(kd._kd_tile_kernel, tile),
-                                                 (kd._kd_online_kernel, kd.online_config(8, 262144))]):
-        contiguous = index % 3 != position
-        constexprs = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
-        if contiguous:
-            constexprs.update(stride_sc=1, stride_tc=1)
-        compiled = compile_for_gpus(kernel, _signature(kernel, student, teacher, constexprs), constexprs,
-                                    options={"num_warps": config["num_warps"], "debug": True,
-                                             "sanitize_overflow": False}, divisible_by_16=ALIGNED)
-        ptx = compiled[90].asm["ptx"]
+def _variants():
+    """Both kernels for each (student, teacher) dtype pair, with the launch options (device
+    asserts on); contiguous logits (unit column stride, which Triton specialises) except, for a
+    third of the pairs each, any strides; the tile kernel alternately at its narrowest and widest."""
+    variants = []
+    for index, (student, teacher) in enumerate(DTYPE_PAIRS_ALL):
+        tile = kd.tile_config(128, 10) if index % 2 else kd.tile_config(1, kd.ONLINE_THRESHOLD)
+        for position, (kernel, config) in enumerate([(kd._kd_tile_kernel, tile),
+                                                     (kd._kd_online_kernel, kd.online_config(8, 262144))]):
+            constexprs = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
+            contiguous = index % 3 != position
+            if contiguous:
+                constexprs.update(stride_sc=1, stride_tc=1)
+            variants.append({"kernel": kernel, "constexprs": constexprs, "divisible_by_16": ALIGNED,
+                             "signature": _signature(kernel, student, teacher, constexprs),
+                             "options": {"num_warps": config["num_warps"], "debug": True, "sanitize_overflow": False},
+                             "name": f"{kernel.__name__} s={student} t={teacher} contiguous={contiguous}"})
+    return variants
+
+
+VARIANTS = _variants()
+
+
+@pytest.fixture(scope="module")
+def compiled_variants():
+    return compile_many_for_gpus([{k: v for k, v in job.items() if k != "name"} for job in VARIANTS])
+
+
+@pytest.mark.parametrize("index", range(len(VARIANTS)), ids=[job["name"] for job in VARIANTS])
+def test_every_variant_compiles_for_sm80_and_sm90(compiled_variants, index):
+    for capability in (80, 90):
+        assert compiled_variants[index][capability].asm["cubin"]
+        ptx = compiled_variants[index][capability].asm["ptx"]
         assert "__assertfail" in ptx, "device asserts were compiled out"
-        if contiguous:
+        if "stride_sc" in VARIANTS[index]["constexprs"]:
             assert "ld.global.v" in ptx, "contiguous logits should be read with vector loads"
