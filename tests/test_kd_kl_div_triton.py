@@ -278,9 +278,9 @@ def test_bad_rows_degrade_to_nan_without_asserts(online):
     config = ONLINE_SMALL if online else kd.tile_config(3, 5)
     row_loss = torch.empty(3, device=DEVICE)
     grad = torch.empty(3, 5, device=DEVICE)
-    kernel = kd._kd_online_kernel if online else kd._kd_tile_kernel
-    kernel[(1,)](s, s, labels, tau, row_loss, row_loss, grad, grad, 3, 5, 5, 1, 5, 1, 1, 1.0, 1.0, kd.BY_LABEL,
-                 kd.SCALAR, 1, IGNORE, 1, 0, BLOCK_M=4, BLOCK_N=config["BLOCK_N"])
+    kd._kd_kl_div_kernel[(1,)](s, s, labels, tau, row_loss, row_loss, grad, grad, 3, 5, 5, 1, 5, 1, 1, 1.0, 1.0,
+                               kd.BY_LABEL, kd.SCALAR, 1, IGNORE, 1, 0, ONLINE=online, BLOCK_M=4,
+                               BLOCK_N=config["BLOCK_N"])
     assert row_loss[0] == 0 and row_loss[1:].isnan().all() and grad[1:].isnan().all() and (grad[0] == 0).all()
 
 
@@ -318,22 +318,22 @@ DTYPE_PAIRS_ALL = [(student, teacher) for student in DTYPE_NAMES_ALL for teacher
 
 
 def _variants():
-    """Both kernels for each (student, teacher) dtype pair, with the launch options (device
+    """Both kernel forms for each (student, teacher) dtype pair, with the launch options (device
     asserts on); contiguous logits (unit column stride, which Triton specialises) except, for a
     third of the pairs each, any strides; the tile kernel alternately at its narrowest and widest."""
     variants = []
     for index, (student, teacher) in enumerate(DTYPE_PAIRS_ALL):
         tile = kd.tile_config(128, 10) if index % 2 else kd.tile_config(1, kd.ONLINE_THRESHOLD)
-        for position, (kernel, config) in enumerate([(kd._kd_tile_kernel, tile),
-                                                     (kd._kd_online_kernel, kd.online_config(8, 262144))]):
-            constexprs = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
-            contiguous = index % 3 != position
+        for online, config in enumerate([tile, kd.online_config(8, 262144)]):
+            constexprs = {"ONLINE": bool(online), "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
+            contiguous = index % 3 != online
             if contiguous:
                 constexprs.update(stride_sc=1, stride_tc=1)
+            kernel = kd._kd_kl_div_kernel
             variants.append({"kernel": kernel, "constexprs": constexprs, "divisible_by_16": ALIGNED,
                              "signature": _signature(kernel, student, teacher, constexprs),
                              "options": {"num_warps": config["num_warps"], "debug": True, "sanitize_overflow": False},
-                             "name": f"{kernel.__name__} s={student} t={teacher} contiguous={contiguous}"})
+                             "name": f"{'online' if online else 'tile'} s={student} t={teacher} contiguous={contiguous}"})
     return variants
 
 
