@@ -21,6 +21,7 @@ The temperature modes, the labels' presence and the gradient flags are runtime a
 value specialisation: the compiled variants are only form x (student, teacher) dtypes.
 """
 
+import contextlib
 import math
 
 import torch
@@ -232,7 +233,7 @@ def _check_temperature(tensor, scalar, labels, batch, num_classes, device, name)
     """Validates one temperature argument's metadata (no device sync); returns (tensor, mode)."""
     if tensor is None:
         if not (math.isfinite(scalar) and scalar > 0):
-            raise ValueError(f"{name}_scalar must be positive and finite, got {scalar}")
+            raise RuntimeError(f"kd_kl_div_forward: {name}_scalar must be positive and finite, got {scalar}")
         return None, SCALAR
     expected = num_classes if labels is not None else batch
     if tensor.dim() != 1 or tensor.shape[0] != expected:
@@ -264,19 +265,23 @@ def _check_inputs(student_logits, teacher_logits, labels):
 
 
 def _check_values_on_host(labels, tau_t, tau_s, ignore_index, num_classes):
-    """The device asserts' checks, done eagerly for CPU tensors (the interpreter has no asserts)."""
+    """The device asserts' checks, done eagerly for CPU tensors (the interpreter has no asserts).
+
+    RuntimeError like the C++ kernel's TORCH_CHECK and a failed device assert on a GPU.
+    """
     kept = None
     if labels is not None:
         kept = labels != ignore_index
         used = labels[kept]
         if bool(((used < 0) | (used >= num_classes)).any()):
-            raise ValueError(f"labels must lie in [0, C={num_classes}) or equal ignore_index={ignore_index}")
+            raise RuntimeError(f"kd_kl_div_forward: labels must lie in [0, C={num_classes}) or equal "
+                               f"ignore_index={ignore_index}")
     for name, tau, mode in (("teacher_temperature", *tau_t), ("student_temperature", *tau_s)):
         if mode == SCALAR:
             continue
         used = tau[labels[kept]] if mode == BY_LABEL else (tau if kept is None else tau[kept])
         if not bool(((used > 0) & torch.isfinite(used)).all()):
-            raise ValueError(f"{name} must be positive and finite where it is used")
+            raise RuntimeError(f"kd_kl_div_forward: {name} must be positive and finite where it is used")
 
 
 def kd_kl_div_forward(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
@@ -349,14 +354,16 @@ def launch(student_logits, teacher_logits, labels, teacher_temperature, student_
         labels_arg, stride_l = labels, labels.stride(0)
     grid = (triton.cdiv(batch, config["BLOCK_M"]),)
     # A gradient not asked for passes its empty (0,) output: nothing is stored through it.
-    _kd_kl_div_kernel[grid](
-        student_logits, teacher_logits, labels_arg,
-        row_loss if tau_t[0] is None else tau_t[0], row_loss if tau_s[0] is None else tau_s[0],
-        row_loss, grad_student, grad_teacher,
-        batch, num_classes, *student_logits.stride(), *teacher_logits.stride(), stride_l,
-        float(teacher_temperature_scalar), float(student_temperature_scalar), tau_t[1], tau_s[1],
-        int(labels is not None), int(ignore_index), int(bool(student_grad)), int(bool(teacher_grad)),
-        ONLINE=bool(online), BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], num_warps=config["num_warps"],
-        debug=True, sanitize_overflow=False,
-    )
+    # Triton launches on the current CUDA device: make it the tensors' one.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _kd_kl_div_kernel[grid](
+            student_logits, teacher_logits, labels_arg,
+            row_loss if tau_t[0] is None else tau_t[0], row_loss if tau_s[0] is None else tau_s[0],
+            row_loss, grad_student, grad_teacher,
+            batch, num_classes, *student_logits.stride(), *teacher_logits.stride(), stride_l,
+            float(teacher_temperature_scalar), float(student_temperature_scalar), tau_t[1], tau_s[1],
+            int(labels is not None), int(ignore_index), int(bool(student_grad)), int(bool(teacher_grad)),
+            ONLINE=bool(online), BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+            num_warps=config["num_warps"], debug=True, sanitize_overflow=False,
+        )
     return row_loss, grad_student, grad_teacher
