@@ -15,6 +15,13 @@ One kernel, ``_kd_kl_div_kernel``, in two forms (the constexpr ONLINE):
   pass 2 (only when a gradient is asked for) re-reads s and t and writes the gradients.
   Probabilities are never stored.
 
+Memory traffic per element (e_s, e_t: bytes of the student's and teacher's dtype): the tile
+form reads e_s + e_t and writes e_s (student gradient) and/or e_t (teacher gradient), the
+ideal (fp32: 12 B, bf16: 6 B with the student gradient); ignored rows read nothing. The
+online form reads e_s + e_t twice when a gradient is asked for (fp32: 20 B, bf16: 10 B; the
+second read comes from L2 while the rows in flight fit in it), once when not. Per row: the
+label, the temperatures and the loss (about 16 B).
+
 Math is fp32 whatever the input dtype; gradients are stored in their logits' dtype.
 The temperature modes, the labels' presence and the gradient flags are runtime arguments
 (uniform branches and per-row scalar work, nothing per element), excluded from Triton's
