@@ -39,7 +39,7 @@ def temperatures(kind, batch, num_classes, low=0.5, high=3.0, generator=None):
     def draw(n):
         return (low + (high - low) * torch.rand(n, generator=generator)).to(DEVICE)
 
-    labels = torch.randint(0, num_classes, (batch,), generator=generator).to(DEVICE)
+    labels = torch.randint(0, num_classes, (2 * batch,), generator=generator).to(DEVICE)[::2]  # strided
     if kind == "scalar":
         return None, None, None, 2.0, 0.7
     if kind == "scalar-labels":
