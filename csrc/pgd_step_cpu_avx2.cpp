@@ -10,6 +10,8 @@
 #define __AVX2__ 1
 #define __FMA__ 1
 #endif
+// ATen's bf16 lambdas trip a harmless ABI note under the pragma.
+#pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
 #include "pgd_step_cpu_simd.h"
@@ -32,7 +34,11 @@ Vec clamp_vec(const Vec& v, const Vec& lo, const Vec& hi) {
 }
 
 float sum_lanes(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v);
+  __at_align__ float lanes[Vec::size()];
+  v.store(lanes);
+  float sum = 0.0f;
+  for (int k = 0; k < Vec::size(); ++k) sum += lanes[k];
+  return sum;
 }
 
 }  // namespace
