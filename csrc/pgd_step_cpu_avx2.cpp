@@ -1,7 +1,8 @@
 // The AVX2+FMA build of the fp32 PGD-step loops (see pgd_step_cpu_simd.h). ATen's vector types
 // take the CPU_CAPABILITY namespace AVX2 here, as in ATen's own per-capability kernels; the
-// scalar tails use the shared per-element math, so the results match the scalar path bit for bit.
-#if defined(__x86_64__) && defined(__GNUC__)
+// scalar tails use the shared per-element math. L-inf results equal the scalar path's exactly
+// (alpha * sign is exact, so an FMA rounds the same); L2 may differ in the last bit.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTABSLD_AVX2 1
 #pragma GCC target("avx2,fma")
 // The pragma does not define the feature macros that ATen's and Sleef's headers test.
@@ -91,7 +92,7 @@ void l2_apply(const float* x_adv, const float* x, const float* grad, float* out,
 }  // namespace avx2
 }  // namespace fastabsld
 
-#else  // not x86-64 GCC/Clang: the scalar loops of pgd_step_cpu.cpp run instead
+#else  // not x86-64 GCC: the scalar loops of pgd_step_cpu.cpp run instead
 
 namespace fastabsld {
 namespace avx2 {
