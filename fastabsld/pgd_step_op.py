@@ -20,17 +20,37 @@ SCHEMA = (
 )
 
 
+NORMS = ("linf", "l2")
+
+
+def _check_per_sample_values(value, name):
+    """Raises ValueError for a negative or NaN entry of a CPU per-sample tensor (no host sync)."""
+    if value is not None and value.device.type == "cpu" and not bool((value >= 0).all()):
+        raise ValueError(f"pgd_step: {name} must be non-negative and not NaN, got {value.tolist()}")
+
+
 def _reference_kernel(x_adv, x, grad, alpha_per_sample, eps_per_sample, alpha, eps, norm, clamp_min, clamp_max):
+    _check_per_sample_values(alpha_per_sample, "alpha")
+    _check_per_sample_values(eps_per_sample, "eps")
     a = alpha if alpha_per_sample is None else alpha_per_sample
     e = eps if eps_per_sample is None else eps_per_sample
-    out = reference.pgd_step(x_adv, x, grad, a, e, norm, (clamp_min, clamp_max))
+    with torch.no_grad():
+        out = reference.pgd_step(x_adv, x, grad, a, e, norm, (clamp_min, clamp_max))
     return out.contiguous(memory_format=reference.memory_format_of(x_adv))
 
 
+def _not_differentiable(*args):
+    """Autograd kernel: the step (sign, projection) is not differentiable; its output never requires grad."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.fastabsld.pgd_step.default(*args)
+
+
 if not HAS_EXTENSION:
+    # The C++ extension registers the same kernels (csrc/pgd_step_*.cpp).
     _LIB = torch.library.Library("fastabsld", "DEF")
     _LIB.define(SCHEMA)
     _LIB.impl("pgd_step", _reference_kernel, "CompositeExplicitAutograd")
+    _LIB.impl("pgd_step", _not_differentiable, "Autograd")
 
 
 @torch.library.register_fake("fastabsld::pgd_step")
@@ -39,28 +59,36 @@ def _pgd_step_fake(x_adv, x, grad, alpha_per_sample, eps_per_sample, alpha, eps,
 
 
 def _check_radius(value, name, batch):
+    """Splits alpha or eps into (per-sample tensor or None, number), checking what needs no sync.
+
+    Per-sample values are checked by the CPU kernels; on CUDA that would need a host sync.
+    """
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
-            return None, value
+            return value.reshape(1).expand(batch), 0.0
         if value.dim() != 1 or value.shape[0] != batch:
-            raise ValueError(f"{name} must be a number or a tensor of shape ({batch},), got shape {tuple(value.shape)}")
-        if value.device.type == "cpu" and not torch.compiler.is_compiling():
-            if bool(torch.isnan(value).any()) or bool((value < 0).any()):
-                raise ValueError(f"{name} must be non-negative and not NaN")
+            raise ValueError(
+                f"pgd_step: {name} must be a number or a tensor of shape ({batch},), got shape {tuple(value.shape)}"
+            )
         return value, 0.0
     if not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        raise ValueError(f"pgd_step: {name} must be a non-negative number, got {value!r}")
     return None, float(value)
 
 
 def pgd_step(x_adv, x, grad, *, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
     """Takes one PGD ascent step and projects it, per sample, in one pass.
 
-    L-inf: ``clamp(x + clamp(x_adv + alpha * sign(grad) - x, -eps, eps), *clamp)``.
+    L-inf: ``clamp(x + clamp(x_adv + alpha * sign(grad) - x, -eps, eps), *clamp)``, sign(0) = 0.
+    L2 (torchattacks' PGDL2): ``delta = x_adv + alpha * grad / (||grad|| + 1e-10) - x``, then
+    ``delta *= min(1, eps / ||delta||)`` (unchanged where delta = 0), then
+    ``clamp(x + delta, *clamp)``; norms per sample over all non-batch dimensions.
+    Computed in fp32 (fp64 inputs too). The step is not differentiable: the output never
+    requires grad. Per-sample values of CUDA tensors are not checked (that would need a sync).
 
     Args:
         x_adv: current adversarial inputs, shape (B, ...), fp32/fp16/bf16, any layout.
-        x: clean inputs, same shape.
+        x: clean inputs, same shape (converted to ``x_adv``'s dtype).
         grad: gradient of the loss to maximise at ``x_adv``, same shape.
         alpha: step size: a non-negative number or a tensor of shape (B,).
         eps: radius: a non-negative number or a tensor of shape (B,).
@@ -68,22 +96,19 @@ def pgd_step(x_adv, x, grad, *, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
         clamp: (min, max) of the valid input range.
 
     Returns:
-        Tensor: the new adversarial inputs (a new tensor; the inputs are not modified).
+        Tensor: the new adversarial inputs in ``x_adv``'s dtype, channels_last where ``x_adv`` is
+        (a new tensor; the inputs are not modified).
     """
-    if norm not in ("linf", "l2"):
-        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
-    if x.shape != x_adv.shape or grad.shape != x_adv.shape:
+    if norm not in NORMS:
+        raise ValueError(f"pgd_step: norm must be 'linf' or 'l2', got {norm!r}")
+    if x_adv.dim() == 0 or x.shape != x_adv.shape or grad.shape != x_adv.shape:
         raise ValueError(
-            f"x_adv {tuple(x_adv.shape)}, x {tuple(x.shape)} and grad {tuple(grad.shape)} must have the same shape"
+            f"pgd_step: x_adv {tuple(x_adv.shape)}, x {tuple(x.shape)} and grad {tuple(grad.shape)} must have the same shape"
         )
     lo, hi = float(clamp[0]), float(clamp[1])
-    if lo > hi:
-        raise ValueError(f"clamp min {lo} > max {hi}")
+    if not lo <= hi:
+        raise ValueError(f"pgd_step: clamp must be (min, max) with min <= max, got {clamp!r}")
     batch = x_adv.shape[0]
     alpha_t, alpha_f = _check_radius(alpha, "alpha", batch)
     eps_t, eps_f = _check_radius(eps, "eps", batch)
-    if isinstance(alpha_f, torch.Tensor):
-        alpha_t, alpha_f = alpha_f.reshape(1).expand(batch), 0.0
-    if isinstance(eps_f, torch.Tensor):
-        eps_t, eps_f = eps_f.reshape(1).expand(batch), 0.0
-    return torch.ops.fastabsld.pgd_step(x_adv, x, grad, alpha_t, eps_t, alpha_f, eps_f, norm, lo, hi)
+    return torch.ops.fastabsld.pgd_step.default(x_adv, x, grad, alpha_t, eps_t, alpha_f, eps_f, norm, lo, hi)

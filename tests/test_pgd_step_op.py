@@ -1,20 +1,200 @@
-"""fastabsld.ops.pgd_step against the reference."""
+"""fastabsld.ops.pgd_step (torch.ops.fastabsld.pgd_step) against fastabsld.reference.pgd_step."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from fastabsld import reference
+from fastabsld import HAS_EXTENSION, reference
 from fastabsld.ops import pgd_step
 
+RADII = {"linf": (2 / 255, 8 / 255), "l2": (0.1, 0.5)}
+# L-inf follows the reference's operations exactly; L2 sums in another order, so its result may
+# differ by float rounding: about one unit in the last place of the output dtype.
+L2_ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
-@pytest.mark.parametrize("shape", [(1, 7), (3, 3, 5, 5), (129, 3, 4, 4)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_linf_step_matches_reference(device, shape, dtype):
-    gen = torch.Generator().manual_seed(1)
-    x = torch.rand(shape, generator=gen).to(device, dtype)
-    x_adv = (x + 0.03 * torch.randn(shape, generator=gen).to(device, dtype)).clamp(0, 1)
-    grad = torch.randn(shape, generator=gen).to(device, dtype)
+
+def make_inputs(shape, dtype=torch.float32, device="cpu", seed=1, spread=0.03):
+    """Clean inputs in [0, 1], a start near them, and a gradient with zeros and a zero sample."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(shape, generator=gen)
+    x_adv = (x + spread * torch.randn(shape, generator=gen)).clamp(0, 1)
+    grad = torch.randn(shape, generator=gen)
     grad.view(-1)[::5] = 0
-    out = pgd_step(x_adv, x, grad, alpha=2 / 255, eps=8 / 255)
-    expected = reference.pgd_step(x_adv, x, grad, 2 / 255, 8 / 255)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    if shape[0] > 1:
+        grad[1] = 0
+    return tuple(t.to(device, dtype) for t in (x_adv, x, grad))
+
+
+def per_sample(values, batch, device):
+    return torch.linspace(0.5 * values, 1.5 * values, batch, device=device)
+
+
+def assert_matches_reference(out, x_adv, x, grad, alpha, eps, norm, clamp=(0.0, 1.0)):
+    expected = reference.pgd_step(x_adv, x, grad, alpha, eps, norm, clamp)
+    atol = 0.0 if norm == "linf" else L2_ATOL[x_adv.dtype]
+    assert out.dtype == x_adv.dtype and out.shape == x_adv.shape
+    torch.testing.assert_close(out, expected, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+# 4800 elements per sample: several chunks per sample in the CUDA kernels; odd sizes leave SIMD tails.
+@pytest.mark.parametrize("shape", [(1, 7), (3, 3, 5, 5), (129, 3, 4, 4), (3, 1000), (2, 3, 40, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("radii", ["number", "per_sample"])
+def test_step_matches_reference(device, norm, shape, dtype, radii):
+    x_adv, x, grad = make_inputs(shape, dtype, device)
+    alpha, eps = RADII[norm]
+    if radii == "per_sample":
+        alpha, eps = per_sample(alpha, shape[0], device), per_sample(eps, shape[0], device)
+    out = pgd_step(x_adv, x, grad, alpha=alpha, eps=eps, norm=norm)
+    assert_matches_reference(out, x_adv, x, grad, alpha, eps, norm)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_and_mixed_layouts(device, norm, dtype):
+    x_adv, x, grad = make_inputs((5, 3, 6, 7), dtype, device)
+    x_adv = x_adv.contiguous(memory_format=torch.channels_last)
+    grad_t = grad.transpose(2, 3).contiguous().transpose(2, 3)  # a strided, non-dense-order view
+    alpha, eps = RADII[norm]
+    out = pgd_step(x_adv, x, grad_t, alpha=alpha, eps=eps, norm=norm)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_matches_reference(out, x_adv, x, grad, alpha, eps, norm)
+    out = pgd_step(x_adv.contiguous(), x.contiguous(memory_format=torch.channels_last), grad, alpha=alpha,
+                   eps=eps, norm=norm)
+    assert out.is_contiguous()
+    assert_matches_reference(out, x_adv, x, grad, alpha, eps, norm)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_zero_gradient_only_projects(device, norm):
+    x_adv, x, _ = make_inputs((4, 3, 5, 5), device=device, spread=0.5)
+    zero = torch.zeros_like(x)
+    alpha, eps = RADII[norm]
+    out = pgd_step(x_adv, x, zero, alpha=alpha, eps=eps, norm=norm)
+    assert_matches_reference(out, x_adv, x, zero, alpha, eps, norm)
+    assert torch.equal(pgd_step(x, x, zero, alpha=alpha, eps=eps, norm=norm), x)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_zero_dim_tensor_radii_and_clamp_box(device, norm):
+    x_adv, x, grad = make_inputs((3, 10), device=device)
+    alpha, eps = RADII[norm]
+    out = pgd_step(x_adv, x, grad, alpha=torch.tensor(alpha), eps=torch.tensor(eps), norm=norm, clamp=(0.2, 0.7))
+    assert_matches_reference(out, x_adv, x, grad, alpha, eps, norm, clamp=(0.2, 0.7))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    norm=st.sampled_from(["linf", "l2"]),
+    batch=st.integers(1, 9),
+    features=st.integers(1, 300),
+    alpha=st.floats(0.0, 2.0),
+    eps=st.floats(0.0, 2.0),
+    spread=st.floats(0.0, 2.0),
+    seed=st.integers(0, 2**16),
+)
+def test_step_matches_reference_property(norm, batch, features, alpha, eps, spread, seed):
+    x_adv, x, grad = make_inputs((batch, features), seed=seed, spread=spread)
+    out = pgd_step(x_adv, x, grad, alpha=alpha, eps=eps, norm=norm)
+    assert_matches_reference(out, x_adv, x, grad, alpha, eps, norm)
+    dist = (out - x).abs().amax(dim=1) if norm == "linf" else (out - x).norm(dim=1)
+    assert bool((dist <= eps * (1 + 1e-5) + 1e-6).all())
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_output_is_not_differentiable(device):
+    x_adv, x, grad = make_inputs((2, 6), device=device)
+    x_adv.requires_grad_(True)
+    out = pgd_step(x_adv, x, grad, alpha=0.1, eps=0.2)
+    assert not out.requires_grad and out.grad_fn is None
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_opcheck(device, norm):
+    x_adv, x, grad = make_inputs((3, 3, 4, 5), device=device)
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in (x_adv, x, grad)]
+    alpha = per_sample(0.1, 3, device)
+    samples = [
+        (x_adv.requires_grad_(True), x, grad, None, None, 0.1, 0.2, norm, 0.0, 1.0),
+        (cl[0], cl[1], grad, alpha, alpha * 2, 0.0, 0.0, norm, -1.0, 2.0),
+        (x_adv[:1].detach(), x[:1], grad[:1], None, None, 0.0, 0.0, norm, 0.0, 0.0),
+    ]
+    for args in samples:
+        torch.library.opcheck(torch.ops.fastabsld.pgd_step.default, args)
+
+
+def test_compiled_attack_loop_fullgraph():
+    """Five L-inf steps on a linear softmax model with its CE gradient written out, traced whole.
+
+    aot_eager traces through Dynamo, the fake kernel and AOTAutograd; inductor's C++ code
+    generation for the softmax would add ~10 s of compile time and is not about the op.
+    """
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(12, 4, generator=gen)
+    x = torch.rand(6, 12, generator=gen)
+    onehot = torch.nn.functional.one_hot(torch.arange(6) % 4, 4).float()
+
+    def attack(x_adv, x):
+        for _ in range(5):
+            grad = (torch.softmax(x_adv @ weight, dim=1) - onehot) @ weight.t()
+            x_adv = pgd_step(x_adv, x, grad, alpha=0.05, eps=0.1)
+        return x_adv
+
+    compiled = torch.compile(attack, fullgraph=True, dynamic=False, backend="aot_eager")
+    torch.testing.assert_close(compiled(x.clone(), x), attack(x.clone(), x), rtol=0, atol=1e-6)
+
+
+def test_inductor_compiles_a_loop_of_steps():
+    x_adv, x, grad = make_inputs((4, 3, 5, 5))
+    grads = torch.stack([grad, -grad, grad.roll(1, 0)])
+    eps = per_sample(8 / 255, 4, "cpu")
+
+    def steps(x_adv, x, grads, eps):
+        for g in grads.unbind(0):
+            x_adv = pgd_step(x_adv, x, g, alpha=2 / 255, eps=eps, norm="l2")
+            x_adv = pgd_step(x_adv, x, g, alpha=2 / 255, eps=eps)
+        return x_adv
+
+    compiled = torch.compile(steps, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x_adv, x, grads, eps), steps(x_adv, x, grads, eps), rtol=0, atol=0)
+
+
+BAD_ARGUMENTS = [
+    ({"x": torch.zeros(3, 5)}, "same shape"),
+    ({"grad": torch.zeros(3, 4, 1)}, "same shape"),
+    ({"eps": -0.1}, "eps"),
+    ({"eps": float("nan")}, "eps"),
+    ({"alpha": float("nan")}, "alpha"),
+    ({"alpha": torch.zeros(4)}, r"alpha.*\(3,\)"),
+    ({"eps": torch.zeros(3, 1)}, r"eps.*\(3,\)"),
+    ({"eps": torch.tensor([0.1, -0.1, 0.1])}, "eps"),
+    ({"alpha": torch.tensor([0.1, float("nan"), 0.1])}, "alpha"),
+    ({"clamp": (1.0, 0.0)}, "clamp"),
+    ({"norm": "l1"}, "norm"),
+]
+
+
+@pytest.mark.parametrize("kwargs, match", BAD_ARGUMENTS)
+def test_bad_input_is_a_value_error(kwargs, match):
+    args = {"x_adv": torch.zeros(3, 4), "x": torch.zeros(3, 4), "grad": torch.zeros(3, 4), "alpha": 0.1,
+            "eps": 0.2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        pgd_step(**args)
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ checks need fastabsld._C")
+@pytest.mark.parametrize("kwargs, match", BAD_ARGUMENTS)
+def test_the_kernels_check_their_arguments_too(kwargs, match):
+    """The raw op (the C++ checks) rejects what the public function rejects."""
+    args = {"x_adv": torch.zeros(3, 4), "x": torch.zeros(3, 4), "grad": torch.zeros(3, 4), "alpha": 0.1,
+            "eps": 0.2, "clamp": (0.0, 1.0), "norm": "linf", **kwargs}
+    alpha, eps = args["alpha"], args["eps"]
+    alpha_t, alpha_f = (alpha, 0.0) if isinstance(alpha, torch.Tensor) else (None, alpha)
+    eps_t, eps_f = (eps, 0.0) if isinstance(eps, torch.Tensor) else (None, eps)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.fastabsld.pgd_step(args["x_adv"], args["x"], args["grad"], alpha_t, eps_t, alpha_f, eps_f,
+                                     args["norm"], *args["clamp"])

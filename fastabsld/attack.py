@@ -1,0 +1,177 @@
+"""Adversarial attacks built on the fused step ``fastabsld.ops.pgd_step``: PGD (L-inf, L2), FGSM,
+and the attack losses the ABSLD recipe and its evaluation need (CE, KL to soft labels, CW margin).
+
+The attacks take the gradient with respect to the input only (``torch.autograd.grad``), so the
+model's parameters never receive gradients, and they leave the model in the mode it is in.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from fastabsld.loss import kd_kl_div
+from fastabsld.ops import pgd_step
+
+NORMS = ("linf", "l2")
+RANDOM_STARTS = ("uniform", "normal", "none")
+
+
+def ce_loss(labels, reduction="sum"):
+    """Cross-entropy against hard labels, the loss of the standard PGD attack.
+
+    Args:
+        labels: (B,) integer class labels.
+        reduction: "sum" (default: each sample's gradient does not depend on the batch size) or
+            "mean" (as torchattacks computes it; the attack steps are the same up to rounding).
+
+    Returns:
+        callable: ``loss_fn(logits) -> scalar`` to maximise.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+    def loss_fn(logits):
+        return F.cross_entropy(logits, labels, reduction=reduction)
+
+    return loss_fn
+
+
+def kl_loss(teacher_probs):
+    """Sum over the batch of KL(teacher_probs || softmax(logits)): the ABSLD inner loss.
+
+    Runs on the fused KD loss ``fastabsld.loss.kd_kl_div``: the teacher logits are
+    ``log(teacher_probs)``, whose softmax is ``teacher_probs`` again; a zero probability becomes a
+    class ruled out (logit -inf).
+
+    Args:
+        teacher_probs: (B, C) soft labels of the teacher (rows sum to 1).
+
+    Returns:
+        callable: ``loss_fn(logits) -> scalar`` to maximise.
+    """
+    if teacher_probs.dim() != 2:
+        raise ValueError(f"teacher_probs must have shape (B, C), got {tuple(teacher_probs.shape)}")
+    teacher_logits = torch.log(teacher_probs.detach())
+
+    def loss_fn(logits):
+        if logits.shape != teacher_logits.shape:
+            raise ValueError(
+                f"logits {tuple(logits.shape)} and teacher_probs {tuple(teacher_logits.shape)} must have the same shape"
+            )
+        return kd_kl_div(logits, teacher_logits, reduction="sum")
+
+    return loss_fn
+
+
+def cw_loss(labels, confidence=50.0):
+    """The CW-inf margin loss: ``-sum_i max(z_true - max_{k != true} z_k + confidence, 0)``.
+
+    Maximising it pushes the true-class logit below the best other one by ``confidence``.
+
+    Args:
+        labels: (B,) integer class labels.
+        confidence: the margin kappa (50 in the RSLAD/ABSLD evaluation).
+
+    Returns:
+        callable: ``loss_fn(logits) -> scalar`` to maximise.
+    """
+
+    def loss_fn(logits):
+        if logits.dim() != 2 or logits.shape[1] < 2:
+            raise ValueError(f"logits must have shape (B, C) with C >= 2, got {tuple(logits.shape)}")
+        true = logits.gather(1, labels.reshape(-1, 1)).squeeze(1)
+        is_true = F.one_hot(labels, logits.shape[1]).bool()
+        other = logits.masked_fill(is_true, float("-inf")).amax(dim=1)
+        return -torch.clamp(true - other + confidence, min=0).sum()
+
+    return loss_fn
+
+
+def _per_sample(value, like):
+    """A number, or a (B,) tensor reshaped to broadcast against ``like`` (B, ...)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        return value.to(like.device, like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+    return value
+
+
+def _noise(kind, x, generator):
+    """Standard normal or U(-1, 1) noise shaped like ``x``, drawn with ``generator``."""
+    device = generator.device if generator is not None else x.device
+    if kind == "normal":
+        noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+    else:
+        noise = torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype).mul_(2).sub_(1)
+    return noise.to(x.device)
+
+
+def _start(x, eps, norm, random_start, clamp, generator):
+    """The attack's first point: x, x + 0.001 N(0, 1), or uniform in the eps-ball (in the box)."""
+    if random_start == "none":
+        return x.clone()
+    if random_start == "normal":
+        return x + 0.001 * _noise("normal", x, generator)
+    radius = _per_sample(eps, x)
+    if norm == "linf":
+        start = x + radius * _noise("uniform", x, generator)
+    else:
+        # torchattacks' PGDL2 start: a normal direction scaled to a U(0, 1) fraction of eps.
+        direction = _noise("normal", x, generator)
+        norms = direction.reshape(x.shape[0], -1).norm(dim=1).reshape((-1,) + (1,) * (x.dim() - 1))
+        fraction = _noise("uniform", norms, generator).abs()
+        start = x + direction * (fraction / norms) * radius
+    return start.clamp(clamp[0], clamp[1])
+
+
+def pgd(model, x, loss_fn, *, eps, alpha, steps, norm="linf", random_start="uniform", clamp=(0.0, 1.0),
+        generator=None):
+    """Projected gradient ascent on ``loss_fn(model(x_adv))`` within the eps-ball around ``x``.
+
+    The model runs in the mode the caller left it; its parameters receive no gradients.
+
+    Args:
+        model: callable mapping inputs (B, ...) to logits.
+        x: clean inputs (B, ...), floating point, inside ``clamp``.
+        loss_fn: ``loss_fn(logits) -> scalar`` to maximise (see ``ce_loss``, ``kl_loss``,
+            ``cw_loss``).
+        eps: radius: a non-negative number or a (B,) tensor.
+        alpha: step size: a non-negative number or a (B,) tensor.
+        steps: number of ascent steps (0 returns the start).
+        norm: "linf" (sign steps) or "l2" (normalised-gradient steps).
+        random_start: "uniform" (uniformly in the eps-ball, then clamped to the box), "normal"
+            (``x + 0.001 * N(0, 1)``, the ABSLD recipe) or "none" (start at ``x``).
+        clamp: (min, max) of the valid input range.
+        generator: torch.Generator for the random start, or None for the global one.
+
+    Returns:
+        Tensor: the adversarial inputs, detached, shaped like ``x``.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if random_start not in RANDOM_STARTS:
+        raise ValueError(f"random_start must be one of {RANDOM_STARTS}, got {random_start!r}")
+    if int(steps) != steps or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    x = x.detach()
+    x_adv = _start(x, eps, norm, random_start, clamp, generator)
+    with torch.enable_grad():
+        for _ in range(int(steps)):
+            x_adv.requires_grad_(True)
+            loss = loss_fn(model(x_adv))
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = pgd_step(x_adv.detach(), x, grad, alpha=alpha, eps=eps, norm=norm, clamp=clamp)
+    return x_adv.detach()
+
+
+def fgsm(model, x, loss_fn, *, eps, clamp=(0.0, 1.0)):
+    """The fast gradient sign method: one L-inf step of size eps from ``x``.
+
+    Args:
+        model: callable mapping inputs (B, ...) to logits.
+        x: clean inputs (B, ...).
+        loss_fn: ``loss_fn(logits) -> scalar`` to maximise.
+        eps: radius and step size: a non-negative number or a (B,) tensor.
+        clamp: (min, max) of the valid input range.
+
+    Returns:
+        Tensor: the adversarial inputs, detached, shaped like ``x``.
+    """
+    return pgd(model, x, loss_fn, eps=eps, alpha=eps, steps=1, norm="linf", random_start="none", clamp=clamp)
