@@ -25,3 +25,6 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
     """
     return reference.kd_kl_div(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
                                reduction, ignore_index)
+
+
+from fastabsld.absld_loss import ABSLDLoss  # noqa: E402,F401  (re-exported: fastabsld.loss.ABSLDLoss)

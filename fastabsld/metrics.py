@@ -1,0 +1,178 @@
+"""Class-wise accuracy and the fairness measures of ABSLD: worst-class accuracy and NSD.
+
+Per-class accuracies are fp64 tensors; a class without samples holds NaN, and the aggregations
+skip it. Nothing here synchronises with the host.
+"""
+
+import numbers
+
+import torch
+
+
+def _predictions(predictions_or_logits, labels):
+    """(B,) predicted classes from (B,) predictions or (B, C) logits, checked against labels."""
+    if labels.dim() != 1:
+        raise ValueError(f"labels must have shape (B,), got {tuple(labels.shape)}")
+    if predictions_or_logits.dim() == 2:
+        predictions = predictions_or_logits.argmax(dim=1)
+    elif predictions_or_logits.dim() == 1:
+        predictions = predictions_or_logits
+    else:
+        raise ValueError(f"predictions must have shape (B,) or logits (B, C), got {tuple(predictions_or_logits.shape)}")
+    if predictions.shape[0] != labels.shape[0]:
+        raise ValueError(f"predictions/logits {tuple(predictions_or_logits.shape)} and labels "
+                         f"{tuple(labels.shape)} disagree on the batch size")
+    return predictions
+
+
+def _check_num_classes(num_classes):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+
+
+def class_counts(predictions_or_logits, labels, num_classes):
+    """Per-class numbers of correct predictions and of samples.
+
+    Args:
+        predictions_or_logits: (B,) predicted classes or (B, C) logits.
+        labels: (B,) integer labels in [0, num_classes).
+        num_classes: C.
+
+    Returns:
+        tuple[Tensor, Tensor]: (C,) int64 correct counts and (C,) int64 sample counts.
+    """
+    _check_num_classes(num_classes)
+    predictions = _predictions(predictions_or_logits, labels)
+    labels = labels.to(torch.int64)
+    total = torch.zeros(num_classes, dtype=torch.int64, device=labels.device)
+    total.index_add_(0, labels, torch.ones_like(labels))
+    correct = torch.zeros_like(total)
+    correct.index_add_(0, labels, (predictions.to(labels.device) == labels).to(torch.int64))
+    return correct, total
+
+
+def accuracy_from_counts(correct, total):
+    """Per-class accuracy ``correct / total``, NaN where a class has no samples.
+
+    Args:
+        correct: (C,) correct counts.
+        total: (C,) sample counts.
+
+    Returns:
+        Tensor: (C,) fp64 accuracies in [0, 1].
+    """
+    total = total.to(torch.float64)
+    return torch.where(total > 0, correct.to(torch.float64) / total.clamp(min=1), torch.full_like(total, float("nan")))
+
+
+def per_class_accuracy(predictions_or_logits, labels, num_classes):
+    """Accuracy of each class.
+
+    Args:
+        predictions_or_logits: (B,) predicted classes or (B, C) logits.
+        labels: (B,) integer labels in [0, num_classes).
+        num_classes: C.
+
+    Returns:
+        Tensor: (C,) fp64 accuracies; NaN for a class without samples.
+    """
+    return accuracy_from_counts(*class_counts(predictions_or_logits, labels, num_classes))
+
+
+def _present(per_class_acc):
+    if per_class_acc.dim() != 1:
+        raise ValueError(f"per_class_acc must have shape (C,), got {tuple(per_class_acc.shape)}")
+    return ~torch.isnan(per_class_acc)
+
+
+def worst_class_accuracy(per_class_acc):
+    """The lowest accuracy over the classes that have samples.
+
+    Args:
+        per_class_acc: (C,) accuracies, NaN for classes without samples.
+
+    Returns:
+        Tensor: 0-d; NaN when no class has samples.
+    """
+    present = _present(per_class_acc)
+    lowest = torch.where(present, per_class_acc, torch.full_like(per_class_acc, float("inf"))).amin()
+    return torch.where(present.any(), lowest, torch.full_like(lowest, float("nan")))
+
+
+def nsd(per_class_acc):
+    """Normalised standard deviation of the class accuracies: population std / mean.
+
+    Lower is fairer. Classes without samples (NaN) are skipped.
+
+    Args:
+        per_class_acc: (C,) accuracies, NaN for classes without samples.
+
+    Returns:
+        Tensor: 0-d; NaN when no class has samples or the mean accuracy is 0.
+    """
+    present = _present(per_class_acc)
+    count = present.sum().to(per_class_acc.dtype)
+    values = torch.where(present, per_class_acc, torch.zeros_like(per_class_acc))
+    mean = values.sum() / count
+    variance = torch.where(present, (values - mean) ** 2, torch.zeros_like(values)).sum() / count
+    return variance.sqrt() / mean
+
+
+class ClassAccuracy:
+    """Streaming per-class accuracy: counts kept on the device, read out at the end.
+
+    Args:
+        num_classes: C.
+        device: device of the counters (default: CPU; moved to the labels' device on the first
+            update when it was not given).
+    """
+
+    def __init__(self, num_classes, device=None):
+        _check_num_classes(num_classes)
+        self.num_classes = int(num_classes)
+        self._device_given = device is not None
+        self.correct = torch.zeros(num_classes, dtype=torch.int64, device=device)
+        self.total = torch.zeros(num_classes, dtype=torch.int64, device=device)
+
+    def reset(self):
+        """Sets all counts to zero."""
+        self.correct.zero_()
+        self.total.zero_()
+
+    def update(self, predictions_or_logits, labels):
+        """Adds one batch.
+
+        Args:
+            predictions_or_logits: (B,) predicted classes or (B, C) logits.
+            labels: (B,) integer labels in [0, C).
+        """
+        if not self._device_given and self.total.device != labels.device:
+            self.correct, self.total = self.correct.to(labels.device), self.total.to(labels.device)
+            self._device_given = True
+        correct, total = class_counts(predictions_or_logits, labels.to(self.total.device), self.num_classes)
+        self.correct += correct
+        self.total += total
+
+    def per_class(self):
+        """Returns: Tensor: (C,) fp64 accuracies, NaN for classes without samples."""
+        return accuracy_from_counts(self.correct, self.total)
+
+    def accuracy(self):
+        """Returns: Tensor: 0-d fp64 accuracy over all samples (NaN when there are none)."""
+        total = self.total.sum().to(torch.float64)
+        return self.correct.sum().to(torch.float64) / total
+
+    def summary(self):
+        """The figures as plain Python numbers (one host synchronisation).
+
+        Returns:
+            dict: ``average`` (accuracy over all samples), ``worst`` (worst-class accuracy),
+            ``nsd`` (floats), ``per_class`` (list of C floats) and ``count`` (number of samples).
+            Undefined figures are NaN: a class without samples, NSD at mean accuracy 0, all of them
+            when there are no samples.
+        """
+        per_class = self.per_class()
+        figures = torch.cat([torch.stack([self.accuracy(), worst_class_accuracy(per_class), nsd(per_class)]),
+                             per_class]).cpu().tolist()
+        return {"average": figures[0], "worst": figures[1], "nsd": figures[2], "per_class": figures[3:],
+                "count": int(self.total.sum().cpu())}

@@ -1,0 +1,118 @@
+"""Per-class accuracy, worst class and NSD on hand-computed cases and against scikit-learn."""
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import confusion_matrix
+
+from fastabsld.metrics import ClassAccuracy, nsd, per_class_accuracy, worst_class_accuracy
+from tests.conftest import HAS_GPU
+
+NAN = float("nan")
+
+# Class 0: 1 of 2 right; class 1: 2 of 3; class 2: 1 of 1; class 3: no samples.
+LABELS = torch.tensor([0, 0, 1, 1, 1, 2])
+PREDICTIONS = torch.tensor([0, 1, 1, 1, 0, 2])
+EXPECTED = [0.5, 2 / 3, 1.0, NAN]
+
+
+def as_logits(predictions, classes):
+    return torch.nn.functional.one_hot(predictions, classes).float() * 3 - 1
+
+
+def assert_same(actual, expected):
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float64), equal_nan=True)
+
+
+def test_per_class_accuracy_hand_computed():
+    assert_same(per_class_accuracy(PREDICTIONS, LABELS, 4), EXPECTED)
+    assert_same(per_class_accuracy(as_logits(PREDICTIONS, 4), LABELS, 4), EXPECTED)
+
+
+def test_worst_and_nsd_skip_empty_classes():
+    acc = per_class_accuracy(PREDICTIONS, LABELS, 4)
+    assert worst_class_accuracy(acc).item() == 0.5
+    present = [0.5, 2 / 3, 1.0]
+    assert nsd(acc).item() == pytest.approx(statistics.pstdev(present) / statistics.mean(present), rel=1e-12)
+
+
+def test_nsd_edge_cases():
+    assert nsd(torch.tensor([0.8, 0.8, 0.8], dtype=torch.float64)).item() == pytest.approx(0.0, abs=1e-15)
+    assert math.isnan(nsd(torch.zeros(3, dtype=torch.float64)).item())
+    all_empty = torch.full((3,), NAN, dtype=torch.float64)
+    assert math.isnan(nsd(all_empty).item()) and math.isnan(worst_class_accuracy(all_empty).item())
+    assert nsd(torch.tensor([0.2, 0.6])).item() == pytest.approx(0.5)  # std 0.2, mean 0.4
+
+
+def test_empty_batch():
+    acc = per_class_accuracy(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 2)
+    assert torch.isnan(acc).all()
+
+
+@pytest.mark.filterwarnings("ignore:A single label was found")  # sklearn warns even with labels=
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 60), st.integers(0, 2 ** 31 - 1))
+def test_against_sklearn_confusion_matrix(classes, size, seed):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (size,), generator=gen)
+    logits = torch.randn(size, classes, generator=gen)
+    matrix = confusion_matrix(labels.numpy(), logits.argmax(1).numpy(), labels=list(range(classes)))
+    rows = matrix.sum(axis=1)
+    expected = [matrix[k, k] / rows[k] if rows[k] else NAN for k in range(classes)]
+    acc = per_class_accuracy(logits, labels, classes)
+    assert_same(acc, expected)
+    present = [value for value in expected if not math.isnan(value)]
+    if present:
+        assert worst_class_accuracy(acc).item() == pytest.approx(min(present))
+        if statistics.mean(present) > 0:
+            assert nsd(acc).item() == pytest.approx(statistics.pstdev(present) / statistics.mean(present),
+                                                    rel=1e-9, abs=1e-12)
+
+
+def test_streaming_accumulator():
+    meter = ClassAccuracy(4)
+    meter.update(PREDICTIONS[:4], LABELS[:4])
+    meter.update(as_logits(PREDICTIONS[4:], 4), LABELS[4:])
+    assert_same(meter.per_class(), EXPECTED)
+    assert meter.accuracy().item() == pytest.approx(4 / 6)
+    summary = meter.summary()
+    assert json.loads(json.dumps(summary))["count"] == 6
+    assert all(type(value) is float for value in summary["per_class"] + [summary["average"], summary["nsd"]])
+    assert summary["per_class"][:3] == pytest.approx(EXPECTED[:3]) and math.isnan(summary["per_class"][3])
+    assert summary["worst"] == 0.5 and summary["count"] == 6
+    assert summary["average"] == pytest.approx(4 / 6)
+    meter.reset()
+    empty = meter.summary()
+    assert empty["count"] == 0 and math.isnan(empty["average"]) and math.isnan(empty["worst"])
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="batch size"):
+        per_class_accuracy(PREDICTIONS[:3], LABELS, 4)
+    with pytest.raises(ValueError, match="predictions"):
+        per_class_accuracy(torch.zeros(6, 2, 2), LABELS, 4)
+    with pytest.raises(ValueError, match="labels"):
+        per_class_accuracy(PREDICTIONS, LABELS[:, None], 4)
+    with pytest.raises(ValueError, match="num_classes"):
+        ClassAccuracy(0)
+    with pytest.raises(ValueError, match="per_class_acc"):
+        nsd(torch.zeros(2, 2))
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs CUDA")
+def test_no_sync_on_cuda():
+    meter = ClassAccuracy(4, device="cuda")
+    logits, labels = as_logits(PREDICTIONS, 4).cuda(), LABELS.cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        meter.update(logits, labels)
+        acc = per_class_accuracy(logits, labels, 4)
+        worst_class_accuracy(acc), nsd(acc)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_same(acc.cpu(), EXPECTED)
