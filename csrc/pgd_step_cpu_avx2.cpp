@@ -1,7 +1,8 @@
 // The AVX2+FMA build of the fp32 PGD-step loops (see pgd_step_cpu_simd.h). ATen's vector types
 // take the CPU_CAPABILITY namespace AVX2 here, as in ATen's own per-capability kernels; the
-// scalar tails use the shared per-element math, so the results match the scalar path bit for bit.
-#if defined(__x86_64__) && defined(__GNUC__)
+// scalar tails use the shared per-element math. L-inf results equal the scalar path's exactly
+// (alpha * sign is exact, so an FMA rounds the same); L2 may differ in the last bit.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTABSLD_AVX2 1
 #pragma GCC target("avx2,fma")
 // The pragma does not define the feature macros that ATen's and Sleef's headers test.
@@ -10,6 +11,8 @@
 #define __AVX2__ 1
 #define __FMA__ 1
 #endif
+// ATen's bf16 lambdas trip a harmless ABI note under the pragma.
+#pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
 #include "pgd_step_cpu_simd.h"
@@ -32,7 +35,11 @@ Vec clamp_vec(const Vec& v, const Vec& lo, const Vec& hi) {
 }
 
 float sum_lanes(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v);
+  __at_align__ float lanes[Vec::size()];
+  v.store(lanes);
+  float sum = 0.0f;
+  for (int k = 0; k < Vec::size(); ++k) sum += lanes[k];
+  return sum;
 }
 
 }  // namespace
@@ -85,7 +92,7 @@ void l2_apply(const float* x_adv, const float* x, const float* grad, float* out,
 }  // namespace avx2
 }  // namespace fastabsld
 
-#else  // not x86-64 GCC/Clang: the scalar loops of pgd_step_cpu.cpp run instead
+#else  // not x86-64 GCC: the scalar loops of pgd_step_cpu.cpp run instead
 
 namespace fastabsld {
 namespace avx2 {

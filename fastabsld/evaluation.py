@@ -66,9 +66,10 @@ def evaluate(model, loader, attacks=ATTACKS, *, eps=8 / 255, alpha=2 / 255, num_
         clamp: (min, max) valid input range.
 
     Returns:
-        dict: for each attack name, ``{"accuracy", "worst_class_accuracy", "nsd",
-        "per_class_accuracy", "count"}`` as plain Python numbers and lists (JSON-serialisable;
-        None where undefined, e.g. a class without samples).
+        dict: for each attack name, ``{"average": accuracy over all samples, "worst": worst-class
+        accuracy, "nsd": std/mean of the class accuracies, "per_class": list of C accuracies,
+        "count": number of samples}``, as plain Python floats and lists (``json.dumps`` writes them;
+        undefined figures, such as a class without samples, are NaN).
     """
     attacks = tuple(attacks)
     unknown = [name for name in attacks if name not in ATTACKS]

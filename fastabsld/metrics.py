@@ -166,13 +166,13 @@ class ClassAccuracy:
         """The figures as plain Python numbers (one host synchronisation).
 
         Returns:
-            dict: ``accuracy``, ``worst_class_accuracy``, ``nsd`` (floats, None when undefined),
-            ``per_class_accuracy`` (list of floats, None for classes without samples) and
-            ``count`` (number of samples).
+            dict: ``average`` (accuracy over all samples), ``worst`` (worst-class accuracy),
+            ``nsd`` (floats), ``per_class`` (list of C floats) and ``count`` (number of samples).
+            Undefined figures are NaN: a class without samples, NSD at mean accuracy 0, all of them
+            when there are no samples.
         """
         per_class = self.per_class()
         figures = torch.cat([torch.stack([self.accuracy(), worst_class_accuracy(per_class), nsd(per_class)]),
                              per_class]).cpu().tolist()
-        figures = [None if value != value else value for value in figures]
-        return {"accuracy": figures[0], "worst_class_accuracy": figures[1], "nsd": figures[2],
-                "per_class_accuracy": figures[3:], "count": int(self.total.sum().cpu())}
+        return {"average": figures[0], "worst": figures[1], "nsd": figures[2], "per_class": figures[3:],
+                "count": int(self.total.sum().cpu())}

@@ -111,4 +111,4 @@ def pgd_step(x_adv, x, grad, *, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
     batch = x_adv.shape[0]
     alpha_t, alpha_f = _check_radius(alpha, "alpha", batch)
     eps_t, eps_f = _check_radius(eps, "eps", batch)
-    return torch.ops.fastabsld.pgd_step(x_adv, x, grad, alpha_t, eps_t, alpha_f, eps_f, norm, lo, hi)
+    return torch.ops.fastabsld.pgd_step.default(x_adv, x, grad, alpha_t, eps_t, alpha_f, eps_f, norm, lo, hi)

@@ -81,13 +81,14 @@ def test_streaming_accumulator():
     assert_same(meter.per_class(), EXPECTED)
     assert meter.accuracy().item() == pytest.approx(4 / 6)
     summary = meter.summary()
-    json.dumps(summary, allow_nan=False)
-    assert summary["per_class_accuracy"][:3] == pytest.approx(EXPECTED[:3])
-    assert summary["per_class_accuracy"][3] is None
-    assert summary["worst_class_accuracy"] == 0.5 and summary["count"] == 6
-    assert summary["accuracy"] == pytest.approx(4 / 6)
+    assert json.loads(json.dumps(summary))["count"] == 6
+    assert all(type(value) is float for value in summary["per_class"] + [summary["average"], summary["nsd"]])
+    assert summary["per_class"][:3] == pytest.approx(EXPECTED[:3]) and math.isnan(summary["per_class"][3])
+    assert summary["worst"] == 0.5 and summary["count"] == 6
+    assert summary["average"] == pytest.approx(4 / 6)
     meter.reset()
-    assert meter.summary()["count"] == 0 and meter.summary()["accuracy"] is None
+    empty = meter.summary()
+    assert empty["count"] == 0 and math.isnan(empty["average"]) and math.isnan(empty["worst"])
 
 
 def test_argument_errors():
