@@ -10,6 +10,7 @@ Examples:
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -68,11 +69,11 @@ def _train(args):
 
 def _summary(test):
     def cell(value):
-        return f"{'n/a':>8}" if value is None else f"{value:>8.4f}"
+        return f"{'n/a':>8}" if value is None or math.isnan(value) else f"{value:>8.4f}"
 
     lines = [f"{'attack':<12} {'average':>8} {'worst':>8} {'NSD':>8}"]
     for attack, m in test.items():
-        lines.append(f"{attack:<12} {cell(m['accuracy'])} {cell(m['worst_class_accuracy'])} {cell(m['nsd'])}")
+        lines.append(f"{attack:<12} {cell(m['average'])} {cell(m['worst'])} {cell(m['nsd'])}")
     return "\n".join(lines)
 
 
@@ -157,9 +158,9 @@ def build_parser():
     t.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
     t.add_argument("--train-subset", type=_positive_int, default=None, help="use only N training images")
     t.add_argument("--eval-every", type=_positive_int, default=1, help="validation evaluation period in epochs")
-    t.add_argument("--select-metric", default="pgd20.accuracy",
-                   help="validation metric choosing the kept weights: <clean|pgd20>.<accuracy|worst_class_accuracy> "
-                        "(default: pgd20.accuracy)")
+    t.add_argument("--select-metric", default="pgd20.average",
+                   help="validation metric choosing the kept weights: <clean|pgd20>.<average|worst> "
+                        "(default: pgd20.average)")
     t.add_argument("--test-attacks", nargs="+", default=None,
                    help="final test attacks (default: clean fgsm pgd20 cw; add autoattack if torchattacks is "
                         "installed)")

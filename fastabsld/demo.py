@@ -19,9 +19,9 @@ from fastabsld.train import TrainConfig, get_teacher, teacher_cache_path, train
 METHODS = ("rslad", "absld")
 ATTACK = "pgd20"
 # (label, attack, key, higher is better)
-ROWS = (("clean accuracy (avg)", "clean", "accuracy", True),
-        ("PGD-20 accuracy (avg)", ATTACK, "accuracy", True),
-        ("PGD-20 worst-class acc.", ATTACK, "worst_class_accuracy", True),
+ROWS = (("clean accuracy (avg)", "clean", "average", True),
+        ("PGD-20 accuracy (avg)", ATTACK, "average", True),
+        ("PGD-20 worst-class acc.", ATTACK, "worst", True),
         ("PGD-20 NSD (lower=fairer)", ATTACK, "nsd", False))
 
 
@@ -75,7 +75,7 @@ def format_table(results, seeds):
         verdicts[key if attack == ATTACK else "clean"] = word
         lines.append(f"{label:<27} {cols[0]:>15} {cols[1]:>15} {f'{diff:+.3f} +- {paired_std:.3f}':>20}  {word}")
     lines.append("")
-    lines.append(_sentence("worst-class robust accuracy", verdicts["worst_class_accuracy"]))
+    lines.append(_sentence("worst-class robust accuracy", verdicts["worst"]))
     lines.append(_sentence("robust fairness (NSD)", verdicts["nsd"]))
     lines.append("(a difference counts only when it exceeds the larger std over seeds; mean +- population std)")
     return "\n".join(lines)
@@ -128,17 +128,17 @@ def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2), epochs=30, teacher_epochs=
             results[method].append(result["test"])
             histories[method].append(result["history"])
             test = result["test"][ATTACK]
-            log(f"  {method} seed {seed}: PGD-20 avg {test['accuracy']:.3f}, worst {test['worst_class_accuracy']:.3f}, "
+            log(f"  {method} seed {seed}: PGD-20 avg {test['average']:.3f}, worst {test['worst']:.3f}, "
                 f"NSD {test['nsd']:.3f} ({time.perf_counter() - t:.0f} s)")
     table = format_table(results, list(seeds))
     plots = [
         report.plot_per_class(
-            {m.upper(): [statistics.fmean(r[ATTACK]["per_class_accuracy"][k] for r in results[m])
-                         for k in range(len(results[m][0][ATTACK]["per_class_accuracy"]))] for m in METHODS},
+            {m.upper(): [statistics.fmean(r[ATTACK]["per_class"][k] for r in results[m])
+                         for k in range(len(results[m][0][ATTACK]["per_class"]))] for m in METHODS},
             os.path.join(out_dir, "per_class_robust_accuracy.png"),
             f"per-class PGD-20 test accuracy, mean over {len(seeds)} seeds",
-            errors={m.upper(): [_mean_std([r[ATTACK]["per_class_accuracy"][k] for r in results[m]])[1]
-                                for k in range(len(results[m][0][ATTACK]["per_class_accuracy"]))] for m in METHODS}),
+            errors={m.upper(): [_mean_std([r[ATTACK]["per_class"][k] for r in results[m]])[1]
+                                for k in range(len(results[m][0][ATTACK]["per_class"]))] for m in METHODS}),
         report.plot_temperatures(histories["absld"][0], os.path.join(out_dir, "absld_temperatures.png"),
                                  f"ABSLD class temperatures (seed {seeds[0]})"),
     ]

@@ -45,7 +45,7 @@ def _pyplot():
     return plt
 
 
-def plot_per_class(per_class, path, title, ylabel="accuracy", errors=None):
+def plot_per_class(per_class, path, title, ylabel="average", errors=None):
     """Grouped bar chart of per-class accuracies, one group of bars per class and one colour per series.
 
     Args:
@@ -141,9 +141,9 @@ def plot_run(run_dir, result):
     robust = [a for a in test if a != "clean"]
     if robust:
         attack = robust_attack(test)
-        per_class = {f"{method} clean": test["clean"]["per_class_accuracy"]} if "clean" in test else {}
-        per_class[f"{method} {attack}"] = test[attack]["per_class_accuracy"]
-        written.append(plot_per_class(per_class, os.path.join(run_dir, "per_class_accuracy.png"),
+        per_class = {f"{method} clean": test["clean"]["per_class"]} if "clean" in test else {}
+        per_class[f"{method} {attack}"] = test[attack]["per_class"]
+        written.append(plot_per_class(per_class, os.path.join(run_dir, "per_class.png"),
                                       f"per-class test accuracy ({method})"))
     temps = plot_temperatures(result["history"], os.path.join(run_dir, "temperatures.png"),
                               f"class temperatures ({method})")

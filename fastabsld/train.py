@@ -45,7 +45,7 @@ THREAT = {"digits": (0.1, 0.025), "cifar10": (8 / 255, 2 / 255), "cifar100": (8 
 DEFAULT_MODELS = {"digits": ("cnn-s", "cnn-l"), "cifar10": ("resnet18", "wrn-34-10"),
                   "cifar100": ("resnet18", "wrn-34-10")}
 CHECKPOINT_FORMAT = 1
-SELECT_KEYS = ("accuracy", "worst_class_accuracy")
+SELECT_KEYS = ("average", "worst")
 # TrainConfig fields that say where a run executes, not what it computes (free to change on resume).
 RUNTIME_FIELDS = ("device", "data_dir", "cache_dir", "progress")
 
@@ -69,7 +69,7 @@ class TrainConfig:
         adv_weight, nat_weight: weights of the adversarial and natural distillation terms.
         eval_every: evaluate on the validation split every this many epochs (and after the last).
         val_attacks: attacks of the validation evaluation.
-        select_metric: ``"<attack>.<accuracy|worst_class_accuracy>"`` on the validation split, choosing
+        select_metric: ``"<attack>.<average|worst>"`` on the validation split, choosing
             the kept weights.
         test_attacks: attacks of the final test evaluation.
         seed: seed of initialisation, data order and attack noise.
@@ -105,7 +105,7 @@ class TrainConfig:
     nat_weight: float = 1 / 6
     eval_every: int = 1
     val_attacks: tuple = ("clean", "pgd20")
-    select_metric: str = "pgd20.accuracy"
+    select_metric: str = "pgd20.average"
     test_attacks: tuple = ("clean", "fgsm", "pgd20", "cw")
     seed: int = 0
     split_seed: int = 0
@@ -277,7 +277,7 @@ def _temperatures(loss_fn):
 def _selection_value(cfg, val_metrics):
     attack, _, key = cfg.select_metric.partition(".")
     value = val_metrics[attack][key]
-    return -math.inf if value is None else value
+    return -math.inf if value is None or math.isnan(value) else value
 
 
 def _eval_loader(split, cfg):
@@ -456,7 +456,7 @@ def teacher_config(cfg):
         TrainConfig: method ``pgd-at`` with the teacher architecture and epochs.
     """
     return dataclasses.replace(cfg, method="pgd-at", model=cfg.teacher_model, epochs=cfg.teacher_epochs,
-                               seed=cfg.teacher_seed, train_subset=None, select_metric="pgd20.accuracy",
+                               seed=cfg.teacher_seed, train_subset=None, select_metric="pgd20.average",
                                val_attacks=("clean", "pgd20"), test_attacks=("clean", "pgd20"), teacher_path=None)
 
 
@@ -519,7 +519,7 @@ def get_teacher(cfg, *, data=None, log=print):
         result = train(tcfg, os.path.splitext(path)[0] + "-run", data=data, log=log)
         os.replace(os.path.join(os.path.splitext(path)[0] + "-run", "best.pt"), path)
         test = result["test"]
-        log(f"teacher test accuracy: clean {test['clean']['accuracy']:.3f}, PGD-20 {test['pgd20']['accuracy']:.3f}")
+        log(f"teacher test accuracy: clean {test['clean']['average']:.3f}, PGD-20 {test['pgd20']['average']:.3f}")
     teacher, _ = load_model(path, resolve_device(cfg.device))
     return teacher.requires_grad_(False)
 

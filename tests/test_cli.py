@@ -60,7 +60,7 @@ def test_train_eval_and_refuse_overwrite(tmp_path, capsys):
                      "--json", out_json, "--no-progress"]) == 0
     evaluation = json.loads(open(out_json).read())
     assert evaluation["split"] == "val" and set(evaluation["results"]) == {"clean", "fgsm"}
-    assert len(evaluation["results"]["clean"]["per_class_accuracy"]) == 10
+    assert len(evaluation["results"]["clean"]["per_class"]) == 10
 
 
 def test_verdict_against_seed_spread():
@@ -73,8 +73,8 @@ def test_verdict_against_seed_spread():
 
 def test_format_table_is_honest():
     def ev(avg, worst, nsd):
-        return {"clean": {"accuracy": 0.99, "worst_class_accuracy": 0.97, "nsd": 0.01},
-                "pgd20": {"accuracy": avg, "worst_class_accuracy": worst, "nsd": nsd}}
+        return {"clean": {"average": 0.99, "worst": 0.97, "nsd": 0.01},
+                "pgd20": {"average": avg, "worst": worst, "nsd": nsd}}
 
     results = {"rslad": [ev(0.80, 0.60, 0.12), ev(0.81, 0.62, 0.11)],
                "absld": [ev(0.80, 0.61, 0.115), ev(0.80, 0.61, 0.115)]}

@@ -149,8 +149,8 @@ def test_config_validation_and_defaults():
     cfg = TrainConfig()
     assert (cfg.model, cfg.teacher_model, cfg.eps) == ("cnn-s", "cnn-l", 0.1)
     assert TrainConfig(dataset="cifar10").eps == pytest.approx(8 / 255)
-    for bad in ({"method": "trades"}, {"dataset": "mnist"}, {"epochs": 0}, {"select_metric": "cw.accuracy"},
-                {"select_metric": "pgd20.average"}):
+    for bad in ({"method": "trades"}, {"dataset": "mnist"}, {"epochs": 0}, {"select_metric": "cw.average"},
+                {"select_metric": "pgd20.best"}):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
 
@@ -180,7 +180,7 @@ def digits():
 def test_end_to_end_absld_run_folder(tmp_path, digits):
     cfg = TrainConfig(method="absld", **TINY)
     result = train(cfg, str(tmp_path), teacher=_teacher(), data=digits, log=lambda *_: None)
-    for name in ("metrics.json", "last.pt", "best.pt", "per_class_accuracy.png", "temperatures.png"):
+    for name in ("metrics.json", "last.pt", "best.pt", "per_class.png", "temperatures.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["config"]["method"] == "absld" and len(metrics["history"]) == 2
@@ -192,7 +192,7 @@ def test_end_to_end_absld_run_folder(tmp_path, digits):
     taus = np.array(metrics["history"][-1]["tau_adv"])
     assert not np.allclose(taus, 1.0) and np.all((taus >= 0.5) & (taus <= 5.0))
     assert set(metrics["test"]) == {"clean", "pgd20"}
-    assert len(metrics["test"]["pgd20"]["per_class_accuracy"]) == 10
+    assert len(metrics["test"]["pgd20"]["per_class"]) == 10
     assert metrics["best"]["epoch"] in (1, 2)
     # The returned model holds the selected (best) weights.
     best = torch.load(tmp_path / "best.pt", weights_only=False)
