@@ -1,0 +1,190 @@
+"""Where the time of one distillation step goes: fastabsld's recipe against the released loop, phase by phase.
+
+Not collected by pytest (a helper and a script). Run it on an otherwise idle machine:
+
+    python -m benchmarks.step_breakdown [--batch 128] [--steps 10] [--reps 20] [--threads 1] [--channels-last]
+
+Phases (wall-clock per step, the median over ``--reps`` steps, after two warm-up steps):
+``teacher`` (teacher forward), ``labels`` (tempered soft labels; the released per-sample
+temperature loop), ``attack`` (the 10-step inner PGD), ``student`` (forwards on the adversarial and
+natural batches), ``loss``, ``backward``, ``optimiser`` (zero_grad + SGD step) and ``risk`` (the
+released per-sample risk loop; fastabsld accumulates the risk inside ``loss``).
+"""
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import released_loop
+from fastabsld.attack import kl_loss, pgd
+from fastabsld.loss import ABSLDLoss
+from fastabsld.models import build_model
+
+EPS, ALPHA = 0.1, 0.025
+
+
+class PhaseTimer:
+    """Accumulates wall-clock seconds per named phase (synchronising CUDA around each phase)."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds.setdefault(name, []).append(time.perf_counter() - began)
+
+
+def fastabsld_phases(timer, student, teacher, loss_fn, optimizer, x, y, steps, generator):
+    """One fastabsld recipe step (as ``fastabsld.train.distill_step`` + ``train_epoch``), timed per phase."""
+    with timer("teacher"), torch.no_grad():
+        teacher_logits = teacher(x)
+    with timer("labels"):
+        target = loss_fn.teacher_probs(teacher_logits, y, branch="adv")
+    with timer("attack"):
+        student.eval()
+        x_adv = pgd(student, x, kl_loss(target), eps=EPS, alpha=ALPHA, steps=steps, random_start="normal",
+                    generator=generator)
+        student.train()
+    with timer("student"):
+        adv_logits, nat_logits = student(x_adv), student(x)
+    with timer("loss"):
+        loss = loss_fn(adv_logits, nat_logits, teacher_logits, y)
+    with timer("backward"):
+        loss.backward()
+    with timer("optimiser"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def released_phases(timer, student, teacher, state, optimizer, x, y, steps, generator):
+    """One step of ``benchmarks.released_loop.released_step``, timed per phase."""
+    with timer("teacher"), torch.no_grad():
+        teacher_logits = teacher(x)
+        teacher_adv, teacher_nat = teacher_logits.detach(), teacher_logits.detach()
+    with timer("labels"):
+        for i in range(len(y)):
+            teacher_adv[i] = teacher_adv[i] / state["tau_adv"][y[i]]
+            teacher_nat[i] = teacher_nat[i] / state["tau_nat"][y[i]]
+    with timer("attack"):
+        x_adv = released_loop.released_inner_attack(student, teacher_adv, x, eps=EPS, alpha=ALPHA, steps=steps,
+                                                    generator=generator)
+    with timer("student"):
+        adv_logits, nat_logits = student(x_adv), student(x)
+    with timer("loss"):
+        loss = (5 / 6 * released_loop.released_kl_mean(adv_logits, F.softmax(teacher_adv, dim=1))
+                + 1 / 6 * released_loop.released_kl_mean(nat_logits, F.softmax(teacher_nat, dim=1)))
+    with timer("backward"):
+        loss.backward()
+    with timer("optimiser"):
+        optimizer.step()
+        optimizer.zero_grad()
+    with timer("risk"):
+        for i in range(len(y)):
+            state["risk_adv"][y[i]] += F.cross_entropy(adv_logits[i:i + 1].detach(), y[i:i + 1])
+            state["risk_nat"][y[i]] += F.cross_entropy(nat_logits[i:i + 1].detach(), y[i:i + 1])
+
+
+def breakdown(*, batch=128, steps=10, reps=20, channels_last=False, student_name="cnn-s", teacher_name="cnn-l",
+              image=(1, 8, 8), num_classes=10, device="cpu"):
+    """Times both steps phase by phase, alternating them, on synthetic data.
+
+    Args:
+        batch: batch size.
+        steps: PGD steps.
+        reps: timed steps per implementation (after two warm-up steps each).
+        channels_last: run fastabsld's step in channels_last (the released loop stays NCHW).
+        student_name, teacher_name: model names of ``fastabsld.models``.
+        image: (channels, height, width) of the synthetic inputs.
+        num_classes: classes.
+        device: where to run.
+
+    Returns:
+        dict: ``{"fastabsld": {phase: median seconds}, "released": {...}}``.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((batch,) + tuple(image), generator=gen).to(device)
+    y = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
+    teacher = build_model(teacher_name, num_classes, image[0]).to(device).eval().requires_grad_(False)
+    runs = {}
+    for name in ("fastabsld", "released"):
+        torch.manual_seed(1)
+        student = build_model(student_name, num_classes, image[0]).to(device)
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
+        attack_gen = torch.Generator(device=device).manual_seed(2)
+        if name == "fastabsld":
+            t_model, inputs = teacher, x
+            if channels_last:
+                student = student.to(memory_format=torch.channels_last)
+                t_model = build_model(teacher_name, num_classes, image[0]).to(device).eval().requires_grad_(False)
+                t_model.load_state_dict(teacher.state_dict())
+                t_model = t_model.to(memory_format=torch.channels_last)
+                inputs = x.contiguous(memory_format=torch.channels_last)
+            loss_fn = ABSLDLoss(num_classes, temperature_mode="released").to(device)
+            args = (student, t_model, loss_fn, optimizer, inputs, y, steps, attack_gen)
+            runs[name] = (fastabsld_phases, args, PhaseTimer())
+        else:
+            state = {k: torch.ones(num_classes, device=device) for k in ("tau_adv", "tau_nat")}
+            state.update({k: torch.zeros(num_classes, device=device) for k in ("risk_adv", "risk_nat")})
+            runs[name] = (released_phases, (student, teacher, state, optimizer, x, y, steps, attack_gen),
+                          PhaseTimer())
+    for fn, args, _ in runs.values():
+        for _ in range(2):
+            fn(PhaseTimer(), *args)
+    for _ in range(reps):
+        for fn, args, timer in runs.values():
+            fn(timer, *args)
+    return {name: {phase: statistics.median(v) for phase, v in timer.seconds.items()}
+            for name, (_, _, timer) in runs.items()}
+
+
+def format_breakdown(result):
+    """A text table of :func:`breakdown`'s result in milliseconds, with totals and the ratio.
+
+    Args:
+        result: the dict returned by :func:`breakdown`.
+
+    Returns:
+        str: the table.
+    """
+    phases = list(dict.fromkeys(p for r in result.values() for p in r))
+    names = list(result)
+    lines = [f"{'phase':<10}" + "".join(f"{n:>12}" for n in names)]
+    for phase in phases + ["total"]:
+        cells = []
+        for n in names:
+            value = sum(result[n].values()) if phase == "total" else result[n].get(phase)
+            cells.append(f"{value * 1e3:>10.2f}ms" if value is not None else f"{'-':>12}")
+        lines.append(f"{phase:<10}" + "".join(cells))
+    totals = [sum(result[n].values()) for n in names]
+    if len(totals) == 2:
+        lines.append(f"speed-up ({names[1]} / {names[0]}): {totals[1] / totals[0]:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """Command line: prints the breakdown table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--channels-last", action="store_true", help="fastabsld's step in channels_last")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = breakdown(batch=args.batch, steps=args.steps, reps=args.reps, channels_last=args.channels_last)
+    print(format_breakdown(result))
+
+
+if __name__ == "__main__":
+    main()
