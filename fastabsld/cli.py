@@ -48,7 +48,7 @@ def _train(args):
         fields["test_attacks"] = tuple(args.test_attacks)
     if args.cache_dir:
         fields["cache_dir"] = args.cache_dir
-    cfg = TrainConfig(**fields, progress=not args.no_progress)
+    cfg = TrainConfig(**fields, **_speed_options(args), progress=not args.no_progress)
     run_dir = args.run_dir or os.path.join("runs", f"{cfg.method}-{cfg.dataset}-{cfg.model}-seed{cfg.seed}")
     last = os.path.join(run_dir, "last.pt")
     if os.path.exists(last):
@@ -107,8 +107,23 @@ def _demo(args):
 
     _set_threads(args.threads)
     run_demo(args.out, seeds=tuple(args.seeds), epochs=args.epochs, teacher_epochs=args.teacher_epochs,
-             cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress)
+             cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress, speed=_speed_options(args))
     return 0
+
+
+def _speed_options(args):
+    return {"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
+            "fold_bn": not args.no_fold_bn}
+
+
+def _add_speed(p):
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast around the student's and teacher's forwards (losses stay fp32)")
+    p.add_argument("--channels-last", action="store_true", help="models and batches in channels_last")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the student's training forward and the attack's forward")
+    p.add_argument("--no-fold-bn", action="store_true",
+                   help="attack the student itself rather than its eval view with BatchNorm folded into the convs")
 
 
 def _add_common(p):
@@ -168,6 +183,7 @@ def build_parser():
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last.pt")
     t.add_argument("--data-dir", default=None, help="CIFAR folder in the python pickle format (default: ./data)")
     t.add_argument("--cache-dir", default=None, help="teacher cache (default: $FASTABSLD_CACHE or .fastabsld_cache)")
+    _add_speed(t)
     _add_common(t)
     t.set_defaults(func=_train)
 
@@ -193,6 +209,7 @@ def build_parser():
     d.add_argument("--teacher-epochs", type=_positive_int, default=30)
     d.add_argument("--out", default=os.path.join("runs", "demo"), help="report folder")
     d.add_argument("--cache-dir", default=None)
+    _add_speed(d)
     _add_common(d)
     d.set_defaults(func=_demo, threads=1)
     return parser

@@ -90,7 +90,7 @@ def _sentence(what, word):
 
 
 def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2), epochs=30, teacher_epochs=30, cache_dir=None, device="cpu",
-             progress=True, log=print):
+             progress=True, log=print, speed=None):
     """Trains the teacher (or reuses the cached one), distils RSLAD and ABSLD students, prints the table.
 
     Args:
@@ -102,6 +102,7 @@ def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2), epochs=30, teacher_epochs=
         device: device name.
         progress: progress bars.
         log: function printing lines.
+        speed: TrainConfig speed options (``amp``, ``channels_last``, ``compile``, ``fold_bn``), or None.
 
     Returns:
         dict: the demo's summary (also written to ``out_dir/demo.json``).
@@ -109,7 +110,7 @@ def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2), epochs=30, teacher_epochs=
     began = time.perf_counter()
     base = TrainConfig(method="absld", dataset="digits", epochs=epochs, teacher_epochs=teacher_epochs, device=device,
                        eval_every=5, progress=progress, test_attacks=("clean", "fgsm", ATTACK),
-                       **({"cache_dir": cache_dir} if cache_dir else {}))
+                       **({"cache_dir": cache_dir} if cache_dir else {}), **(speed or {}))
     data = load_dataset("digits", seed=base.split_seed)
     cached = os.path.exists(teacher_cache_path(base))
     teacher = get_teacher(base, data=data, log=log)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastabsld import checkpoint, report
+from fastabsld import checkpoint, fast_step, report
 from fastabsld.data import TensorLoader, load_dataset
 from fastabsld.models import build_model
 
@@ -47,7 +47,7 @@ DEFAULT_MODELS = {"digits": ("cnn-s", "cnn-l"), "cifar10": ("resnet18", "wrn-34-
 CHECKPOINT_FORMAT = 1
 SELECT_KEYS = ("average", "worst")
 # TrainConfig fields that say where a run executes, not what it computes (free to change on resume).
-RUNTIME_FIELDS = ("device", "data_dir", "cache_dir", "progress")
+RUNTIME_FIELDS = ("device", "data_dir", "cache_dir", "progress", "channels_last", "compile", "fold_bn")
 
 
 @dataclass
@@ -81,6 +81,11 @@ class TrainConfig:
         data_dir: CIFAR folder.
         cache_dir: folder of cached teachers.
         progress: show progress bars.
+        amp: bf16 autocast around the student's and the teacher's forwards (the losses stay fp32).
+        channels_last: run the models and batches in the channels_last memory format.
+        compile: ``torch.compile`` the student's training forward and the attack's forward.
+        fold_bn: run the inner attack on an eval-mode view of the student with every Conv2d ->
+            BatchNorm2d pair folded into one convolution (same results up to float rounding, faster).
     """
 
     method: str = "absld"
@@ -117,6 +122,10 @@ class TrainConfig:
     data_dir: str = None
     cache_dir: str = field(default_factory=lambda: os.environ.get("FASTABSLD_CACHE", ".fastabsld_cache"))
     progress: bool = True
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    fold_bn: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -217,28 +226,34 @@ def build_loss(cfg, num_classes):
                      temperature_mode=cfg.temperature_mode)
 
 
-def distill_step(student, teacher, loss_fn, x, y, cfg, generator):
+def distill_step(student, teacher, loss_fn, x, y, cfg, generator, *, attack_model=None):
     """Loss of one ABSLD/RSLAD batch (not yet back-propagated). Leaves the student in train mode.
 
+    The teacher's logits are computed once and serve the attack's soft labels and both loss terms.
+
     Args:
-        student: the student network.
+        student: the student network (or its ``torch.compile`` wrapper).
         teacher: the frozen teacher (eval mode).
         loss_fn: ABSLDLoss (in training mode, so it accumulates class risks).
         x, y: the batch.
-        cfg: TrainConfig (eps, alpha, steps).
+        cfg: TrainConfig (eps, alpha, steps, amp).
         generator: torch.Generator of the attack's random start.
+        attack_model: a :class:`fastabsld.fold.FoldedEvalView` of the student (refreshed here) for the
+            attack, or None to attack the student itself.
 
     Returns:
-        Tensor: the scalar loss.
+        Tensor: the scalar loss (fp32).
     """
     with torch.no_grad():
-        teacher_logits = teacher(x)
+        teacher_logits = fast_step.forward_fp32(teacher, x, cfg.amp)
     student.eval()
+    attacked = student if attack_model is None else attack_model.refresh()
     target = loss_fn.teacher_probs(teacher_logits, y, branch="adv")
-    x_adv = pgd(student, x, kl_loss(target), eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps, random_start="normal",
-                generator=generator)
+    x_adv = pgd(fast_step.Fp32Logits(attacked, cfg.amp), x, kl_loss(target), eps=cfg.eps, alpha=cfg.alpha,
+                steps=cfg.steps, random_start="normal", generator=generator)
     student.train()
-    return loss_fn(student(x_adv), student(x), teacher_logits, y)
+    adv_logits = fast_step.forward_fp32(student, x_adv, cfg.amp)
+    return loss_fn(adv_logits, fast_step.forward_fp32(student, x, cfg.amp), teacher_logits, y)
 
 
 def pgd_at_step(student, x, y, cfg, generator):
@@ -254,10 +269,10 @@ def pgd_at_step(student, x, y, cfg, generator):
         Tensor: the scalar loss.
     """
     student.eval()
-    x_adv = pgd(student, x, ce_loss(y), eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps, random_start="uniform",
-                generator=generator)
+    x_adv = pgd(fast_step.Fp32Logits(student, cfg.amp), x, ce_loss(y), eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps,
+                random_start="uniform", generator=generator)
     student.train()
-    return F.cross_entropy(student(x_adv), y)
+    return F.cross_entropy(fast_step.forward_fp32(student, x_adv, cfg.amp), y)
 
 
 def _subset(data, n):
@@ -285,7 +300,7 @@ def _eval_loader(split, cfg):
 
 
 def train_epoch(student, loss_fn, optimizer, loader, cfg, generator, *, teacher=None, device="cpu", progress=False,
-                desc="epoch"):
+                desc="epoch", attack_model=None):
     """One pass over ``loader``: a distillation step (``loss_fn`` given) or a PGD-AT step per batch, then SGD.
 
     No host synchronisation happens inside the loop; the mean loss stays on the device.
@@ -301,6 +316,7 @@ def train_epoch(student, loss_fn, optimizer, loader, cfg, generator, *, teacher=
         device: where the batches go.
         progress: show a progress bar.
         desc: the progress bar's label.
+        attack_model: the student's folded eval view for the attack (see :func:`distill_step`).
 
     Returns:
         Tensor: the mean training loss, 0-d, on ``device``.
@@ -313,11 +329,11 @@ def train_epoch(student, loss_fn, optimizer, loader, cfg, generator, *, teacher=
     loss_sum = torch.zeros((), device=device)
     batches = 0
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = fast_step.to_device(x, device, cfg.channels_last), y.to(device, non_blocking=True)
         if loss_fn is None:
             loss = pgd_at_step(student, x, y, cfg, generator)
         else:
-            loss = distill_step(student, teacher, loss_fn, x, y, cfg, generator)
+            loss = distill_step(student, teacher, loss_fn, x, y, cfg, generator, attack_model=attack_model)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -372,6 +388,10 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, log=print
         if teacher is None:
             teacher = get_teacher(cfg, data=full, log=log)
         teacher = teacher.to(device).eval().requires_grad_(False)
+    if cfg.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher if teacher is None else teacher.to(memory_format=torch.channels_last)
+    step_student, attack_model = fast_step.step_models(student, cfg, distill=loss_fn is not None)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(cfg), cfg.lr_gamma)
@@ -402,8 +422,9 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, log=print
         began = time.perf_counter()
         if loss_fn is not None:
             loss_fn.beta = beta_at(cfg, epoch)
-        mean_loss = train_epoch(student, loss_fn, optimizer, loader, cfg, attack_gen, teacher=teacher, device=device,
-                                progress=cfg.progress, desc=f"epoch {epoch + 1}")
+        mean_loss = train_epoch(step_student, loss_fn, optimizer, loader, cfg, attack_gen, teacher=teacher,
+                                device=device, progress=cfg.progress, desc=f"epoch {epoch + 1}",
+                                attack_model=attack_model)
         entry = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": mean_loss.item()}
         if loss_fn is not None:
             entry["beta"] = loss_fn.beta
@@ -474,6 +495,8 @@ def config_hash(cfg):
         str: 16 hex digits.
     """
     fields = {k: v for k, v in cfg.to_dict().items() if k not in _HASH_EXCLUDED}
+    if not cfg.amp:
+        del fields["amp"]  # keeps the hashes (and cached teachers) of fp32 runs as they were before the field
     blob = json.dumps({"format": CHECKPOINT_FORMAT, **fields}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -1,0 +1,96 @@
+"""The speed options of the training step: bf16 autocast, channels_last, torch.compile, BatchNorm folding.
+
+``fastabsld.train`` calls these; they hold no state of their own.
+"""
+
+import contextlib
+
+import torch
+from torch import nn
+
+from fastabsld.fold import FoldedEvalView
+
+
+def autocast(enabled, device_type):
+    """bf16 autocast on ``device_type`` when ``enabled``, else a no-op context.
+
+    Args:
+        enabled: whether to autocast.
+        device_type: ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        context manager.
+    """
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+def forward_fp32(model, x, amp):
+    """``model(x)`` (under bf16 autocast when ``amp``) as fp32 logits, so that every loss is computed in fp32.
+
+    Args:
+        model: the network.
+        x: its input batch.
+        amp: autocast the forward to bf16.
+
+    Returns:
+        Tensor: the logits in fp32 (or in the model's dtype when it is wider, e.g. fp64).
+    """
+    with autocast(amp, x.device.type):
+        logits = model(x)
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
+class Fp32Logits(nn.Module):
+    """A model whose forward is :func:`forward_fp32` (the attack's view of the student under ``--amp``).
+
+    Args:
+        model: the network.
+        amp: autocast the forward to bf16.
+    """
+
+    def __init__(self, model, amp):
+        super().__init__()
+        self.model, self.amp = model, amp
+
+    def forward(self, x):
+        return forward_fp32(self.model, x, self.amp)
+
+
+def to_device(x, device, channels_last):
+    """Moves an input batch to ``device`` (asynchronously), in channels_last when asked and 4-D.
+
+    Args:
+        x: the batch.
+        device: target device.
+        channels_last: give a 4-D batch the channels_last memory format.
+
+    Returns:
+        Tensor: the batch on ``device``.
+    """
+    memory_format = torch.channels_last if channels_last and x.dim() == 4 else torch.preserve_format
+    return x.to(device, non_blocking=True, memory_format=memory_format)
+
+
+def step_models(student, cfg, *, distill=True):
+    """The student as the training step calls it, and the folded view the attack runs on.
+
+    Args:
+        student: the network being trained (its parameters are what the optimiser updates).
+        cfg: TrainConfig (``compile``, ``fold_bn``).
+        distill: whether the step is a distillation step (the folded attack view is only used there).
+
+    Returns:
+        tuple: (``torch.compile(student)`` or ``student``; a :class:`FoldedEvalView` of the student,
+        with its network compiled under ``cfg.compile``, or None when ``cfg.fold_bn`` is off, nothing
+        folds, or the step is PGD-AT).
+    """
+    view = FoldedEvalView(student) if cfg.fold_bn and distill else None
+    if view is not None and view.num_folded == 0:
+        view = None
+    if cfg.compile:
+        student = torch.compile(student)
+        if view is not None:
+            view.net = torch.compile(view.net)
+    return student, view
