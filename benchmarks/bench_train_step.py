@@ -1,0 +1,100 @@
+"""The end-to-end ABSLD training step: fastabsld's recipe against the released loop, in one run.
+
+Group ``train-step``: one step on the digits models (student ``cnn-s``, teacher ``cnn-l``), batch 128,
+10 PGD steps: teacher forward, the inner attack, the student's two forwards and backward, SGD and the
+class-risk accumulation.
+
+- ``released``: ``benchmarks.released_loop.released_step`` (per-sample Python loops, unfused loss,
+  eager PGD, NCHW);
+- ``fastabsld``: ``fastabsld.train.train_epoch`` on one batch with the default TrainConfig
+  (BatchNorm-folded attack view);
+- ``fastabsld-channels-last``: the same with ``channels_last=True``;
+- ``fastabsld-no-fold``: ``fold_bn=False`` (what the folding buys);
+- ``fastabsld-compile``: ``compile=True`` (timed only with benchmarks enabled: inductor's compile alone
+  takes tens of seconds here).
+
+Target on the CPU: ``fastabsld-channels-last`` at least 1.3x faster than ``released``. One torch
+thread (the shared 2-core CI machines time more stably so); ``python -m benchmarks.step_breakdown``
+splits the step into its phases.
+
+Run: ``python -m pytest benchmarks/bench_train_step.py --benchmark-only --benchmark-columns=min,median,rounds``.
+With ``--benchmark-disable`` every case runs once at batch 16 with 2 PGD steps.
+"""
+
+import pytest
+import torch
+
+from benchmarks.released_loop import released_step
+from fastabsld import fast_step
+from fastabsld.models import build_model
+from fastabsld.train import TrainConfig, build_loss, train_epoch
+
+NUM_CLASSES = 10
+VARIANTS = {
+    "fastabsld": {},
+    "fastabsld-channels-last": {"channels_last": True},
+    "fastabsld-no-fold": {"fold_bn": False},
+    "fastabsld-compile": {"compile": True},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _setup(batch):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 1, 8, 8, generator=gen)
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
+    torch.manual_seed(1)
+    teacher = build_model("cnn-l", NUM_CLASSES, 1).eval().requires_grad_(False)
+    student = build_model("cnn-s", NUM_CLASSES, 1)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
+    return x, y, teacher, student, optimizer
+
+
+def _released_runner(batch, steps):
+    x, y, teacher, student, optimizer = _setup(batch)
+    cfg = TrainConfig(progress=False)
+    state = {k: torch.ones(NUM_CLASSES) for k in ("tau_adv", "tau_nat")}
+    state.update({k: torch.zeros(NUM_CLASSES) for k in ("risk_adv", "risk_nat")})
+    gen = torch.Generator().manual_seed(2)
+
+    def run():
+        return released_step(student, teacher, optimizer, x, y, state, eps=cfg.eps, alpha=cfg.alpha, steps=steps,
+                             generator=gen)
+
+    return run
+
+
+def _fastabsld_runner(batch, steps, options):
+    x, y, teacher, student, optimizer = _setup(batch)
+    cfg = TrainConfig(steps=steps, progress=False, **options)
+    if cfg.channels_last:
+        student, teacher = student.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
+    step_student, view = fast_step.step_models(student, cfg)
+    loss_fn = build_loss(cfg, NUM_CLASSES)
+    gen = torch.Generator().manual_seed(2)
+    batches = [(x, y)]
+
+    def run():
+        return train_epoch(step_student, loss_fn, optimizer, batches, cfg, gen, teacher=teacher, attack_model=view)
+
+    return run
+
+
+@pytest.mark.parametrize("impl", ["released"] + list(VARIANTS))
+def test_train_step(benchmark, impl):
+    benchmark.group = "train-step"
+    batch, steps = (16, 2) if benchmark.disabled else (128, 10)
+    if benchmark.disabled and impl == "fastabsld-compile":
+        pytest.skip("the torch.compile variant is timed only with benchmarks enabled")
+    run = _released_runner(batch, steps) if impl == "released" else _fastabsld_runner(batch, steps, VARIANTS[impl])
+    if not benchmark.disabled:
+        run()  # warm up (and compile) outside the timing
+    loss = benchmark(run)
+    assert torch.isfinite(loss)
