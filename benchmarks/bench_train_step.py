@@ -76,7 +76,7 @@ def _fastabsld_runner(batch, steps, options):
     cfg = TrainConfig(steps=steps, progress=False, **options)
     if cfg.channels_last:
         student, teacher = student.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
-    step_student, view = fast_step.step_models(student, cfg)
+    step_student, view, teacher = fast_step.step_models(student, cfg, teacher=teacher)
     loss_fn = build_loss(cfg, NUM_CLASSES)
     gen = torch.Generator().manual_seed(2)
     batches = [(x, y)]

@@ -3,6 +3,7 @@
 Not collected by pytest (a helper and a script). Run it on an otherwise idle machine:
 
     python -m benchmarks.step_breakdown [--batch 128] [--steps 10] [--reps 20] [--threads 1] [--channels-last]
+        [--no-fold-bn]
 
 Phases (wall-clock per step, the median over ``--reps`` steps, after two warm-up steps):
 ``teacher`` (teacher forward), ``labels`` (tempered soft labels; the released per-sample
@@ -20,9 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import released_loop
+from fastabsld import fast_step
 from fastabsld.attack import kl_loss, pgd
 from fastabsld.loss import ABSLDLoss
 from fastabsld.models import build_model
+from fastabsld.train import TrainConfig
 
 EPS, ALPHA = 0.1, 0.025
 
@@ -44,7 +47,7 @@ class PhaseTimer:
         self.seconds.setdefault(name, []).append(time.perf_counter() - began)
 
 
-def fastabsld_phases(timer, student, teacher, loss_fn, optimizer, x, y, steps, generator):
+def fastabsld_phases(timer, student, teacher, loss_fn, optimizer, x, y, steps, generator, attack_model=None):
     """One fastabsld recipe step (as ``fastabsld.train.distill_step`` + ``train_epoch``), timed per phase."""
     with timer("teacher"), torch.no_grad():
         teacher_logits = teacher(x)
@@ -52,7 +55,8 @@ def fastabsld_phases(timer, student, teacher, loss_fn, optimizer, x, y, steps, g
         target = loss_fn.teacher_probs(teacher_logits, y, branch="adv")
     with timer("attack"):
         student.eval()
-        x_adv = pgd(student, x, kl_loss(target), eps=EPS, alpha=ALPHA, steps=steps, random_start="normal",
+        attacked = student if attack_model is None else attack_model.refresh()
+        x_adv = pgd(attacked, x, kl_loss(target), eps=EPS, alpha=ALPHA, steps=steps, random_start="normal",
                     generator=generator)
         student.train()
     with timer("student"):
@@ -94,8 +98,8 @@ def released_phases(timer, student, teacher, state, optimizer, x, y, steps, gene
             state["risk_nat"][y[i]] += F.cross_entropy(nat_logits[i:i + 1].detach(), y[i:i + 1])
 
 
-def breakdown(*, batch=128, steps=10, reps=20, channels_last=False, student_name="cnn-s", teacher_name="cnn-l",
-              image=(1, 8, 8), num_classes=10, device="cpu"):
+def breakdown(*, batch=128, steps=10, reps=20, channels_last=False, fold_bn=True, student_name="cnn-s",
+              teacher_name="cnn-l", image=(1, 8, 8), num_classes=10, device="cpu"):
     """Times both steps phase by phase, alternating them, on synthetic data.
 
     Args:
@@ -103,6 +107,7 @@ def breakdown(*, batch=128, steps=10, reps=20, channels_last=False, student_name
         steps: PGD steps.
         reps: timed steps per implementation (after two warm-up steps each).
         channels_last: run fastabsld's step in channels_last (the released loop stays NCHW).
+        fold_bn: fastabsld's ``fold_bn`` option (folded attack and teacher views).
         student_name, teacher_name: model names of ``fastabsld.models``.
         image: (channels, height, width) of the synthetic inputs.
         num_classes: classes.
@@ -130,7 +135,9 @@ def breakdown(*, batch=128, steps=10, reps=20, channels_last=False, student_name
                 t_model = t_model.to(memory_format=torch.channels_last)
                 inputs = x.contiguous(memory_format=torch.channels_last)
             loss_fn = ABSLDLoss(num_classes, temperature_mode="released").to(device)
-            args = (student, t_model, loss_fn, optimizer, inputs, y, steps, attack_gen)
+            cfg = TrainConfig(channels_last=channels_last, fold_bn=fold_bn, progress=False)
+            _, view, t_model = fast_step.step_models(student, cfg, teacher=t_model)
+            args = (student, t_model, loss_fn, optimizer, inputs, y, steps, attack_gen, view)
             runs[name] = (fastabsld_phases, args, PhaseTimer())
         else:
             state = {k: torch.ones(num_classes, device=device) for k in ("tau_adv", "tau_nat")}
@@ -179,10 +186,12 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--channels-last", action="store_true", help="fastabsld's step in channels_last")
+    p.add_argument("--no-fold-bn", action="store_true", help="fastabsld's step without the folded views")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = breakdown(batch=args.batch, steps=args.steps, reps=args.reps, channels_last=args.channels_last)
+    result = breakdown(batch=args.batch, steps=args.steps, reps=args.reps, channels_last=args.channels_last,
+                       fold_bn=not args.no_fold_bn)
     print(format_breakdown(result))
 
 

@@ -73,24 +73,29 @@ def to_device(x, device, channels_last):
     return x.to(device, non_blocking=True, memory_format=memory_format)
 
 
-def step_models(student, cfg, *, distill=True):
-    """The student as the training step calls it, and the folded view the attack runs on.
+def step_models(student, cfg, *, distill=True, teacher=None):
+    """The student as the training step calls it, the folded view the attack runs on, and the teacher's.
 
     Args:
         student: the network being trained (its parameters are what the optimiser updates).
         cfg: TrainConfig (``compile``, ``fold_bn``).
         distill: whether the step is a distillation step (the folded attack view is only used there).
+        teacher: the frozen teacher (eval mode), or None.
 
     Returns:
         tuple: (``torch.compile(student)`` or ``student``; a :class:`FoldedEvalView` of the student,
-        with its network compiled under ``cfg.compile``, or None when ``cfg.fold_bn`` is off, nothing
-        folds, or the step is PGD-AT).
+        its network compiled under ``cfg.compile``, or None when ``cfg.fold_bn`` is off, the view would
+        change nothing, or the step is PGD-AT; the teacher's folded view (refreshed once: the teacher is
+        frozen), or ``teacher`` itself).
     """
     view = FoldedEvalView(student) if cfg.fold_bn and distill else None
-    if view is not None and view.num_folded == 0:
+    if view is not None and not view.changed:
         view = None
+    if teacher is not None and cfg.fold_bn:
+        teacher_view = FoldedEvalView(teacher)
+        teacher = teacher_view.refresh() if teacher_view.changed else teacher
     if cfg.compile:
         student = torch.compile(student)
         if view is not None:
             view.net = torch.compile(view.net)
-    return student, view
+    return student, view, teacher

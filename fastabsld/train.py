@@ -391,7 +391,8 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, log=print
     if cfg.channels_last:
         student = student.to(memory_format=torch.channels_last)
         teacher = teacher if teacher is None else teacher.to(memory_format=torch.channels_last)
-    step_student, attack_model = fast_step.step_models(student, cfg, distill=loss_fn is not None)
+    step_student, attack_model, step_teacher = fast_step.step_models(student, cfg, distill=loss_fn is not None,
+                                                                     teacher=teacher)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(cfg), cfg.lr_gamma)
@@ -422,7 +423,7 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, log=print
         began = time.perf_counter()
         if loss_fn is not None:
             loss_fn.beta = beta_at(cfg, epoch)
-        mean_loss = train_epoch(step_student, loss_fn, optimizer, loader, cfg, attack_gen, teacher=teacher,
+        mean_loss = train_epoch(step_student, loss_fn, optimizer, loader, cfg, attack_gen, teacher=step_teacher,
                                 device=device, progress=cfg.progress, desc=f"epoch {epoch + 1}",
                                 attack_model=attack_model)
         entry = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": mean_loss.item()}

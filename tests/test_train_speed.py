@@ -46,7 +46,7 @@ def _fast_run(student, teacher, batches, cfg, taus, *, channels_last=False):
     loss_fn.tau_nat.copy_(taus[1])
     if channels_last:
         student, teacher = student.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
-    step_student, view = fast_step.step_models(student, cfg)
+    step_student, view, teacher = fast_step.step_models(student, cfg, teacher=teacher)
     gen = torch.Generator().manual_seed(7)
     mean = train_epoch(step_student, loss_fn, _sgd(student), batches, cfg, gen, teacher=teacher, attack_model=view)
     return mean, student, loss_fn

@@ -1,0 +1,302 @@
+"""GPU report: each fastabsld op against eager and torch.compile, as time and achieved GB/s against the
+device's peak, and the CIFAR-10 training step (ResNet-18 student, WRN-34-10 teacher) against the released loop.
+
+Runs only on a CUDA machine (it exits with a message otherwise):
+
+    python -m benchmarks.gpu_report [--iters 50] [--skip-train] [--train-batch 128] [--json report.json]
+
+Bytes moved per op (the compulsory traffic; achieved GB/s = bytes / time):
+
+- KD loss, tile form: the fused forward reads the student and teacher logits and writes the student
+  gradient, ``B*C*(e_s + e_t + e_s)`` bytes (``e_s``, ``e_t``: element sizes); the backward scales the
+  stored gradient, another read and write, ``B*C*2*e_s``.
+- PGD step L-inf: reads x_adv, x, grad and writes the new x_adv: 4 element passes.
+- PGD step L2: the gradient norm (1 read), the step and the delta norm (3 reads), the projected
+  write (3 reads + 1 write, the reads mostly from cache on a GPU): about 7 element passes of DRAM
+  traffic in the unfused worst case; the fused kernel needs at least 4.
+
+The non-GPU parts (argument parsing, byte counts, peak lookup) import and run on any machine.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+# (B, C) of the KD loss benchmark (issue 3) plus one large, bandwidth-bound shape.
+KD_SHAPES = ((128, 10), (1024, 100), (256, 1000), (8, 32000), (4096, 32000))
+PGD_SHAPES = ((128, 3, 32, 32), (512, 3, 32, 32), (128, 3, 224, 224))
+# Peak DRAM bandwidth in GB/s by device-name fragment, for when the properties do not give it.
+PEAK_GBS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "H100": 3350.0,
+            "A100-SXM4-80GB": 2039.0, "A100 80GB PCIe": 1935.0, "A100": 1555.0, "L40S": 864.0, "L4": 300.0,
+            "A10": 600.0, "V100": 900.0, "T4": 320.0}
+
+
+def kd_bytes(rows, cols, student_bytes=4, teacher_bytes=4, backward=True):
+    """Compulsory DRAM bytes of the fused KD loss (forward, plus the backward's scaling pass).
+
+    Args:
+        rows, cols: the logits' shape (B, C).
+        student_bytes, teacher_bytes: element sizes of the student and teacher logits.
+        backward: include the backward (read the stored gradient, write the input gradient).
+
+    Returns:
+        int: bytes.
+    """
+    per_element = 2 * student_bytes + teacher_bytes + (2 * student_bytes if backward else 0)
+    return rows * cols * per_element
+
+
+def pgd_bytes(shape, norm="linf", element_bytes=4):
+    """DRAM bytes of one PGD step: 4 element passes for L-inf, 7 for L2 (see the module docstring).
+
+    Args:
+        shape: the input batch's shape.
+        norm: ``"linf"`` or ``"l2"``.
+        element_bytes: element size.
+
+    Returns:
+        int: bytes.
+    """
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    numel = 1
+    for size in shape:
+        numel *= size
+    return numel * element_bytes * (4 if norm == "linf" else 7)
+
+
+def gbs(nbytes, seconds):
+    """Achieved bandwidth in GB/s (1e9 bytes per second).
+
+    Args:
+        nbytes: bytes moved.
+        seconds: time taken.
+
+    Returns:
+        float: GB/s.
+    """
+    return nbytes / seconds / 1e9
+
+
+def peak_gbs(name, memory_clock_khz=None, bus_width_bits=None):
+    """The device's peak DRAM bandwidth in GB/s: from clock and bus width when known, else by name.
+
+    Args:
+        name: device name (``torch.cuda.get_device_name``).
+        memory_clock_khz: memory clock in kHz (device properties), or None.
+        bus_width_bits: memory bus width in bits, or None.
+
+    Returns:
+        float or None: GB/s (None when unknown).
+    """
+    if memory_clock_khz and bus_width_bits:
+        return 2 * memory_clock_khz * 1e3 * bus_width_bits / 8 / 1e9  # double data rate
+    for fragment, value in PEAK_GBS.items():
+        if fragment.lower() in name.lower():
+            return value
+    return None
+
+
+def parse_args(argv=None):
+    """The command line of the report.
+
+    Args:
+        argv: arguments (None: ``sys.argv[1:]``).
+
+    Returns:
+        argparse.Namespace.
+    """
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iters", type=int, default=50, help="timed iterations per case (default: 50)")
+    p.add_argument("--skip-ops", action="store_true", help="skip the per-op timings")
+    p.add_argument("--skip-train", action="store_true", help="skip the training-step timings")
+    p.add_argument("--skip-compile", action="store_true", help="skip the torch.compile baselines")
+    p.add_argument("--train-batch", type=int, default=128, help="batch of the training step (default: 128)")
+    p.add_argument("--models", nargs=2, default=("resnet18", "wrn-34-10"), metavar=("STUDENT", "TEACHER"))
+    p.add_argument("--peak-gbs", type=float, default=None, help="override the device's peak bandwidth")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--smoke", action="store_true",
+                   help="check the script on the CPU: smallest shapes, tiny models, 1 iteration (times mean nothing)")
+    args = p.parse_args(argv)
+    if args.iters < 1 or args.train_batch < 1:
+        p.error("--iters and --train-batch must be >= 1")
+    return args
+
+
+def cuda_time(fn, iters, warmup=3):
+    """Mean time of ``fn()`` in seconds over ``iters`` calls (after ``warmup`` calls), measured with CUDA events
+    (with ``time.perf_counter`` in a ``--smoke`` run on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    if not torch.cuda.is_available():
+        began = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - began) / iters
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+def _eager_kd(student, teacher):
+    log_q = torch.log_softmax(student.float(), dim=1)
+    p = torch.softmax(teacher.float(), dim=1)
+    return (p * (torch.log(p) - log_q)).sum() / student.shape[0]
+
+
+def _eager_linf(x_adv, x, grad, alpha, eps):
+    delta = torch.clamp(x_adv + alpha * grad.sign() - x, -eps, eps)
+    return torch.clamp(x + delta, 0, 1)
+
+
+def _eager_l2(x_adv, x, grad, alpha, eps):
+    b = x_adv.shape[0]
+    g = grad / (grad.reshape(b, -1).norm(dim=1) + 1e-10).reshape(-1, 1, 1, 1)
+    delta = x_adv + alpha * g - x
+    factor = torch.clamp(eps / delta.reshape(b, -1).norm(dim=1), max=1.0).reshape(-1, 1, 1, 1)
+    return torch.clamp(x + delta * factor, 0, 1)
+
+
+def op_rows(args, peak):
+    """Times the KD loss (fwd+bwd) and the PGD steps: fastabsld, eager, torch.compile."""
+    from fastabsld.loss import kd_kl_div
+    from fastabsld.ops import pgd_step
+
+    rows = []
+    device = args.device
+    compiled_kd = None if args.skip_compile else torch.compile(_eager_kd)
+    for b, c in KD_SHAPES[:1] if args.smoke else KD_SHAPES:
+        s = torch.randn(b, c, device=device, requires_grad=True)
+        t = torch.randn(b, c, device=device)
+        impls = {"fastabsld": lambda: kd_kl_div(s, t, reduction="batchmean"), "eager": lambda: _eager_kd(s, t)}
+        if compiled_kd is not None:
+            impls["compile"] = lambda: compiled_kd(s, t)
+        nbytes = kd_bytes(b, c)
+        for impl, fn in impls.items():
+            seconds = cuda_time(lambda: torch.autograd.grad(fn(), s), args.iters)
+            rows.append(_row(f"kd fwd+bwd ({b}, {c})", impl, seconds, nbytes, peak))
+    steps = {"linf": (_eager_linf, 2 / 255, 8 / 255), "l2": (_eager_l2, 0.1, 0.5)}
+    for shape in PGD_SHAPES[:1] if args.smoke else PGD_SHAPES:
+        x = torch.rand(shape, device=device)
+        x_adv = (x + 0.01 * torch.randn_like(x)).clamp(0, 1)
+        grad = torch.randn_like(x)
+        for norm, (eager, alpha, eps) in steps.items():
+            impls = {"fastabsld": lambda: pgd_step(x_adv, x, grad, alpha=alpha, eps=eps, norm=norm),
+                     "eager": lambda: eager(x_adv, x, grad, alpha, eps)}
+            if not args.skip_compile:
+                compiled = torch.compile(eager, dynamic=False)
+                impls["compile"] = lambda: compiled(x_adv, x, grad, alpha, eps)
+            for impl, fn in impls.items():
+                rows.append(_row(f"pgd {norm} {tuple(shape)}", impl, cuda_time(fn, args.iters),
+                                 pgd_bytes(shape, norm), peak))
+    return rows
+
+
+def _row(case, impl, seconds, nbytes, peak):
+    achieved = gbs(nbytes, seconds) if nbytes else None
+    return {"case": case, "impl": impl, "us": seconds * 1e6, "GB/s": achieved,
+            "peak%": None if achieved is None or not peak else 100 * achieved / peak}
+
+
+def train_rows(args):
+    """Times one CIFAR-10 training step (synthetic data): the released loop and fastabsld's options."""
+    from benchmarks.released_loop import released_step
+    from fastabsld import fast_step
+    from fastabsld.models import build_model
+    from fastabsld.train import TrainConfig, build_loss, train_epoch
+
+    student_name, teacher_name = args.models
+    device = args.device
+    x = torch.rand(args.train_batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.train_batch,), device=device)
+    variants = {"released": None, "fastabsld": {}, "fastabsld amp+channels-last": {"amp": True, "channels_last": True}}
+    if not args.skip_compile:
+        variants["fastabsld amp+channels-last+compile"] = {"amp": True, "channels_last": True, "compile": True}
+    teacher = build_model(teacher_name, 10, 3).to(device).eval().requires_grad_(False)
+    rows = []
+    for name, options in variants.items():
+        torch.manual_seed(0)
+        student = build_model(student_name, 10, 3).to(device)
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
+        gen = torch.Generator(device=device).manual_seed(1)
+        if options is None:
+            state = {k: torch.ones(10, device=device) for k in ("tau_adv", "tau_nat")}
+            state.update({k: torch.zeros(10, device=device) for k in ("risk_adv", "risk_nat")})
+
+            def run():
+                released_step(student, teacher, optimizer, x, y, state, eps=8 / 255, alpha=2 / 255, generator=gen)
+        else:
+            cfg = TrainConfig(dataset="cifar10", progress=False, device=device, **options)
+            model_t = teacher.to(memory_format=torch.channels_last) if cfg.channels_last else teacher
+            if cfg.channels_last:
+                student = student.to(memory_format=torch.channels_last)
+            step_student, view, model_t = fast_step.step_models(student, cfg, teacher=model_t)
+            loss_fn = build_loss(cfg, 10).to(device)
+
+            def run():
+                train_epoch(step_student, loss_fn, optimizer, [(x, y)], cfg, gen, teacher=model_t, device=device,
+                            attack_model=view)
+        seconds = cuda_time(run, max(3, args.iters // 10), warmup=1 if args.smoke else 3)
+        rows.append({"case": f"train step {student_name}/{teacher_name} B={args.train_batch}", "impl": name,
+                     "us": seconds * 1e6, "GB/s": None, "peak%": None})
+    base = rows[0]["us"]
+    for row in rows:
+        row["speed-up"] = base / row["us"]
+    return rows
+
+
+def format_rows(rows):
+    """A text table of the report's rows.
+
+    Args:
+        rows: list of dicts with ``case``, ``impl``, ``us``, ``GB/s``, ``peak%`` (and ``speed-up``).
+
+    Returns:
+        str: the table.
+    """
+    lines = [f"{'case':<44}{'impl':<36}{'time':>12}{'GB/s':>10}{'peak':>8}{'x':>7}"]
+    for r in rows:
+        bw = f"{r['GB/s']:>10.1f}" if r.get("GB/s") is not None else f"{'-':>10}"
+        pk = f"{r['peak%']:>7.1f}%" if r.get("peak%") is not None else f"{'-':>8}"
+        up = f"{r['speed-up']:>7.2f}" if r.get("speed-up") is not None else f"{'':>7}"
+        lines.append(f"{r['case']:<44}{r['impl']:<36}{r['us']:>10.1f}us{bw}{pk}{up}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """Runs the report; exits with status 2 and a message when there is no CUDA device."""
+    args = parse_args(argv)
+    if args.smoke:
+        args.iters, args.skip_compile, args.train_batch, args.models, args.device = 1, True, 4, ("cnn-s", "cnn-l"), "cpu"
+        print("smoke run on the CPU: the figures below check the script, they measure nothing")
+        print(format_rows((op_rows(args, None) if not args.skip_ops else []) + ([] if args.skip_train else train_rows(args))))
+        return None
+    args.device = "cuda"
+    if not torch.cuda.is_available():
+        print("gpu_report: no CUDA device here; run it on a machine with an NVIDIA GPU "
+              "(the CPU benchmarks are `pytest benchmarks --benchmark-only`).", file=sys.stderr)
+        raise SystemExit(2)
+    props = torch.cuda.get_device_properties(0)
+    peak = args.peak_gbs or peak_gbs(props.name, getattr(props, "memory_clock_rate", None),
+                                     getattr(props, "memory_bus_width", None))
+    print(f"device: {props.name}, peak DRAM bandwidth {peak or 'unknown'} GB/s, torch {torch.__version__}")
+    rows = [] if args.skip_ops else op_rows(args, peak)
+    if not args.skip_train:
+        rows += train_rows(args)
+    print(format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": props.name, "peak_gbs": peak, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

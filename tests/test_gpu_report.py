@@ -1,0 +1,46 @@
+"""The CPU-testable parts of benchmarks/gpu_report.py: byte counts, bandwidth, peak lookup, arguments."""
+
+import pytest
+import torch
+
+from benchmarks import gpu_report
+
+
+def test_bytes_per_op():
+    # KD fwd reads student + teacher and writes the student gradient; bwd reads and writes it once more.
+    assert gpu_report.kd_bytes(128, 10, backward=False) == 128 * 10 * 12
+    assert gpu_report.kd_bytes(128, 10) == 128 * 10 * 20
+    assert gpu_report.kd_bytes(4, 5, student_bytes=2, teacher_bytes=2, backward=False) == 4 * 5 * 6
+    assert gpu_report.pgd_bytes((2, 3, 4, 4)) == 96 * 4 * 4
+    assert gpu_report.pgd_bytes((2, 3, 4, 4), "l2", element_bytes=2) == 96 * 2 * 7
+    with pytest.raises(ValueError, match="norm"):
+        gpu_report.pgd_bytes((2, 3), "l1")
+    assert gpu_report.gbs(3e9, 1.5) == pytest.approx(2.0)
+
+
+def test_peak_bandwidth():
+    # H100 SXM: HBM3 at 2619 MHz on a 5120-bit bus -> ~3352 GB/s.
+    assert gpu_report.peak_gbs("NVIDIA H100 80GB HBM3", 2_619_000, 5120) == pytest.approx(3352.3, abs=0.1)
+    assert gpu_report.peak_gbs("NVIDIA H200") == 4800.0
+    assert gpu_report.peak_gbs("NVIDIA A100-SXM4-80GB") == 2039.0
+    assert gpu_report.peak_gbs("Some GPU") is None
+
+
+def test_arguments_and_cpu_exit(capsys):
+    args = gpu_report.parse_args(["--iters", "7", "--skip-train", "--json", "r.json"])
+    assert (args.iters, args.skip_train, args.skip_ops, args.json) == (7, True, False, "r.json")
+    assert tuple(gpu_report.parse_args([]).models) == ("resnet18", "wrn-34-10")
+    with pytest.raises(SystemExit):
+        gpu_report.parse_args(["--iters", "0"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exc:
+            gpu_report.main(["--skip-train"])
+        assert exc.value.code == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_format_rows():
+    rows = [{"case": "pgd linf", "impl": "fastabsld", "us": 12.5, "GB/s": 800.0, "peak%": 23.9},
+            {"case": "train", "impl": "released", "us": 1000.0, "GB/s": None, "peak%": None, "speed-up": 1.0}]
+    text = gpu_report.format_rows(rows)
+    assert "12.5us" in text and "800.0" in text and "23.9%" in text and "1.00" in text
