@@ -5,7 +5,8 @@ Not collected by pytest (a helper and a script). Run it on an otherwise idle mac
     python -m benchmarks.step_breakdown [--batch 128] [--steps 10] [--reps 20] [--threads 1] [--channels-last]
         [--no-fold-bn]
 
-Phases (wall-clock per step, the median over ``--reps`` steps, after two warm-up steps):
+Phases (wall-clock per step, the minimum over ``--reps`` steps after two warm-up steps: the least disturbed
+by other work on a shared machine):
 ``teacher`` (teacher forward), ``labels`` (tempered soft labels; the released per-sample
 temperature loop), ``attack`` (the 10-step inner PGD), ``student`` (forwards on the adversarial and
 natural batches), ``loss``, ``backward``, ``optimiser`` (zero_grad + SGD step) and ``risk`` (the
@@ -14,7 +15,6 @@ released per-sample risk loop; fastabsld accumulates the risk inside ``loss``).
 
 import argparse
 import contextlib
-import statistics
 import time
 
 import torch
@@ -114,7 +114,7 @@ def breakdown(*, batch=128, steps=10, reps=20, channels_last=False, fold_bn=True
         device: where to run.
 
     Returns:
-        dict: ``{"fastabsld": {phase: median seconds}, "released": {...}}``.
+        dict: ``{"fastabsld": {phase: minimum seconds}, "released": {...}}``.
     """
     gen = torch.Generator().manual_seed(0)
     x = torch.rand((batch,) + tuple(image), generator=gen).to(device)
@@ -150,7 +150,7 @@ def breakdown(*, batch=128, steps=10, reps=20, channels_last=False, fold_bn=True
     for _ in range(reps):
         for fn, args, timer in runs.values():
             fn(timer, *args)
-    return {name: {phase: statistics.median(v) for phase, v in timer.seconds.items()}
+    return {name: {phase: min(v) for phase, v in timer.seconds.items()}
             for name, (_, _, timer) in runs.items()}
 
 
