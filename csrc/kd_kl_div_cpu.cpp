@@ -1,4 +1,4 @@
-// CPU kernel of fastabsld::kd_kl_div_forward (contract: notes in fastabsld/kd_kl_div_op.py):
+// CPU kernel of fastabsld::kd_kl_div_forward (contract: fastabsld/kd_kl_div_op.py docstring):
 // one pass per row computes the KL(p || q) row loss and the gradient(s); rows run in parallel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -72,8 +72,8 @@ void kd_rows(const KdArgs& a, at::Tensor& loss, at::Tensor& grad_s, at::Tensor& 
   const int64_t grain = std::max<int64_t>(1, 16384 / n);
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
     // Per chunk: the rows in the accumulation type when they cannot be read in place, the
-    // gradients before their cast, and the kernel's own 3 * C scratch.
-    std::vector<acc_t> buffer(7 * n);
+    // gradients before their cast, and the row kernel's scratch.
+    std::vector<acc_t> buffer(4 * n + kd_scratch_size(n));
     acc_t* t_buf = buffer.data();
     acc_t* s_buf = t_buf + n;
     acc_t* gs_buf = s_buf + n;
