@@ -82,5 +82,6 @@ def test_kd_kl_div_forward_backward(benchmark, shape, impl):
         student.grad = None
         released_absld(*args).backward()
         torch.testing.assert_close(grad, student.grad, rtol=1e-4, atol=1e-9)
-        assert benchmark.extra_info["saved_bytes"] <= benchmark.extra_info["gradient_buffer_bytes"]
+        # One (B, C) gradient buffer, plus 0-d scalars (the counted rows).
+        assert benchmark.extra_info["saved_bytes"] <= benchmark.extra_info["gradient_buffer_bytes"] + 64
     benchmark(step)

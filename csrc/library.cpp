@@ -24,4 +24,11 @@ TORCH_LIBRARY(fastabsld, m) {
       "float teacher_temperature_scalar, float student_temperature_scalar, int ignore_index, "
       "bool student_grad, bool teacher_grad) -> (Tensor row_loss, Tensor grad_student, "
       "Tensor grad_teacher)");
+  // The reduced fused KD loss ("none", "sum", "batchmean", "mean") with its autograd in C++:
+  // kd_kl_div_forward plus the reduction, for eager callers (torch.compile traces the above).
+  m.def(
+      "kd_kl_div_loss(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
+      "Tensor? teacher_temperature, Tensor? student_temperature, "
+      "float teacher_temperature_scalar, float student_temperature_scalar, int ignore_index, "
+      "str reduction) -> Tensor");
 }

@@ -128,6 +128,14 @@ def _kd_kl_div_forward_fake(student_logits, teacher_logits, labels, teacher_temp
     return rows, grad_s, grad_t
 
 
+if HAS_EXTENSION:
+    @torch.library.register_fake("fastabsld::kd_kl_div_loss")
+    def _kd_kl_div_loss_fake(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
+                             teacher_temperature_scalar, student_temperature_scalar, ignore_index, reduction):
+        shape = (student_logits.shape[0],) if reduction == "none" else ()
+        return student_logits.new_empty(shape, dtype=accumulation_dtype(student_logits, teacher_logits))
+
+
 def scale_rows(grad, grad_rows):
     """``grad`` (B, C) scaled per row by ``grad_rows`` ((B,), any strides), in ``grad``'s dtype."""
     return grad * grad_rows.unsqueeze(1).to(grad.dtype)

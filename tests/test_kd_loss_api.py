@@ -7,6 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fastabsld import HAS_EXTENSION
 from fastabsld import loss as kd_loss
 from fastabsld import reference
 from fastabsld.loss import KDLoss, kd_kl_div
@@ -15,9 +16,9 @@ from fastabsld.reference import REDUCTIONS
 
 @pytest.fixture(params=["eager", "op"])
 def path(request, monkeypatch):
-    """Runs a test through the eager bypass and through the custom op with its autograd."""
+    """Runs a test through the eager C++ loss op and through the compile-visible custom op."""
     if request.param == "op":
-        monkeypatch.setattr(kd_loss, "_plain_tensors", lambda *tensors: False)
+        monkeypatch.setattr(kd_loss, "_eager_fast_path", lambda *tensors: False)
     return request.param
 
 
@@ -91,14 +92,19 @@ def test_half_precision_gradients_in_logits_dtype(path, dtype):
     assert loss.dtype == torch.float32 and grad_s.dtype == dtype and grad_t.dtype == dtype
 
 
-def test_student_only_gradient_and_no_grad_mode(path):
+def test_student_only_gradient_and_no_grad_modes(path):
     s, t, labels = make(8, 5)
     s.requires_grad_(True)
     kd_kl_div(s, t, labels=labels, teacher_temperature=temperature_of("per_class", 8, 5)).backward()
     assert s.grad is not None and t.grad is None
+    want = reference.kd_kl_div(s.detach(), t, reduction="sum")
     with torch.no_grad():
         value = kd_kl_div(s, t, reduction="sum")
-    torch.testing.assert_close(value, reference.kd_kl_div(s.detach(), t, reduction="sum"))
+    assert value.grad_fn is None
+    torch.testing.assert_close(value, want)
+    with torch.inference_mode():
+        value = kd_kl_div(s.detach().clone(), t.clone(), reduction="sum")
+    torch.testing.assert_close(value, want)
 
 
 def test_non_contiguous_and_inputs_untouched(path):
@@ -117,7 +123,7 @@ def test_all_rows_ignored_matches_reference():
         torch.testing.assert_close(got, reference.kd_kl_div(s, t, labels, reduction=reduction), equal_nan=True)
 
 
-def test_fp64_gradcheck():
+def test_fp64_gradcheck(path):
     s, t, labels = make(4, 5, torch.float64, seed=8)
     labels[1] = -100
     tau = temperature_of("per_class", 4, 5).double()
@@ -138,9 +144,14 @@ def test_opcheck():
     ]
     for args in samples:
         torch.library.opcheck(torch.ops.fastabsld.kd_kl_div_forward.default, args)
+    if HAS_EXTENSION:  # the eager loss op (C++ autograd)
+        for reduction in ("none", "mean"):
+            torch.library.opcheck(torch.ops.fastabsld.kd_kl_div_loss.default,
+                                  (s, t, labels, tau, None, 1.0, 1.0, -100, reduction))
 
 
-def test_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_forward_and_backward(backend):
     torch._dynamo.reset()
     s, t, labels = make(8, 10, seed=10)
     tau = temperature_of("per_class", 8, 10)
@@ -149,7 +160,7 @@ def test_compile_fullgraph_forward_and_backward():
     def step(student, teacher, y):
         return module(student * 2.0, teacher, labels=y)
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
     got = loss_and_grads(lambda a, b: compiled(a, b, labels), s, t, lambda out: torch.ones_like(out))
     want = loss_and_grads(lambda a, b: reference.kd_kl_div(a * 2.0, b, labels, tau, reduction="mean"), s, t,
                           lambda out: torch.ones_like(out))
