@@ -1,7 +1,7 @@
 // Row math of the fused KD loss (fastabsld::kd_kl_div_forward), for contiguous rows in the
 // accumulation type. Passes: (1) max of both rows; (2) exponentials, normalisers and the loss;
-// (3) the gradients. fp32 runs on 8-lane GCC vectors (one register with AVX2/AVX-512, two with
-// SSE), the row's tail padded with -inf; fp64 (for gradcheck) runs one lane at a time.
+// (3) the gradients. fp32 runs on 16-lane GCC vectors (one AVX-512 register, two AVX2 ones,
+// four SSE ones), the row's tail padded with -inf; fp64 (for gradcheck) runs one lane at a time.
 #pragma once
 
 #include <bit>
@@ -16,8 +16,10 @@
 
 namespace fastabsld {
 
-using KdFloat8 = float __attribute__((vector_size(32)));
-using KdInt8 = int32_t __attribute__((vector_size(32)));
+using KdFloatV = float __attribute__((vector_size(64)));
+using KdIntV = int32_t __attribute__((vector_size(64)));
+using KdFloatHalfV = float __attribute__((vector_size(32)));  // for short rows (less padding)
+using KdIntHalfV = int32_t __attribute__((vector_size(32)));
 
 template <typename V>
 constexpr int kd_lanes() {
@@ -55,13 +57,14 @@ KD_INLINE inline V kd_exp(V x) {
   if constexpr (std::is_scalar_v<V>) {
     scale = std::bit_cast<float>((static_cast<int32_t>(k) + 127) << 23);
   } else {
-    scale = std::bit_cast<V>((__builtin_convertvector(k, KdInt8) + 127) << 23);
+    using I = std::conditional_t<sizeof(V) == sizeof(KdFloatV), KdIntV, KdIntHalfV>;
+    scale = std::bit_cast<V>((__builtin_convertvector(k, I) + 127) << 23);
   }
   return x < lo ? kd_splat<V>(0) : p * scale;
 }
 
-// Loads `count` <= W values, the missing lanes set to `fill` (a partial block goes through a
-// small array: no library memcpy call with a variable size).
+// Loads `count` <= W values, the missing lanes set to `fill`. A partial block goes through a
+// small array, lane by lane (unrolled, so that no library memcpy call replaces the loop).
 template <typename V, typename acc_t>
 KD_INLINE inline V kd_load(const acc_t* src, int count, acc_t fill) {
   constexpr int W = kd_lanes<V>();
@@ -84,7 +87,9 @@ KD_INLINE inline void kd_store(acc_t* dst, V v, int count) {
   } else {
     acc_t lanes[W];
     std::memcpy(lanes, &v, sizeof(V));
-    for (int i = 0; i < count; ++i) dst[i] = lanes[i];
+    for (int i = 0; i < W; ++i) {
+      if (i < count) dst[i] = lanes[i];
+    }
   }
 }
 
@@ -123,7 +128,7 @@ struct KdRow {
   acc_t* scratch;
 };
 
-inline int64_t kd_scratch_size(int64_t cols) { return 3 * (cols + 8); }
+inline int64_t kd_scratch_size(int64_t cols) { return 3 * (cols + 16); }
 
 // Calls body(c, width) over the row in blocks of W; the last block may be partial.
 template <int W, typename F>
@@ -165,19 +170,19 @@ KD_INLINE inline acc_t kd_row_impl(const KdRow<acc_t>& r) {
     vzs += qb;
     vw += pa > zero ? pa * (a - b) : zero;  // 0 log 0 = 0
   });
-  const acc_t zt = kd_sum<V, acc_t>(vzt), zs = kd_sum<V, acc_t>(vzs);
-  const acc_t log_zt = std::log(zt), log_zs = std::log(zs);
-  const acc_t loss = kd_sum<V, acc_t>(vw) / zt - log_zt + log_zs;
+  const acc_t inv_zt = acc_t(1) / kd_sum<V, acc_t>(vzt), inv_zs = acc_t(1) / kd_sum<V, acc_t>(vzs);
+  const acc_t log_ratio = std::log(inv_zt / inv_zs);  // log zs - log zt
+  const acc_t loss = kd_sum<V, acc_t>(vw) * inv_zt + log_ratio;
   if (r.grad_s != nullptr) {
-    const acc_t cq = r.inv_tau_s / zs, cp = r.inv_tau_s / zt;
+    const acc_t cq = r.inv_tau_s * inv_zs, cp = r.inv_tau_s * inv_zt;
     kd_blocks<W>(n, [&](int64_t c, int width) KD_INLINE {
       const V g = kd_load<V>(eb + c, W, acc_t(0)) * cq - kd_load<V>(ea + c, W, acc_t(0)) * cp;
       kd_store<V>(r.grad_s + c, g, width);
     });
   }
   if constexpr (kTeacherGrad) {
-    const acc_t offset = log_zs - log_zt - loss;
-    const acc_t cp = r.inv_tau_t / zt;
+    const acc_t offset = log_ratio - loss;
+    const acc_t cp = r.inv_tau_t * inv_zt;
     kd_blocks<W>(n, [&](int64_t c, int width) KD_INLINE {
       const V p = kd_load<V>(ea + c, W, acc_t(0));
       const V g = p > zero ? p * cp * (kd_load<V>(diff + c, W, acc_t(0)) + offset) : zero;
@@ -188,10 +193,18 @@ KD_INLINE inline acc_t kd_row_impl(const KdRow<acc_t>& r) {
 }
 
 // The row loss KL(p || q); fills grad_s / grad_t when they are not nullptr.
+template <typename V, typename acc_t>
+KD_INLINE inline acc_t kd_row_lanes(const KdRow<acc_t>& r) {
+  return r.grad_t != nullptr ? kd_row_impl<V, acc_t, true>(r) : kd_row_impl<V, acc_t, false>(r);
+}
+
 template <typename acc_t>
 KD_INLINE inline acc_t kd_row(const KdRow<acc_t>& r) {
-  using V = std::conditional_t<std::is_same_v<acc_t, float>, KdFloat8, double>;
-  return r.grad_t != nullptr ? kd_row_impl<V, acc_t, true>(r) : kd_row_impl<V, acc_t, false>(r);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return r.cols < 32 ? kd_row_lanes<KdFloatHalfV>(r) : kd_row_lanes<KdFloatV>(r);
+  } else {
+    return kd_row_lanes<double>(r);
+  }
 }
 
 }  // namespace fastabsld
