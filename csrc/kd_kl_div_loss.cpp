@@ -6,8 +6,11 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <ATen/Dispatch.h>
+
 #include <string>
 #include <tuple>
+#include <utility>
 
 namespace fastabsld {
 namespace {
@@ -38,8 +41,34 @@ at::Tensor row_denominator(Reduction reduction, const std::optional<at::Tensor>&
   return per_row == 1 ? count : count * per_row;
 }
 
+// The same on the CPU as plain loops over the B row losses and labels (no dispatches): returns
+// the reduced loss and 1 / denominator.
+std::pair<at::Tensor, double> cpu_reduce(Reduction reduction, const std::optional<at::Tensor>& labels,
+                                         int64_t ignore_index, const at::Tensor& rows, int64_t cols) {
+  const int64_t batch = rows.size(0);
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "kd_kl_div_loss", [&] {
+    const scalar_t* r = rows.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < batch; ++i) total += r[i];
+  });
+  double denominator = 1;
+  if (reduction != Reduction::kSum) {
+    int64_t counted = batch;
+    if (labels.has_value()) {
+      const at::Tensor y = labels->contiguous();
+      const int64_t* l = y.const_data_ptr<int64_t>();
+      counted = 0;
+      for (int64_t i = 0; i < batch; ++i) counted += l[i] != ignore_index;
+    }
+    denominator = static_cast<double>(counted) * (reduction == Reduction::kMean ? cols : 1);
+  }
+  return {at::scalar_tensor(total / denominator, rows.options()), 1.0 / denominator};
+}
+
 struct KdLoss {
-  at::Tensor loss, grad_s, grad_t, denominator;
+  at::Tensor loss, grad_s, grad_t;
+  at::Tensor denominator;  // a 0-d tensor (off the CPU), or undefined: then `scale` applies
+  double scale = 1.0;
 };
 
 KdLoss kd_loss(const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& labels,
@@ -57,10 +86,12 @@ KdLoss kd_loss(const at::Tensor& s, const at::Tensor& t, const std::optional<at:
   KdLoss out;
   out.grad_s = grad_s;
   out.grad_t = grad_t;
-  out.denominator = row_denominator(reduction, labels, ignore_index, rows, s.size(1));
   if (reduction == Reduction::kNone) {
     out.loss = rows;
+  } else if (rows.device().is_cpu()) {
+    std::tie(out.loss, out.scale) = cpu_reduce(reduction, labels, ignore_index, rows, s.size(1));
   } else {
+    out.denominator = row_denominator(reduction, labels, ignore_index, rows, s.size(1));
     out.loss = rows.sum();
     if (out.denominator.defined()) out.loss = out.loss.div(out.denominator);
   }
@@ -79,6 +110,7 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
                          student_grad, teacher_grad);
     ctx->save_for_backward({out.grad_s, out.grad_t, out.denominator});
     ctx->saved_data["flags"] = static_cast<int64_t>(kind) * 4 + student_grad * 2 + teacher_grad;
+    ctx->saved_data["scale"] = out.scale;
     return out.loss;
   }
 
@@ -88,10 +120,12 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
     const auto kind = static_cast<Reduction>(flags / 4);
     const bool student_grad = (flags & 2) != 0, teacher_grad = (flags & 1) != 0;
     const at::Tensor& grad = grad_outputs[0];
+    const double factor = ctx->saved_data["scale"].toDouble();
     auto scale = [&](const at::Tensor& g) {
       if (kind == Reduction::kNone) return g * grad.unsqueeze(1).to(g.scalar_type());
       const at::Tensor& denominator = saved[2];
-      return g * (denominator.defined() ? grad / denominator : grad);
+      if (denominator.defined()) return g * (grad / denominator);
+      return factor == 1.0 ? g * grad : g * (grad * factor);
     };
     variable_list out(9);
     if (student_grad) out[0] = scale(saved[0]);
