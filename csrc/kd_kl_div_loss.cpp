@@ -65,6 +65,15 @@ std::pair<at::Tensor, double> cpu_reduce(Reduction reduction, const std::optiona
   return {at::scalar_tensor(total / denominator, rows.options()), 1.0 / denominator};
 }
 
+// A plain dense CPU tensor whose data can be read here (not fake, functional or batched).
+bool is_plain_cpu(const at::Tensor& tensor) {
+  static const c10::DispatchKeySet wrappers({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                             c10::DispatchKey::FuncTorchBatched,
+                                             c10::DispatchKey::FuncTorchGradWrapper});
+  return tensor.device().is_cpu() && tensor.layout() == at::kStrided && tensor.has_storage() &&
+         !tensor.key_set().has_any(wrappers);
+}
+
 struct KdLoss {
   at::Tensor loss, grad_s, grad_t;
   at::Tensor denominator;  // a 0-d tensor (off the CPU), or undefined: then `scale` applies
@@ -88,7 +97,7 @@ KdLoss kd_loss(const at::Tensor& s, const at::Tensor& t, const std::optional<at:
   out.grad_t = grad_t;
   if (reduction == Reduction::kNone) {
     out.loss = rows;
-  } else if (rows.device().is_cpu()) {
+  } else if (is_plain_cpu(rows) && (!labels.has_value() || is_plain_cpu(*labels))) {
     std::tie(out.loss, out.scale) = cpu_reduce(reduction, labels, ignore_index, rows, s.size(1));
   } else {
     out.denominator = row_denominator(reduction, labels, ignore_index, rows, s.size(1));
