@@ -68,8 +68,8 @@ def _check_temperature(value, name, labels, batch, num_classes, device, dtype):
                              f"got shape {tuple(value.shape)}")
         if value.device != device:
             raise ValueError(f"{name} ({value.device}) must be on the logits' device ({device})")
-        return value.to(dtype), 1.0
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return (value if value.dtype == dtype else value.to(dtype)), 1.0
+    if type(value) not in (float, int) and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise ValueError(f"{name} must be a number or a tensor, got {type(value).__name__}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be positive and finite, got {value!r}")
@@ -135,7 +135,8 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
     _check_logits(student_logits, teacher_logits)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+    if type(ignore_index) is not int and (isinstance(ignore_index, bool)
+                                          or not isinstance(ignore_index, numbers.Integral)):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     batch, num_classes = student_logits.shape
     device = student_logits.device
