@@ -143,22 +143,6 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
   }
 };
 
-at::Tensor kd_kl_div_loss_autograd(const at::Tensor& s, const at::Tensor& t,
-                                   const std::optional<at::Tensor>& labels,
-                                   const std::optional<at::Tensor>& tau_t,
-                                   const std::optional<at::Tensor>& tau_s, double tau_t_scalar,
-                                   double tau_s_scalar, int64_t ignore_index,
-                                   c10::string_view reduction) {
-  if (!at::GradMode::is_enabled() || !(s.requires_grad() || t.requires_grad())) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return kd_loss(s, t, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
-                   parse_reduction(reduction), false, false)
-        .loss;
-  }
-  return KdLossFunction::apply(s, t, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
-                               reduction);
-}
-
 at::Tensor kd_kl_div_loss_no_grad(const at::Tensor& s, const at::Tensor& t,
                                   const std::optional<at::Tensor>& labels,
                                   const std::optional<at::Tensor>& tau_t,
@@ -168,6 +152,21 @@ at::Tensor kd_kl_div_loss_no_grad(const at::Tensor& s, const at::Tensor& t,
   return kd_loss(s, t, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
                  parse_reduction(reduction), false, false)
       .loss;
+}
+
+at::Tensor kd_kl_div_loss_autograd(const at::Tensor& s, const at::Tensor& t,
+                                   const std::optional<at::Tensor>& labels,
+                                   const std::optional<at::Tensor>& tau_t,
+                                   const std::optional<at::Tensor>& tau_s, double tau_t_scalar,
+                                   double tau_s_scalar, int64_t ignore_index,
+                                   c10::string_view reduction) {
+  if (!at::GradMode::is_enabled() || !(s.requires_grad() || t.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return kd_kl_div_loss_no_grad(s, t, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar,
+                                  ignore_index, reduction);
+  }
+  return KdLossFunction::apply(s, t, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
+                               reduction);
 }
 
 }  // namespace

@@ -16,6 +16,9 @@ Backends: the C++ kernel (``csrc/kd_kl_div_cpu.cpp``) on CPU tensors; the Triton
 (``fastabsld.kernels.kd_kl_div``) on CUDA tensors when it can be imported; the reference
 (``fastabsld.reference.kd_kl_div``) otherwise. The op's autograd only scales the stored
 gradients by the incoming gradient of ``row_loss``.
+
+With the extension, ``torch.ops.fastabsld.kd_kl_div_loss`` (``csrc/kd_kl_div_loss.cpp``) is the
+same op plus the reduction, with its autograd in C++: the eager path of ``fastabsld.loss``.
 """
 
 import functools
@@ -64,28 +67,44 @@ def _check_fallback_inputs(labels, temperatures, num_classes, ignore_index):
 def reference_forward(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
                       teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad,
                       teacher_grad):
-    """The op computed by ``fastabsld.reference.kd_kl_div`` and autograd (the fallback backend).
+    """The op from ``fastabsld.reference`` (the fallback backend).
+
+    The row losses are ``reference.kd_kl_div``'s; the gradients follow the contract's formulas
+    on the reference's probabilities (autograd is not available here: an op's kernel runs below
+    the autograd dispatch).
 
     Args and Returns: as ``torch.ops.fastabsld.kd_kl_div_forward`` (module docstring).
     """
+    batch, num_classes = student_logits.shape
     _check_fallback_inputs(labels, [("teacher_temperature", teacher_temperature),
-                                    ("student_temperature", student_temperature)],
-                           student_logits.shape[1], ignore_index)
+                                    ("student_temperature", student_temperature)], num_classes, ignore_index)
     for name, value in (("teacher_temperature", teacher_temperature_scalar),
                         ("student_temperature", student_temperature_scalar)):
         if not (0 < value < float("inf")):
             raise RuntimeError(f"kd_kl_div_forward: {name} must be positive and finite, got {value}")
-    with torch.enable_grad():
-        s = student_logits.detach().requires_grad_(student_grad)
-        t = teacher_logits.detach().requires_grad_(teacher_grad)
-        tau_t = teacher_temperature_scalar if teacher_temperature is None else teacher_temperature
-        tau_s = student_temperature_scalar if student_temperature is None else student_temperature
-        rows = reference.kd_kl_div(s, t, labels, tau_t, tau_s, "none", ignore_index)
-        wanted = [x for x, flag in ((s, student_grad), (t, teacher_grad)) if flag]
-        grads = list(torch.autograd.grad(rows.sum(), wanted)) if wanted else []
-    rows = rows.detach().to(accumulation_dtype(student_logits, teacher_logits))
-    grad_s = grads.pop(0).to(student_logits.dtype) if student_grad else student_logits.new_empty((0,))
-    grad_t = grads.pop(0).to(teacher_logits.dtype) if teacher_grad else teacher_logits.new_empty((0,))
+    compute = accumulation_dtype(student_logits, teacher_logits)
+    tau_t = teacher_temperature_scalar if teacher_temperature is None else teacher_temperature
+    tau_s = student_temperature_scalar if student_temperature is None else student_temperature
+    rows = reference.kd_kl_div(student_logits, teacher_logits, labels, tau_t, tau_s, "none", ignore_index)
+    rows = rows.to(compute)
+    grad_s = student_logits.new_empty((0,))
+    grad_t = teacher_logits.new_empty((0,))
+    if student_grad or teacher_grad:
+        def per_row(tau):
+            tau = reference.row_temperature(tau, labels, batch, num_classes).to(student_logits.device, compute)
+            return tau.reshape(-1, 1) if tau.dim() else tau
+
+        tau_t, tau_s = per_row(tau_t), per_row(tau_s)
+        log_p = torch.log_softmax(teacher_logits.to(compute) / tau_t, dim=1)
+        log_q = torch.log_softmax(student_logits.to(compute) / tau_s, dim=1)
+        p = log_p.exp()
+        kept = torch.ones_like(rows) if labels is None else (labels != ignore_index).to(compute)
+        kept = kept.unsqueeze(1)
+        if student_grad:
+            grad_s = ((log_q.exp() - p) / tau_s * kept).to(student_logits.dtype)
+        if teacher_grad:
+            diff = torch.where(p > 0, log_p - log_q, torch.zeros((), dtype=compute, device=p.device))
+            grad_t = (p * (diff - rows.unsqueeze(1)) / tau_t * kept).to(teacher_logits.dtype)
     return rows, grad_s.contiguous(), grad_t.contiguous()
 
 

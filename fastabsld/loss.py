@@ -2,11 +2,12 @@
 
 Two paths give the same numbers. Under ``torch.compile`` (and without the extension) the loss
 is that custom op, with its autograd registered in Python, plus a traced reduction. In eager
-mode it is one call of ``torch.ops.fastabsld.kd_kl_div_loss``, the same kernel with the
-reduction and the autograd in C++: at small shapes the cost is dispatch, and this path has the
-fewest dispatches (measured at (B, C) = (128, 10), forward + backward: ~38 us against ~46 us for
-a Python ``torch.autograd.Function`` calling the kernel and ~100 us through the custom op's
-Python autograd).
+mode it is one call of ``torch.ops.fastabsld.kd_kl_div_loss``: the same kernel with the
+reduction and the autograd in C++. At small shapes the cost is dispatch, and this path has the
+fewest dispatches. Measured at (B, C) = (128, 10), forward + backward, CPU time on one thread:
+~37 us through it, ~45 us for a Python ``torch.autograd.Function`` calling the kernel below
+autograd, ~100 us through the custom op's Python autograd, ~92 us for the eager formulation of
+the released ABSLD code; ``x.sum().backward()`` alone costs ~15 us.
 """
 
 import math
