@@ -199,6 +199,12 @@ def test_bad_values_raise(backend, case):
 
 
 @pytest.mark.skipif(not HAS_EXTENSION, reason="fastabsld._C is not built")
+def test_python_schema_matches_the_compiled_one():
+    assert str(torch.ops.fastabsld.kd_kl_div_forward.default._schema) == "fastabsld::" + kd_kl_div_op.SCHEMA
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(kd_kl_div_op.OP, "CPU")
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="fastabsld._C is not built")
 @pytest.mark.parametrize("case", ["shape", "labels_dtype", "labels_shape", "tau_length", "int_logits"])
 def test_bad_arguments_raise_in_cpp(case):
     s, t = logits(4, 5)
