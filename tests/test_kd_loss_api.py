@@ -107,6 +107,17 @@ def test_student_only_gradient_and_no_grad_modes(path):
     torch.testing.assert_close(value, want)
 
 
+def test_teacher_only_gradient(path):
+    s, t, labels = make(8, 5, seed=2)
+    t.requires_grad_(True)
+    tau = temperature_of("per_class", 8, 5)
+    kd_kl_div(s, t, labels=labels, teacher_temperature=tau, reduction="sum").backward()
+    t_ref = t.detach().clone().requires_grad_(True)
+    reference.kd_kl_div(s, t_ref, labels, tau, reduction="sum").backward()
+    assert s.grad is None
+    torch.testing.assert_close(t.grad, t_ref.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_non_contiguous_and_inputs_untouched(path):
     s, t, labels = make(30, 24, seed=6)
     s, t = s.t().contiguous().t()[::2], t[:, ::2].repeat(1, 2)[::2]
@@ -230,10 +241,11 @@ def test_bad_arguments_raise_value_error(case, message):
         kd_kl_div(s, t, **kwargs)
 
 
+@pytest.mark.parametrize("batch", [4, 8000], ids=["serial", "parallel_rows"])  # grain: 16384 / C rows
 @pytest.mark.parametrize("bad", ["label", "temperature"])
-def test_bad_values_in_tensors_raise(bad):
-    s, t, _ = make(4, 5)
-    labels = torch.tensor([0, 1, 9, 3]) if bad == "label" else torch.tensor([0, 1, 2, 3])
+def test_bad_values_in_tensors_raise(bad, batch):
+    s, t, labels = make(batch, 5)
+    labels[batch // 2] = 9 if bad == "label" else 2
     tau = torch.tensor([1.0, 1.0, -2.0, 1.0, 1.0]) if bad == "temperature" else torch.ones(5)
     with pytest.raises(RuntimeError, match="labels|temperature"):
         kd_kl_div(s, t, labels=labels, teacher_temperature=tau)
