@@ -5,22 +5,30 @@ Per row i: p = softmax(t_i / tau_t), q = softmax(s_i / tau_s), row_loss = KL(p |
 Temperatures are one scalar, one per class (gathered by the row's label) or one per row.
 The semantics are fixed by the shared contract of ``torch.ops.fastabsld.kd_kl_div_forward``.
 
-Two kernels:
+One kernel, ``_kd_kl_div_kernel``, in two forms (the constexpr ONLINE):
 
-* ``_kd_tile_kernel`` (C <= ONLINE_THRESHOLD): a tile of BLOCK_M rows x next_pow2(C) columns
+* tile (C <= ONLINE_THRESHOLD): a tile of BLOCK_M rows x next_pow2(C) columns
   stays in registers; s and t are read once and each requested gradient written once.
-* ``_kd_online_kernel`` (larger C, LLM vocabularies): an online softmax over column blocks.
+* online (larger C, LLM vocabularies): an online softmax over column blocks.
   Pass 1 keeps the running max and sum-exp of both distributions and the running
   sum of exp(a - m_t) * (a - b) (a = t / tau_t, b = s / tau_s), rescaled when a max grows;
   pass 2 (only when a gradient is asked for) re-reads s and t and writes the gradients.
   Probabilities are never stored.
 
+Memory traffic per element (e_s, e_t: bytes of the student's and teacher's dtype): the tile
+form reads e_s + e_t and writes e_s (student gradient) and/or e_t (teacher gradient), the
+ideal (fp32: 12 B, bf16: 6 B with the student gradient); ignored rows read nothing. The
+online form reads e_s + e_t twice when a gradient is asked for (fp32: 20 B, bf16: 10 B; the
+second read comes from L2 while the rows in flight fit in it), once when not. Per row: the
+label, the temperatures and the loss (about 16 B).
+
 Math is fp32 whatever the input dtype; gradients are stored in their logits' dtype.
 The temperature modes, the labels' presence and the gradient flags are runtime arguments
 (uniform branches and per-row scalar work, nothing per element), excluded from Triton's
-value specialisation: the compiled variants are only kernel x (student, teacher) dtypes.
+value specialisation: the compiled variants are only form x (student, teacher) dtypes.
 """
 
+import contextlib
 import math
 
 import torch
@@ -106,48 +114,10 @@ def _load_scaled(ptr, rows64, stride_b, cols64, stride_c, mask, fill, inv_tau):
     return x.to(tl.float32) * inv_tau[:, None]
 
 
-@triton.jit(do_not_specialize=RUNTIME_FLAGS)
-def _kd_tile_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, loss_ptr, gs_ptr, gt_ptr,
-                    B, C, stride_sb, stride_sc, stride_tb, stride_tc, stride_l,
-                    tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels, ignore_index,
-                    student_grad, teacher_grad, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < B
-    keep, bad, inv_t, inv_s = _row_setup(labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar,
-                                         tau_t_mode, tau_s_mode, has_labels, ignore_index, rows, row_mask, C)
-    rows64 = rows.to(tl.int64)
-    cols64 = tl.arange(0, BLOCK_N).to(tl.int64)
-    col_mask = cols64 < C
-    load_mask = keep[:, None] & col_mask[None, :]
-    # Padding columns of kept rows read -inf (probability 0); skipped rows read 0 (finite).
-    fill = tl.where(keep, float("-inf"), 0.0)[:, None]
-    a = _load_scaled(t_ptr, rows64, stride_tb, cols64, stride_tc, load_mask, fill, inv_t)
-    b = _load_scaled(s_ptr, rows64, stride_sb, cols64, stride_sc, load_mask, fill, inv_s)
-    a_shift = a - tl.max(a, 1)[:, None]
-    b_shift = b - tl.max(b, 1)[:, None]
-    log_p = a_shift - tl.log(tl.sum(tl.exp(a_shift), 1))[:, None]
-    log_q = b_shift - tl.log(tl.sum(tl.exp(b_shift), 1))[:, None]
-    p = tl.exp(log_p)
-    support = p > 0
-    loss = tl.sum(p * (tl.where(support, log_p, 0.0) - tl.where(support, log_q, 0.0)), 1)
-    tl.store(loss_ptr + rows64, _finish_rows(loss, keep, bad), mask=row_mask)
-    offsets = rows64[:, None] * C + cols64[None, :]
-    store_mask = row_mask[:, None] & col_mask[None, :]
-    _store_grads(gs_ptr, gt_ptr, offsets, store_mask, log_p, log_q, loss, inv_t, inv_s, keep, bad,
-                 student_grad, teacher_grad)
-
-
-@triton.jit(do_not_specialize=RUNTIME_FLAGS)
-def _kd_online_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, loss_ptr, gs_ptr, gt_ptr,
-                      B, C, stride_sb, stride_sc, stride_tb, stride_tc, stride_l,
-                      tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels, ignore_index,
-                      student_grad, teacher_grad, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < B
-    keep, bad, inv_t, inv_s = _row_setup(labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar,
-                                         tau_t_mode, tau_s_mode, has_labels, ignore_index, rows, row_mask, C)
-    rows64 = rows.to(tl.int64)
-    fill = tl.where(keep, float("-inf"), 0.0)[:, None]
+@triton.jit
+def _online_statistics(s_ptr, t_ptr, rows64, C, stride_sb, stride_sc, stride_tb, stride_tc, keep, fill, inv_t, inv_s,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pass 1 of the online kernel: returns max_t, max_s, log sum-exp_t, log sum-exp_s and the row KL."""
     neg_inf = tl.full([BLOCK_M], float("-inf"), tl.float32)
     m_t = neg_inf
     m_s = neg_inf
@@ -169,9 +139,8 @@ def _kd_online_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, loss_ptr, 
         m_s_safe = tl.where(m_s_new == float("-inf"), 0.0, m_s_new)
         alpha_t = tl.exp(m_t - m_t_safe)
         e_t = tl.exp(a - m_t_safe[:, None])
-        e_s = tl.exp(b - m_s_safe[:, None])
         z_t = z_t * alpha_t + tl.sum(e_t, 1)
-        z_s = z_s * tl.exp(m_s - m_s_safe) + tl.sum(e_s, 1)
+        z_s = z_s * tl.exp(m_s - m_s_safe) + tl.sum(tl.exp(b - m_s_safe[:, None]), 1)
         in_support = e_t > 0
         finite_b = b > float("-inf")
         a_in = tl.where(in_support, a, 0.0)
@@ -185,18 +154,52 @@ def _kd_online_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, loss_ptr, 
     log_z_s = tl.log(z_s)
     loss = cross / z_t - (m_t - m_s) - (log_z_t - log_z_s)
     p_at_student_inf = tl.exp((a_at_student_inf - m_t) - log_z_t)
-    loss = tl.where(p_at_student_inf > 0, float("inf"), loss)
-    tl.store(loss_ptr + rows64, _finish_rows(loss, keep, bad), mask=row_mask)
-    if (student_grad != 0) | (teacher_grad != 0):
-        for start in range(0, C, BLOCK_N):
-            cols64 = start + tl.arange(0, BLOCK_N).to(tl.int64)
-            col_mask = (cols64 < C)[None, :]
-            a = _load_scaled(t_ptr, rows64, stride_tb, cols64, stride_tc, keep[:, None] & col_mask, fill, inv_t)
-            b = _load_scaled(s_ptr, rows64, stride_sb, cols64, stride_sc, keep[:, None] & col_mask, fill, inv_s)
-            log_p = (a - m_t[:, None]) - log_z_t[:, None]
-            log_q = (b - m_s[:, None]) - log_z_s[:, None]
-            _store_grads(gs_ptr, gt_ptr, rows64[:, None] * C + cols64[None, :], row_mask[:, None] & col_mask,
-                         log_p, log_q, loss, inv_t, inv_s, keep, bad, student_grad, teacher_grad)
+    return m_t, m_s, log_z_t, log_z_s, tl.where(p_at_student_inf > 0, float("inf"), loss)
+
+
+@triton.jit(do_not_specialize=RUNTIME_FLAGS)
+def _kd_kl_div_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, loss_ptr, gs_ptr, gt_ptr,
+                      B, C, stride_sb, stride_sc, stride_tb, stride_tc, stride_l,
+                      tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels, ignore_index,
+                      student_grad, teacher_grad,
+                      ONLINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """BLOCK_M rows per program: one tile of BLOCK_N >= C columns, or (ONLINE) column blocks."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < B
+    keep, bad, inv_t, inv_s = _row_setup(labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar,
+                                         tau_t_mode, tau_s_mode, has_labels, ignore_index, rows, row_mask, C)
+    rows64 = rows.to(tl.int64)
+    # Padding columns of kept rows read -inf (probability 0); skipped rows read 0 (finite).
+    fill = tl.where(keep, float("-inf"), 0.0)[:, None]
+    if ONLINE:
+        m_t, m_s, log_z_t, log_z_s, loss = _online_statistics(s_ptr, t_ptr, rows64, C, stride_sb, stride_sc,
+                                                              stride_tb, stride_tc, keep, fill, inv_t, inv_s,
+                                                              BLOCK_M, BLOCK_N)
+        tl.store(loss_ptr + rows64, _finish_rows(loss, keep, bad), mask=row_mask)
+        if (student_grad != 0) | (teacher_grad != 0):
+            for start in range(0, C, BLOCK_N):
+                cols64 = start + tl.arange(0, BLOCK_N).to(tl.int64)
+                col_mask = (cols64 < C)[None, :]
+                a = _load_scaled(t_ptr, rows64, stride_tb, cols64, stride_tc, keep[:, None] & col_mask, fill, inv_t)
+                b = _load_scaled(s_ptr, rows64, stride_sb, cols64, stride_sc, keep[:, None] & col_mask, fill, inv_s)
+                _store_grads(gs_ptr, gt_ptr, rows64[:, None] * C + cols64[None, :], row_mask[:, None] & col_mask,
+                             (a - m_t[:, None]) - log_z_t[:, None], (b - m_s[:, None]) - log_z_s[:, None], loss,
+                             inv_t, inv_s, keep, bad, student_grad, teacher_grad)
+    else:
+        cols64 = tl.arange(0, BLOCK_N).to(tl.int64)
+        col_mask = (cols64 < C)[None, :]
+        a = _load_scaled(t_ptr, rows64, stride_tb, cols64, stride_tc, keep[:, None] & col_mask, fill, inv_t)
+        b = _load_scaled(s_ptr, rows64, stride_sb, cols64, stride_sc, keep[:, None] & col_mask, fill, inv_s)
+        a_shift = a - tl.max(a, 1)[:, None]
+        b_shift = b - tl.max(b, 1)[:, None]
+        log_p = a_shift - tl.log(tl.sum(tl.exp(a_shift), 1))[:, None]
+        log_q = b_shift - tl.log(tl.sum(tl.exp(b_shift), 1))[:, None]
+        p = tl.exp(log_p)
+        support = p > 0
+        loss = tl.sum(p * (tl.where(support, log_p, 0.0) - tl.where(support, log_q, 0.0)), 1)
+        tl.store(loss_ptr + rows64, _finish_rows(loss, keep, bad), mask=row_mask)
+        _store_grads(gs_ptr, gt_ptr, rows64[:, None] * C + cols64[None, :], row_mask[:, None] & col_mask,
+                     log_p, log_q, loss, inv_t, inv_s, keep, bad, student_grad, teacher_grad)
 
 
 def tile_config(batch, num_classes):
@@ -237,7 +240,7 @@ def _check_temperature(tensor, scalar, labels, batch, num_classes, device, name)
     """Validates one temperature argument's metadata (no device sync); returns (tensor, mode)."""
     if tensor is None:
         if not (math.isfinite(scalar) and scalar > 0):
-            raise ValueError(f"{name}_scalar must be positive and finite, got {scalar}")
+            raise RuntimeError(f"kd_kl_div_forward: {name}_scalar must be positive and finite, got {scalar}")
         return None, SCALAR
     expected = num_classes if labels is not None else batch
     if tensor.dim() != 1 or tensor.shape[0] != expected:
@@ -269,19 +272,23 @@ def _check_inputs(student_logits, teacher_logits, labels):
 
 
 def _check_values_on_host(labels, tau_t, tau_s, ignore_index, num_classes):
-    """The device asserts' checks, done eagerly for CPU tensors (the interpreter has no asserts)."""
+    """The device asserts' checks, done eagerly for CPU tensors (the interpreter has no asserts).
+
+    RuntimeError like the C++ kernel's TORCH_CHECK and a failed device assert on a GPU.
+    """
     kept = None
     if labels is not None:
         kept = labels != ignore_index
         used = labels[kept]
         if bool(((used < 0) | (used >= num_classes)).any()):
-            raise ValueError(f"labels must lie in [0, C={num_classes}) or equal ignore_index={ignore_index}")
+            raise RuntimeError(f"kd_kl_div_forward: labels must lie in [0, C={num_classes}) or equal "
+                               f"ignore_index={ignore_index}")
     for name, tau, mode in (("teacher_temperature", *tau_t), ("student_temperature", *tau_s)):
         if mode == SCALAR:
             continue
         used = tau[labels[kept]] if mode == BY_LABEL else (tau if kept is None else tau[kept])
         if not bool(((used > 0) & torch.isfinite(used)).all()):
-            raise ValueError(f"{name} must be positive and finite where it is used")
+            raise RuntimeError(f"kd_kl_div_forward: {name} must be positive and finite where it is used")
 
 
 def kd_kl_div_forward(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
@@ -346,7 +353,6 @@ def launch(student_logits, teacher_logits, labels, teacher_temperature, student_
         return row_loss, grad_student, grad_teacher
     if online is None:
         online = num_classes > ONLINE_THRESHOLD
-    kernel = _kd_online_kernel if online else _kd_tile_kernel
     if config is None:
         config = (online_config if online else tile_config)(batch, num_classes)
     if labels is None:
@@ -355,14 +361,16 @@ def launch(student_logits, teacher_logits, labels, teacher_temperature, student_
         labels_arg, stride_l = labels, labels.stride(0)
     grid = (triton.cdiv(batch, config["BLOCK_M"]),)
     # A gradient not asked for passes its empty (0,) output: nothing is stored through it.
-    kernel[grid](
-        student_logits, teacher_logits, labels_arg,
-        row_loss if tau_t[0] is None else tau_t[0], row_loss if tau_s[0] is None else tau_s[0],
-        row_loss, grad_student, grad_teacher,
-        batch, num_classes, *student_logits.stride(), *teacher_logits.stride(), stride_l,
-        float(teacher_temperature_scalar), float(student_temperature_scalar), tau_t[1], tau_s[1],
-        int(labels is not None), int(ignore_index), int(bool(student_grad)), int(bool(teacher_grad)),
-        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], num_warps=config["num_warps"],
-        debug=True, sanitize_overflow=False,
-    )
+    # Triton launches on the current CUDA device: make it the tensors' one.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _kd_kl_div_kernel[grid](
+            student_logits, teacher_logits, labels_arg,
+            row_loss if tau_t[0] is None else tau_t[0], row_loss if tau_s[0] is None else tau_s[0],
+            row_loss, grad_student, grad_teacher,
+            batch, num_classes, *student_logits.stride(), *teacher_logits.stride(), stride_l,
+            float(teacher_temperature_scalar), float(student_temperature_scalar), tau_t[1], tau_s[1],
+            int(labels is not None), int(ignore_index), int(bool(student_grad)), int(bool(teacher_grad)),
+            ONLINE=bool(online), BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+            num_warps=config["num_warps"], debug=True, sanitize_overflow=False,
+        )
     return row_loss, grad_student, grad_teacher
