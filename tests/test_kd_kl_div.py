@@ -177,7 +177,7 @@ def test_empty_batch(backend):
     assert rows.shape == (0,) and grad_s.shape == (0, 5) and grad_t.shape == (0,)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
 @pytest.mark.parametrize("case", ["label_high", "label_negative", "tau_zero", "tau_negative", "tau_nan", "tau_inf",
                                   "scalar_zero"])
 def test_bad_values_raise(backend, case):
