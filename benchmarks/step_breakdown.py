@@ -136,8 +136,8 @@ def breakdown(*, batch=128, steps=10, reps=20, channels_last=False, fold_bn=True
                 inputs = x.contiguous(memory_format=torch.channels_last)
             loss_fn = ABSLDLoss(num_classes, temperature_mode="released").to(device)
             cfg = TrainConfig(channels_last=channels_last, fold_bn=fold_bn, progress=False)
-            _, view, t_model = fast_step.step_models(student, cfg, teacher=t_model)
-            args = (student, t_model, loss_fn, optimizer, inputs, y, steps, attack_gen, view)
+            step_student, view, t_model = fast_step.step_models(student, cfg, teacher=t_model)
+            args = (step_student, t_model, loss_fn, optimizer, inputs, y, steps, attack_gen, view)
             runs[name] = (fastabsld_phases, args, PhaseTimer())
         else:
             state = {k: torch.ones(num_classes, device=device) for k in ("tau_adv", "tau_nat")}

@@ -8,7 +8,7 @@ import contextlib
 import torch
 from torch import nn
 
-from fastabsld.fold import FoldedEvalView
+from fastabsld.fold import FoldedEvalView, pool_view
 
 
 def autocast(enabled, device_type):
@@ -83,8 +83,9 @@ def step_models(student, cfg, *, distill=True, teacher=None):
         teacher: the frozen teacher (eval mode), or None.
 
     Returns:
-        tuple: (``torch.compile(student)`` or ``student``; a :class:`FoldedEvalView` of the student,
-        its network compiled under ``cfg.compile``, or None when ``cfg.fold_bn`` is off, the view would
+        tuple: (the student as the training passes call it: :func:`fastabsld.fold.pool_view` of it
+        under ``cfg.fold_bn``, wrapped by ``torch.compile`` under ``cfg.compile``; a
+        :class:`FoldedEvalView` of the student, its network compiled under ``cfg.compile``, or None when ``cfg.fold_bn`` is off, the view would
         change nothing, or the step is PGD-AT; the teacher's folded view (refreshed once: the teacher is
         frozen), or ``teacher`` itself).
     """
@@ -94,6 +95,8 @@ def step_models(student, cfg, *, distill=True, teacher=None):
     if teacher is not None and cfg.fold_bn:
         teacher_view = FoldedEvalView(teacher)
         teacher = teacher_view.refresh() if teacher_view.changed else teacher
+    if cfg.fold_bn:
+        student = pool_view(student)
     if cfg.compile:
         student = torch.compile(student)
         if view is not None:

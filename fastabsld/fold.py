@@ -102,18 +102,18 @@ def _foldable(conv, bn):
             and bn.running_mean is not None and conv.out_channels == bn.num_features and conv.padding_mode == "zeros")
 
 
-def _view(module, folded):
-    """The folded view of ``module`` (``module`` itself when nothing below it changes)."""
+def _view(module, folded, fold=True):
+    """The view of ``module`` (``module`` itself when nothing below it changes); folds pairs when ``fold``."""
     if type(module) is nn.MaxPool2d and not module.return_indices:
         return ChannelsLastMaxPool2d(module)
     children = list(module.named_children())
-    views = {name: _view(child, folded) for name, child in children}
+    views = {name: _view(child, folded, fold) for name, child in children}
     merged = []
     if isinstance(module, nn.Sequential):
         items = [views[name] for name, _ in children]
         i = 0
         while i < len(items):
-            if i + 1 < len(items) and _foldable(items[i], items[i + 1]):
+            if fold and i + 1 < len(items) and _foldable(items[i], items[i + 1]):
                 merged.append(FoldedConv2d(items[i], items[i + 1]))
                 folded.append(merged[-1])
                 i += 2
@@ -129,6 +129,19 @@ def _view(module, folded):
     new._modules = dict(module._modules)
     new._modules.update(views)
     return new
+
+
+def pool_view(model):
+    """``model`` with its 2-D max-pooling computed in channels_last on the CPU (see the module docstring),
+    for training: parameters, BatchNorms and modes are the model's own; only containers are copied.
+
+    Args:
+        model: the network (not modified).
+
+    Returns:
+        nn.Module: the view, or ``model`` itself when it has no ``nn.MaxPool2d``.
+    """
+    return _view(model, [], fold=False)
 
 
 class FoldedEvalView(nn.Module):
