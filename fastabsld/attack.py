@@ -151,9 +151,36 @@ def pgd(model, x, loss_fn, *, eps, alpha, steps, norm="linf", random_start="unif
     if int(steps) != steps or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
     x = x.detach()
-    x_adv = _start(x, eps, norm, random_start, clamp, generator)
+    return pgd_loop(model, x, _start(x, eps, norm, random_start, clamp, generator), loss_fn, eps=eps, alpha=alpha,
+                    steps=int(steps), norm=norm, clamp=clamp)
+
+
+def pgd_loop(model, x, x_start, loss_fn, *, eps, alpha, steps, norm="linf", clamp=(0.0, 1.0)):
+    """The ascent steps of :func:`pgd` from a given start: static shapes, no RNG, no host synchronisation.
+
+    Each step is one forward, one input gradient and one fused ``pgd_step``; nothing depends on tensor
+    values on the host, so the loop can be captured in a CUDA graph (draw the start outside the graph,
+    or from static noise inside it; see the README's "Training speed" section) or traced by
+    ``torch.compile``. The model should be in eval mode with no side effects (e.g. a
+    :class:`fastabsld.fold.FoldedEvalView`).
+
+    Args:
+        model: callable mapping inputs (B, ...) to logits.
+        x: clean inputs (B, ...), the centre of the eps-ball.
+        x_start: the first point (B, ...), e.g. ``x + 0.001 * noise``.
+        loss_fn: ``loss_fn(logits) -> scalar`` to maximise.
+        eps: radius: a non-negative number or a (B,) tensor.
+        alpha: step size: a non-negative number or a (B,) tensor.
+        steps: number of ascent steps (a Python int).
+        norm: "linf" or "l2".
+        clamp: (min, max) of the valid input range.
+
+    Returns:
+        Tensor: the adversarial inputs, detached, shaped like ``x``.
+    """
+    x_adv = x_start.detach()
     with torch.enable_grad():
-        for _ in range(int(steps)):
+        for _ in range(steps):
             x_adv.requires_grad_(True)
             loss = loss_fn(model(x_adv))
             (grad,) = torch.autograd.grad(loss, x_adv)

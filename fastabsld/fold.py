@@ -34,8 +34,10 @@ class FoldedConv2d(nn.Module):
     def __init__(self, conv, bn):
         super().__init__()
         self.conv, self.bn = conv, bn
-        self.weight = torch.empty_like(conv.weight, requires_grad=False)
-        self.bias = torch.empty(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype)
+        # Non-persistent buffers: .to() moves them with the view; the model's state_dict is untouched.
+        self.register_buffer("weight", torch.empty_like(conv.weight, requires_grad=False), persistent=False)
+        self.register_buffer("bias", torch.empty(conv.out_channels, device=conv.weight.device,
+                                                 dtype=conv.weight.dtype), persistent=False)
         self.refresh()
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ from torch import nn
 
 from benchmarks.released_loop import released_step
 from fastabsld import fast_step
+from fastabsld.attack import kl_loss, pgd_loop
 from fastabsld.cli import build_parser
 from fastabsld.fold import FoldedEvalView
 from fastabsld.models import build_model
@@ -160,6 +161,17 @@ def test_folded_view_handles_conv_bias_and_plain_batchnorm():
     x = torch.randn(3, 2, 4, 4)
     torch.testing.assert_close(view(x), model(x), atol=1e-5, rtol=1e-5)
     assert model[1] is not None and len(model) == 6  # the model itself is untouched
+
+
+def test_attack_loop_has_no_data_dependent_host_sync():
+    """pgd_loop on the folded view runs on the meta device (no values): nothing in it reads tensor values on the
+    host, as a CUDA-graph capture requires."""
+    model = build_model("cnn-s", NUM_CLASSES, 1).eval().to("meta")
+    view = FoldedEvalView(model)
+    x = torch.empty(4, 1, 8, 8, device="meta")
+    probs = torch.empty(4, NUM_CLASSES, device="meta")
+    out = pgd_loop(view, x, x + 0.001, kl_loss(probs), eps=0.1, alpha=0.025, steps=2)
+    assert out.shape == x.shape and out.device.type == "meta"
 
 
 def test_cli_speed_flags_reach_the_config():
