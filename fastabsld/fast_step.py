@@ -87,13 +87,14 @@ def step_models(student, cfg, *, distill=True, teacher=None):
         under ``cfg.fold_bn``, wrapped by ``torch.compile`` under ``cfg.compile``; a
         :class:`FoldedEvalView` of the student, its network compiled under ``cfg.compile``, or None when ``cfg.fold_bn`` is off, the view would
         change nothing, or the step is PGD-AT; the teacher's folded view (refreshed once: the teacher is
-        frozen), or ``teacher`` itself).
+        frozen; in channels_last on the CPU), or ``teacher`` itself).
     """
     view = FoldedEvalView(student) if cfg.fold_bn and distill else None
     if view is not None and not view.changed:
         view = None
     if teacher is not None and cfg.fold_bn:
-        teacher_view = FoldedEvalView(teacher)
+        on_cpu = all(p.device.type == "cpu" for p in teacher.parameters())
+        teacher_view = FoldedEvalView(teacher, channels_last=on_cpu)
         teacher = teacher_view.refresh() if teacher_view.changed else teacher
     if cfg.fold_bn:
         student = pool_view(student)

@@ -29,13 +29,16 @@ class FoldedConv2d(nn.Module):
     Args:
         conv: the Conv2d (shared, not copied).
         bn: the BatchNorm2d that follows it, with running statistics.
+        channels_last: keep the folded weight in channels_last.
     """
 
-    def __init__(self, conv, bn):
+    def __init__(self, conv, bn, channels_last=False):
         super().__init__()
         self.conv, self.bn = conv, bn
+        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
         # Non-persistent buffers: .to() moves them with the view; the model's state_dict is untouched.
-        self.register_buffer("weight", torch.empty_like(conv.weight, requires_grad=False), persistent=False)
+        self.register_buffer("weight", torch.empty_like(conv.weight, requires_grad=False,
+                                                        memory_format=self.memory_format), persistent=False)
         self.register_buffer("bias", torch.empty(conv.out_channels, device=conv.weight.device,
                                                  dtype=conv.weight.dtype), persistent=False)
         self.refresh()
@@ -53,7 +56,7 @@ class FoldedConv2d(nn.Module):
         if bn.bias is not None:
             shift = shift + bn.bias
         if self.weight.shape != conv.weight.shape or self.weight.device != conv.weight.device:
-            self.weight = torch.empty_like(conv.weight, requires_grad=False)
+            self.weight = torch.empty_like(conv.weight, requires_grad=False, memory_format=self.memory_format)
             self.bias = torch.empty_like(shift)
         self.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
         self.bias.copy_(shift)
@@ -104,19 +107,19 @@ def _foldable(conv, bn):
             and bn.running_mean is not None and conv.out_channels == bn.num_features and conv.padding_mode == "zeros")
 
 
-def _view(module, folded, fold=True):
+def _view(module, folded, fold=True, channels_last=False):
     """The view of ``module`` (``module`` itself when nothing below it changes); folds pairs when ``fold``."""
     if type(module) is nn.MaxPool2d and not module.return_indices:
         return ChannelsLastMaxPool2d(module)
     children = list(module.named_children())
-    views = {name: _view(child, folded, fold) for name, child in children}
+    views = {name: _view(child, folded, fold, channels_last) for name, child in children}
     merged = []
     if isinstance(module, nn.Sequential):
         items = [views[name] for name, _ in children]
         i = 0
         while i < len(items):
             if fold and i + 1 < len(items) and _foldable(items[i], items[i + 1]):
-                merged.append(FoldedConv2d(items[i], items[i + 1]))
+                merged.append(FoldedConv2d(items[i], items[i + 1], channels_last))
                 folded.append(merged[-1])
                 i += 2
             else:
@@ -156,12 +159,15 @@ class FoldedEvalView(nn.Module):
 
     Args:
         model: the network (not modified).
+        channels_last: run the view in channels_last (folded weights and 4-D inputs) while the model's
+            own weights keep their layout: on the CPU, the wider convolutions of a teacher run faster so.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, channels_last=False):
         super().__init__()
         self.folded = []
-        self.net = _view(model, self.folded)
+        self.channels_last = channels_last
+        self.net = _view(model, self.folded, channels_last=channels_last)
         self.model = [model]  # not a submodule: state_dict and .train() stay the model's own
 
     @property
@@ -181,4 +187,6 @@ class FoldedEvalView(nn.Module):
         return self
 
     def forward(self, x):
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)

@@ -149,6 +149,17 @@ def test_folded_view_equals_eval_model(name):
     torch.testing.assert_close(view.refresh()(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_channels_last_view_of_a_contiguous_model():
+    """The teacher's view: folded weights and inputs in channels_last, the model's own weights untouched."""
+    _, teacher = _models(torch.float32)
+    view = FoldedEvalView(teacher, channels_last=True).refresh()
+    x = torch.rand(16, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(view(x), teacher(x), atol=1e-5, rtol=1e-5)
+    assert view.folded[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert teacher.features[0][0].weight.is_contiguous()
+
+
 def test_folded_view_handles_conv_bias_and_plain_batchnorm():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=True), nn.BatchNorm2d(3, affine=False), nn.ReLU(),
