@@ -8,7 +8,7 @@ import contextlib
 import torch
 from torch import nn
 
-from fastabsld.fold import FoldedEvalView, pool_view
+from fastabsld.fold import FoldedEvalView
 
 
 def autocast(enabled, device_type):
@@ -83,9 +83,8 @@ def step_models(student, cfg, *, distill=True, teacher=None):
         teacher: the frozen teacher (eval mode), or None.
 
     Returns:
-        tuple: (the student as the training passes call it: :func:`fastabsld.fold.pool_view` of it
-        under ``cfg.fold_bn``, wrapped by ``torch.compile`` under ``cfg.compile``; a
-        :class:`FoldedEvalView` of the student, its network compiled under ``cfg.compile``, or None when ``cfg.fold_bn`` is off, the view would
+        tuple: (the student as the training passes call it: ``torch.compile(student)`` under
+        ``cfg.compile``, else ``student``; a :class:`FoldedEvalView` of the student, its network compiled under ``cfg.compile``, or None when ``cfg.fold_bn`` is off, the view would
         change nothing, or the step is PGD-AT; the teacher's folded view (refreshed once: the teacher is
         frozen; in channels_last on the CPU), or ``teacher`` itself).
     """
@@ -96,8 +95,6 @@ def step_models(student, cfg, *, distill=True, teacher=None):
         on_cpu = all(p.device.type == "cpu" for p in teacher.parameters())
         teacher_view = FoldedEvalView(teacher, channels_last=on_cpu)
         teacher = teacher_view.refresh() if teacher_view.changed else teacher
-    if cfg.fold_bn:
-        student = pool_view(student)
     if cfg.compile:
         student = torch.compile(student)
         if view is not None:

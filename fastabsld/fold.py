@@ -1,15 +1,10 @@
-"""An eval-mode view of a network with every ``Conv2d -> BatchNorm2d`` pair folded into one convolution
-(and, on the CPU, its 2-D max-pooling computed in channels_last).
+"""An eval-mode view of a network with every ``Conv2d -> BatchNorm2d`` pair folded into one convolution.
 
 In eval mode a BatchNorm is an affine map per channel, so ``bn(conv(x))`` equals a convolution with
 weight ``w * s`` and bias ``(b - mean) * s + beta``, ``s = gamma / sqrt(var + eps)``. The inner PGD
 attack runs the student in eval mode ten times per batch with fixed weights: folding once per batch
 removes every BatchNorm forward and backward from those passes (on the CPU the BatchNorm backward
 of a channels_last activation costs as much as the convolution's).
-
-The CPU's max-pool kernel for NCHW tensors is several times slower than its channels_last kernel at
-the small spatial sizes of these models (8x8 planes: ~670 us against ~60 us forward at (128, 16, 8, 8));
-the view pools a contiguous CPU input in channels_last and converts back (same values and indices).
 
 The view shares all parameters and leaf modules with the model; only the containers on the way to a
 folded pair are shallow copies. Pairs are found inside ``nn.Sequential`` containers (as built by
@@ -68,57 +63,21 @@ class FoldedConv2d(nn.Module):
         return F.conv2d(x, self.weight, self.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-class _ToChannelsLast(torch.autograd.Function):
-    """``x`` in channels_last, whose gradient comes back contiguous (a mixed-layout gradient would make the
-    next elementwise backward, e.g. ReLU's, several times slower)."""
-
-    @staticmethod
-    def forward(x):
-        return x.contiguous(memory_format=torch.channels_last)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
-
-
-class ChannelsLastMaxPool2d(nn.Module):
-    """``pool(x)`` computed in channels_last for a contiguous 4-D CPU input, returned contiguous.
-
-    Args:
-        pool: the nn.MaxPool2d (shared; without ``return_indices``).
-    """
-
-    def __init__(self, pool):
-        super().__init__()
-        self.pool = pool
-
-    def forward(self, x):
-        if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous():
-            return self.pool(x)
-        return self.pool(_ToChannelsLast.apply(x)).contiguous()
-
-
 def _foldable(conv, bn):
     return (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats
             and bn.running_mean is not None and conv.out_channels == bn.num_features and conv.padding_mode == "zeros")
 
 
-def _view(module, folded, fold=True, channels_last=False):
-    """The view of ``module`` (``module`` itself when nothing below it changes); folds pairs when ``fold``."""
-    if type(module) is nn.MaxPool2d and not module.return_indices:
-        return ChannelsLastMaxPool2d(module)
+def _view(module, folded, channels_last=False):
+    """The folded view of ``module`` (``module`` itself when nothing below it changes)."""
     children = list(module.named_children())
-    views = {name: _view(child, folded, fold, channels_last) for name, child in children}
+    views = {name: _view(child, folded, channels_last) for name, child in children}
     merged = []
     if isinstance(module, nn.Sequential):
         items = [views[name] for name, _ in children]
         i = 0
         while i < len(items):
-            if fold and i + 1 < len(items) and _foldable(items[i], items[i + 1]):
+            if i + 1 < len(items) and _foldable(items[i], items[i + 1]):
                 merged.append(FoldedConv2d(items[i], items[i + 1], channels_last))
                 folded.append(merged[-1])
                 i += 2
@@ -134,19 +93,6 @@ def _view(module, folded, fold=True, channels_last=False):
     new._modules = dict(module._modules)
     new._modules.update(views)
     return new
-
-
-def pool_view(model):
-    """``model`` with its 2-D max-pooling computed in channels_last on the CPU (see the module docstring),
-    for training: parameters, BatchNorms and modes are the model's own; only containers are copied.
-
-    Args:
-        model: the network (not modified).
-
-    Returns:
-        nn.Module: the view, or ``model`` itself when it has no ``nn.MaxPool2d``.
-    """
-    return _view(model, [], fold=False)
 
 
 class FoldedEvalView(nn.Module):
@@ -172,7 +118,7 @@ class FoldedEvalView(nn.Module):
 
     @property
     def changed(self):
-        """Whether the view computes differently from the model (something was folded or replaced)."""
+        """Whether the view computes differently from the model (something was folded)."""
         return self.net is not self.model[0]
 
     @property

@@ -85,8 +85,8 @@ class TrainConfig:
         channels_last: run the models and batches in the channels_last memory format.
         compile: ``torch.compile`` the student's training forward and the attack's forward.
         fold_bn: run the inner attack on an eval-mode view of the student with every Conv2d ->
-            BatchNorm2d pair folded into one convolution (the teacher likewise) and, on the CPU, the
-            max-pooling of every pass in channels_last (same results up to float rounding, faster).
+            BatchNorm2d pair folded into one convolution (the teacher likewise, in channels_last on
+            the CPU); same results up to float rounding, faster.
     """
 
     method: str = "absld"
