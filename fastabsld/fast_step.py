@@ -73,6 +73,10 @@ def to_device(x, device, channels_last):
     return x.to(device, non_blocking=True, memory_format=memory_format)
 
 
+def _on_cpu(model):
+    return all(p.device.type == "cpu" for p in model.parameters())
+
+
 def step_models(student, cfg, *, distill=True, teacher=None):
     """The student as the training step calls it, the folded view the attack runs on, and the teacher's.
 
@@ -84,16 +88,17 @@ def step_models(student, cfg, *, distill=True, teacher=None):
 
     Returns:
         tuple: (the student as the training passes call it: ``torch.compile(student)`` under
-        ``cfg.compile``, else ``student``; a :class:`FoldedEvalView` of the student, its network compiled under ``cfg.compile``, or None when ``cfg.fold_bn`` is off, the view would
+        ``cfg.compile``, else ``student``; a :class:`FoldedEvalView` of the student (in channels_last on
+        the CPU), its network compiled under ``cfg.compile``, or None when ``cfg.fold_bn`` is off, the view would
         change nothing, or the step is PGD-AT; the teacher's folded view (refreshed once: the teacher is
         frozen; in channels_last on the CPU), or ``teacher`` itself).
     """
-    view = FoldedEvalView(student) if cfg.fold_bn and distill else None
+    # On the CPU the folded views run in channels_last whatever the models' layout (measured faster there).
+    view = FoldedEvalView(student, channels_last=_on_cpu(student)) if cfg.fold_bn and distill else None
     if view is not None and not view.changed:
         view = None
     if teacher is not None and cfg.fold_bn:
-        on_cpu = all(p.device.type == "cpu" for p in teacher.parameters())
-        teacher_view = FoldedEvalView(teacher, channels_last=on_cpu)
+        teacher_view = FoldedEvalView(teacher, channels_last=_on_cpu(teacher))
         teacher = teacher_view.refresh() if teacher_view.changed else teacher
     if cfg.compile:
         student = torch.compile(student)
