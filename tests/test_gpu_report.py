@@ -44,3 +44,12 @@ def test_format_rows():
             {"case": "train", "impl": "released", "us": 1000.0, "GB/s": None, "peak%": None, "speed-up": 1.0}]
     text = gpu_report.format_rows(rows)
     assert "12.5us" in text and "800.0" in text and "23.9%" in text and "1.00" in text
+
+
+def test_smoke_run_on_the_cpu(capsys):
+    """--smoke runs every code path of the report (ops and training steps) on the CPU at tiny sizes."""
+    assert gpu_report.main(["--smoke"]) is None
+    out = capsys.readouterr().out
+    for case in ("kd fwd+bwd (128, 10)", "pgd linf", "pgd l2", "train step cnn-s/cnn-l B=4"):
+        assert case in out
+    assert "fastabsld amp+channels-last" in out and "released" in out
