@@ -1,8 +1,10 @@
 """One rank of a short digits training run, launched like torchrun does (RANK, WORLD_SIZE, MASTER_* in the env).
 
-``python -m tests.dist_worker SPEC_JSON``; SPEC holds ``config`` (TrainConfig fields), ``run_dir``,
+``python -m tests.dist_worker SPEC_JSON``; SPEC holds ``data`` (a ``torch.save``d digits Splits: loading
+it skips the seconds of importing scikit-learn), ``config`` (TrainConfig fields), ``run_dir``,
 ``out`` (a folder for this rank's result file), optionally ``resume`` and ``stop_after`` (raise
-after that many epochs, on every rank, as a killed job would stop). Without WORLD_SIZE in the
+after that many epochs, on every rank, as a killed job would stop); or ``argv``: run the command
+line ``fastabsld <argv>`` instead (the result of its ``train`` call is kept). Without WORLD_SIZE in the
 environment it runs alone (used in-process by the tests for the single-process reference).
 """
 
@@ -13,10 +15,9 @@ import sys
 import torch
 from torch import nn
 
-from fastabsld import checkpoint, distributed, report
-from fastabsld.data import load_digits
+from fastabsld import checkpoint, cli, distributed, report
+from fastabsld import train as train_module
 from fastabsld.models import MODELS, build_model
-from fastabsld.train import TrainConfig, train
 
 # A BatchNorm-free student: with it a DDP run must equal the single-process run (see fastabsld.distributed).
 PLAIN_MODEL = "mlp-test"
@@ -72,18 +73,34 @@ def run(spec, rank=0):
             raise Stop()
 
     distributed.Context.barrier = counting_barrier
+    data = torch.load(spec["data"], weights_only=False)
+    train_module.load_dataset = lambda *args, **kwargs: data
     with distributed.session("cpu") as ctx:
         rank = ctx.rank if ctx.distributed else rank
-        cfg = TrainConfig(**spec["config"])
         try:
-            result = train(cfg, spec["run_dir"], resume=spec.get("resume", False), teacher=teacher(),
-                           data=load_digits(0), log=lambda *_: None)
+            result = _command(spec) if "argv" in spec else train_module.train(
+                train_module.TrainConfig(**spec["config"]), spec["run_dir"], resume=spec.get("resume", False),
+                teacher=teacher(), data=data, log=lambda *_: None)
         except Stop:
             result = None
     if result is not None:
         model = {k: v.clone() for k, v in result["model"].state_dict().items()}
         torch.save({"rank": rank, "world_size": ctx.world_size, "history": result["history"], "model": model,
                     "writes": writes}, os.path.join(spec["out"], f"rank{rank}.pt"))
+
+
+def _command(spec):
+    """Runs ``fastabsld <spec['argv']>``; returns what its ``train`` call returned."""
+    results, train = [], train_module.train
+
+    def keeping(*args, **kwargs):
+        results.append(train(*args, **kwargs))
+        return results[-1]
+
+    train_module.train = keeping
+    if cli.main(spec["argv"]) != 0:
+        raise SystemExit("the command failed")
+    return results[-1]
 
 
 if __name__ == "__main__":

@@ -114,8 +114,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(world, spec, out):
-    """Runs ``tests.dist_worker`` as ``world`` processes; returns {rank: result} of the ranks that finished."""
+@pytest.fixture(scope="module")
+def digits_file(tmp_path_factory):
+    """The digits splits saved for the worker processes."""
+    path = tmp_path_factory.mktemp("digits") / "digits.pt"
+    torch.save(load_digits(0), path)
+    return str(path)
+
+
+def _launch(world, spec, out, with_logs=False):
+    """Runs ``tests.dist_worker`` as ``world`` processes; returns {rank: result} of the ranks that finished.
+
+    With ``with_logs``: also the list of each rank's output.
+    """
     os.makedirs(out, exist_ok=True)
     spec = dict(spec, out=str(out))
     port = _free_port()
@@ -137,7 +148,8 @@ def _launch(world, spec, out):
     for rank, proc in enumerate(procs):
         assert proc.returncode == 0, f"rank {rank} failed:\n{logs[rank][-3000:]}"
     files = {int(f[4:-3]): f for f in os.listdir(out) if f.startswith("rank")}
-    return {rank: torch.load(os.path.join(out, f), weights_only=False) for rank, f in files.items()}
+    results = {rank: torch.load(os.path.join(out, f), weights_only=False) for rank, f in files.items()}
+    return (results, logs) if with_logs else results
 
 
 def _taus(history):
@@ -145,10 +157,10 @@ def _taus(history):
 
 
 @pytest.fixture(scope="module")
-def two_rank_plain(tmp_path_factory):
+def two_rank_plain(tmp_path_factory, digits_file):
     """A 2-rank ABSLD run of the BatchNorm-free student (2 epochs, global batch 64)."""
     base = tmp_path_factory.mktemp("ddp_plain")
-    spec = {"config": dict(TINY, model=dist_worker.PLAIN_MODEL), "run_dir": str(base / "run")}
+    spec = {"config": dict(TINY, model=dist_worker.PLAIN_MODEL), "run_dir": str(base / "run"), "data": digits_file}
     return base, spec, _launch(2, spec, base / "out")
 
 
@@ -199,12 +211,20 @@ def test_two_rank_resume_ends_where_the_uninterrupted_run_does(two_rank_plain):
             torch.testing.assert_close(resumed[rank]["model"][k], v, rtol=0, atol=0)
 
 
-def test_two_ranks_with_batchnorm_stay_in_sync(tmp_path):
-    """cnn-s has BatchNorm: per-rank statistics (no SyncBatchNorm on the CPU), yet identical ranks."""
-    results = _launch(2, {"config": dict(TINY, model="cnn-s", epochs=1), "run_dir": str(tmp_path / "run")},
-                      tmp_path / "out")
+def test_command_line_under_torchrun_with_batchnorm(tmp_path, digits_file):
+    """``fastabsld train`` in 2 processes; cnn-s has BatchNorm (per-rank statistics: no SyncBatchNorm on the CPU)."""
+    teacher_path = tmp_path / "teacher.pt"
+    torch.save({"config": TrainConfig(model="cnn-s").to_dict(), "model": dist_worker.teacher().state_dict(),
+                "num_classes": 10, "in_channels": 1}, teacher_path)
+    argv = ["train", "--epochs", "1", "--batch-size", "64", "--steps", "1", "--train-subset", "128",
+            "--teacher-path", str(teacher_path), "--test-attacks", "clean", "--run-dir", str(tmp_path / "run"),
+            "--no-progress", "--eval-every", "5"]
+    results, logs = _launch(2, {"argv": argv, "data": digits_file}, tmp_path / "out", with_logs=True)
+    assert "best epoch on validation" in logs[0] and "best epoch" not in logs[1]
     taus = _taus(results[0]["history"])
     assert not torch.allclose(taus, torch.ones_like(taus))
     assert torch.equal(taus, _taus(results[1]["history"]))
+    # Identical weights on both ranks; the running statistics are each rank's own.
     assert all(torch.equal(v, results[1]["model"][k]) for k, v in results[0]["model"].items()
                if not k.endswith(("running_mean", "running_var")))
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
