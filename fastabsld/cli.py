@@ -226,5 +226,10 @@ def main(argv=None):
     Returns:
         int: the exit status.
     """
+    from fastabsld.distributed import env_world_size
+
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command != "train" and env_world_size() > 1:
+        print(f"error: only 'train' runs under torchrun; run '{args.command}' as a single process", file=sys.stderr)
+        return 2
     return args.func(args)

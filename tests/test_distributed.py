@@ -106,6 +106,14 @@ def test_alone_everything_is_a_no_op(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+def test_only_train_runs_under_torchrun(monkeypatch, tmp_path, capsys):
+    from fastabsld import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    assert "only 'train' runs under torchrun" in capsys.readouterr().err and not (tmp_path / "demo").exists()
+
+
 # ---------------------------------------------------------------- 2 processes
 
 def _free_port():
