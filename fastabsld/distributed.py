@@ -278,11 +278,13 @@ def session(device="cpu", *, timeout_minutes=None):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         cuda = torch.device(device).type == "cuda"
+        device_id = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else None
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device_id)
         minutes = timeout_minutes or float(os.environ.get("FASTABSLD_DIST_TIMEOUT", DEFAULT_TIMEOUT_MINUTES))
-        torch.distributed.init_process_group("nccl" if cuda else "gloo",
-                                             timeout=datetime.timedelta(minutes=minutes))
+        # device_id binds the nccl communicator to this rank's GPU (barriers then know their device).
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=minutes),
+                                             device_id=device_id)
     try:
         yield current()
     finally:

@@ -392,7 +392,7 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, log=print
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(cfg), cfg.lr_gamma)
     # A last batch of a few images would make BatchNorm's batch statistics noisy: drop it, unless it is the only one.
     loader = ctx.train_loader(*data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=data.augment,
-                          drop_last=len(data.train[1]) > cfg.batch_size)
+                              drop_last=len(data.train[1]) > cfg.batch_size)
     attack_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     generators = {"data": loader.generator, "attack": attack_gen}
     val_loader = _eval_loader(data.val, cfg)

@@ -75,18 +75,19 @@ def run(spec, rank=0):
     distributed.Context.barrier = counting_barrier
     data = torch.load(spec["data"], weights_only=False)
     train_module.load_dataset = lambda *args, **kwargs: data
-    with distributed.session("cpu") as ctx:
-        rank = ctx.rank if ctx.distributed else rank
-        try:
+    rank = int(os.environ.get("RANK", rank))
+    try:
+        with distributed.session("cpu"):
             result = _command(spec) if "argv" in spec else train_module.train(
                 train_module.TrainConfig(**spec["config"]), spec["run_dir"], resume=spec.get("resume", False),
                 teacher=teacher(), data=data, log=lambda *_: None)
-        except Stop:
-            result = None
-    if result is not None:
-        model = {k: v.clone() for k, v in result["model"].state_dict().items()}
-        torch.save({"rank": rank, "world_size": ctx.world_size, "history": result["history"], "model": model,
-                    "writes": writes}, os.path.join(spec["out"], f"rank{rank}.pt"))
+    except Stop:
+        # The session must have destroyed the process group on the way out.
+        torch.save({"initialized": torch.distributed.is_initialized()}, os.path.join(spec["out"], f"stop{rank}.pt"))
+        return
+    model = {k: v.clone() for k, v in result["model"].state_dict().items()}
+    torch.save({"rank": rank, "history": result["history"], "model": model, "writes": writes},
+               os.path.join(spec["out"], f"rank{rank}.pt"))
 
 
 def _command(spec):

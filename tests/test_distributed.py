@@ -106,6 +106,11 @@ def test_alone_everything_is_a_no_op(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+def test_sync_bn_needs_cuda():
+    with pytest.raises(ValueError, match="sync_bn needs CUDA"):
+        distributed.Context(rank=0, world_size=2).wrap(torch.nn.BatchNorm1d(3), sync_bn=True)
+
+
 def test_only_train_runs_under_torchrun(monkeypatch, tmp_path, capsys):
     from fastabsld import cli
 
@@ -211,6 +216,8 @@ def test_two_rank_resume_ends_where_the_uninterrupted_run_does(two_rank_plain):
     base, spec, results = two_rank_plain
     killed = dict(spec, run_dir=str(base / "resumed"), stop_after=1)
     assert _launch(2, killed, base / "killed") == {}
+    for rank in (0, 1):  # the error left through distributed.session, which destroyed the process group
+        assert torch.load(base / "killed" / f"stop{rank}.pt") == {"initialized": False}
     assert json.loads((base / "resumed" / "metrics.json").read_text())["history"][-1]["epoch"] == 1
     resumed = _launch(2, dict(killed, stop_after=None, resume=True), base / "again")
     for rank in (0, 1):
