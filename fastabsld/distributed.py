@@ -234,15 +234,17 @@ class ShardedTensorLoader(TensorLoader):
         n = len(self.y)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         shard = slice(self.rank, None, self.world_size)
-        for b in range(len(self)):
+        for b in range(super().__len__()):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             keep = len(idx) - len(idx) % self.world_size
             if self.augment:
-                # Drawn for the whole global batch, so the generator advances as in the single process.
+                # Drawn for the whole global batch (even one cut to nothing), so the generator advances as in
+                # the single process.
                 x = crop_flip(self.x[idx], self.generator)[:keep][shard]
             else:
                 x = self.x[idx[:keep][shard]]
-            yield x, self.y[idx[:keep][shard]]
+            if keep:
+                yield x, self.y[idx[:keep][shard]]
 
 
 def current():
