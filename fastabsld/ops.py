@@ -4,6 +4,7 @@ Each op lives in its own module (schema, fake and autograd registrations, public
 this module gathers their public functions.
 """
 
+from fastabsld.kd_kl_div_op import kd_kl_div_forward
 from fastabsld.pgd_step_op import pgd_step
 
-__all__ = ["pgd_step"]
+__all__ = ["kd_kl_div_forward", "pgd_step"]

@@ -71,7 +71,7 @@ def plot_per_class(per_class, path, title, ylabel="average", errors=None):
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1)
     ax.set_title(title)
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

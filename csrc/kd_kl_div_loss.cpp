@@ -1,0 +1,182 @@
+// fastabsld::kd_kl_div_loss: the reduced KD loss with its autograd in C++, for eager callers.
+// It runs kd_kl_div_forward (any backend) below autograd, reduces the row losses, and keeps the
+// gradient(s) of that one pass; the backward only scales them. torch.compile traces
+// kd_kl_div_forward (autograd registered in Python) instead: this op is the eager fast path.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <ATen/Dispatch.h>
+
+#include <string>
+#include <tuple>
+#include <utility>
+
+namespace fastabsld {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+enum class Reduction { kNone, kSum, kBatchMean, kMean };
+
+Reduction parse_reduction(c10::string_view name) {
+  if (name == "none") return Reduction::kNone;
+  if (name == "sum") return Reduction::kSum;
+  if (name == "batchmean") return Reduction::kBatchMean;
+  TORCH_CHECK(name == "mean", "kd_kl_div_loss: reduction must be none, sum, batchmean or mean, got '",
+              std::string(name), "'");
+  return Reduction::kMean;
+}
+
+// What the sum of row losses is divided by: undefined for none/sum; counted rows (x C for mean).
+at::Tensor row_denominator(Reduction reduction, const std::optional<at::Tensor>& labels,
+                           int64_t ignore_index, const at::Tensor& rows, int64_t cols) {
+  if (reduction == Reduction::kNone || reduction == Reduction::kSum) return at::Tensor();
+  const int64_t per_row = reduction == Reduction::kMean ? cols : 1;
+  if (!labels.has_value()) {
+    return at::scalar_tensor(static_cast<double>(rows.size(0) * per_row), rows.options());
+  }
+  at::Tensor count = labels->ne(ignore_index).sum();
+  return per_row == 1 ? count : count * per_row;
+}
+
+// The same on the CPU as plain loops over the B row losses and labels (no dispatches): returns
+// the reduced loss and 1 / denominator.
+std::pair<at::Tensor, double> cpu_reduce(Reduction reduction, const std::optional<at::Tensor>& labels,
+                                         int64_t ignore_index, const at::Tensor& rows, int64_t cols) {
+  const int64_t batch = rows.size(0);
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "kd_kl_div_loss", [&] {
+    const scalar_t* r = rows.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < batch; ++i) total += r[i];
+  });
+  double denominator = 1;
+  if (reduction != Reduction::kSum) {
+    int64_t counted = batch;
+    if (labels.has_value()) {
+      const at::Tensor y = labels->contiguous();
+      const int64_t* l = y.const_data_ptr<int64_t>();
+      counted = 0;
+      for (int64_t i = 0; i < batch; ++i) counted += l[i] != ignore_index;
+    }
+    denominator = static_cast<double>(counted) * (reduction == Reduction::kMean ? cols : 1);
+  }
+  return {at::scalar_tensor(total / denominator, rows.options()), 1.0 / denominator};
+}
+
+// A plain dense CPU tensor whose data can be read here (not fake, functional or batched).
+bool is_plain_cpu(const at::Tensor& tensor) {
+  static const c10::DispatchKeySet wrappers({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                             c10::DispatchKey::FuncTorchBatched,
+                                             c10::DispatchKey::FuncTorchGradWrapper});
+  return tensor.device().is_cpu() && tensor.layout() == at::kStrided && tensor.has_storage() &&
+         !tensor.key_set().has_any(wrappers);
+}
+
+struct KdLoss {
+  at::Tensor loss, grad_s, grad_t;
+  at::Tensor denominator;  // a 0-d tensor (off the CPU), or undefined: then `scale` applies
+  double scale = 1.0;
+};
+
+KdLoss kd_loss(const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& labels,
+               const std::optional<at::Tensor>& tau_t, const std::optional<at::Tensor>& tau_s,
+               double tau_t_scalar, double tau_s_scalar, int64_t ignore_index, Reduction reduction,
+               bool student_grad, bool teacher_grad) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastabsld::kd_kl_div_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                           double, double, int64_t, bool, bool)>();
+  auto [rows, grad_s, grad_t] = op.call(s, t, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar,
+                                        ignore_index, student_grad, teacher_grad);
+  KdLoss out;
+  out.grad_s = grad_s;
+  out.grad_t = grad_t;
+  if (reduction == Reduction::kNone) {
+    out.loss = rows;
+  } else if (is_plain_cpu(rows) && (!labels.has_value() || is_plain_cpu(*labels))) {
+    std::tie(out.loss, out.scale) = cpu_reduce(reduction, labels, ignore_index, rows, s.size(1));
+  } else {
+    out.denominator = row_denominator(reduction, labels, ignore_index, rows, s.size(1));
+    out.loss = rows.sum();
+    if (out.denominator.defined()) out.loss = out.loss.div(out.denominator);
+  }
+  return out;
+}
+
+struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& s, const at::Tensor& t,
+                            const std::optional<at::Tensor>& labels,
+                            const std::optional<at::Tensor>& tau_t,
+                            const std::optional<at::Tensor>& tau_s, double tau_t_scalar,
+                            double tau_s_scalar, int64_t ignore_index, c10::string_view reduction) {
+    const Reduction kind = parse_reduction(reduction);
+    const bool student_grad = s.requires_grad(), teacher_grad = t.requires_grad();
+    KdLoss out = kd_loss(s, t, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index, kind,
+                         student_grad, teacher_grad);
+    ctx->save_for_backward({out.grad_s, out.grad_t, out.denominator});
+    ctx->saved_data["flags"] = static_cast<int64_t>(kind) * 4 + student_grad * 2 + teacher_grad;
+    ctx->saved_data["scale"] = out.scale;
+    return out.loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const int64_t flags = ctx->saved_data["flags"].toInt();
+    const auto kind = static_cast<Reduction>(flags / 4);
+    const bool student_grad = (flags & 2) != 0, teacher_grad = (flags & 1) != 0;
+    const at::Tensor& grad = grad_outputs[0];
+    const double factor = ctx->saved_data["scale"].toDouble();
+    auto scale = [&](const at::Tensor& g) {
+      if (kind == Reduction::kNone) return g * grad.unsqueeze(1).to(g.scalar_type());
+      const at::Tensor& denominator = saved[2];
+      if (denominator.defined()) return g * (grad / denominator);
+      return factor == 1.0 ? g * grad : g * (grad * factor);
+    };
+    variable_list out(9);
+    if (student_grad) out[0] = scale(saved[0]);
+    if (teacher_grad) out[1] = scale(saved[1]);
+    return out;
+  }
+};
+
+at::Tensor kd_kl_div_loss_no_grad(const at::Tensor& s, const at::Tensor& t,
+                                  const std::optional<at::Tensor>& labels,
+                                  const std::optional<at::Tensor>& tau_t,
+                                  const std::optional<at::Tensor>& tau_s, double tau_t_scalar,
+                                  double tau_s_scalar, int64_t ignore_index,
+                                  c10::string_view reduction) {
+  return kd_loss(s, t, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
+                 parse_reduction(reduction), false, false)
+      .loss;
+}
+
+at::Tensor kd_kl_div_loss_autograd(const at::Tensor& s, const at::Tensor& t,
+                                   const std::optional<at::Tensor>& labels,
+                                   const std::optional<at::Tensor>& tau_t,
+                                   const std::optional<at::Tensor>& tau_s, double tau_t_scalar,
+                                   double tau_s_scalar, int64_t ignore_index,
+                                   c10::string_view reduction) {
+  if (!at::GradMode::is_enabled() || !(s.requires_grad() || t.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return kd_kl_div_loss_no_grad(s, t, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar,
+                                  ignore_index, reduction);
+  }
+  return KdLossFunction::apply(s, t, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
+                               reduction);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastabsld, Autograd, m) {
+  m.impl("kd_kl_div_loss", &kd_kl_div_loss_autograd);
+}
+
+TORCH_LIBRARY_IMPL(fastabsld, CompositeExplicitAutograd, m) {
+  m.impl("kd_kl_div_loss", &kd_kl_div_loss_no_grad);
+}
+
+}  // namespace fastabsld
