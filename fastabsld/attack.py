@@ -5,6 +5,9 @@ The attacks take the gradient with respect to the input only (``torch.autograd.g
 model's parameters never receive gradients, and they leave the model in the mode it is in.
 """
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
 
@@ -93,13 +96,43 @@ def _per_sample(value, like):
     return value
 
 
+# (index, count) while inside ``sharded_draws``: x holds rows index::count of a batch count times larger.
+_ROW_SHARD = contextvars.ContextVar("fastabsld_row_shard", default=None)
+
+
+@contextlib.contextmanager
+def sharded_draws(index, count):
+    """Random starts drawn for the whole batch, of which the attacked ``x`` holds rows ``index::count``.
+
+    Inside this context every random start is drawn with the shape of the full batch (``count``
+    times the rows of ``x``) and only this shard's rows are kept. When all shards use generators in
+    the same state (one per process under torch.distributed), their attacks together start from
+    exactly the points of one unsharded attack on the full batch, and the generators stay in step.
+
+    Args:
+        index: this shard's position (the rank).
+        count: number of shards (the world size).
+    """
+    if not 0 <= index < count:
+        raise ValueError(f"index must be in [0, count), got index={index}, count={count}")
+    token = _ROW_SHARD.set((index, count) if count > 1 else None)
+    try:
+        yield
+    finally:
+        _ROW_SHARD.reset(token)
+
+
 def _noise(kind, x, generator):
-    """Standard normal or U(-1, 1) noise shaped like ``x``, drawn with ``generator``."""
+    """Standard normal or U(-1, 1) noise shaped like ``x``, drawn with ``generator`` (see ``sharded_draws``)."""
     device = generator.device if generator is not None else x.device
+    shard = _ROW_SHARD.get()
+    shape = x.shape if shard is None else (x.shape[0] * shard[1],) + tuple(x.shape[1:])
     if kind == "normal":
-        noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+        noise = torch.randn(shape, generator=generator, device=device, dtype=x.dtype)
     else:
-        noise = torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype).mul_(2).sub_(1)
+        noise = torch.rand(shape, generator=generator, device=device, dtype=x.dtype).mul_(2).sub_(1)
+    if shard is not None:
+        noise = noise[shard[0]::shard[1]]
     return noise.to(x.device)
 
 

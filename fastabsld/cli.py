@@ -7,6 +7,8 @@ Examples:
   fastabsld eval runs/absld/best.pt --attacks clean pgd20 cw
   fastabsld train --dataset cifar10 --data-dir data --epochs 300 --device cuda \\
       --teacher-path wrn-34-10-trades.pt
+  torchrun --nproc_per_node=4 -m fastabsld train --dataset cifar10 --device cuda --batch-size 128 ...
+                                                   # 4 GPUs, 32 images per GPU per step
 """
 
 import argparse
@@ -36,14 +38,21 @@ def _set_threads(threads):
 
 
 def _train(args):
+    from fastabsld import distributed
+
+    _set_threads(args.threads)
+    with distributed.session(args.device) as ctx:
+        return _train_in(args, ctx)
+
+
+def _train_in(args, ctx):
     from fastabsld import checkpoint
     from fastabsld.train import RUNTIME_FIELDS, TrainConfig, train
 
-    _set_threads(args.threads)
     fields = {k: getattr(args, k) for k in ("method", "dataset", "model", "teacher_model", "epochs", "batch_size",
                                             "lr", "eps", "alpha", "steps", "beta", "temperature_mode", "seed",
                                             "split_seed", "train_subset", "eval_every", "select_metric",
-                                            "teacher_epochs", "teacher_path", "device", "data_dir")}
+                                            "teacher_epochs", "teacher_path", "device", "data_dir", "sync_bn")}
     if args.test_attacks:
         fields["test_attacks"] = tuple(args.test_attacks)
     if args.cache_dir:
@@ -51,7 +60,9 @@ def _train(args):
     cfg = TrainConfig(**fields, **_speed_options(args), progress=not args.no_progress)
     run_dir = args.run_dir or os.path.join("runs", f"{cfg.method}-{cfg.dataset}-{cfg.model}-seed{cfg.seed}")
     last = os.path.join(run_dir, "last.pt")
-    if os.path.exists(last):
+    exists = os.path.exists(last)
+    ctx.barrier()  # every rank has looked before rank 0 can write last.pt
+    if exists:
         if not args.resume:
             print(f"error: {run_dir} holds a run already; pass --resume to continue it or choose another --run-dir",
                   file=sys.stderr)
@@ -59,8 +70,11 @@ def _train(args):
         # A resumed run keeps its recipe; only where it runs may change.
         saved = checkpoint.load(last)["config"]
         cfg = TrainConfig(**{**saved, **{k: v for k, v in cfg.to_dict().items() if k in RUNTIME_FIELDS}})
-        print(f"resuming {run_dir} with its saved configuration ({cfg.method}, {cfg.epochs} epochs)")
+        if ctx.is_main:
+            print(f"resuming {run_dir} with its saved configuration ({cfg.method}, {cfg.epochs} epochs)")
     result = train(cfg, run_dir, resume=args.resume)
+    if not ctx.is_main:
+        return 0
     print(_summary(result["test"]))
     print(f"best epoch on validation: {result['best']['epoch']} ({cfg.select_metric} = {result['best']['value']:.4f})")
     print(f"run folder: {run_dir} (metrics.json, best.pt, last.pt, plots)")
@@ -160,7 +174,12 @@ def build_parser():
     t.add_argument("--teacher-path", default=None, help="teacher checkpoint to use instead of training one")
     t.add_argument("--teacher-epochs", type=_positive_int, default=40, help="PGD-AT epochs of a teacher to train")
     t.add_argument("--epochs", type=_positive_int, default=30)
-    t.add_argument("--batch-size", type=_positive_int, default=128)
+    t.add_argument("--batch-size", type=_positive_int, default=128,
+                   help="global batch size; under torchrun each of the N processes takes batch-size / N images "
+                        "per step (must divide evenly) (default: 128)")
+    t.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun, normalise BatchNorm with the statistics of the global batch "
+                        "(SyncBatchNorm, CUDA only); without it each process uses its own batch-size / N images")
     t.add_argument("--lr", type=float, default=0.1)
     t.add_argument("--eps", type=float, default=None, help=EPS_HELP)
     t.add_argument("--alpha", type=float, default=None,
@@ -224,5 +243,10 @@ def main(argv=None):
     Returns:
         int: the exit status.
     """
+    from fastabsld.distributed import env_world_size
+
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command != "train" and env_world_size() > 1:
+        print(f"error: only 'train' runs under torchrun; run '{args.command}' as a single process", file=sys.stderr)
+        return 2
     return args.func(args)

@@ -77,7 +77,7 @@ def _on_cpu(model):
     return all(p.device.type == "cpu" for p in model.parameters())
 
 
-def step_models(student, cfg, *, distill=True, teacher=None):
+def step_models(student, cfg, *, distill=True, teacher=None, train_model=None):
     """The student as the training step calls it, the folded view the attack runs on, and the teacher's.
 
     Args:
@@ -85,10 +85,12 @@ def step_models(student, cfg, *, distill=True, teacher=None):
         cfg: TrainConfig (``compile``, ``fold_bn``).
         distill: whether the step is a distillation step (the folded attack view is only used there).
         teacher: the frozen teacher (eval mode), or None.
+        train_model: what the training passes call (e.g. the DistributedDataParallel wrapper of
+            ``student``; default: ``student``).
 
     Returns:
-        tuple: (the student as the training passes call it: ``torch.compile(student)`` under
-        ``cfg.compile``, else ``student``; a :class:`FoldedEvalView` of the student (in channels_last on
+        tuple: (what the training passes call: ``torch.compile(train_model)`` under ``cfg.compile``,
+        else ``train_model``; a :class:`FoldedEvalView` of the student (in channels_last on
         the CPU), its network compiled under ``cfg.compile``, or None when ``cfg.fold_bn`` is off, the view would
         change nothing, or the step is PGD-AT; the teacher's folded view (refreshed once: the teacher is
         frozen; in channels_last on the CPU), or ``teacher`` itself).
@@ -100,8 +102,9 @@ def step_models(student, cfg, *, distill=True, teacher=None):
     if teacher is not None and cfg.fold_bn:
         teacher_view = FoldedEvalView(teacher, channels_last=_on_cpu(teacher))
         teacher = teacher_view.refresh() if teacher_view.changed else teacher
+    train_model = student if train_model is None else train_model
     if cfg.compile:
-        student = torch.compile(student)
+        train_model = torch.compile(train_model)
         if view is not None:
             view.net = torch.compile(view.net)
-    return student, view, teacher
+    return train_model, view, teacher

@@ -64,7 +64,7 @@ class FoldedConv2d(nn.Module):
 
 
 def _foldable(conv, bn):
-    return (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats
+    return (type(conv) is nn.Conv2d and type(bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) and bn.track_running_stats
             and bn.running_mean is not None and conv.out_channels == bn.num_features and conv.padding_mode == "zeros")
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastabsld import checkpoint, fast_step, report
+from fastabsld import checkpoint, distributed, fast_step, report
 from fastabsld.data import TensorLoader, load_dataset
 from fastabsld.models import build_model
 
@@ -60,7 +60,7 @@ class TrainConfig:
         model: student architecture (``None``: the data set's default, see ``DEFAULT_MODELS``).
         teacher_model: teacher architecture for distillation (``None``: the default).
         epochs: training epochs.
-        batch_size: batch size.
+        batch_size: batch size; under torchrun the global batch, split evenly over the processes.
         lr, momentum, weight_decay: SGD settings.
         milestones: LR milestones as fractions of ``epochs`` (released: 215/260/285 of 300).
         lr_gamma: LR (and beta) factor at each milestone.
@@ -81,6 +81,8 @@ class TrainConfig:
         data_dir: CIFAR folder.
         cache_dir: folder of cached teachers.
         progress: show progress bars.
+        sync_bn: under torchrun, normalise BatchNorm with the global batch's statistics (SyncBatchNorm,
+            CUDA only; see fastabsld.distributed).
         amp: bf16 autocast around the student's and the teacher's forwards (the losses stay fp32).
         channels_last: run the models and batches in the channels_last memory format.
         compile: ``torch.compile`` the student's training forward and the attack's forward.
@@ -123,6 +125,7 @@ class TrainConfig:
     data_dir: str = None
     cache_dir: str = field(default_factory=lambda: os.environ.get("FASTABSLD_CACHE", ".fastabsld_cache"))
     progress: bool = True
+    sync_bn: bool = False
     amp: bool = False
     channels_last: bool = False
     compile: bool = False
@@ -343,9 +346,17 @@ def train_epoch(student, loss_fn, optimizer, loader, cfg, generator, *, teacher=
     return loss_sum / max(batches, 1)
 
 
+def _silent(*args, **kwargs):
+    pass
+
+
 def _restore(path, cfg, device, student, optimizer, scheduler, loss_fn, generators, log):
     """Loads ``last.pt`` into the run's objects; returns (history, best, epochs done)."""
     state = checkpoint.load(path, map_location=device)
+    world_size = distributed.current().world_size
+    if state.get("world_size", 1) != world_size:
+        log(f"warning: resuming a run of {state.get('world_size', 1)} processes with {world_size}: data order and "
+            "attack noise continue as saved, BatchNorm statistics (per rank without --sync-bn) change")
     if state["config"] != cfg.to_dict():
         changed = sorted(k for k, v in cfg.to_dict().items() if state["config"].get(k) != v)
         log(f"warning: resuming with a changed config (fields: {', '.join(changed)})")
@@ -378,7 +389,11 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, log=print
     """
     from tqdm.auto import tqdm
 
-    device = resolve_device(cfg.device)
+    ctx = distributed.current()
+    device = ctx.device(resolve_device(cfg.device))
+    if not ctx.is_main:  # rank 0 alone logs, shows progress and writes the run folder
+        log, cfg = _silent, dataclasses.replace(cfg, progress=False)
+    writes = run_dir if ctx.is_main else None
     full = data if data is not None else load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.split_seed)
     data = _subset(full, cfg.train_subset)
     seed_everything(cfg.seed)
@@ -392,26 +407,27 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, log=print
     if cfg.channels_last:
         student = student.to(memory_format=torch.channels_last)
         teacher = teacher if teacher is None else teacher.to(memory_format=torch.channels_last)
-    step_student, attack_model, step_teacher = fast_step.step_models(student, cfg, distill=loss_fn is not None,
-                                                                     teacher=teacher)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(cfg), cfg.lr_gamma)
     # A last batch of a few images would make BatchNorm's batch statistics noisy: drop it, unless it is the only one.
-    loader = TensorLoader(*data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=data.augment,
-                          drop_last=len(data.train[1]) > cfg.batch_size)
+    loader = ctx.train_loader(*data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=data.augment,
+                              drop_last=len(data.train[1]) > cfg.batch_size)
     attack_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     generators = {"data": loader.generator, "attack": attack_gen}
     val_loader = _eval_loader(data.val, cfg)
+    model = ctx.wrap(student, sync_bn=cfg.sync_bn)
+    step_model, attack_model, step_teacher = fast_step.step_models(student, cfg, distill=loss_fn is not None,
+                                                                   teacher=teacher, train_model=model)
 
     history, best, start = [], {"epoch": None, "value": -math.inf}, 0
     last_path = os.path.join(run_dir, "last.pt") if run_dir else None
-    best_path = os.path.join(run_dir, "best.pt") if run_dir else None
+    best_path = os.path.join(run_dir, "best.pt") if writes else None
     best_state = None
     if resume and last_path and os.path.exists(last_path):
         history, best, start = _restore(last_path, cfg, device, student, optimizer, scheduler, loss_fn, generators,
                                         log)
-        if os.path.exists(best_path):
+        if ctx.is_main and os.path.exists(best_path):
             best_state = checkpoint.load(best_path, map_location=device)["model"]
         log(f"resumed {run_dir} after epoch {start}")
     elif resume:
@@ -424,16 +440,18 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, log=print
         began = time.perf_counter()
         if loss_fn is not None:
             loss_fn.beta = beta_at(cfg, epoch)
-        mean_loss = train_epoch(step_student, loss_fn, optimizer, loader, cfg, attack_gen, teacher=step_teacher,
-                                device=device, progress=cfg.progress, desc=f"epoch {epoch + 1}",
-                                attack_model=attack_model)
+        with ctx.draws():
+            mean_loss = train_epoch(step_model, loss_fn, optimizer, loader, cfg, attack_gen, teacher=step_teacher,
+                                    device=device, progress=cfg.progress, desc=f"epoch {epoch + 1}",
+                                    attack_model=attack_model)
+        mean_loss = ctx.mean(mean_loss)
         entry = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": mean_loss.item()}
         if loss_fn is not None:
             entry["beta"] = loss_fn.beta
             loss_fn.update_temperatures()
             entry.update(_temperatures(loss_fn))
         scheduler.step()
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        if ctx.is_main and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             entry["val"] = evaluate(student, val_loader, cfg.val_attacks, eps=cfg.eps, alpha=cfg.alpha,
                                     num_classes=data.num_classes, device=device, progress=False)
             value = _selection_value(cfg, entry["val"])
@@ -447,22 +465,27 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, log=print
         entry["seconds"] = time.perf_counter() - began
         history.append(entry)
         epochs.set_postfix(loss=f"{entry['train_loss']:.4f}")
-        if run_dir:
+        if writes:
             checkpoint.atomic_save({
                 "format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "epoch": epoch + 1,
                 "model": student.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "loss_fn": None if loss_fn is None else loss_fn.state_dict(),
                 "beta": None if loss_fn is None else loss_fn.beta, "rng": checkpoint.rng_state(generators),
-                "history": history, "best": best, **shapes}, last_path)
-            report.write_metrics(run_dir, {"config": cfg.to_dict(), "history": history, "best": best})
+                "history": history, "best": best, "world_size": ctx.world_size, **shapes}, last_path)
+            report.write_metrics(run_dir, {"config": cfg.to_dict(), "history": history, "best": best,
+                                           "world_size": ctx.world_size})
+        ctx.barrier()  # every rank has finished the epoch that last.pt records
     epochs.close()
 
+    if not ctx.is_main:  # the test evaluation and the report are rank 0's
+        return {"config": cfg.to_dict(), "history": history, "best": best, "test": None, "model": student.eval()}
     if best_state is not None:
         student.load_state_dict(best_state)
     test = evaluate(student, _eval_loader(data.test, cfg), cfg.test_attacks, eps=cfg.eps, alpha=cfg.alpha,
                     num_classes=data.num_classes, device=device, progress=cfg.progress)
-    result = {"config": cfg.to_dict(), "history": history, "best": best, "test": test}
-    if run_dir:
+    result = {"config": cfg.to_dict(), "history": history, "best": best, "test": test,
+              "world_size": ctx.world_size}
+    if writes:
         report.write_metrics(run_dir, result)
         report.plot_run(run_dir, result)
     result["model"] = student.eval()
@@ -484,7 +507,8 @@ def teacher_config(cfg):
 
 
 # Fields that do not change a trained teacher's weights.
-_HASH_EXCLUDED = RUNTIME_FIELDS + ("test_attacks",)
+# sync_bn is left out too, so that adding it kept the cached teachers of earlier versions valid.
+_HASH_EXCLUDED = RUNTIME_FIELDS + ("test_attacks", "sync_bn")
 
 
 def config_hash(cfg):
@@ -539,12 +563,15 @@ def get_teacher(cfg, *, data=None, log=print):
         return teacher.requires_grad_(False)
     tcfg = teacher_config(cfg)
     path = teacher_cache_path(cfg)
-    if not os.path.exists(path):
+    ctx = distributed.current()
+    if not ctx.from_main(os.path.exists(path)):  # under torchrun all ranks train it together; rank 0 caches it
         log(f"training the robust teacher ({tcfg.model}, PGD-AT, {tcfg.epochs} epochs); cached at {path}")
         result = train(tcfg, os.path.splitext(path)[0] + "-run", data=data, log=log)
-        os.replace(os.path.join(os.path.splitext(path)[0] + "-run", "best.pt"), path)
-        test = result["test"]
-        log(f"teacher test accuracy: clean {test['clean']['average']:.3f}, PGD-20 {test['pgd20']['average']:.3f}")
+        if ctx.is_main:
+            os.replace(os.path.join(os.path.splitext(path)[0] + "-run", "best.pt"), path)
+            test = result["test"]
+            log(f"teacher test accuracy: clean {test['clean']['average']:.3f}, PGD-20 {test['pgd20']['average']:.3f}")
+        ctx.barrier()
     teacher, _ = load_model(path, resolve_device(cfg.device))
     return teacher.requires_grad_(False)
 
