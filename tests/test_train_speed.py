@@ -160,6 +160,19 @@ def test_channels_last_view_of_a_contiguous_model():
     assert teacher.features[0][0].weight.is_contiguous()
 
 
+def test_folded_view_folds_sync_batchnorm():
+    """Under --sync-bn the student's BatchNorms are SyncBatchNorm (no CPU kernel): the view still folds them."""
+    student, _ = _models(torch.float32)
+    x = torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        expected = student.eval()(x)
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    view = FoldedEvalView(converted)
+    assert view.num_folded == 4
+    with torch.no_grad():
+        torch.testing.assert_close(view(x), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_folded_view_handles_conv_bias_and_plain_batchnorm():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=True), nn.BatchNorm2d(3, affine=False), nn.ReLU(),
