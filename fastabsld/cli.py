@@ -223,7 +223,8 @@ def build_parser():
                        description="Trains (or reuses) a robust digits teacher, distils RSLAD and ABSLD students "
                                    "with the same budget and seeds, and prints a side-by-side table of clean and "
                                    "PGD-20 accuracy, worst-class accuracy and NSD with mean +- std over seeds.")
-    d.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    d.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help="student seeds (default: 0 1 2 3 4; about 20 s per seed for both methods on 2 cores)")
     d.add_argument("--epochs", type=_positive_int, default=30, help="student epochs")
     d.add_argument("--teacher-epochs", type=_positive_int, default=30)
     d.add_argument("--out", default=os.path.join("runs", "demo"), help="report folder")

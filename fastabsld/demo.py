@@ -89,7 +89,7 @@ def _sentence(what, word):
     return f"ABSLD did NOT clearly improve {what} over RSLAD: the difference is inside the seed spread."
 
 
-def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2), epochs=30, teacher_epochs=30, cache_dir=None, device="cpu",
+def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_epochs=30, cache_dir=None, device="cpu",
              progress=True, log=print, speed=None):
     """Trains the teacher (or reuses the cached one), distils RSLAD and ABSLD students, prints the table.
 
