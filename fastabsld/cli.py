@@ -14,6 +14,7 @@ Examples:
 import argparse
 import math
 import os
+import pickle
 import sys
 
 EPS_HELP = ("L-inf radius of the attacks (default: 0.1 on digits, 8/255 on CIFAR). The digits images are 8x8 with "
@@ -97,7 +98,12 @@ def _eval(args):
 
     _set_threads(args.threads)
     device = resolve_device(args.device)
-    model, cfg = load_model(args.checkpoint, device)
+    try:
+        model, cfg = load_model(args.checkpoint, device)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, RuntimeError) as error:
+        print(f"error: {args.checkpoint} is not a fastabsld checkpoint ({type(error).__name__}: {error})",
+              file=sys.stderr)
+        return 2
     data = load_dataset(cfg.dataset, data_dir=args.data_dir or cfg.data_dir, seed=cfg.split_seed)
     x, y = getattr(data, args.split)
     eps = cfg.eps if args.eps is None else args.eps
@@ -250,4 +256,8 @@ def main(argv=None):
     if args.command != "train" and env_world_size() > 1:
         print(f"error: only 'train' runs under torchrun; run '{args.command}' as a single process", file=sys.stderr)
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except OSError as error:  # a missing checkpoint, teacher or data folder, or a failed download
+        print(f"error: {error}", file=sys.stderr)
+        return 2

@@ -100,3 +100,16 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     for name in ("per_class_robust_accuracy.png", "absld_temperatures.png", "rslad-seed0/metrics.json",
                  "absld-seed0/best.pt"):
         assert (out / name).stat().st_size > 0, name
+
+
+def test_missing_or_unreadable_files_give_a_message_not_a_traceback(tmp_path, capsys):
+    missing = str(tmp_path / "missing.pt")
+    assert cli.main(["eval", missing]) == 2
+    assert "No such file" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("not a checkpoint\n")
+    assert cli.main(["eval", str(garbage)]) == 2
+    assert "is not a fastabsld checkpoint" in capsys.readouterr().err
+    assert cli.main(["train", "--teacher-path", missing, "--epochs", "1", "--train-subset", "64", "--no-progress",
+                     "--run-dir", str(tmp_path / "run")]) == 2
+    assert "No such file" in capsys.readouterr().err
