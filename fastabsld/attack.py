@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from fastabsld.loss import kd_kl_div
 from fastabsld.ops import pgd_step
+from fastabsld.pgd_step_op import check_step_arguments
 
 NORMS = ("linf", "l2")
 RANDOM_STARTS = ("uniform", "normal", "none")
@@ -183,6 +184,7 @@ def pgd(model, x, loss_fn, *, eps, alpha, steps, norm="linf", random_start="unif
         raise ValueError(f"random_start must be one of {RANDOM_STARTS}, got {random_start!r}")
     if int(steps) != steps or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    check_step_arguments(alpha, eps, clamp, x.shape[0])  # also when steps = 0: the start uses eps and clamp
     x = x.detach()
     return pgd_loop(model, x, _start(x, eps, norm, random_start, clamp, generator), loss_fn, eps=eps, alpha=alpha,
                     steps=int(steps), norm=norm, clamp=clamp)

@@ -76,6 +76,27 @@ def _check_radius(value, name, batch):
     return None, float(value)
 
 
+def check_step_arguments(alpha, eps, clamp, batch):
+    """Checks alpha, eps and clamp of a step on ``batch`` samples (per-sample values: see ``_check_radius``).
+
+    Args:
+        alpha: step size: a non-negative number or a tensor of shape (B,).
+        eps: radius: a non-negative number or a tensor of shape (B,).
+        clamp: (min, max) with min <= max.
+        batch: B.
+
+    Returns:
+        tuple: (alpha tensor or None, alpha number, eps tensor or None, eps number, clamp min, clamp max).
+    """
+    try:
+        lo, hi = (float(bound) for bound in clamp)
+    except (TypeError, ValueError):
+        raise ValueError(f"pgd_step: clamp must be a (min, max) pair of numbers, got {clamp!r}") from None
+    if not lo <= hi:
+        raise ValueError(f"pgd_step: clamp must be (min, max) with min <= max, got {clamp!r}")
+    return (*_check_radius(alpha, "alpha", batch), *_check_radius(eps, "eps", batch), lo, hi)
+
+
 def pgd_step(x_adv, x, grad, *, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
     """Takes one PGD ascent step and projects it, per sample, in one pass.
 
@@ -105,10 +126,6 @@ def pgd_step(x_adv, x, grad, *, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
         raise ValueError(
             f"pgd_step: x_adv {tuple(x_adv.shape)}, x {tuple(x.shape)} and grad {tuple(grad.shape)} must have the same shape"
         )
-    lo, hi = float(clamp[0]), float(clamp[1])
-    if not lo <= hi:
-        raise ValueError(f"pgd_step: clamp must be (min, max) with min <= max, got {clamp!r}")
     batch = x_adv.shape[0]
-    alpha_t, alpha_f = _check_radius(alpha, "alpha", batch)
-    eps_t, eps_f = _check_radius(eps, "eps", batch)
+    alpha_t, alpha_f, eps_t, eps_f, lo, hi = check_step_arguments(alpha, eps, clamp, batch)
     return torch.ops.fastabsld.pgd_step.default(x_adv, x, grad, alpha_t, eps_t, alpha_f, eps_f, norm, lo, hi)

@@ -172,7 +172,8 @@ def test_cw_loss_matches_the_rslad_margin():
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"norm": "l1"}, "norm"), ({"random_start": "zeros"}, "random_start"), ({"steps": -1}, "steps"),
-     ({"eps": -1.0}, "eps")],
+     ({"eps": -1.0}, "eps"), ({"eps": -1.0, "steps": 0}, "eps"), ({"alpha": float("nan"), "steps": 0}, "alpha"),
+     ({"clamp": (1.0, 0.0), "steps": 0}, "clamp"), ({"clamp": (1.0, 0.0)}, "clamp")],
 )
 def test_pgd_rejects_bad_arguments(kwargs, match):
     x, y = batch(2)

@@ -186,6 +186,13 @@ def test_bad_input_is_a_value_error(kwargs, match):
         pgd_step(**args)
 
 
+@pytest.mark.parametrize("clamp", [(0.0,), None, (0.0, 1.0, 2.0), ("low", 1.0)])
+def test_clamp_that_is_not_a_pair_is_a_value_error(clamp):
+    x = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="clamp"):
+        pgd_step(x, x, x, alpha=0.1, eps=0.2, clamp=clamp)
+
+
 @pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ checks need fastabsld._C")
 @pytest.mark.parametrize("kwargs, match", BAD_ARGUMENTS)
 def test_the_kernels_check_their_arguments_too(kwargs, match):
