@@ -120,8 +120,12 @@ class ABSLDLoss(nn.Module):
             Tensor: (B, C) probabilities, fp32 (fp64 for fp64 logits).
         """
         self._check_inputs(labels, teacher_logits=teacher_logits)
+        if labels.device.type == "cpu" and not torch.compiler.is_compiling() and \
+                bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.tolist()}")
         compute = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
-        tau = self.branch_temperature(branch)[labels].to(compute).unsqueeze(1)
+        # index_select, not indexing: a negative label must fail (on CUDA, a device-side assert), not wrap.
+        tau = self.branch_temperature(branch).index_select(0, labels.long()).to(compute).unsqueeze(1)
         return torch.softmax(teacher_logits.to(compute) / tau, dim=1)
 
     def forward(self, adv_logits, nat_logits, teacher_logits, labels):

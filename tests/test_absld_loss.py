@@ -251,6 +251,9 @@ def test_input_errors():
         loss_fn.teacher_probs(teacher[:, :1], labels)
     with pytest.raises(ValueError, match="branch"):
         loss_fn.teacher_probs(teacher, labels, branch="clean")
+    for bad in (-1, 3):  # a negative label must not wrap around to the last class's temperature
+        with pytest.raises(ValueError, match="labels"):
+            loss_fn.teacher_probs(teacher, torch.tensor([0, 1, bad, 2]))
 
 
 # Two processes with the gloo backend: each rank sees different data, the temperatures must agree.
