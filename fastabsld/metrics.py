@@ -44,6 +44,9 @@ def class_counts(predictions_or_logits, labels, num_classes):
     _check_num_classes(num_classes)
     predictions = _predictions(predictions_or_logits, labels)
     labels = labels.to(torch.int64)
+    if labels.device.type == "cpu" and bool(((labels < 0) | (labels >= num_classes)).any()):
+        raise ValueError(f"labels must lie in [0, num_classes={num_classes}), got values from "
+                         f"{int(labels.min())} to {int(labels.max())}")
     total = torch.zeros(num_classes, dtype=torch.int64, device=labels.device)
     total.index_add_(0, labels, torch.ones_like(labels))
     correct = torch.zeros_like(total)

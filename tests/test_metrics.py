@@ -98,6 +98,9 @@ def test_argument_errors():
         per_class_accuracy(torch.zeros(6, 2, 2), LABELS, 4)
     with pytest.raises(ValueError, match="labels"):
         per_class_accuracy(PREDICTIONS, LABELS[:, None], 4)
+    for bad in (-1, 4):  # out of [0, num_classes): not an IndexError, nor a count for the wrong class
+        with pytest.raises(ValueError, match="labels"):
+            per_class_accuracy(PREDICTIONS, torch.cat([LABELS[:-1], torch.tensor([bad])]), 4)
     with pytest.raises(ValueError, match="num_classes"):
         ClassAccuracy(0)
     with pytest.raises(ValueError, match="per_class_acc"):
