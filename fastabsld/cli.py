@@ -58,7 +58,11 @@ def _train_in(args, ctx):
         fields["test_attacks"] = tuple(args.test_attacks)
     if args.cache_dir:
         fields["cache_dir"] = args.cache_dir
-    cfg = TrainConfig(**fields, **_speed_options(args), progress=not args.no_progress)
+    try:
+        cfg = TrainConfig(**fields, **_speed_options(args), progress=not args.no_progress)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     run_dir = args.run_dir or os.path.join("runs", f"{cfg.method}-{cfg.dataset}-{cfg.model}-seed{cfg.seed}")
     last = os.path.join(run_dir, "last.pt")
     exists = os.path.exists(last)

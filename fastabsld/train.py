@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 import os
 import random
 import time
@@ -32,7 +33,7 @@ from fastabsld.data import TensorLoader, load_dataset
 from fastabsld.models import build_model
 
 from fastabsld.attack import ce_loss, kl_loss, pgd
-from fastabsld.evaluation import evaluate
+from fastabsld.evaluation import ATTACKS, evaluate
 from fastabsld.loss import ABSLDLoss
 
 METHODS = ("absld", "rslad", "pgd-at")
@@ -148,6 +149,16 @@ class TrainConfig:
         self.milestones = tuple(self.milestones)
         self.val_attacks = tuple(self.val_attacks)
         self.test_attacks = tuple(self.test_attacks)
+        # Checked here, not at the first attack step or the final test: a bad value must not cost a run.
+        for name in ("eps", "alpha", "lr", "beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+                    or value < 0 or (name == "lr" and value == 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+        for name in ("val_attacks", "test_attacks"):
+            attacks = getattr(self, name)
+            if not attacks or not set(attacks) <= set(ATTACKS):
+                raise ValueError(f"{name} must be a non-empty selection of {ATTACKS}, got {attacks!r}")
         attack, _, key = self.select_metric.partition(".")
         if attack not in self.val_attacks or key not in SELECT_KEYS:
             raise ValueError(f"select_metric must be '<one of val_attacks {self.val_attacks}>."

@@ -113,3 +113,12 @@ def test_missing_or_unreadable_files_give_a_message_not_a_traceback(tmp_path, ca
     assert cli.main(["train", "--teacher-path", missing, "--epochs", "1", "--train-subset", "64", "--no-progress",
                      "--run-dir", str(tmp_path / "run")]) == 2
     assert "No such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, name", [(["--eps", "-1"], "eps"), (["--alpha", "nan"], "alpha"),
+                                        (["--test-attacks", "pgd"], "test_attacks")])
+def test_bad_train_values_are_an_error_line_before_any_training(argv, name, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", *argv, "--no-progress", "--run-dir", str(run), "--cache-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {name}")
+    assert not run.exists()
