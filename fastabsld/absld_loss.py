@@ -107,6 +107,10 @@ class ABSLDLoss(nn.Module):
             if tuple(value.shape) != expected:
                 raise ValueError(f"{name} must have shape (B, C) = {expected} for labels of shape "
                                  f"{tuple(labels.shape)} and num_classes={self.num_classes}, got {tuple(value.shape)}")
+        # -100 too: the loss has no ignore_index (kd_kl_div would skip the row, the risk update would fail).
+        if labels.device.type == "cpu" and not torch.compiler.is_compiling() and \
+                bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.tolist()}")
 
     def teacher_probs(self, teacher_logits, labels, branch="adv"):
         """The teacher's soft labels of one branch: ``softmax(teacher_logits / tau_branch[labels])``.
@@ -120,9 +124,6 @@ class ABSLDLoss(nn.Module):
             Tensor: (B, C) probabilities, fp32 (fp64 for fp64 logits).
         """
         self._check_inputs(labels, teacher_logits=teacher_logits)
-        if labels.device.type == "cpu" and not torch.compiler.is_compiling() and \
-                bool(((labels < 0) | (labels >= self.num_classes)).any()):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.tolist()}")
         compute = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
         # index_select, not indexing: a negative label must fail (on CUDA, a device-side assert), not wrap.
         tau = self.branch_temperature(branch).index_select(0, labels.long()).to(compute).unsqueeze(1)

@@ -254,6 +254,9 @@ def test_input_errors():
     for bad in (-1, 3):  # a negative label must not wrap around to the last class's temperature
         with pytest.raises(ValueError, match="labels"):
             loss_fn.teacher_probs(teacher, torch.tensor([0, 1, bad, 2]))
+    for bad in (-100, 3):
+        with pytest.raises(ValueError, match="labels"):
+            loss_fn.eval()(adv, nat, teacher, torch.tensor([0, 1, bad, 2]))
 
 
 # Two processes with the gloo backend: each rank sees different data, the temperatures must agree.
