@@ -17,6 +17,8 @@ import os
 import pickle
 import sys
 
+from fastabsld.evaluation import ATTACKS
+
 EPS_HELP = ("L-inf radius of the attacks (default: 0.1 on digits, 8/255 on CIFAR). The digits images are 8x8 with "
             "17 grey levels (steps of 1/16 = 0.0625); eps = 0.1 moves each pixel by at most 1.6 grey levels, which "
             "keeps the digit legible to a person, yet it is a real threat: the cnn-s student trained without defence "
@@ -218,7 +220,7 @@ def build_parser():
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (best.pt, last.pt or a cached teacher)")
     e.add_argument("checkpoint")
-    e.add_argument("--attacks", nargs="+", default=["clean", "fgsm", "pgd20", "cw"],
+    e.add_argument("--attacks", nargs="+", default=["clean", "fgsm", "pgd20", "cw"], choices=ATTACKS,
                    help="any of clean fgsm pgd20 cw autoattack")
     e.add_argument("--split", choices=("test", "val", "train"), default="test")
     e.add_argument("--eps", type=float, default=None, help="override the run's eps")
@@ -260,6 +262,14 @@ def main(argv=None):
     if args.command != "train" and env_world_size() > 1:
         print(f"error: only 'train' runs under torchrun; run '{args.command}' as a single process", file=sys.stderr)
         return 2
+    if getattr(args, "device", None) is not None:
+        from fastabsld.train import resolve_device
+
+        try:
+            resolve_device(args.device)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except OSError as error:  # a missing checkpoint, teacher or data folder, or a failed download

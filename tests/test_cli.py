@@ -122,3 +122,12 @@ def test_bad_train_values_are_an_error_line_before_any_training(argv, name, tmp_
     assert cli.main(["train", *argv, "--no-progress", "--run-dir", str(run), "--cache-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {name}")
     assert not run.exists()
+
+
+def test_bad_device_and_unknown_attack_are_errors_not_tracebacks(capsys):
+    assert cli.main(["train", "--device", "tpu", "--epochs", "1"]) == 2
+    assert "device must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "missing.pt", "--attacks", "foo"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
