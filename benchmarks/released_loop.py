@@ -19,19 +19,7 @@ Not collected by pytest (no ``bench_``/``test_`` prefix): ``benchmarks/bench_tra
 import torch
 import torch.nn.functional as F
 
-
-def released_kl_mean(student_logits, teacher_probs):
-    """The released outer KL term: mean over all B*C elements of ``p * (log(p + 1e-5) - log softmax(s))``.
-
-    Args:
-        student_logits: (B, C) student logits.
-        teacher_probs: (B, C) teacher soft labels.
-
-    Returns:
-        Tensor: the scalar loss.
-    """
-    log_q = torch.log(F.softmax(student_logits, dim=1))
-    return (teacher_probs * (torch.log(teacher_probs + 1e-5) - log_q)).mean()
+from fastabsld.reference import released_absld_kl_mean
 
 
 def released_inner_attack(student, teacher_logits, x, *, eps, alpha, steps, generator=None):
@@ -93,8 +81,8 @@ def released_step(student, teacher, optimizer, x, y, state, *, eps, alpha, steps
     x_adv = released_inner_attack(student, teacher_adv, x, eps=eps, alpha=alpha, steps=steps, generator=generator)
     adv_logits = student(x_adv)
     nat_logits = student(x)
-    loss = (adv_weight * released_kl_mean(adv_logits, F.softmax(teacher_adv.detach(), dim=1))
-            + nat_weight * released_kl_mean(nat_logits, F.softmax(teacher_nat.detach(), dim=1)))
+    loss = (adv_weight * released_absld_kl_mean(adv_logits, F.softmax(teacher_adv.detach(), dim=1))
+            + nat_weight * released_absld_kl_mean(nat_logits, F.softmax(teacher_nat.detach(), dim=1)))
     loss.backward()
     optimizer.step()
     for i in range(len(y)):

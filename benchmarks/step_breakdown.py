@@ -85,8 +85,8 @@ def released_phases(timer, student, teacher, state, optimizer, x, y, steps, gene
     with timer("student"):
         adv_logits, nat_logits = student(x_adv), student(x)
     with timer("loss"):
-        loss = (5 / 6 * released_loop.released_kl_mean(adv_logits, F.softmax(teacher_adv, dim=1))
-                + 1 / 6 * released_loop.released_kl_mean(nat_logits, F.softmax(teacher_nat, dim=1)))
+        loss = (5 / 6 * released_loop.released_absld_kl_mean(adv_logits, F.softmax(teacher_adv, dim=1))
+                + 1 / 6 * released_loop.released_absld_kl_mean(nat_logits, F.softmax(teacher_nat, dim=1)))
     with timer("backward"):
         loss.backward()
     with timer("optimiser"):

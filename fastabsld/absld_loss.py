@@ -110,7 +110,8 @@ class ABSLDLoss(nn.Module):
         # -100 too: the loss has no ignore_index (kd_kl_div would skip the row, the risk update would fail).
         if labels.device.type == "cpu" and not torch.compiler.is_compiling() and \
                 bool(((labels < 0) | (labels >= self.num_classes)).any()):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.tolist()}")
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got values from "
+                             f"{int(labels.min())} to {int(labels.max())}")
 
     def teacher_probs(self, teacher_logits, labels, branch="adv"):
         """The teacher's soft labels of one branch: ``softmax(teacher_logits / tau_branch[labels])``.

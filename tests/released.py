@@ -6,18 +6,14 @@ including the NaN on tied risks and the tensor aliasing of the two temperature b
 
 import torch
 
+from fastabsld.reference import released_absld_kl_mean
+
 
 def released_temperature_update(tau, risk, beta, tau_min=0.5, tau_max=5.0):
     """``clamp(tau - beta * (R - mean R) / max|R - mean R|, tau_min, tau_max)``, unguarded."""
     centred = risk - torch.mean(risk)
     normalised = centred / torch.max(torch.abs(centred))
     return torch.clamp(tau - beta * normalised, tau_min, tau_max)
-
-
-def released_kl_mean(student_logits, teacher_probs):
-    """The released per-element KL, ``-log(softmax(s)) * p + log(p + 1e-5) * p``, averaged over B*C."""
-    log_q = torch.log(torch.softmax(student_logits, dim=1))
-    return (-log_q * teacher_probs + torch.log(teacher_probs + 1e-5) * teacher_probs).mean()
 
 
 def released_soft_labels(teacher_logits, labels, tau_adv, tau_nat, aliased):
@@ -42,4 +38,5 @@ def released_absld_loss(adv_logits, nat_logits, teacher_logits, labels, tau_adv,
                         adv_weight=5 / 6, nat_weight=1 / 6):
     """The released outer objective ``5/6 KLmean(adv) + 1/6 KLmean(nat)``."""
     p_adv, p_nat = released_soft_labels(teacher_logits, labels, tau_adv, tau_nat, aliased)
-    return adv_weight * released_kl_mean(adv_logits, p_adv) + nat_weight * released_kl_mean(nat_logits, p_nat)
+    return (adv_weight * released_absld_kl_mean(adv_logits, p_adv)
+            + nat_weight * released_absld_kl_mean(nat_logits, p_nat))
