@@ -53,17 +53,6 @@ def accumulation_dtype(student_logits, teacher_logits):
     return torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
 
 
-def _check_fallback_inputs(labels, temperatures, num_classes, ignore_index):
-    """The C++ kernel's value checks, for the reference path (CPU tensors only: no host sync on GPU)."""
-    if labels is not None and labels.device.type == "cpu":
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-        if bool(bad.any()):
-            raise RuntimeError(f"kd_kl_div_forward: labels outside [0, {num_classes}) that are not ignore_index")
-    for name, tau in temperatures:
-        if tau is not None and tau.device.type == "cpu" and not bool((torch.isfinite(tau) & (tau > 0)).all()):
-            raise RuntimeError(f"kd_kl_div_forward: {name} must be positive and finite")
-
-
 def reference_forward(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
                       teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad,
                       teacher_grad):
@@ -76,8 +65,9 @@ def reference_forward(student_logits, teacher_logits, labels, teacher_temperatur
     Args and Returns: as ``torch.ops.fastabsld.kd_kl_div_forward`` (module docstring).
     """
     batch, num_classes = student_logits.shape
-    _check_fallback_inputs(labels, [("teacher_temperature", teacher_temperature),
-                                    ("student_temperature", student_temperature)], num_classes, ignore_index)
+    if student_logits.device.type == "cpu":
+        reference.check_kd_values(labels, [("teacher_temperature", teacher_temperature),
+                                           ("student_temperature", student_temperature)], ignore_index, num_classes)
     for name, value in (("teacher_temperature", teacher_temperature_scalar),
                         ("student_temperature", student_temperature_scalar)):
         if not (0 < value < float("inf")):

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastabsld import reference
+
 # Above this many columns the online kernel runs: a row of the tile kernel is held in
 # registers, and at 8192 fp32 values for each of s and t a 16-warp CTA (512 threads)
 # already keeps 16 values of each per thread plus temporaries; 16384 would spill.
@@ -271,26 +273,6 @@ def _check_inputs(student_logits, teacher_logits, labels):
             raise ValueError(f"labels must be on {student_logits.device}, got {labels.device}")
 
 
-def _check_values_on_host(labels, tau_t, tau_s, ignore_index, num_classes):
-    """The device asserts' checks, done eagerly for CPU tensors (the interpreter has no asserts).
-
-    RuntimeError like the C++ kernel's TORCH_CHECK and a failed device assert on a GPU.
-    """
-    kept = None
-    if labels is not None:
-        kept = labels != ignore_index
-        used = labels[kept]
-        if bool(((used < 0) | (used >= num_classes)).any()):
-            raise RuntimeError(f"kd_kl_div_forward: labels must lie in [0, C={num_classes}) or equal "
-                               f"ignore_index={ignore_index}")
-    for name, tau, mode in (("teacher_temperature", *tau_t), ("student_temperature", *tau_s)):
-        if mode == SCALAR:
-            continue
-        used = tau[labels[kept]] if mode == BY_LABEL else (tau if kept is None else tau[kept])
-        if not bool(((used > 0) & torch.isfinite(used)).all()):
-            raise RuntimeError(f"kd_kl_div_forward: {name} must be positive and finite where it is used")
-
-
 def kd_kl_div_forward(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
                       teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad,
                       teacher_grad):
@@ -343,7 +325,9 @@ def launch(student_logits, teacher_logits, labels, teacher_temperature, student_
     tau_s = _check_temperature(student_temperature, student_temperature_scalar, labels, batch, num_classes, device,
                                "student_temperature")
     if device.type == "cpu":
-        _check_values_on_host(labels, tau_t, tau_s, ignore_index, num_classes)
+        # The interpreter has no device asserts: the same checks, eagerly.
+        reference.check_kd_values(labels, [("teacher_temperature", tau_t[0]), ("student_temperature", tau_s[0])],
+                                  ignore_index, num_classes)
     row_loss = torch.empty(batch, dtype=torch.float32, device=device)
     grad_student = torch.empty((batch, num_classes) if student_grad else (0,), dtype=student_logits.dtype,
                                device=device)
