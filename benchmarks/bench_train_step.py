@@ -4,9 +4,9 @@ Group ``train-step``: one step on the digits models (student ``cnn-s``, teacher 
 10 PGD steps: teacher forward, the inner attack, the student's two forwards and backward, SGD and the
 class-risk accumulation.
 
-- ``released``: ``benchmarks.released_loop.released_step`` (per-sample Python loops, unfused loss,
+- ``released``: ``tests.released.released_step`` (per-sample Python loops, unfused loss,
   eager PGD, NCHW);
-- ``fastabsld``: ``fastabsld.train.train_epoch`` on one batch with the default TrainConfig
+- ``fastabsld``: ``fastabsld.recipe.train.train_epoch`` on one batch with the default TrainConfig
   (BatchNorm-folded attack view);
 - ``fastabsld-channels-last``: the same with ``channels_last=True``;
 - ``fastabsld-no-fold``: ``fold_bn=False`` (what the folding buys);
@@ -26,10 +26,12 @@ With ``--benchmark-disable`` every case runs once at batch 16 with 2 PGD steps.
 import pytest
 import torch
 
-from benchmarks.released_loop import released_step
-from fastabsld import fast_step
-from fastabsld.models import build_model
-from fastabsld.train import TrainConfig, build_loss, train_epoch
+from fastabsld.recipe import speed
+from fastabsld.recipe.config import TrainConfig
+from fastabsld.recipe.loop import train_epoch
+from fastabsld.recipe.models import build_model
+from fastabsld.recipe.steps import build_loss
+from tests.released import released_step
 
 NUM_CLASSES = 10
 VARIANTS = {
@@ -70,7 +72,7 @@ def _fastabsld_runner(batch, steps, options):
     cfg = TrainConfig(steps=steps, progress=False, **options)
     if cfg.channels_last:
         student, teacher = student.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
-    step_student, view, teacher = fast_step.step_models(student, cfg, teacher=teacher)
+    step_student, view, teacher = speed.step_models(student, cfg, teacher=teacher)
     loss_fn = build_loss(cfg, NUM_CLASSES)
     gen = torch.Generator().manual_seed(2)
     batches = [(x, y)]

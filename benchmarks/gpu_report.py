@@ -208,10 +208,12 @@ def _row(case, impl, seconds, nbytes, peak):
 
 def train_rows(args):
     """Times one CIFAR-10 training step (synthetic data): the released loop and fastabsld's options."""
-    from benchmarks.released_loop import released_step
-    from fastabsld import fast_step
-    from fastabsld.models import build_model
-    from fastabsld.train import TrainConfig, build_loss, train_epoch
+    from fastabsld.recipe import speed
+    from fastabsld.recipe.config import TrainConfig
+    from fastabsld.recipe.loop import train_epoch
+    from fastabsld.recipe.models import build_model
+    from fastabsld.recipe.steps import build_loss
+    from tests.released import released_step
 
     student_name, teacher_name = args.models
     device = args.device
@@ -238,7 +240,7 @@ def train_rows(args):
             model_t = teacher.to(memory_format=torch.channels_last) if cfg.channels_last else teacher
             if cfg.channels_last:
                 student = student.to(memory_format=torch.channels_last)
-            step_student, view, model_t = fast_step.step_models(student, cfg, teacher=model_t)
+            step_student, view, model_t = speed.step_models(student, cfg, teacher=model_t)
             loss_fn = build_loss(cfg, 10).to(device)
 
             def run():

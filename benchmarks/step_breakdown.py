@@ -18,14 +18,13 @@ import contextlib
 import time
 
 import torch
-import torch.nn.functional as F
 
-from benchmarks import released_loop
-from fastabsld import fast_step
-from fastabsld.attack import kl_loss, pgd
 from fastabsld.loss import ABSLDLoss
-from fastabsld.models import build_model
-from fastabsld.train import TrainConfig
+from fastabsld.recipe import speed
+from fastabsld.recipe.config import TrainConfig
+from fastabsld.recipe.models import build_model
+from fastabsld.recipe.steps import train_step
+from tests.released import released_step
 
 EPS, ALPHA = 0.1, 0.025
 
@@ -47,55 +46,16 @@ class PhaseTimer:
         self.seconds.setdefault(name, []).append(time.perf_counter() - began)
 
 
-def fastabsld_phases(timer, student, teacher, loss_fn, optimizer, x, y, steps, generator, attack_model=None):
-    """One fastabsld recipe step (as ``fastabsld.train.distill_step`` + ``train_epoch``), timed per phase."""
-    with timer("teacher"), torch.no_grad():
-        teacher_logits = teacher(x)
-    with timer("labels"):
-        target = loss_fn.teacher_probs(teacher_logits, y, branch="adv")
-    with timer("attack"):
-        student.eval()
-        attacked = student if attack_model is None else attack_model.refresh()
-        x_adv = pgd(attacked, x, kl_loss(target), eps=EPS, alpha=ALPHA, steps=steps, random_start="normal",
-                    generator=generator)
-        student.train()
-    with timer("student"):
-        adv_logits, nat_logits = student(x_adv), student(x)
-    with timer("loss"):
-        loss = loss_fn(adv_logits, nat_logits, teacher_logits, y)
-    with timer("backward"):
-        loss.backward()
-    with timer("optimiser"):
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+def fastabsld_phases(timer, student, teacher, loss_fn, optimizer, x, y, cfg, generator, attack_model=None):
+    """One fastabsld recipe step (``fastabsld.recipe.steps.train_step``), timed per phase."""
+    train_step(student, loss_fn, optimizer, x, y, cfg, generator, teacher=teacher, attack_model=attack_model,
+               phase=timer)
 
 
 def released_phases(timer, student, teacher, state, optimizer, x, y, steps, generator):
-    """One step of ``benchmarks.released_loop.released_step``, timed per phase."""
-    with timer("teacher"), torch.no_grad():
-        teacher_logits = teacher(x)
-        teacher_adv, teacher_nat = teacher_logits.detach(), teacher_logits.detach()
-    with timer("labels"):
-        for i in range(len(y)):
-            teacher_adv[i] = teacher_adv[i] / state["tau_adv"][y[i]]
-            teacher_nat[i] = teacher_nat[i] / state["tau_nat"][y[i]]
-    with timer("attack"):
-        x_adv = released_loop.released_inner_attack(student, teacher_adv, x, eps=EPS, alpha=ALPHA, steps=steps,
-                                                    generator=generator)
-    with timer("student"):
-        adv_logits, nat_logits = student(x_adv), student(x)
-    with timer("loss"):
-        loss = (5 / 6 * released_loop.released_absld_kl_mean(adv_logits, F.softmax(teacher_adv, dim=1))
-                + 1 / 6 * released_loop.released_absld_kl_mean(nat_logits, F.softmax(teacher_nat, dim=1)))
-    with timer("backward"):
-        loss.backward()
-    with timer("optimiser"):
-        optimizer.step()
-        optimizer.zero_grad()
-    with timer("risk"):
-        for i in range(len(y)):
-            state["risk_adv"][y[i]] += F.cross_entropy(adv_logits[i:i + 1].detach(), y[i:i + 1])
-            state["risk_nat"][y[i]] += F.cross_entropy(nat_logits[i:i + 1].detach(), y[i:i + 1])
+    """One step of ``tests.released.released_step``, timed per phase."""
+    released_step(student, teacher, optimizer, x, y, state, eps=EPS, alpha=ALPHA, steps=steps, generator=generator,
+                  phase=timer)
 
 
 def breakdown(*, batch=128, steps=10, reps=20, channels_last=False, fold_bn=True, student_name="cnn-s",
@@ -108,7 +68,7 @@ def breakdown(*, batch=128, steps=10, reps=20, channels_last=False, fold_bn=True
         reps: timed steps per implementation (after two warm-up steps each).
         channels_last: run fastabsld's step in channels_last (the released loop stays NCHW).
         fold_bn: fastabsld's ``fold_bn`` option (folded attack and teacher views).
-        student_name, teacher_name: model names of ``fastabsld.models``.
+        student_name, teacher_name: model names of ``fastabsld.recipe.models``.
         image: (channels, height, width) of the synthetic inputs.
         num_classes: classes.
         device: where to run.
@@ -135,9 +95,11 @@ def breakdown(*, batch=128, steps=10, reps=20, channels_last=False, fold_bn=True
                 t_model = t_model.to(memory_format=torch.channels_last)
                 inputs = x.contiguous(memory_format=torch.channels_last)
             loss_fn = ABSLDLoss(num_classes, temperature_mode="released").to(device)
-            cfg = TrainConfig(channels_last=channels_last, fold_bn=fold_bn, progress=False)
-            step_student, view, t_model = fast_step.step_models(student, cfg, teacher=t_model)
-            args = (step_student, t_model, loss_fn, optimizer, inputs, y, steps, attack_gen, view)
+            cfg = TrainConfig(channels_last=channels_last, fold_bn=fold_bn, progress=False, eps=EPS, alpha=ALPHA,
+                              steps=steps)
+            step_student, view, t_model = speed.step_models(student, cfg, teacher=t_model)
+            loss_fn.train()
+            args = (step_student, t_model, loss_fn, optimizer, inputs, y, cfg, attack_gen, view)
             runs[name] = (fastabsld_phases, args, PhaseTimer())
         else:
             state = {k: torch.ones(num_classes, device=device) for k in ("tau_adv", "tau_nat")}

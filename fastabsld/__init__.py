@@ -1,23 +1,48 @@
 """fastabsld: Anti-Bias Soft Label Distillation (ABSLD) with fused kernels.
 
-Public modules: ``fastabsld.loss`` (KD losses), ``fastabsld.ops`` (the custom ops),
-``fastabsld.attack`` (PGD and friends), ``fastabsld.reference`` (plain PyTorch math),
-``fastabsld.metrics`` (per-class accuracy, worst class, NSD); ``fastabsld.evaluate`` (robustness and
-fairness evaluation, imported on first use).
+The library, importable from here:
+
+- losses: :func:`kd_kl_div` and :class:`KDLoss` (``fastabsld.loss``), :class:`ABSLDLoss`
+  (``fastabsld.absld``), the temperature update (``fastabsld.temperature``);
+- attacks: :func:`pgd`, :func:`pgd_loop`, :func:`fgsm` and their losses (``fastabsld.attack``) on the
+  fused step :func:`pgd_step` (``fastabsld.ops``);
+- fairness metrics (``fastabsld.metrics``) and :func:`evaluate` (``fastabsld.evaluation``).
+
+``fastabsld.ops`` is the boundary to the kernels (C++, CUDA, Triton, and plain PyTorch fallbacks);
+``fastabsld.reference`` states what each op computes (the tests' oracle); ``fastabsld.recipe`` is the
+training recipe and its command line, imported only when used. Names are loaded on first use.
 """
 
-from fastabsld._extension import HAS_EXTENSION, has_cuda_kernels
-from fastabsld.kernels import HAS_TRITON
+import importlib
+
+from fastabsld.ops._extension import HAS_EXTENSION, has_cuda_kernels
+from fastabsld.ops._kernels import HAS_TRITON
 
 __version__ = "0.1.0"
 
-__all__ = ["HAS_EXTENSION", "HAS_TRITON", "evaluate", "has_cuda_kernels", "__version__"]
+# Public name -> the module that defines it (imported on first access: the attacks pull in tqdm).
+_EXPORTS = {
+    "kd_kl_div": "fastabsld.ops.kd_loss", "kd_kl_div_forward": "fastabsld.ops.kd_loss",
+    "pgd_step": "fastabsld.ops.pgd", "KDLoss": "fastabsld.loss", "ABSLDLoss": "fastabsld.absld",
+    "anti_bias_update": "fastabsld.temperature", "accumulate_class_risk": "fastabsld.temperature",
+    "pgd": "fastabsld.attack", "pgd_loop": "fastabsld.attack", "fgsm": "fastabsld.attack",
+    "ce_loss": "fastabsld.attack", "kl_loss": "fastabsld.attack", "cw_loss": "fastabsld.attack",
+    "ClassAccuracy": "fastabsld.metrics", "nsd": "fastabsld.metrics",
+    "per_class_accuracy": "fastabsld.metrics", "worst_class_accuracy": "fastabsld.metrics",
+    "evaluate": "fastabsld.evaluation",
+}
+_SUBMODULES = ("absld", "attack", "evaluation", "loss", "metrics", "ops", "recipe", "reference", "temperature")
+
+__all__ = sorted(_EXPORTS) + ["HAS_EXTENSION", "HAS_TRITON", "has_cuda_kernels", "__version__"]
 
 
 def __getattr__(name):
-    # Lazy: ``evaluate`` pulls in the attacks and tqdm, which plain loss users do not need.
-    if name == "evaluate":
-        from fastabsld.evaluation import evaluate
-
-        return evaluate
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"fastabsld.{name}")
     raise AttributeError(f"module 'fastabsld' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

@@ -1,5 +1,5 @@
-"""``python -m fastabsld``: the command line (see ``fastabsld.cli``)."""
+"""``python -m fastabsld``: the command line (see ``fastabsld.recipe.cli``)."""
 
-from fastabsld.cli import main
+from fastabsld.recipe.cli import main
 
 raise SystemExit(main())

@@ -2,20 +2,21 @@
 and the attack losses the ABSLD recipe and its evaluation need (CE, KL to soft labels, CW margin).
 
 The attacks take the gradient with respect to the input only (``torch.autograd.grad``), so the
-model's parameters never receive gradients, and they leave the model in the mode it is in.
+model's parameters never receive gradients, and they leave the model in the mode it is in. Each
+attack checks its arguments once; its steps then call the op directly.
 """
 
 import contextlib
 import contextvars
+import numbers
 
 import torch
 import torch.nn.functional as F
 
-from fastabsld.loss import kd_kl_div
-from fastabsld.ops import pgd_step
-from fastabsld.pgd_step_op import check_step_arguments
+from fastabsld.ops.checks import check_choice
+from fastabsld.ops.kd_loss import kd_kl_div
+from fastabsld.ops.pgd import NORMS, check_step_arguments
 
-NORMS = ("linf", "l2")
 RANDOM_STARTS = ("uniform", "normal", "none")
 
 
@@ -178,16 +179,10 @@ def pgd(model, x, loss_fn, *, eps, alpha, steps, norm="linf", random_start="unif
     Returns:
         Tensor: the adversarial inputs, detached, shaped like ``x``.
     """
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if random_start not in RANDOM_STARTS:
-        raise ValueError(f"random_start must be one of {RANDOM_STARTS}, got {random_start!r}")
-    if int(steps) != steps or steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-    check_step_arguments(alpha, eps, clamp, x.shape[0])  # also when steps = 0: the start uses eps and clamp
+    check_choice(random_start, "random_start", RANDOM_STARTS)
+    step = _check_attack(x, eps, alpha, steps, norm, clamp)  # also when steps = 0: the start uses eps and clamp
     x = x.detach()
-    return pgd_loop(model, x, _start(x, eps, norm, random_start, clamp, generator), loss_fn, eps=eps, alpha=alpha,
-                    steps=int(steps), norm=norm, clamp=clamp)
+    return _ascend(model, x, _start(x, eps, norm, random_start, clamp, generator), loss_fn, int(steps), step)
 
 
 def pgd_loop(model, x, x_start, loss_fn, *, eps, alpha, steps, norm="linf", clamp=(0.0, 1.0)):
@@ -197,7 +192,7 @@ def pgd_loop(model, x, x_start, loss_fn, *, eps, alpha, steps, norm="linf", clam
     values on the host, so the loop can be captured in a CUDA graph (draw the start outside the graph,
     or from static noise inside it; see the README's "Training speed" section) or traced by
     ``torch.compile``. The model should be in eval mode with no side effects (e.g. a
-    :class:`fastabsld.fold.FoldedEvalView`).
+    :class:`fastabsld.recipe.fold.FoldedEvalView`).
 
     Args:
         model: callable mapping inputs (B, ...) to logits.
@@ -213,13 +208,33 @@ def pgd_loop(model, x, x_start, loss_fn, *, eps, alpha, steps, norm="linf", clam
     Returns:
         Tensor: the adversarial inputs, detached, shaped like ``x``.
     """
+    if x_start.shape != x.shape:
+        raise ValueError(f"x_start {tuple(x_start.shape)} and x {tuple(x.shape)} must have the same shape")
+    step = _check_attack(x, eps, alpha, steps, norm, clamp)
+    return _ascend(model, x, x_start, loss_fn, int(steps), step)
+
+
+def _check_attack(x, eps, alpha, steps, norm, clamp):
+    """Checks an attack's arguments once; returns the op's trailing arguments for every step."""
+    check_choice(norm, "norm", NORMS)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Real) or steps != steps or steps < 0 \
+            or steps == float("inf") or int(steps) != steps:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise ValueError(f"x must be a batch tensor (B, ...), got {type(x).__name__}")
+    alpha_t, alpha_f, eps_t, eps_f, lo, hi = check_step_arguments(alpha, eps, clamp, x.shape[0])
+    return alpha_t, eps_t, alpha_f, eps_f, norm, lo, hi
+
+
+def _ascend(model, x, x_start, loss_fn, steps, step):
+    """The ascent loop on checked arguments: one forward, one input gradient and one fused step each."""
     x_adv = x_start.detach()
     with torch.enable_grad():
         for _ in range(steps):
             x_adv.requires_grad_(True)
             loss = loss_fn(model(x_adv))
             (grad,) = torch.autograd.grad(loss, x_adv)
-            x_adv = pgd_step(x_adv.detach(), x, grad, alpha=alpha, eps=eps, norm=norm, clamp=clamp)
+            x_adv = torch.ops.fastabsld.pgd_step.default(x_adv.detach(), x, grad, *step)
     return x_adv.detach()
 
 

@@ -4,9 +4,9 @@ Per-class accuracies are fp64 tensors; a class without samples holds NaN, and th
 skip it. Nothing here synchronises with the host.
 """
 
-import numbers
-
 import torch
+
+from fastabsld.ops.checks import check_int
 
 
 def _predictions(predictions_or_logits, labels):
@@ -26,8 +26,7 @@ def _predictions(predictions_or_logits, labels):
 
 
 def _check_num_classes(num_classes):
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
-        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    check_int(num_classes, "num_classes", minimum=1)
 
 
 def class_counts(predictions_or_logits, labels, num_classes):

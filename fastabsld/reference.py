@@ -1,27 +1,11 @@
-"""Plain PyTorch implementations of every fastabsld op.
+"""Plain PyTorch statements of what every fastabsld op computes: the oracle of the tests.
 
-These are the oracle of the tests and the fallback when ``fastabsld._C`` is not built. They
-favour clarity over speed and compute in fp32 (or fp64 for fp64 inputs).
+Nothing in the library runs this code (the ops' fallbacks are their own); the tests compare every
+backend with it, values and gradients. It favours clarity over speed and computes in fp32 (or fp64
+for fp64 inputs).
 """
 
 import torch
-
-
-def memory_format_of(tensor):
-    """The memory format that ``tensor`` is dense in: channels_last(_3d) or contiguous.
-
-    Args:
-        tensor: any tensor.
-
-    Returns:
-        torch.memory_format: the format to give tensors derived from ``tensor``.
-    """
-    if not tensor.is_contiguous():
-        if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
-            return torch.channels_last
-        if tensor.dim() == 5 and tensor.is_contiguous(memory_format=torch.channels_last_3d):
-            return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def _per_sample(value, batch, like):
@@ -178,20 +162,3 @@ def kd_kl_div(student_logits, teacher_logits, labels=None, teacher_temperature=1
     if reduction == "batchmean":
         return rows.sum() / count
     return rows.sum() / (count * num_classes)
-
-
-def released_absld_kl_mean(student_logits, teacher_probs):
-    """The per-element KL of the released ABSLD code: mean of ``p * (log(p + 1e-5) - log q)``.
-
-    Written with the released script's own ops (``log(softmax(s))``, not ``log_softmax``) and in
-    the inputs' dtype: it is the oracle of the ABSLD tests and the eager baseline of the benchmarks.
-
-    Args:
-        student_logits: (B, C) student logits (the student is not tempered).
-        teacher_probs: (B, C) teacher soft labels.
-
-    Returns:
-        Tensor: the mean over all B*C elements.
-    """
-    log_q = torch.log(torch.softmax(student_logits, dim=1))
-    return (teacher_probs * (torch.log(teacher_probs + 1e-5) - log_q)).mean()

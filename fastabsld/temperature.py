@@ -4,10 +4,9 @@ anti-bias update.
 Everything here stays on the tensors' device: no ``.item()``, no branching on tensor values.
 """
 
-import math
-import numbers
-
 import torch
+
+from fastabsld.ops.checks import check_real, compute_dtype
 
 
 def check_temperature_bounds(tau_min, tau_max, tau_init=None):
@@ -22,8 +21,7 @@ def check_temperature_bounds(tau_min, tau_max, tau_init=None):
     if tau_init is not None:
         values["tau_init"] = tau_init
     for name, value in values.items():
-        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        check_real(value, name)
     if not 0 < tau_min <= tau_max:
         raise ValueError(f"need 0 < tau_min <= tau_max, got tau_min={tau_min}, tau_max={tau_max}")
     if tau_init is not None and not tau_min <= tau_init <= tau_max:
@@ -36,8 +34,7 @@ def check_beta(beta):
     Args:
         beta: the step size of the anti-bias update.
     """
-    if not isinstance(beta, numbers.Real) or isinstance(beta, bool) or not math.isfinite(beta) or beta < 0:
-        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    check_real(beta, "beta", minimum=0.0)
 
 
 def anti_bias_update(tau, risk, beta, tau_min=0.5, tau_max=5.0):
@@ -61,7 +58,7 @@ def anti_bias_update(tau, risk, beta, tau_min=0.5, tau_max=5.0):
     check_temperature_bounds(tau_min, tau_max)
     if tau.dim() != 1 or risk.shape != tau.shape:
         raise ValueError(f"tau and risk must both have shape (C,), got {tuple(tau.shape)} and {tuple(risk.shape)}")
-    compute = torch.float64 if tau.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(tau)
     risk = risk.to(tau.device, compute)
     gap = risk - risk.mean()
     scale = gap.abs().amax()

@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
+from fastabsld.kernels import kd_kl_div as kd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastabsld import reference
-from fastabsld.kernels import kd_kl_div as kd
 from tests.conftest import HAS_GPU, triton_device
 from tests.triton_aot import compile_many_for_gpus
 

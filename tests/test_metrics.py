@@ -10,7 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import confusion_matrix
 
-from fastabsld.metrics import ClassAccuracy, nsd, per_class_accuracy, worst_class_accuracy
+from fastabsld.metrics import (
+    ClassAccuracy,
+    nsd,
+    per_class_accuracy,
+    worst_class_accuracy,
+)
 from tests.conftest import HAS_GPU
 
 NAN = float("nan")

@@ -8,7 +8,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastabsld.temperature import accumulate_class_risk, anti_bias_update, check_beta, check_temperature_bounds
+from fastabsld.temperature import (
+    accumulate_class_risk,
+    anti_bias_update,
+    check_beta,
+    check_temperature_bounds,
+)
 from tests.conftest import HAS_GPU
 from tests.released import released_temperature_update
 

@@ -1,0 +1,173 @@
+"""The ABSLD objective as a module holding the class-wise temperatures and the class risks."""
+
+import torch
+from torch import nn
+
+from fastabsld.ops.checks import (
+    check_choice,
+    check_int,
+    check_label_range,
+    check_real,
+    compute_dtype,
+    describe,
+    is_integer_tensor,
+)
+from fastabsld.ops.kd_loss import kd_kl_div
+from fastabsld.temperature import (
+    accumulate_class_risk,
+    anti_bias_update,
+    check_beta,
+    check_temperature_bounds,
+)
+
+TEMPERATURE_MODES = ("paper", "released")
+BRANCHES = ("adv", "nat")
+
+
+class ABSLDLoss(nn.Module):
+    """Anti-Bias Soft Label Distillation loss with per-class teacher temperatures.
+
+    ``loss = adv_weight * KLmean(adv_logits, p_adv) + nat_weight * KLmean(nat_logits, p_nat)``
+    with ``p_branch[i] = softmax(teacher_logits[i] / tau_branch[labels[i]])`` and KLmean the
+    legacy "mean" reduction (row KL summed over the batch, divided by B * C). The released code
+    computes ``mean(p * (log(p + 1e-5) - log q))``: this module gives the exact KL, which differs
+    from it by less than 1e-5 in value and not at all in gradient.
+
+    In training mode, ``forward`` also adds each sample's cross-entropy (student logits against
+    the hard label) to its class's entry of ``risk_adv`` / ``risk_nat``, on the device.
+    ``update_temperatures()`` (once per epoch) moves the temperatures against the risks and
+    resets them.
+
+    ``temperature_mode``:
+        - ``"paper"``: the adversarial branch uses ``tau_adv``, the natural branch ``tau_nat``.
+        - ``"released"``: reproduces the authors' released script, in which tensor aliasing
+          makes both branches divide the teacher logits by ``tau_adv[y] * tau_nat[y]``. Both
+          vectors are still updated from their own risks. Use it to reproduce published numbers.
+
+    ``beta`` is a plain attribute (scale it with the learning rate, e.g. ``loss_fn.beta *= 0.1``)
+    and is saved in ``state_dict`` (as extra state) together with the buffers ``tau_adv``,
+    ``tau_nat``, ``risk_adv`` and ``risk_nat``.
+
+    Args:
+        num_classes: C >= 1.
+        adv_weight: weight of the adversarial branch (5/6 in the paper).
+        nat_weight: weight of the natural branch (1/6 in the paper).
+        tau_init: initial temperature of every class.
+        tau_min: lower clamp of the temperatures.
+        tau_max: upper clamp of the temperatures.
+        beta: step size of the anti-bias update.
+        temperature_mode: ``"paper"`` or ``"released"`` (see above).
+    """
+
+    def __init__(self, num_classes, *, adv_weight=5 / 6, nat_weight=1 / 6, tau_init=1.0, tau_min=0.5, tau_max=5.0,
+                 beta=0.1, temperature_mode="paper"):
+        super().__init__()
+        self.num_classes = check_int(num_classes, "num_classes", minimum=1)
+        self.adv_weight = check_real(adv_weight, "adv_weight")
+        self.nat_weight = check_real(nat_weight, "nat_weight")
+        check_temperature_bounds(tau_min, tau_max, tau_init)
+        check_beta(beta)
+        check_choice(temperature_mode, "temperature_mode", TEMPERATURE_MODES)
+        self.tau_min = float(tau_min)
+        self.tau_max = float(tau_max)
+        self.beta = float(beta)
+        self.temperature_mode = temperature_mode
+        self.register_buffer("tau_adv", torch.full((num_classes,), float(tau_init)))
+        self.register_buffer("tau_nat", torch.full((num_classes,), float(tau_init)))
+        self.register_buffer("risk_adv", torch.zeros(num_classes))
+        self.register_buffer("risk_nat", torch.zeros(num_classes))
+
+    def extra_repr(self):
+        return (f"num_classes={self.num_classes}, adv_weight={self.adv_weight:.4g}, "
+                f"nat_weight={self.nat_weight:.4g}, tau=[{self.tau_min}, {self.tau_max}], beta={self.beta:.4g}, "
+                f"temperature_mode={self.temperature_mode!r}")
+
+    def get_extra_state(self):
+        return {"beta": self.beta}
+
+    def set_extra_state(self, state):
+        check_beta(state["beta"])
+        self.beta = float(state["beta"])
+
+    def branch_temperature(self, branch):
+        """The (C,) class temperatures that divide the teacher logits in one branch.
+
+        Args:
+            branch: ``"adv"`` or ``"nat"``.
+
+        Returns:
+            Tensor: (C,) temperatures (``tau_adv * tau_nat`` for both branches in released mode).
+        """
+        if branch not in BRANCHES:
+            raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+        if self.temperature_mode == "released":
+            return self.tau_adv * self.tau_nat
+        return self.tau_adv if branch == "adv" else self.tau_nat
+
+    def _check_inputs(self, labels, **logits):
+        if not is_integer_tensor(labels) or labels.dim() != 1:
+            raise ValueError(f"labels must be a 1-D integer tensor, got {describe(labels)}")
+        expected = (labels.shape[0], self.num_classes)
+        for name, value in logits.items():
+            if tuple(value.shape) != expected:
+                raise ValueError(f"{name} must have shape (B, C) = {expected} for labels of shape "
+                                 f"{tuple(labels.shape)} and num_classes={self.num_classes}, got {tuple(value.shape)}")
+        # -100 too: the loss has no ignore_index (kd_kl_div would skip the row, the risk update would fail).
+        check_label_range(labels, self.num_classes)
+
+    def teacher_probs(self, teacher_logits, labels, branch="adv"):
+        """The teacher's soft labels of one branch: ``softmax(teacher_logits / tau_branch[labels])``.
+
+        Args:
+            teacher_logits: (B, C) teacher logits.
+            labels: (B,) integer labels in [0, C).
+            branch: ``"adv"`` (the labels the inner attack and the adversarial term use) or ``"nat"``.
+
+        Returns:
+            Tensor: (B, C) probabilities, fp32 (fp64 for fp64 logits).
+        """
+        self._check_inputs(labels, teacher_logits=teacher_logits)
+        compute = compute_dtype(teacher_logits)
+        # index_select, not indexing: a negative label must fail (on CUDA, a device-side assert), not wrap.
+        tau = self.branch_temperature(branch).index_select(0, labels.long()).to(compute).unsqueeze(1)
+        return torch.softmax(teacher_logits.to(compute) / tau, dim=1)
+
+    def forward(self, adv_logits, nat_logits, teacher_logits, labels):
+        """The ABSLD loss of one batch (and, in training mode, the risk accumulation).
+
+        Args:
+            adv_logits: (B, C) student logits on the adversarial inputs.
+            nat_logits: (B, C) student logits on the natural inputs.
+            teacher_logits: (B, C) teacher logits on the natural inputs.
+            labels: (B,) integer labels in [0, C).
+
+        Returns:
+            Tensor: the scalar loss (fp32, fp64 for fp64 logits).
+        """
+        self._check_inputs(labels, adv_logits=adv_logits, nat_logits=nat_logits, teacher_logits=teacher_logits)
+        adv = kd_kl_div(adv_logits, teacher_logits, labels=labels, teacher_temperature=self.branch_temperature("adv"),
+                        reduction="mean")
+        nat = kd_kl_div(nat_logits, teacher_logits, labels=labels, teacher_temperature=self.branch_temperature("nat"),
+                        reduction="mean")
+        if self.training:
+            accumulate_class_risk(self.risk_adv, adv_logits, labels)
+            accumulate_class_risk(self.risk_nat, nat_logits, labels)
+        return self.adv_weight * adv + self.nat_weight * nat
+
+    @torch.no_grad()
+    def update_temperatures(self, group=None):
+        """The once-per-epoch anti-bias update of ``tau_adv`` and ``tau_nat``; resets the risks.
+
+        Under ``torch.distributed`` (when initialised) the risks are first summed over the ranks
+        of ``group``, so every rank computes the same temperatures. Call it on every rank.
+
+        Args:
+            group: process group for the all-reduce, or None for the default group.
+        """
+        risks = torch.stack([self.risk_adv, self.risk_nat])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(risks, op=torch.distributed.ReduceOp.SUM, group=group)
+        for tau, risk in ((self.tau_adv, risks[0]), (self.tau_nat, risks[1])):
+            tau.copy_(anti_bias_update(tau, risk, self.beta, self.tau_min, self.tau_max))
+        self.risk_adv.zero_()
+        self.risk_nat.zero_()

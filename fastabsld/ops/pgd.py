@@ -1,0 +1,189 @@
+"""The fused PGD projection step: the op ``torch.ops.fastabsld.pgd_step`` and its public function.
+
+L-inf: ``clamp(x + clamp(x_adv + alpha * sign(grad) - x, -eps, eps), *clamp)``, sign(0) = 0.
+L2 (torchattacks' PGDL2): ``delta = x_adv + alpha * grad / (||grad|| + 1e-10) - x``, then
+``delta *= min(1, eps / ||delta||)`` (unchanged where delta = 0), then ``clamp(x + delta, *clamp)``;
+norms per sample over all non-batch dimensions. alpha and eps are numbers, or (B,) fp32 tensors
+that replace them per sample.
+
+The schema is defined in C++ (``csrc/library.cpp``) with CPU and CUDA kernels and an autograd
+kernel that marks the step non-differentiable. Without the extension, the same schema is defined
+here on the plain PyTorch fallback below, so the op, its fake kernel and ``torch.compile`` behave
+the same either way.
+
+This module reads top to bottom: the schema, the fallback kernel, the registrations, the
+argument checks and the public function.
+"""
+
+import math
+
+import torch
+
+from fastabsld.ops._extension import HAS_EXTENSION
+from fastabsld.ops.checks import check_choice, compute_dtype, is_number
+
+SCHEMA = (
+    "pgd_step(Tensor x_adv, Tensor x, Tensor grad, Tensor? alpha_per_sample, "
+    "Tensor? eps_per_sample, float alpha, float eps, str norm, float clamp_min, "
+    "float clamp_max) -> Tensor"
+)
+NORMS = ("linf", "l2")
+
+
+def memory_format_of(tensor):
+    """The memory format that ``tensor`` is dense in: channels_last(_3d) or contiguous.
+
+    The output of the step keeps it (the C++ kernels make the same choice).
+
+    Args:
+        tensor: any tensor.
+
+    Returns:
+        torch.memory_format: the format to give tensors derived from ``tensor``.
+    """
+    if not tensor.is_contiguous():
+        if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if tensor.dim() == 5 and tensor.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+# ----------------------------------------------------------------------------------------------
+# The fallback kernel (plain PyTorch).
+
+
+def _check_per_sample_values(value, name):
+    """Raises ValueError for a negative or NaN entry of a CPU per-sample tensor (no host sync on GPUs)."""
+    if value is not None and value.device.type == "cpu" and not bool((value >= 0).all()):
+        raise ValueError(f"pgd_step: {name} must be non-negative and not NaN, got {value.tolist()}")
+
+
+def _per_sample(tensor, number, like):
+    """A (B, 1, ..., 1) tensor of per-sample values, or the number, for broadcasting against ``like``."""
+    if tensor is None:
+        return number
+    return tensor.to(like.device, like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _sample_norms(values):
+    """Per-sample L2 norms over all non-batch dimensions, (B, 1, ..., 1)."""
+    return torch.linalg.vector_norm(values.flatten(1), dim=1).reshape((-1,) + (1,) * (values.dim() - 1))
+
+
+def fallback_step(x_adv, x, grad, alpha_per_sample, eps_per_sample, alpha, eps, norm, clamp_min, clamp_max):
+    """The op in plain PyTorch: the backend where no compiled kernel applies.
+
+    Args and Returns: as ``torch.ops.fastabsld.pgd_step`` (see :func:`pgd_step`).
+    """
+    _check_per_sample_values(alpha_per_sample, "alpha")
+    _check_per_sample_values(eps_per_sample, "eps")
+    compute = compute_dtype(x_adv)
+    with torch.no_grad():
+        xa, x0, g = (t.to(compute) for t in (x_adv, x, grad))
+        a = _per_sample(alpha_per_sample, alpha, xa)
+        e = _per_sample(eps_per_sample, eps, xa)
+        if norm == "linf":
+            delta = torch.clamp(xa + a * torch.sign(g) - x0, -e, e)
+        else:
+            delta = xa + a * g / (_sample_norms(g) + 1e-10) - x0
+            d_norm = _sample_norms(delta)
+            factor = torch.where(d_norm > 0, e / d_norm, torch.ones_like(d_norm)).clamp(max=1.0)
+            delta = delta * factor
+        out = torch.clamp(x0 + delta, clamp_min, clamp_max).to(x_adv.dtype)
+    return out.contiguous(memory_format=memory_format_of(x_adv))
+
+
+# ----------------------------------------------------------------------------------------------
+# Registrations: the schema and kernels (when the extension is missing) and the fake kernel.
+
+
+def _not_differentiable(*args):
+    """Autograd kernel: the step (sign, projection) is not differentiable; its output never requires grad."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.fastabsld.pgd_step.default(*args)
+
+
+if not HAS_EXTENSION:
+    _LIB = torch.library.Library("fastabsld", "DEF")
+    _LIB.define(SCHEMA)
+    _LIB.impl("pgd_step", fallback_step, "CompositeExplicitAutograd")
+    _LIB.impl("pgd_step", _not_differentiable, "Autograd")
+
+
+@torch.library.register_fake("fastabsld::pgd_step")
+def _pgd_step_fake(x_adv, x, grad, alpha_per_sample, eps_per_sample, alpha, eps, norm, clamp_min, clamp_max):
+    return torch.empty_like(x_adv, memory_format=memory_format_of(x_adv))
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks and the public function.
+
+
+def _check_radius(value, name, batch):
+    """Splits alpha or eps into (per-sample tensor or None, number), checking what needs no sync.
+
+    Per-sample values are checked by the CPU kernels; on CUDA that would need a host sync.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            return value.reshape(1).expand(batch), 0.0
+        if value.dim() != 1 or value.shape[0] != batch:
+            raise ValueError(
+                f"pgd_step: {name} must be a number or a tensor of shape ({batch},), got shape {tuple(value.shape)}"
+            )
+        return value, 0.0
+    # +inf is allowed (no projection, or a step that leaves the ball); NaN and negatives are not.
+    if not is_number(value) or math.isnan(value) or value < 0:
+        raise ValueError(f"pgd_step: {name} must be a non-negative number, got {value!r}")
+    return None, float(value)
+
+
+def check_step_arguments(alpha, eps, clamp, batch):
+    """Checks alpha, eps and clamp of a step on ``batch`` samples (per-sample values: see ``_check_radius``).
+
+    Args:
+        alpha: step size: a non-negative number or a tensor of shape (B,).
+        eps: radius: a non-negative number or a tensor of shape (B,).
+        clamp: (min, max) with min <= max.
+        batch: B.
+
+    Returns:
+        tuple: (alpha tensor or None, alpha number, eps tensor or None, eps number, clamp min, clamp max).
+    """
+    try:
+        lo, hi = (float(bound) for bound in clamp)
+    except (TypeError, ValueError):
+        raise ValueError(f"pgd_step: clamp must be a (min, max) pair of numbers, got {clamp!r}") from None
+    if not lo <= hi:
+        raise ValueError(f"pgd_step: clamp must be (min, max) with min <= max, got {clamp!r}")
+    return (*_check_radius(alpha, "alpha", batch), *_check_radius(eps, "eps", batch), lo, hi)
+
+
+def pgd_step(x_adv, x, grad, *, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
+    """Takes one PGD ascent step and projects it, per sample, in one pass.
+
+    L-inf and L2 as in the module docstring. Computed in fp32 (fp64 inputs too). The step is not
+    differentiable: the output never requires grad. Per-sample values of CUDA tensors are not
+    checked (that would need a sync).
+
+    Args:
+        x_adv: current adversarial inputs, shape (B, ...), fp32/fp16/bf16, any layout.
+        x: clean inputs, same shape (converted to ``x_adv``'s dtype).
+        grad: gradient of the loss to maximise at ``x_adv``, same shape.
+        alpha: step size: a non-negative number or a tensor of shape (B,).
+        eps: radius: a non-negative number or a tensor of shape (B,).
+        norm: ``"linf"`` or ``"l2"``.
+        clamp: (min, max) of the valid input range.
+
+    Returns:
+        Tensor: the new adversarial inputs in ``x_adv``'s dtype, channels_last where ``x_adv`` is
+        (a new tensor; the inputs are not modified).
+    """
+    check_choice(norm, "pgd_step: norm", NORMS)
+    if x_adv.dim() == 0 or x.shape != x_adv.shape or grad.shape != x_adv.shape:
+        raise ValueError(
+            f"pgd_step: x_adv {tuple(x_adv.shape)}, x {tuple(x.shape)} and grad {tuple(grad.shape)} must have the same shape"
+        )
+    alpha_t, alpha_f, eps_t, eps_f, lo, hi = check_step_arguments(alpha, eps, clamp, x_adv.shape[0])
+    return torch.ops.fastabsld.pgd_step.default(x_adv, x, grad, alpha_t, eps_t, alpha_f, eps_f, norm, lo, hi)

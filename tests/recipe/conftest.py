@@ -1,0 +1,44 @@
+"""Fixtures of the recipe's tests: one torch thread per module, and the digits data set loaded once."""
+
+import pytest
+import torch
+
+from fastabsld.recipe.data import load_digits
+from fastabsld.recipe.models import build_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Runs a test module on one torch thread: fastest for the tiny digits models on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The digits splits (seed 0)."""
+    return load_digits(0)
+
+
+def digits_models(dtype, seed=3, num_classes=10):
+    """A digits student (cnn-s, train mode) and teacher (cnn-l, frozen), with non-trivial BatchNorm statistics.
+
+    Args:
+        dtype: parameter dtype.
+        seed: torch seed of the initialisation.
+        num_classes: outputs.
+
+    Returns:
+        tuple: (student, teacher).
+    """
+    torch.manual_seed(seed)
+    teacher = build_model("cnn-l", num_classes, 1).to(dtype)
+    teacher.train()
+    teacher(torch.rand(64, 1, 8, 8, dtype=dtype))
+    student = build_model("cnn-s", num_classes, 1).to(dtype)
+    student.train()
+    with torch.no_grad():
+        student(torch.rand(64, 1, 8, 8, dtype=dtype))
+    return student, teacher.eval().requires_grad_(False)

@@ -1,0 +1,68 @@
+"""The epoch loop: a run killed in the middle of an epoch resumes to the uninterrupted run's state."""
+
+import numpy as np
+import pytest
+import torch
+
+from fastabsld.recipe import checkpoint
+from fastabsld.recipe import steps as steps_mod
+from fastabsld.recipe.config import TrainConfig
+from fastabsld.recipe.data import load_digits
+from fastabsld.recipe.models import build_model
+from fastabsld.recipe.train import train
+
+
+class _Killed(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("method", ["absld", "pgd-at"])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, method):
+    data = load_digits(0)
+    torch.manual_seed(7)
+    teacher = build_model("cnn-s", 10, 1).eval()
+    cfg = TrainConfig(method=method, epochs=2, batch_size=32, steps=2, train_subset=96, progress=False,
+                      test_attacks=("clean",), eval_every=1, val_attacks=("clean", "pgd20"))
+    quiet = dict(teacher=teacher, data=data, log=lambda *_: None)
+    straight = train(cfg, str(tmp_path / "straight"), **quiet)
+
+    # Kill the second run in the middle of epoch 2 (after its epoch-1 checkpoint), then resume.
+    step = steps_mod.pgd_at_step if method == "pgd-at" else steps_mod.distill_step
+    calls = {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # 3 batches per epoch: the 2nd batch of epoch 2
+            raise _Killed()
+        return step(*args, **kwargs)
+
+    name = "pgd_at_step" if method == "pgd-at" else "distill_step"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(steps_mod, name, dying_step)
+        with pytest.raises(_Killed):
+            train(cfg, str(tmp_path / "resumed"), **quiet)
+    assert checkpoint.load(str(tmp_path / "resumed" / "last.pt"))["epoch"] == 1
+    # Scramble the global RNGs so that only the checkpoint can restore them.
+    torch.manual_seed(999)
+    np.random.seed(999)
+    resumed = train(cfg, str(tmp_path / "resumed"), resume=True, **quiet)
+
+    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last_a = checkpoint.load(str(tmp_path / "straight" / "last.pt"))
+    last_b = checkpoint.load(str(tmp_path / "resumed" / "last.pt"))
+    assert all(torch.equal(v, last_b["model"][k]) for k, v in last_a["model"].items())
+    if method == "absld":
+        for key, value in last_a["loss_fn"].items():
+            other = last_b["loss_fn"][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
+        assert not torch.equal(last_a["loss_fn"]["tau_adv"], torch.ones(10))
+    mom_a = [s["momentum_buffer"] for s in last_a["optimizer"]["state"].values()]
+    mom_b = [s["momentum_buffer"] for s in last_b["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b))
+
+    def strip(history):
+        return [{k: v for k, v in e.items() if k != "seconds"} for e in history]
+
+    assert strip(straight["history"]) == strip(resumed["history"]) and len(resumed["history"]) == 2
+    assert straight["test"] == resumed["test"]
