@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.requirements-installed
 BUILT := $(VENV)/.fastabsld-built
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py pyproject.toml
 
-# nvcc here is a wrapper script; CUDA_HOME must be the toolkit folder above the real nvcc.
+# CUDA_HOME must be the toolkit folder above the real nvcc (nvcc on the PATH may be a wrapper script).
 CUDA_HOME ?= $(shell for d in /usr/local/cuda /usr/local/cuda-*; do [ -x $$d/bin/nvcc ] && echo $$d && break; done)
 export CUDA_HOME
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-# (B, C) of the KD loss benchmark (issue 3) plus one large, bandwidth-bound shape.
+# (B, C) of the KD loss benchmark plus one large, bandwidth-bound shape.
 KD_SHAPES = ((128, 10), (1024, 100), (256, 1000), (8, 32000), (4096, 32000))
 PGD_SHAPES = ((128, 3, 32, 32), (512, 3, 32, 32), (128, 3, 224, 224))
 # Peak DRAM bandwidth in GB/s by device-name fragment, for when the properties do not give it.

@@ -3,7 +3,7 @@
 The library, importable from here:
 
 - losses: :func:`kd_kl_div` and :class:`KDLoss` (``fastabsld.loss``), :class:`ABSLDLoss`
-  (``fastabsld.absld``), the temperature update (``fastabsld.temperature``);
+  (``fastabsld.methods.absld``), the temperature update (``fastabsld.temperature``);
 - attacks: :func:`pgd`, :func:`pgd_loop`, :func:`fgsm` and their losses (``fastabsld.attack``) on the
   fused step :func:`pgd_step` (``fastabsld.ops``);
 - fairness metrics (``fastabsld.metrics``) and :func:`evaluate` (``fastabsld.evaluation``).
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it (imported on first access: the attacks pull in tqdm).
 _EXPORTS = {
     "kd_kl_div": "fastabsld.ops.kd_loss", "kd_kl_div_forward": "fastabsld.ops.kd_loss",
-    "pgd_step": "fastabsld.ops.pgd", "KDLoss": "fastabsld.loss", "ABSLDLoss": "fastabsld.absld",
+    "pgd_step": "fastabsld.ops.pgd", "KDLoss": "fastabsld.loss", "ABSLDLoss": "fastabsld.methods.absld",
     "anti_bias_update": "fastabsld.temperature", "accumulate_class_risk": "fastabsld.temperature",
     "pgd": "fastabsld.attack", "pgd_loop": "fastabsld.attack", "fgsm": "fastabsld.attack",
     "ce_loss": "fastabsld.attack", "kl_loss": "fastabsld.attack", "cw_loss": "fastabsld.attack",
@@ -31,7 +31,7 @@ _EXPORTS = {
     "per_class_accuracy": "fastabsld.metrics", "worst_class_accuracy": "fastabsld.metrics",
     "evaluate": "fastabsld.evaluation",
 }
-_SUBMODULES = ("absld", "attack", "evaluation", "loss", "metrics", "ops", "recipe", "reference", "temperature")
+_SUBMODULES = ("attack", "evaluation", "loss", "methods", "metrics", "ops", "recipe", "reference", "temperature")
 
 __all__ = sorted(_EXPORTS) + ["HAS_EXTENSION", "HAS_TRITON", "has_cuda_kernels", "__version__"]
 

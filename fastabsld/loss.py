@@ -1,12 +1,12 @@
 """Drop-in knowledge-distillation losses: :func:`kd_kl_div`, its module form :class:`KDLoss`, and ABSLD's loss.
 
 ``kd_kl_div`` is the fused op of ``fastabsld.ops.kd_loss`` (one pass gives the loss and its
-gradient); ``ABSLDLoss`` (``fastabsld.absld``) holds the class-wise temperatures of ABSLD.
+gradient); ``ABSLDLoss`` (``fastabsld.methods.absld``) holds the class-wise temperatures of ABSLD.
 """
 
 import torch
 
-from fastabsld.absld import ABSLDLoss
+from fastabsld.methods.absld import ABSLDLoss
 from fastabsld.ops.checks import check_choice, check_int, check_real
 from fastabsld.ops.kd_loss import REDUCTIONS, kd_kl_div
 

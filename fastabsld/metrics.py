@@ -136,11 +136,6 @@ class ClassAccuracy:
         self.correct = torch.zeros(num_classes, dtype=torch.int64, device=device)
         self.total = torch.zeros(num_classes, dtype=torch.int64, device=device)
 
-    def reset(self):
-        """Sets all counts to zero."""
-        self.correct.zero_()
-        self.total.zero_()
-
     def update(self, predictions_or_logits, labels):
         """Adds one batch.
 

@@ -81,37 +81,6 @@ def row_temperature(temperature, labels, batch, num_classes, name="temperature")
     return temperature
 
 
-def check_kd_values(labels, temperatures, ignore_index, num_classes):
-    """The value checks of the KD kernels, done eagerly (for CPU tensors: no host sync on GPU).
-
-    A label must lie in [0, C) or equal ``ignore_index``; the temperatures that counted rows use
-    must be positive and finite (the C++ kernel's TORCH_CHECK, the Triton kernel's device assert).
-
-    Args:
-        labels: (B,) labels or None.
-        temperatures: pairs ``(name, tensor or None)``: (C,) gathered by label with labels,
-            (B,) one per row without.
-        ignore_index: label of rows that are left out.
-        num_classes: C.
-
-    Raises:
-        RuntimeError: naming the argument with a bad value.
-    """
-    kept = None
-    if labels is not None:
-        kept = labels != ignore_index
-        used = labels[kept]
-        if bool(((used < 0) | (used >= num_classes)).any()):
-            raise RuntimeError(f"kd_kl_div_forward: labels must lie in [0, C={num_classes}) or equal "
-                               f"ignore_index={ignore_index}")
-    for name, tau in temperatures:
-        if tau is None:
-            continue
-        used = tau[labels[kept]] if labels is not None else tau
-        if not bool(((used > 0) & torch.isfinite(used)).all()):
-            raise RuntimeError(f"kd_kl_div_forward: {name} must be positive and finite where it is used")
-
-
 def kd_kl_div(student_logits, teacher_logits, labels=None, teacher_temperature=1.0, student_temperature=1.0,
               reduction="batchmean", ignore_index=-100):
     """KL(softmax(teacher / tau_t) || softmax(student / tau_s)) per row, then reduced.

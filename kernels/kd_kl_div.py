@@ -35,8 +35,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastabsld import reference
-
 # Above this many columns the online kernel runs: a row of the tile kernel is held in
 # registers, and at 8192 fp32 values for each of s and t a 16-warp CTA (512 threads)
 # already keeps 16 values of each per thread plus temporaries; 16384 would spill.
@@ -253,6 +251,23 @@ def _check_temperature(tensor, scalar, labels, batch, num_classes, device, name)
     return tensor.to(torch.float32).contiguous(), (BY_LABEL if labels is not None else BY_ROW)
 
 
+def _check_values_eagerly(labels, temperatures, ignore_index, num_classes):
+    """The device asserts' checks, done eagerly for CPU tensors (the interpreter has no device asserts)."""
+    kept = None
+    if labels is not None:
+        kept = labels != ignore_index
+        used = labels[kept]
+        if bool(((used < 0) | (used >= num_classes)).any()):
+            raise RuntimeError(f"kd_kl_div_forward: labels must lie in [0, C={num_classes}) or equal "
+                               f"ignore_index={ignore_index}")
+    for name, tau in temperatures:
+        if tau is None:
+            continue
+        used = tau[labels[kept]] if labels is not None else tau
+        if not bool(((used > 0) & torch.isfinite(used)).all()):
+            raise RuntimeError(f"kd_kl_div_forward: {name} must be positive and finite where it is used")
+
+
 def _check_inputs(student_logits, teacher_logits, labels):
     """Validates the logits and labels' metadata (no device sync)."""
     if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
@@ -326,8 +341,8 @@ def launch(student_logits, teacher_logits, labels, teacher_temperature, student_
                                "student_temperature")
     if device.type == "cpu":
         # The interpreter has no device asserts: the same checks, eagerly.
-        reference.check_kd_values(labels, [("teacher_temperature", tau_t[0]), ("student_temperature", tau_s[0])],
-                                  ignore_index, num_classes)
+        _check_values_eagerly(labels, [("teacher_temperature", tau_t[0]), ("student_temperature", tau_s[0])],
+                              ignore_index, num_classes)
     row_loss = torch.empty(batch, dtype=torch.float32, device=device)
     grad_student = torch.empty((batch, num_classes) if student_grad else (0,), dtype=student_logits.dtype,
                                device=device)

@@ -91,8 +91,7 @@ def test_streaming_accumulator():
     assert summary["per_class"][:3] == pytest.approx(EXPECTED[:3]) and math.isnan(summary["per_class"][3])
     assert summary["worst"] == 0.5 and summary["count"] == 6
     assert summary["average"] == pytest.approx(4 / 6)
-    meter.reset()
-    empty = meter.summary()
+    empty = ClassAccuracy(4).summary()
     assert empty["count"] == 0 and math.isnan(empty["average"]) and math.isnan(empty["worst"])
 
 

@@ -17,7 +17,7 @@ import os
 import pickle
 import sys
 
-from fastabsld.absld import TEMPERATURE_MODES
+from fastabsld.methods.absld import TEMPERATURE_MODES
 from fastabsld.evaluation import ATTACKS
 
 EPS_HELP = ("L-inf radius of the attacks (default: 0.1 on digits, 8/255 on CIFAR). The digits images are 8x8 with "

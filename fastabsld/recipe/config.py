@@ -7,7 +7,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from fastabsld.absld import TEMPERATURE_MODES
+from fastabsld.methods.absld import TEMPERATURE_MODES
 from fastabsld.evaluation import ATTACKS
 from fastabsld.ops.checks import check_real
 

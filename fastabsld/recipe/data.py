@@ -4,9 +4,9 @@ Inputs are float tensors in [0, 1] of shape (N, C, H, W), labels int64; no norma
 
 Digits (1797 images, 8x8, 10 classes): a seeded stratified split into
 ``DIGITS_SPLIT = {"train": 897, "val": 180, "test": 720}``. The test split is as large as
-training allows (72 images per class, so one image moves a class's accuracy by 1.4 points;
-see DESIGN.md section 1 on evaluation noise); the validation split (18 per class) is only for
-checkpoint selection.
+training allows (72 images per class: one image moves a class's accuracy by 1.4 points, so a
+fairness comparison on digits needs several seeds); the validation split (18 per class) is only
+for checkpoint selection.
 
 CIFAR: read from ``data_dir`` in the standard python pickle format (``cifar-10-batches-py`` /
 ``cifar-100-python``), downloaded with torchvision when it is installed and the folder is

@@ -184,18 +184,6 @@ class TrainingDDP(nn.parallel.DistributedDataParallel):
         return super().forward(*args, **kwargs)
 
 
-def unwrap(model):
-    """The bare module inside a DistributedDataParallel wrapper (``model`` itself otherwise).
-
-    Args:
-        model: nn.Module.
-
-    Returns:
-        nn.Module: the wrapped module.
-    """
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 class ShardedTensorLoader(TensorLoader):
     """This rank's part of the global batches of a :class:`TensorLoader` over in-memory tensors.
 

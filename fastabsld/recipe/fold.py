@@ -121,11 +121,6 @@ class FoldedEvalView(nn.Module):
         """Whether the view computes differently from the model (something was folded)."""
         return self.net is not self.model[0]
 
-    @property
-    def num_folded(self):
-        """Number of folded Conv2d -> BatchNorm2d pairs."""
-        return len(self.folded)
-
     def refresh(self):
         """Recomputes every folded weight from the model's current state (no host sync)."""
         for layer in self.folded:

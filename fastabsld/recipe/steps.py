@@ -18,7 +18,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from fastabsld.absld import ABSLDLoss
+from fastabsld.methods.absld import ABSLDLoss
 from fastabsld.attack import ce_loss, kl_loss, pgd
 from fastabsld.recipe import speed
 from fastabsld.recipe.schedule import beta_at

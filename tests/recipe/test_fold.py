@@ -22,7 +22,7 @@ def test_folded_view_equals_eval_model(name):
         model(torch.rand(8, channels, size, size))
     model.eval()
     view = FoldedEvalView(model)
-    assert view.num_folded == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert len(view.folded) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     x = torch.rand(4, channels, size, size, requires_grad=True)
     (grad_ref,) = torch.autograd.grad(model(x).square().sum(), x)
     (grad_view,) = torch.autograd.grad(view(x).square().sum(), x)
@@ -60,7 +60,7 @@ def test_folded_view_folds_sync_batchnorm():
         expected = student.eval()(x)
     converted = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     view = FoldedEvalView(converted)
-    assert view.num_folded == 4
+    assert len(view.folded) == 4
     with torch.no_grad():
         torch.testing.assert_close(view(x), expected, atol=1e-5, rtol=1e-5)
 
@@ -73,7 +73,7 @@ def test_folded_view_handles_conv_bias_and_plain_batchnorm():
     model(torch.randn(8, 2, 4, 4))
     model.eval()
     view = FoldedEvalView(model)
-    assert view.num_folded == 1
+    assert len(view.folded) == 1
     x = torch.randn(3, 2, 4, 4)
     torch.testing.assert_close(view(x), model(x), atol=1e-5, rtol=1e-5)
     assert model[1] is not None and len(model) == 6  # the model itself is untouched

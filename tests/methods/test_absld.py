@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fastabsld.loss
-from fastabsld.absld import ABSLDLoss
+from fastabsld.methods.absld import ABSLDLoss
 from tests.conftest import HAS_GPU
 from tests.released import (
     released_absld_loss,

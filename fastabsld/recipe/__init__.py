@@ -1,0 +1,12 @@
+"""The training recipe of fastabsld: ABSLD, RSLAD and PGD-AT runs, their evaluation, and the command line.
+
+Built on the library (``fastabsld.loss``, ``fastabsld.attack``, ``fastabsld.evaluation``, ...), never
+imported by it. Modules, from the inside out:
+
+- ``config`` (:class:`TrainConfig`), ``runtime`` (device, seeds), ``schedule`` (LR and beta milestones);
+- ``data``, ``models``, ``fold`` (BatchNorm-folded eval views), ``speed`` (autocast, channels_last,
+  compile);
+- ``steps`` (one batch of each method), ``loop`` (epochs, validation, checkpoints, resume, test),
+  ``teacher`` (the teacher's recipe, cache and loading), ``train`` (one run from its config);
+- ``checkpoint``, ``report``, ``distributed`` (torchrun), ``demo`` and ``cli`` (``fastabsld ...``).
+"""
