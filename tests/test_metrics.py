@@ -16,7 +16,6 @@ from fastabsld.metrics import (
     per_class_accuracy,
     worst_class_accuracy,
 )
-from tests.conftest import HAS_GPU
 
 NAN = float("nan")
 
@@ -111,7 +110,7 @@ def test_argument_errors():
         nsd(torch.zeros(2, 2))
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="needs CUDA")
+@pytest.mark.cuda
 def test_no_sync_on_cuda():
     meter = ClassAccuracy(4, device="cuda")
     logits, labels = as_logits(PREDICTIONS, 4).cuda(), LABELS.cuda()

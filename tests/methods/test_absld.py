@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 import fastabsld.loss
 from fastabsld.methods.absld import ABSLDLoss
-from tests.conftest import HAS_GPU
 from tests.released import (
     released_absld_loss,
     released_soft_labels,
@@ -182,7 +181,7 @@ def test_forward_and_update_trace_without_host_sync():
     assert not torch.equal(traced.tau_adv, torch.ones(5))
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="needs CUDA")
+@pytest.mark.cuda
 def test_no_sync_on_cuda():
     loss_fn = ABSLDLoss(10).cuda()
     adv, nat, teacher, labels = (t.cuda() for t in random_case(32, 10, dtype=torch.float32))
