@@ -23,7 +23,9 @@ def tolerance(dtype, factor=256):
 def stored_tolerance(dtype, factor=256):
     """Tolerances of a result computed in fp32/fp64 and stored in ``dtype`` (the gradients of the logits).
 
-    The rounding to ``dtype`` adds one epsilon of ``dtype`` relative to the value.
+    Rounding to ``dtype`` moves a value by up to half an ulp; two results rounded separately (the library's
+    and an autograd reference's, both stored in ``dtype``) can land one ulp apart: up to 2 epsilons of
+    ``dtype`` relative to the smaller.
 
     Args:
         dtype: the dtype the result is stored in.
@@ -33,7 +35,7 @@ def stored_tolerance(dtype, factor=256):
         dict: ``rtol`` and ``atol`` for ``torch.testing.assert_close``.
     """
     computed = tolerance(dtype, factor)
-    return {"rtol": computed["rtol"] + torch.finfo(dtype).eps, "atol": computed["atol"]}
+    return {"rtol": computed["rtol"] + 2 * torch.finfo(dtype).eps, "atol": computed["atol"]}
 
 
 # The fused PGD step computes in fp32 whatever the inputs' dtype: attack trajectories agree to fp32 rounding.

@@ -24,8 +24,8 @@ def _kl_sum(log_probs, probs):
 
 
 def _kl_mean(log_probs, probs):
-    """``nn.KLDivLoss()`` with its default reduction: the mean over every element."""
-    return F.kl_div(log_probs, probs, reduction="mean")
+    """``nn.KLDivLoss()`` with its default (legacy) reduction: the mean over every element, B * C of a batch."""
+    return F.kl_div(log_probs, probs, reduction="none").mean()
 
 
 def _kl_elements(log_probs, probs):
@@ -102,8 +102,8 @@ def ce_attack(model, inputs, targets, x_start, *, step_size, epsilon, num_steps,
 
 def ard_loss(outputs, teacher_outputs, basic_outputs, targets, *, temp, alpha):
     """Goldblum's ARD ``main.py``: ``nn.KLDivLoss()`` (mean over B * C) and a mean CE on the clean logits."""
-    return (alpha * temp * temp * _kl_mean(F.log_softmax(outputs / temp, dim=1), F.softmax(teacher_outputs / temp, dim=1))
-            + (1.0 - alpha) * F.cross_entropy(basic_outputs, targets))
+    kl = _kl_mean(F.log_softmax(outputs / temp, dim=1), F.softmax(teacher_outputs / temp, dim=1))
+    return alpha * temp * temp * kl + (1.0 - alpha) * F.cross_entropy(basic_outputs, targets)
 
 
 def ard_batchmean_loss(outputs, teacher_outputs, basic_outputs, targets, *, temp, alpha):
@@ -146,9 +146,11 @@ def iad_loss(outputs, teacher_outputs, basic_outputs, fresh_nat_outputs, guide, 
     if epoch >= begin:
         trust = iad_trust(guide, targets, beta)
         self_kl = _kl_elements(F.log_softmax(outputs, dim=1), F.softmax(fresh_nat_outputs, dim=1)).sum(dim=1)
-        return (alpha * temp * temp * (1 / n) * torch.sum(teacher_kl) + alpha * (1 / n) * torch.sum(self_kl.mul(1 - trust))
+        return (alpha * temp * temp * (1 / n) * torch.sum(teacher_kl)
+                + alpha * (1 / n) * torch.sum(self_kl.mul(1 - trust))
                 + (1.0 - alpha) * F.cross_entropy(basic_outputs, targets))
-    return alpha * temp * temp * (1 / n) * torch.sum(teacher_kl) + (1.0 - alpha) * F.cross_entropy(basic_outputs, targets)
+    return (alpha * temp * temp * (1 / n) * torch.sum(teacher_kl)
+            + (1.0 - alpha) * F.cross_entropy(basic_outputs, targets))
 
 
 def iad_teacher_weighted_loss(outputs, teacher_outputs, basic_outputs, guide, targets, *, temp, alpha, beta):
@@ -157,7 +159,8 @@ def iad_teacher_weighted_loss(outputs, teacher_outputs, basic_outputs, guide, ta
     trust = iad_trust(guide, targets, beta)
     teacher_kl = _kl_elements(F.log_softmax(outputs / temp, dim=1), F.softmax(teacher_outputs / temp, dim=1)).sum(dim=1)
     self_kl = _kl_elements(F.log_softmax(outputs, dim=1), F.softmax(basic_outputs, dim=1)).sum(dim=1)
-    return (alpha * temp * temp * (1 / n) * torch.sum(teacher_kl.mul(trust)) + alpha * (1 / n) * torch.sum(self_kl.mul(1 - trust))
+    return (alpha * temp * temp * (1 / n) * torch.sum(teacher_kl.mul(trust))
+            + alpha * (1 / n) * torch.sum(self_kl.mul(1 - trust))
             + (1.0 - alpha) * F.cross_entropy(basic_outputs, targets))
 
 
@@ -169,18 +172,21 @@ def fair_iad_loss(outputs, teacher_outputs, basic_net_outputs, guide, targets, r
         trust = iad_trust(guide, targets, beta)
         kl1, kl2, ce = [], [], []
         for i in range(n):
-            kl1.append(_kl_elements(F.log_softmax(outputs[i] / temp, dim=0), F.softmax(teacher_outputs[i] / temp, dim=0)).sum())
+            kl1.append(_kl_elements(F.log_softmax(outputs[i] / temp, dim=0),
+                                    F.softmax(teacher_outputs[i] / temp, dim=0)).sum())
             kl2.append(_kl_elements(F.log_softmax(outputs[i], dim=0), F.softmax(basic_net_outputs[i], dim=0)).sum()
                        .mul(1 - trust[i]))
             ce.append(F.cross_entropy(outputs[i].unsqueeze(0), targets[i].unsqueeze(0)))
             kl1[i] = kl1[i] * reweight[targets[i]]
             kl2[i] = kl2[i] * reweight[targets[i]]
             ce[i] = ce[i] * reweight[targets[i]]
-        return (alpha * temp * temp * (1 / n) * torch.sum(torch.stack(kl1)) + alpha * (1 / n) * torch.sum(torch.stack(kl2))
+        return (alpha * temp * temp * (1 / n) * torch.sum(torch.stack(kl1))
+                + alpha * (1 / n) * torch.sum(torch.stack(kl2))
                 + (1.0 - alpha) * (1 / n) * torch.sum(torch.stack(ce)))
     kl1 = []
     for i in range(n):
-        kl1.append(_kl_elements(F.log_softmax(outputs[i] / temp, dim=0), F.softmax(teacher_outputs[i] / temp, dim=0)).sum())
+        kl1.append(_kl_elements(F.log_softmax(outputs[i] / temp, dim=0),
+                                F.softmax(teacher_outputs[i] / temp, dim=0)).sum())
         kl1[i] = kl1[i] * reweight[targets[i]]
     return alpha * temp * temp * (1 / n) * torch.sum(torch.stack(kl1))
 
