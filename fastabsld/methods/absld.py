@@ -46,8 +46,9 @@ class ABSLDLoss(nn.Module):
 
     ``forward``'s ``sample_weight`` multiplies each sample's rows of both KL terms: with
     :class:`fastabsld.methods.fair.FairReweight` it gives Fair-RSLAD (beta = 0) and ABSLD combined with
-    Fair-ARD's sample-based re-weighting (the combination the 2025 journal version of ABSLD,
-    arXiv 2506.08611, proposes for a label-based method). The class risks stay unweighted.
+    Fair-ARD's sample-based re-weighting, the integration of the label-based ABSLD with sample-based
+    methods that the 2025 journal version of ABSLD (arXiv 2506.08611) puts forward; the weights
+    multiply both KL terms as in Fair-RSLAD, and the class risks stay unweighted.
 
     ``beta`` is a plain attribute (scale it with the learning rate, e.g. ``loss_fn.beta *= 0.1``)
     and is saved in ``state_dict`` (as extra state) together with the buffers ``tau_adv``,
