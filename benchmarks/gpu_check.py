@@ -31,8 +31,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 # The test modules run on the GPU: the CUDA-only ones and the op-level ones with a CUDA device parameter.
-TEST_TARGETS = ("tests/cuda", "tests/ops", "tests/kernels", "tests/test_loss.py", "tests/test_attack.py",
-                "tests/methods/test_absld.py", "tests/test_metrics.py", "tests/test_temperature.py")
+TEST_TARGETS = ("tests/cuda", "tests/ops", "tests/kernels", "tests/methods", "tests/test_loss.py", "tests/test_attack.py",
+                "tests/test_metrics.py", "tests/test_temperature.py")
 # Skips that are expected on some GPU machines (substring of the reason).
 ALLOWED_SKIPS = ("needs 2 GPUs",)
 

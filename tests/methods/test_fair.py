@@ -15,7 +15,6 @@ import torch.nn.functional as F
 import fastabsld
 from fastabsld.attack import kl_loss, pgd, pgd_loop
 from fastabsld.methods import ABSLDLoss, ARDLoss, FairReweight, IADLoss, TRADESLoss, ard_attack_loss
-from tests.conftest import HAS_GPU
 from tests.methods import published
 from tests.methods.helpers import STEP_ATOL, images, leaves, logits_case, small_model, tolerance
 from tests.released import released_soft_labels
@@ -243,7 +242,7 @@ def test_batch_and_epoch_update_read_no_values_on_the_host(method):
     assert loss.device.type == "meta" and reweight.class_weight.device.type == "meta"
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="needs CUDA")
+@pytest.mark.cuda
 def test_no_sync_on_cuda():
     classes = 10
     student = small_model(8, classes, dtype=torch.float32).cuda()
