@@ -12,7 +12,7 @@ import os
 import statistics
 import time
 
-from fastabsld.recipe import report
+from fastabsld.recipe import logs, report
 from fastabsld.recipe.config import TrainConfig
 from fastabsld.recipe.data import load_dataset
 from fastabsld.recipe.teacher import get_teacher, teacher_cache_path
@@ -92,7 +92,7 @@ def _sentence(what, word):
 
 
 def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_epochs=30, cache_dir=None, device="cpu",
-             progress=True, log=print, speed=None):
+             progress=True, log=None, speed=None):
     """Trains the teacher (or reuses the cached one), distils RSLAD and ABSLD students, prints the table.
 
     Args:
@@ -103,12 +103,13 @@ def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_e
         cache_dir: teacher cache folder (``None``: the TrainConfig default).
         device: device name.
         progress: progress bars.
-        log: function printing lines.
+        log: function printing lines (default: :func:`fastabsld.recipe.logs.info`).
         speed: TrainConfig speed options (``amp``, ``channels_last``, ``compile``, ``fold_bn``), or None.
 
     Returns:
         dict: the demo's summary (also written to ``out_dir/demo.json``).
     """
+    log = log or logs.info
     began = time.perf_counter()
     base = TrainConfig(method="absld", dataset="digits", epochs=epochs, teacher_epochs=teacher_epochs, device=device,
                        eval_every=5, progress=progress, test_attacks=("clean", "fgsm", ATTACK),
