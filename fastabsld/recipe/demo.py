@@ -141,8 +141,10 @@ def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_e
                          for k in range(len(results[m][0][ATTACK]["per_class"]))] for m in METHODS},
             os.path.join(out_dir, "per_class_robust_accuracy.png"),
             f"per-class PGD-20 test accuracy, mean over {len(seeds)} seeds",
+            ylabel="PGD-20 test accuracy of the class", sort_by="RSLAD",
             errors={m.upper(): [_mean_std([r[ATTACK]["per_class"][k] for r in results[m]])[1]
-                                for k in range(len(results[m][0][ATTACK]["per_class"]))] for m in METHODS}),
+                                for k in range(len(results[m][0][ATTACK]["per_class"]))] for m in METHODS},
+            error_label=f"error bars: population std over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"),
         report.plot_temperatures(histories["absld"][0], os.path.join(out_dir, "absld_temperatures.png"),
                                  f"ABSLD class temperatures (seed {seeds[0]})"),
     ]

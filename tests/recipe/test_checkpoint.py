@@ -140,3 +140,26 @@ def test_stale_temporaries_are_removed(tmp_path):
     (tmp_path / "notes.tmp").write_text("mine")
     assert checkpoint.remove_stale_temporaries(str(tmp_path)) == [".last.pt.0123456789ab.tmp"]
     assert os.listdir(tmp_path) == ["notes.tmp"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_file_of_a_run_follows_the_umask(tmp_path, digits, umask):
+    """Files get 0666 and folders 0777, less the umask (not mkstemp's 0600, which colleagues cannot read)."""
+    from fastabsld.recipe import logs
+    from fastabsld.recipe.config import TrainConfig
+    from fastabsld.recipe.train import train
+
+    old = os.umask(umask)
+    try:
+        run_dir = tmp_path / "run"
+        with logs.setup(str(run_dir / "train.log")):
+            train(TrainConfig(method="pgd-at", epochs=2, batch_size=64, train_subset=128, steps=1, progress=False,
+                              test_attacks=("clean", "pgd20")), str(run_dir), data=digits)
+    finally:
+        os.umask(old)
+    names = sorted(os.listdir(run_dir))
+    assert {"last.pt", "last.prev.pt", "best.pt", "metrics.json", "per_class.png", "curves.png", "run.lock",
+            "train.log"} <= set(names)
+    for name in names:
+        assert os.stat(run_dir / name).st_mode & 0o777 == 0o666 & ~umask, name
+    assert os.stat(run_dir).st_mode & 0o777 == 0o777 & ~umask
