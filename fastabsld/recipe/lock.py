@@ -86,11 +86,12 @@ def hold(run_dir, *, wait=False, log=None):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            error = RunLockedError(run_dir, _read_holder(fd))
+            record = _read_holder(fd)
             if not wait:
-                raise error from None
+                raise RunLockedError(run_dir, record) from None
             if log:
-                log(f"waiting: {error}")
+                who = f"process {record.get('pid')} on {record.get('host')}" if record else "another process"
+                log(f"waiting for {who}, which holds {run_dir}")
             fcntl.flock(fd, fcntl.LOCK_EX)
         record = {"pid": os.getpid(), "host": socket.gethostname(),
                   "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}

@@ -162,7 +162,9 @@ def epoch_line(entry, *, epochs, method, best=False):
     parts = [f"{method} epoch {entry['epoch']}/{epochs}",
              f"loss {'n/a' if loss is None else f'{loss:.4f}'}",
              f"lr {_number(entry.get('lr'))}"]
-    if "beta" in entry:
+    # Temperatures that cannot move (RSLAD: beta = 0, all at 1) are left out of the line.
+    moving = bool(entry.get("beta"))
+    if moving:
         parts.append(f"beta {_number(entry['beta'])}")
     for attack, m in (entry.get("val") or {}).items():
         parts.append(f"val {attack} avg {_fixed(m.get('average'))} worst {_fixed(m.get('worst'))} "
@@ -170,10 +172,9 @@ def epoch_line(entry, *, epochs, method, best=False):
     if best:
         parts[-1] += " (best)"
     for key in ("tau_adv", "tau_nat"):
-        if entry.get(key):
-            values = [v for v in entry[key] if v is not None]
-            if values:
-                parts.append(f"{key} {min(values):.3g}..{max(values):.3g}")
+        values = [v for v in entry.get(key) or () if v is not None]
+        if values and (moving or min(values) != max(values)):
+            parts.append(f"{key} {min(values):.3g}..{max(values):.3g}")
     if entry.get("nonfinite_batches"):
         parts.append(f"non-finite loss in {entry['nonfinite_batches']} batches")
     if "seconds" in entry:

@@ -177,18 +177,6 @@ def _temperature_entries(history):
     return entries if len(values) > 1 else []
 
 
-def has_moving_temperatures(history):
-    """Whether a run's class temperatures changed during training (ABSLD; not RSLAD or PGD-AT).
-
-    Args:
-        history: the run's epoch entries.
-
-    Returns:
-        bool: a temperature plot would show something.
-    """
-    return bool(_temperature_entries(history))
-
-
 def plot_temperatures(history, path, title, class_names=None, labelled=LABELLED):
     """Per-class temperatures over epochs: tau_adv and tau_nat side by side, one line per class.
 
@@ -357,6 +345,11 @@ def robust_attack(results):
     return next(a for a in results if a != "clean")
 
 
+def _kept(result):
+    epoch = (result.get("best") or {}).get("epoch")
+    return f"weights of epoch {epoch}, chosen on validation" if epoch else "weights of the last epoch"
+
+
 def plot_run(run_dir, result):
     """Writes the plots of one training run.
 
@@ -384,7 +377,7 @@ def plot_run(run_dir, result):
         per_class = {"clean": test["clean"]["per_class"]} if "clean" in test else {}
         per_class[label] = test[attack]["per_class"]
         written.append(plot_per_class(per_class, os.path.join(run_dir, "per_class.png"),
-                                      f"per-class test accuracy ({method}, best epoch {result['best']['epoch']})",
+                                      f"per-class test accuracy ({method}, {_kept(result)})",
                                       ylabel="test accuracy of the class", class_names=names))
     curves = plot_curves(history, os.path.join(run_dir, "curves.png"), f"training curves ({method})")
     written += [curves] if curves else []

@@ -134,13 +134,17 @@ def run(spec):
                os.path.join(spec["out"], "result.pt"))
 
 
-def hold_lock(run_dir, ready):
-    """Holds ``run_dir``'s lock until killed; writes the file ``ready`` once it holds it.
+def hold_lock(run_dir, ready, release=None, produce=None):
+    """Holds ``run_dir``'s lock; writes the file ``ready`` once it holds it.
 
     Args:
         run_dir: the run folder.
         ready: path of the file that says the lock is held.
+        release: a path: once it exists, copy ``produce`` and return (releasing the lock); None: hold until
+            killed.
+        produce: (source, destination) file paths to copy before releasing (what the lock's holder makes).
     """
+    import shutil
     import time
 
     from fastabsld.recipe import lock
@@ -148,4 +152,8 @@ def hold_lock(run_dir, ready):
     with lock.hold(run_dir):
         with open(ready, "w") as f:
             f.write(str(os.getpid()))
-        time.sleep(120)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (release and os.path.exists(release)):
+            time.sleep(0.05)
+        if produce:
+            shutil.copy(*produce)

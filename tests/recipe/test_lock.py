@@ -2,11 +2,14 @@
 
 import os
 import signal
+import socket
+import threading
 import time
 
 import pytest
 
-from fastabsld.recipe import cli, lock, loop
+from fastabsld.recipe import checkpoint, cli, lock, loop
+from fastabsld.recipe import teacher as teacher_mod
 from fastabsld.recipe.config import TrainConfig
 from fastabsld.recipe.errors import RunLockedError
 from fastabsld.recipe.train import train
@@ -83,3 +86,35 @@ def test_lock_is_reentrant_in_one_process_and_exclusive_across_descriptors(tmp_p
 def test_locked_error_message_without_a_record(tmp_path):
     message = str(RunLockedError(str(tmp_path), None))
     assert str(tmp_path) in message and "starting" in message and "\n" not in message
+
+
+def test_a_second_process_needing_the_same_teacher_waits_for_the_first(tmp_path, forkserver, monkeypatch):
+    cfg = TrainConfig(cache_dir=str(tmp_path / "cache"), teacher_model="cnn-s", progress=False)
+    path = teacher_mod.teacher_cache_path(cfg)
+    run_dir = os.path.splitext(path)[0] + "-run"
+    made = str(tmp_path / "made.pt")  # what the first process caches
+    checkpoint.atomic_save({"format": checkpoint.FORMAT, "config": teacher_mod.teacher_config(cfg).to_dict(),
+                            "model": fault_worker.fixed_teacher().state_dict(), "num_classes": 10, "in_channels": 1},
+                           made)
+    ready, release = str(tmp_path / "ready"), str(tmp_path / "release")
+    first = forkserver.Process(target=fault_worker.hold_lock, args=(run_dir, ready, release, (made, path)))
+    first.start()
+    _wait_for(ready, first)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the teacher was trained twice")
+
+    monkeypatch.setattr(teacher_mod, "fit", no_training)
+    lines, got = [], []
+    second = threading.Thread(target=lambda: got.append(teacher_mod.get_teacher(cfg, log=lines.append)))
+    second.start()
+    deadline = time.monotonic() + 60
+    while not lines and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lines == [f"waiting for process {first.pid} on {socket.gethostname()}, which holds {run_dir}"]
+    assert second.is_alive() and not got
+    open(release, "w").close()
+    second.join(60)
+    first.join(60)
+    assert got and all(a.equal(b) for a, b in zip(got[0].state_dict().values(),
+                                                  fault_worker.fixed_teacher().state_dict().values()))

@@ -63,6 +63,9 @@ def test_epoch_line_says_what_the_epoch_did():
     line = logs.epoch_line(entry, epochs=30, method="absld", best=True)
     assert line == ("absld epoch 3/30  loss 0.1235  lr 0.1  beta 0.01  val clean avg 0.912 worst 0.800 nsd 0.050  "
                     "val pgd20 avg 0.600 worst n/a nsd n/a (best)  tau_adv 0.8..1.25  tau_nat 1..1  12.3 s")
+    rslad = logs.epoch_line({"epoch": 1, "train_loss": 0.5, "lr": 0.1, "beta": 0.0, "tau_adv": [1.0, 1.0],
+                             "tau_nat": [1.0, 1.0]}, epochs=2, method="rslad")
+    assert rslad == "rslad epoch 1/2  loss 0.5000  lr 0.1"  # temperatures that cannot move are left out
     nan = logs.epoch_line({"epoch": 1, "train_loss": None, "lr": 0.1, "nonfinite_batches": 2}, epochs=2,
                           method="pgd-at")
     assert nan == "pgd-at epoch 1/2  loss n/a  lr 0.1  non-finite loss in 2 batches"
