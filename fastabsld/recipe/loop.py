@@ -368,6 +368,8 @@ def _fit(cfg, run_dir, data, *, teacher, resume, log, teacher_source, scalar_wri
                 entry["seconds"] = time.perf_counter() - began
                 history.append(entry)
                 epochs.set_postfix(loss=f"{entry['train_loss']:.4f}")
+                if scalars:  # before last.pt: a run killed in between replays the epoch, and purge_step drops these
+                    scalars.add(logs.epoch_scalars(entry), epoch + 1)
                 if writes:
                     checkpoint.atomic_save({
                         "format": checkpoint.FORMAT, "config": cfg.to_dict(), "epoch": epoch + 1,
@@ -380,8 +382,6 @@ def _fit(cfg, run_dir, data, *, teacher, resume, log, teacher_source, scalar_wri
                     report.write_metrics(run_dir, {"config": cfg.to_dict(), "history": history, "best": best,
                                                    **extra})
                 log(logs.epoch_line(entry, epochs=cfg.epochs, method=cfg.method, best=improved))
-                if scalars:
-                    scalars.add(logs.epoch_scalars(entry), epoch + 1)
                 ctx.barrier()  # every rank has finished the epoch that last.pt records
             epochs.close()
 

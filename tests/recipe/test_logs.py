@@ -135,6 +135,12 @@ def test_scalars_reach_an_injected_writer(tmp_path, digits):
 def test_real_tensorboard_writer(tmp_path, digits):
     pytest.importorskip("tensorboard", reason="the tensorboard package is not installed: the real SummaryWriter "
                                               "path is untested here (an injected writer is tested above)")
-    train(TrainConfig(**TINY), str(tmp_path), teacher=_teacher(), data=digits, log=lambda *_: None)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(TrainConfig(**TINY), str(tmp_path), teacher=_teacher(), data=digits, log=lambda *_: None)
     events = [n for n in os.listdir(tmp_path) if n.startswith("events.out.tfevents")]
-    assert len(events) == 1 and os.path.getsize(tmp_path / events[0]) > 0
+    assert len(events) == 1
+    scalars = EventAccumulator(str(tmp_path)).Reload()
+    loss = [(e.step, e.value) for e in scalars.Scalars("train/loss")]
+    assert loss == [(e["epoch"], pytest.approx(e["train_loss"], rel=1e-6)) for e in result["history"]]
+    assert scalars.Scalars("test/clean/average")[0].value == pytest.approx(result["test"]["clean"]["average"])
