@@ -65,9 +65,11 @@ DEFAULT_SMS = 132
 ONE_WAVE_BYTES = 256 * 1024
 TWO_WAVE_BYTES = 1024 * 1024
 # The widest row the tile kernel holds in registers and the elements of each input a thread
-# holds: with 8 each of s and t, every variant stays below 128 registers a thread without spills.
+# holds: with 8 each of s and t read as vectors (4 when each element has its own 64-bit address),
+# every variant stays at or below 128 registers a thread without spills.
 TILE_MAX_COLUMNS = 8192
 ELEMENTS_PER_THREAD = 8
+SCALAR_ELEMENTS_PER_THREAD = 4
 MAX_WARPS = 32
 # Rows of a tile at most (the per-row setup is vectorised over them).
 TILE_MAX_ROWS = 256
@@ -102,22 +104,31 @@ def _row_setup(labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_s
     """Per-row flags and inverse temperatures (``rows``: a vector of row indices, or one index).
 
     Returns keep (row exists and is not ignored), bad (kept row with a label out of range or a
-    temperature that is not positive and finite: its outputs become NaN, and with device
-    asserts compiled in, the launch fails), 1/tau_t and 1/tau_s (1 for rows not kept or bad).
+    temperature that is not positive and finite: its outputs become NaN), 1/tau_t and 1/tau_s
+    (1 for rows not kept or bad), and the two conditions ``_assert_rows`` checks.
     """
     label = tl.load(labels_ptr + rows.to(tl.int64) * stride_l, mask=row_mask & (has_labels != 0), other=0)
     keep = row_mask & ((has_labels == 0) | (label != ignore_index))
     label_ok = (label >= 0) & (label < C)
-    tl.device_assert(label_ok | ~keep, "kd_kl_div: a label is outside [0, C) and is not ignore_index")
     usable = keep & label_ok
     tau_t = _temperature(tau_t_ptr, tau_t_scalar, tau_t_mode, label, rows, usable)
     tau_s = _temperature(tau_s_ptr, tau_s_scalar, tau_s_mode, label, rows, usable)
     tau_ok = (tau_t > 0) & (tau_t < float("inf")) & (tau_s > 0) & (tau_s < float("inf"))
-    tl.device_assert(tau_ok | ~usable, "kd_kl_div: a temperature is not positive and finite")
     valid = usable & tau_ok
     inv_t = 1.0 / tl.where(valid, tau_t, 1.0)
     inv_s = 1.0 / tl.where(valid, tau_s, 1.0)
-    return keep, keep & ~valid, inv_t, inv_s
+    return keep, keep & ~valid, inv_t, inv_s, label_ok | ~keep, tau_ok | ~usable
+
+
+@triton.jit
+def _assert_rows(labels_fine, temperatures_fine):
+    """With device asserts compiled in, a bad label or temperature fails the launch.
+
+    Called last in each kernel: the assert is a function call, and values live across it would
+    be saved to the stack.
+    """
+    tl.device_assert(labels_fine, "kd_kl_div: a label is outside [0, C) and is not ignore_index")
+    tl.device_assert(temperatures_fine, "kd_kl_div: a temperature is not positive and finite")
 
 
 @triton.jit
@@ -175,7 +186,7 @@ def _kd_tile_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, loss_ptr, gs
         cols = cols.to(tl.int64)
     rows = row0 + local
     row_mask = rows < B
-    keep, bad, inv_t, inv_s = _row_setup(labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar,
+    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine = _row_setup(labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar,
                                          tau_t_mode, tau_s_mode, has_labels, ignore_index, rows, row_mask, C)
     # The tile's first row in 64-bit once; offsets inside the tile in 32 bits unless WIDE.
     base = row0.to(tl.int64)
@@ -201,6 +212,7 @@ def _kd_tile_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, loss_ptr, gs
     out = base * C + (local[:, None] * C + cols[None, :])
     _store_grads(gs_ptr + out, gt_ptr + out, row_mask[:, None] & (cols < C)[None, :], log_p, log_q, loss[:, None],
                  inv_t[:, None], inv_s[:, None], keep[:, None], bad[:, None], student_grad, teacher_grad)
+    _assert_rows(labels_fine, temperatures_fine)
 
 
 @triton.jit
@@ -259,7 +271,7 @@ def _kd_split_stats_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, part_
     """Statistics of one (row, chunk): 6 partials at part[k, row * n_chunks + chunk]."""
     row, chunk, first_block, n_blocks, cols, C, stride_sb, stride_tb = _split_program(
         B, C, stride_sb, stride_tb, n_chunks, blocks_per_chunk, n_chunks, False, BLOCK_N, VEC, WIDE)
-    keep, bad, inv_t, inv_s = _row_setup(labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar,
+    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine = _row_setup(labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar,
                                          tau_t_mode, tau_s_mode, has_labels, ignore_index, row, row < B, C)
     s_row = s_ptr + row.to(tl.int64) * stride_sb
     t_row = t_ptr + row.to(tl.int64) * stride_tb
@@ -296,6 +308,7 @@ def _kd_split_stats_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, part_
     tl.store(out + 3 * plane, z_s)
     tl.store(out + 4 * plane, cross)
     tl.store(out + 5 * plane, a_at_student_inf)
+    _assert_rows(labels_fine, temperatures_fine)
 
 
 @triton.jit
@@ -364,7 +377,7 @@ def _kd_split_finish_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, part
     """
     row, chunk, first_block, n_blocks, cols, C, stride_sb, stride_tb = _split_program(
         B, C, stride_sb, stride_tb, n_chunks, blocks_per_chunk, grid_chunks, True, BLOCK_N, VEC, WIDE)
-    keep, bad, inv_t, inv_s = _row_setup(labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar,
+    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine = _row_setup(labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar,
                                          tau_t_mode, tau_s_mode, has_labels, ignore_index, row, row < B, C)
     m_t, m_s, log_z_t, log_z_s, loss = _combine_partials(part_ptr, B, row, n_chunks, PART_BLOCK)
     bad = bad | (keep & (loss != loss))
@@ -396,6 +409,7 @@ def _kd_split_finish_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, part
                                                             keep, BLOCK_N)
                 _gradient_block(s_ptrs, t_ptrs, mask, col, gs_row, gt_row, C, fill, inv_t, inv_s, m_t, m_s, log_z_t,
                                 log_z_s, loss, keep, bad, student_grad, teacher_grad)
+    _assert_rows(labels_fine, temperatures_fine)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,16 +471,29 @@ def programs_wanted(nbytes, sms=DEFAULT_SMS):
     return 2 * sms if nbytes >= TWO_WAVE_BYTES else sms
 
 
-def tile_config(batch, num_classes, sms=DEFAULT_SMS, nbytes=None):
+def elements_per_thread(vec):
+    """Elements of each input a thread holds: fewer when every element needs its own address.
+
+    Args:
+        vec: the vector width (``vector_width``).
+
+    Returns:
+        int: ELEMENTS_PER_THREAD, or SCALAR_ELEMENTS_PER_THREAD for vec == 1.
+    """
+    return ELEMENTS_PER_THREAD if vec > 1 else SCALAR_ELEMENTS_PER_THREAD
+
+
+def tile_config(batch, num_classes, sms=DEFAULT_SMS, nbytes=None, vec=2):
     """Launch configuration of the tile kernel: the most rows a program (at most TILE_MAX_ROWS,
     and a tile of at most ELEMENTS_PER_THREAD * 32 * MAX_WARPS elements) that still leaves
-    ``programs_wanted`` programs, at least one row.
+    ``programs_wanted`` programs, at least one row; ``elements_per_thread`` a thread.
 
     Args:
         batch: B.
         num_classes: C (at most TILE_MAX_COLUMNS).
         sms: multiprocessors of the GPU.
         nbytes: bytes of the larger input (default: fp32 logits).
+        vec: the rows' vector width.
 
     Returns:
         dict: BLOCK_M, BLOCK_N, num_warps.
@@ -479,20 +506,21 @@ def tile_config(batch, num_classes, sms=DEFAULT_SMS, nbytes=None):
     while (2 * block_m <= TILE_MAX_ROWS and 2 * block_m * block_n <= max_elements
            and triton.cdiv(batch, 2 * block_m) >= want):
         block_m *= 2
-    num_warps = min(MAX_WARPS, max(1, block_m * block_n // (32 * ELEMENTS_PER_THREAD)))
+    num_warps = min(MAX_WARPS, max(1, block_m * block_n // (32 * elements_per_thread(vec))))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
 
 
-def split_config(batch, num_classes, sms=DEFAULT_SMS, nbytes=None):
+def split_config(batch, num_classes, sms=DEFAULT_SMS, nbytes=None, vec=2):
     """Launch configuration of the split kernels: the largest power-of-two chunk (at least
     SPLIT_MIN_CHUNK columns) that still gives ``programs_wanted`` (row, chunk) programs, or one
-    chunk per row when the rows alone give them.
+    chunk per row when the rows alone give them; ``elements_per_thread`` a thread.
 
     Args:
         batch: B.
         num_classes: C.
         sms: multiprocessors of the GPU.
         nbytes: bytes of the larger input (default: fp32 logits).
+        vec: the rows' vector width.
 
     Returns:
         dict: BLOCK_N (columns per loop step), CHUNK (columns per program, a multiple of
@@ -507,7 +535,7 @@ def split_config(batch, num_classes, sms=DEFAULT_SMS, nbytes=None):
         while chunk > SPLIT_MIN_CHUNK and batch * triton.cdiv(num_classes, chunk) < want:
             chunk //= 2
     block_n = min(SPLIT_BLOCK_N, chunk)
-    num_warps = max(1, block_n // (32 * ELEMENTS_PER_THREAD))
+    num_warps = max(1, block_n // (32 * elements_per_thread(vec)))
     return {"BLOCK_N": block_n, "CHUNK": chunk, "num_warps": num_warps, "num_stages": SPLIT_STAGES}
 
 
@@ -713,7 +741,7 @@ def plan(student_logits, teacher_logits, labels, teacher_temperature, student_te
     vec = vector_width(num_classes, batch, logits)
     # A gradient not asked for passes its empty (0,) output: nothing is stored through it.
     if form == "tile":
-        config = config or tile_config(batch, num_classes, sms, nbytes)
+        config = config or tile_config(batch, num_classes, sms, nbytes, vec)
         block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
         wide = max(_span(t, block_m, block_n) for t in logits) >= INT32_LIMIT or block_m * num_classes >= INT32_LIMIT
         args = (student_logits, teacher_logits, labels_arg, *tau_args, row_loss, grad_student, grad_teacher,
@@ -723,7 +751,7 @@ def plan(student_logits, teacher_logits, labels, teacher_temperature, student_te
                                 config["num_warps"])]
     if form != "split":
         raise ValueError(f"form must be 'tile' or 'split', got {form!r}")
-    config = config or split_config(batch, num_classes, sms, nbytes)
+    config = config or split_config(batch, num_classes, sms, nbytes, vec)
     block_n, chunk = config["BLOCK_N"], config["CHUNK"]
     blocks_per_chunk = chunk // block_n
     n_chunks = triton.cdiv(triton.cdiv(num_classes, block_n), blocks_per_chunk)

@@ -85,9 +85,37 @@ def compile_launches(launches, targets=TARGETS):
         list: for each launch, ``{capability: compiled kernel}`` as ``compile_for_gpus``, each
         also with the ``signature``, ``constexprs`` and ``attrs`` the launch specialised on.
     """
-    jobs = [{"kernel": launch.kernel, "launch_args": tuple(_stand_in(a) for a in launch.args),
-             "launch_kwargs": dict(launch.constexprs, **launch.options())} for launch in launches]
-    return compile_many_for_gpus(jobs, targets)
+    jobs, job_of_key, job_of_launch = [], {}, []
+    for launch in launches:
+        args = tuple(_stand_in(a) for a in launch.args)
+        kwargs = dict(launch.constexprs, **launch.options())
+        key = _variant_key(launch.kernel, args, kwargs)
+        if key not in job_of_key:  # launches that differ only in runtime values compile once
+            job_of_key[key] = len(jobs)
+            jobs.append({"kernel": launch.kernel, "launch_args": args, "launch_kwargs": kwargs})
+        job_of_launch.append(job_of_key[key])
+    compiled = compile_many_for_gpus(jobs, targets)
+    return [compiled[index] for index in job_of_launch]
+
+
+def _variant_key(kernel, args, kwargs):
+    """A key at least as fine as Triton's specialisation (equal keys compile the same variant)."""
+    # a JITFunction has do_not_specialize; the interpreter's wrapper keeps it in kwargs
+    fixed = set(getattr(kernel, "do_not_specialize", None) or getattr(kernel, "kwargs", {}).get("do_not_specialize")
+                or ())
+    names = getattr(kernel, "arg_names", [None] * len(args))
+
+    def describe(name, arg):
+        if isinstance(arg, TensorStandIn):
+            return (str(arg.dtype), arg.address % 16 == 0)
+        if isinstance(arg, bool) or not isinstance(arg, int):
+            return (type(arg).__name__,)
+        if name in fixed:
+            return ("int", -2**31 <= arg < 2**31)
+        return ("int", arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31)
+    name = kernel if isinstance(kernel, tuple) else (kernel.fn.__module__, kernel.fn.__name__)
+    return (name, tuple(describe(n, a) for n, a in zip(names, args)),
+            tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
 
 
 def compile_many_for_gpus(jobs, targets=TARGETS):
