@@ -12,10 +12,10 @@ programs per SM when one input holds >= 1 MiB, at least one from 256 KiB, and on
 (up to ``sms``) below:
 
 * tile (``_kd_tile_kernel``; C <= TILE_MAX_COLUMNS and enough rows): BLOCK_M rows x
-  next_pow2(C) columns in registers, ELEMENTS_PER_THREAD of each input per thread. s and t are
-  read once and each requested gradient written once. Contiguous rows are read VEC elements at a
-  time (VEC: the power of two dividing C and the row strides, up to 16 bytes) so that
-  consecutive threads read consecutive addresses, padding lives in registers only, and
+  next_pow2(C) columns in registers, ``elements_per_thread`` of each input per thread. s and t
+  are read once and each requested gradient written once. Contiguous rows are read VEC
+  elements at a time (VEC: the power of two dividing C and the row strides, up to 16 bytes) so
+  that consecutive threads read consecutive addresses, padding lives in registers only, and
   in-tile offsets are 32-bit (64-bit only where a tile spans 2^31 elements: WIDE).
 * split (larger C, or too few rows to fill the GPU): each row is cut into n_chunks chunks of
   whole BLOCK_N column blocks, one program per (row, chunk). ``_kd_split_stats_kernel`` writes
@@ -34,8 +34,12 @@ Memory traffic per element (e_s, e_t: bytes of the student's and teacher's dtype
   the student gradient, 24 B with both; without a gradient the second read does not happen).
   The second read is counted as DRAM traffic: it comes from L2 only while both inputs fit in
   it (the finish kernel runs its programs in reverse order, so the most recently read chunks
-  are re-read first, which helps when they almost fit). Per row: labels, temperatures, loss and
-  6 fp32 partials per chunk (24 B, read back once by every chunk of the row).
+  are re-read first, which can only help when they almost fit; the model does not count on it).
+  Per row: labels, temperatures, loss and 6 fp32 partials per chunk (24 B, read back once by
+  every chunk of the row).
+
+Device asserts (bad labels and temperatures; compiled in, as every launch here passes debug=True)
+run last in each kernel, so that nothing is live across the assert's call.
 
 Math is fp32 whatever the input dtype; gradients are stored in their logits' dtype. The
 temperature modes, the labels' presence, the gradient flags and the sizes are runtime arguments
@@ -186,8 +190,9 @@ def _kd_tile_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, loss_ptr, gs
         cols = cols.to(tl.int64)
     rows = row0 + local
     row_mask = rows < B
-    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine = _row_setup(labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar,
-                                         tau_t_mode, tau_s_mode, has_labels, ignore_index, rows, row_mask, C)
+    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine = _row_setup(
+        labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels,
+        ignore_index, rows, row_mask, C)
     # The tile's first row in 64-bit once; offsets inside the tile in 32 bits unless WIDE.
     base = row0.to(tl.int64)
     # Padding columns of kept rows read -inf (probability 0); skipped rows read 0 (finite).
@@ -271,8 +276,9 @@ def _kd_split_stats_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, part_
     """Statistics of one (row, chunk): 6 partials at part[k, row * n_chunks + chunk]."""
     row, chunk, first_block, n_blocks, cols, C, stride_sb, stride_tb = _split_program(
         B, C, stride_sb, stride_tb, n_chunks, blocks_per_chunk, n_chunks, False, BLOCK_N, VEC, WIDE)
-    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine = _row_setup(labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar,
-                                         tau_t_mode, tau_s_mode, has_labels, ignore_index, row, row < B, C)
+    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine = _row_setup(
+        labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels,
+        ignore_index, row, row < B, C)
     s_row = s_ptr + row.to(tl.int64) * stride_sb
     t_row = t_ptr + row.to(tl.int64) * stride_tb
     fill = tl.where(keep, float("-inf"), 0.0)
@@ -377,8 +383,9 @@ def _kd_split_finish_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, part
     """
     row, chunk, first_block, n_blocks, cols, C, stride_sb, stride_tb = _split_program(
         B, C, stride_sb, stride_tb, n_chunks, blocks_per_chunk, grid_chunks, True, BLOCK_N, VEC, WIDE)
-    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine = _row_setup(labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar,
-                                         tau_t_mode, tau_s_mode, has_labels, ignore_index, row, row < B, C)
+    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine = _row_setup(
+        labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels,
+        ignore_index, row, row < B, C)
     m_t, m_s, log_z_t, log_z_s, loss = _combine_partials(part_ptr, B, row, n_chunks, PART_BLOCK)
     bad = bad | (keep & (loss != loss))
     tl.store(loss_ptr + row, _finish_rows(loss, keep, bad), mask=chunk == 0)

@@ -93,8 +93,8 @@ def compiled():
 
 
 def test_the_variants_cover_every_code_path():
-    forms = {(launch.kernel.__name__, launch.constexprs.get("PREFETCH"), launch.constexprs["WIDE"], launch.constexprs["VEC"])
-             for _, launch in REAL_LAUNCHES}
+    forms = {(launch.kernel.__name__, launch.constexprs.get("PREFETCH"), launch.constexprs["WIDE"],
+              launch.constexprs["VEC"]) for _, launch in REAL_LAUNCHES}
     for kernel in ("_kd_tile_kernel", "_kd_split_stats_kernel", "_kd_split_finish_kernel"):
         for vec in (1, 2, 4, 8) if kernel == "_kd_tile_kernel" else (1, 4, 8):
             assert any(f[0] == kernel and f[3] == vec for f in forms), (kernel, vec)
