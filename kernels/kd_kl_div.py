@@ -566,8 +566,9 @@ def multiprocessors(device):
 
 
 def choose_form(batch, num_classes, nbytes, sms=DEFAULT_SMS):
-    """"tile" when C fits a tile and the rows alone give ``programs_wanted`` programs (or the
-    logits are under ONE_WAVE_BYTES, where one program per row is enough), else "split".
+    """The launch form: the tile when C fits one and the rows alone give ``programs_wanted``
+    programs (or the logits are under ONE_WAVE_BYTES, where one program per row is enough), else
+    split rows.
 
     Args:
         batch: B.
