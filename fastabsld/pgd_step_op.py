@@ -58,14 +58,15 @@ def _pgd_step_fake(x_adv, x, grad, alpha_per_sample, eps_per_sample, alpha, eps,
     return torch.empty_like(x_adv, memory_format=reference.memory_format_of(x_adv))
 
 
-def _check_radius(value, name, batch):
+def _check_radius(value, name, batch, device=None):
     """Splits alpha or eps into (per-sample tensor or None, number), checking what needs no sync.
 
     Per-sample values are checked by the CPU kernels; on CUDA that would need a host sync.
+    A 0-d tensor counts as a number: it moves to ``device`` (the inputs'), where one is given.
     """
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
-            return value.reshape(1).expand(batch), 0.0
+            return value.to(device or value.device).reshape(1).expand(batch), 0.0
         if value.dim() != 1 or value.shape[0] != batch:
             raise ValueError(
                 f"pgd_step: {name} must be a number or a tensor of shape ({batch},), got shape {tuple(value.shape)}"
@@ -76,7 +77,7 @@ def _check_radius(value, name, batch):
     return None, float(value)
 
 
-def check_step_arguments(alpha, eps, clamp, batch):
+def check_step_arguments(alpha, eps, clamp, batch, device=None):
     """Checks alpha, eps and clamp of a step on ``batch`` samples (per-sample values: see ``_check_radius``).
 
     Args:
@@ -84,6 +85,7 @@ def check_step_arguments(alpha, eps, clamp, batch):
         eps: radius: a non-negative number or a tensor of shape (B,).
         clamp: (min, max) with min <= max.
         batch: B.
+        device: the inputs' device, where 0-d tensor radii go; None leaves them where they are.
 
     Returns:
         tuple: (alpha tensor or None, alpha number, eps tensor or None, eps number, clamp min, clamp max).
@@ -94,7 +96,7 @@ def check_step_arguments(alpha, eps, clamp, batch):
         raise ValueError(f"pgd_step: clamp must be a (min, max) pair of numbers, got {clamp!r}") from None
     if not lo <= hi:
         raise ValueError(f"pgd_step: clamp must be (min, max) with min <= max, got {clamp!r}")
-    return (*_check_radius(alpha, "alpha", batch), *_check_radius(eps, "eps", batch), lo, hi)
+    return (*_check_radius(alpha, "alpha", batch, device), *_check_radius(eps, "eps", batch, device), lo, hi)
 
 
 def pgd_step(x_adv, x, grad, *, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
@@ -103,12 +105,14 @@ def pgd_step(x_adv, x, grad, *, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
     L-inf: ``clamp(x + clamp(x_adv + alpha * sign(grad) - x, -eps, eps), *clamp)``, sign(0) = 0.
     L2 (torchattacks' PGDL2): ``delta = x_adv + alpha * grad / (||grad|| + 1e-10) - x``, then
     ``delta *= min(1, eps / ||delta||)`` (unchanged where delta = 0), then
-    ``clamp(x + delta, *clamp)``; norms per sample over all non-batch dimensions.
-    Computed in fp32 (fp64 inputs too). The step is not differentiable: the output never
-    requires grad. Per-sample values of CUDA tensors are not checked (that would need a sync).
+    ``clamp(x + delta, *clamp)``; norms per sample over all non-batch dimensions, without
+    overflow and from delta itself (no cancellation when the step nearly undoes x_adv - x).
+    Computed in fp64 for fp64 inputs, else in fp32. The step is not differentiable: the output
+    never requires grad. Per-sample values of CUDA tensors are not checked (that would need a
+    sync). Every tensor argument must be on ``x_adv``'s device (a 0-d tensor radius moves there).
 
     Args:
-        x_adv: current adversarial inputs, shape (B, ...), fp32/fp16/bf16, any layout.
+        x_adv: current adversarial inputs, shape (B, ...), fp32/fp64/fp16/bf16, any layout.
         x: clean inputs, same shape (converted to ``x_adv``'s dtype).
         grad: gradient of the loss to maximise at ``x_adv``, same shape.
         alpha: step size: a non-negative number or a tensor of shape (B,).
@@ -127,5 +131,5 @@ def pgd_step(x_adv, x, grad, *, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
             f"pgd_step: x_adv {tuple(x_adv.shape)}, x {tuple(x.shape)} and grad {tuple(grad.shape)} must have the same shape"
         )
     batch = x_adv.shape[0]
-    alpha_t, alpha_f, eps_t, eps_f, lo, hi = check_step_arguments(alpha, eps, clamp, batch)
+    alpha_t, alpha_f, eps_t, eps_f, lo, hi = check_step_arguments(alpha, eps, clamp, batch, x_adv.device)
     return torch.ops.fastabsld.pgd_step.default(x_adv, x, grad, alpha_t, eps_t, alpha_f, eps_f, norm, lo, hi)

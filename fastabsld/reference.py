@@ -4,6 +4,8 @@ These are the oracle of the tests and the fallback when ``fastabsld._C`` is not 
 favour clarity over speed and compute in fp32 (or fp64 for fp64 inputs).
 """
 
+import math
+
 import torch
 
 
@@ -31,6 +33,20 @@ def _per_sample(value, batch, like):
     return torch.full((batch,) + (1,) * (like.dim() - 1), float(value), dtype=like.dtype, device=like.device)
 
 
+def _row_norm(t, batch):
+    """L2 norm of each sample of ``t`` (B, ...) as a (B,) tensor; zeros for empty samples or B = 0."""
+    return t.reshape(batch, math.prod(t.shape[1:])).norm(p=2, dim=1)
+
+
+def _row_scale(t, batch):
+    """The largest |element| of each sample of ``t`` as (B,), or 1 where it is 0, inf, NaN or empty."""
+    flat = t.reshape(batch, math.prod(t.shape[1:]))
+    if flat.numel() == 0:
+        return torch.ones(batch, dtype=t.dtype, device=t.device)
+    scale = flat.abs().amax(dim=1)
+    return torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+
+
 def pgd_step(x_adv, x, grad, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
     """One PGD ascent step with projection, per sample over all non-batch dimensions.
 
@@ -54,10 +70,13 @@ def pgd_step(x_adv, x, grad, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
     if norm == "linf":
         delta = torch.minimum(torch.maximum(xa + a * torch.sign(g) - x0, -e), e)
     elif norm == "l2":
-        g_norm = g.reshape(batch, -1).norm(p=2, dim=1).reshape(a.shape)
-        stepped = xa + a * g / (g_norm + 1e-10)
+        g_scale = _row_scale(g, batch).reshape(a.shape)
+        # g / (||g|| + 1e-10), with g scaled by its largest element so that ||g|| cannot overflow.
+        g_unit = (g / g_scale) / (_row_norm(g / g_scale, batch).reshape(a.shape) + 1e-10 / g_scale)
+        stepped = xa + a * g_unit
         delta = stepped - x0
-        d_norm = delta.reshape(batch, -1).norm(p=2, dim=1).reshape(a.shape)
+        d_scale = _row_scale(delta, batch).reshape(a.shape)
+        d_norm = d_scale * _row_norm(delta / d_scale, batch).reshape(a.shape)
         factor = torch.where(d_norm > 0, e / d_norm, torch.ones_like(d_norm)).clamp(max=1.0)
         delta = delta * factor
     else:
