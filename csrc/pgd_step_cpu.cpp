@@ -54,9 +54,10 @@ struct L2Sample {
     if constexpr (use_avx2<scalar_t>()) {
       if (kHasAvx2) {
         const L2Step<float> step = l2_step<float>(norm_of(avx2::grad_sum_squares(g, xa, x0, n)), r.alpha);
+        // delta goes to the output and is projected there: the last pass reads two arrays.
         const float factor =
-            l2_factor<float>(norm_of(avx2::delta_sum_squares(xa, x0, g, n, step)), r.eps);
-        return avx2::l2_apply(xa, x0, g, o, n, step, factor, r.lo, r.hi);
+            l2_factor<float>(norm_of(avx2::delta_sum_squares(xa, x0, g, n, step, o)), r.eps);
+        return avx2::l2_project(x0, o, n, factor, r.lo, r.hi);
       }
     }
     SumSquares<acc_t> grad_sq{};

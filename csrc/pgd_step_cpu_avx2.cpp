@@ -97,30 +97,35 @@ SumSquares<float> grad_sum_squares(const float* grad, const float* x_adv, const 
 }
 
 SumSquares<float> delta_sum_squares(const float* x_adv, const float* x, const float* grad,
-                                    int64_t n, L2Step<float> step) {
+                                    int64_t n, L2Step<float> step, float* delta) {
   const Vec vstep(step.step), vscale(step.scale);
   __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
   int64_t i = 0;
   for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
-    add_squares(delta_vec(x_adv, x, grad, i, vstep, vscale), s0, s1);
-    add_squares(delta_vec(x_adv, x, grad, i + Vec::size(), vstep, vscale), s2, s3);
+    const Vec d_lo = delta_vec(x_adv, x, grad, i, vstep, vscale);
+    const Vec d_hi = delta_vec(x_adv, x, grad, i + Vec::size(), vstep, vscale);
+    d_lo.store(delta + i);
+    d_hi.store(delta + i + Vec::size());
+    add_squares(d_lo, s0, s1);
+    add_squares(d_hi, s2, s3);
   }
   SumSquares<float> s{};
-  for (; i < n; ++i) add_square(s, l2_delta(x_adv[i], x[i], grad[i], step));
+  for (; i < n; ++i) {
+    delta[i] = l2_delta(x_adv[i], x[i], grad[i], step);
+    add_square(s, delta[i]);
+  }
   s.mid += sum_lanes(s0, s1, s2, s3);
   return s;
 }
 
-void l2_apply(const float* x_adv, const float* x, const float* grad, float* out, int64_t n,
-              L2Step<float> step, float factor, float lo, float hi) {
-  const Vec vstep(step.step), vscale(step.scale), vfactor(factor), vlo(lo), vhi(hi);
+void l2_project(const float* x, float* delta_out, int64_t n, float factor, float lo, float hi) {
+  const Vec vfactor(factor), vlo(lo), vhi(hi);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec delta = delta_vec(x_adv, x, grad, i, vstep, vscale);
-    const Vec moved(_mm256_fmadd_ps(vfactor, delta, Vec::loadu(x + i)));
-    clamp_vec(moved, vlo, vhi).store(out + i);
+    const Vec moved(_mm256_fmadd_ps(vfactor, Vec::loadu(delta_out + i), Vec::loadu(x + i)));
+    clamp_vec(moved, vlo, vhi).store(delta_out + i);
   }
-  for (; i < n; ++i) out[i] = pgd_l2_element(x_adv[i], x[i], grad[i], step, factor, lo, hi);
+  for (; i < n; ++i) delta_out[i] = clamp_to(mul_add(factor, delta_out[i], x[i]), lo, hi);
 }
 
 }  // namespace avx2
@@ -137,11 +142,10 @@ SumSquares<float> grad_sum_squares(const float*, const float*, const float*, int
   return {};
 }
 SumSquares<float> delta_sum_squares(const float*, const float*, const float*, int64_t,
-                                    L2Step<float>) {
+                                    L2Step<float>, float*) {
   return {};
 }
-void l2_apply(const float*, const float*, const float*, float*, int64_t, L2Step<float>, float,
-              float, float) {}
+void l2_project(const float*, float*, int64_t, float, float, float) {}
 }  // namespace avx2
 }  // namespace fastabsld
 

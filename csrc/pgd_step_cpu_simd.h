@@ -20,12 +20,12 @@ void linf_sample(const float* x_adv, const float* x, const float* grad, float* o
 SumSquares<float> grad_sum_squares(const float* grad, const float* x_adv, const float* x,
                                    int64_t n);
 
-// Sum of delta^2 over one sample, delta as l2_delta computes it (in double).
+// Sum of delta^2 over one sample, delta as l2_delta computes it (in double); writes delta.
 SumSquares<float> delta_sum_squares(const float* x_adv, const float* x, const float* grad,
-                                    int64_t n, L2Step<float> step);
+                                    int64_t n, L2Step<float> step, float* delta);
 
-void l2_apply(const float* x_adv, const float* x, const float* grad, float* out, int64_t n,
-              L2Step<float> step, float factor, float lo, float hi);
+// delta_out <- clamp(x + factor * delta_out, lo, hi): the output from delta_sum_squares' delta.
+void l2_project(const float* x, float* delta_out, int64_t n, float factor, float lo, float hi);
 
 }  // namespace avx2
 }  // namespace fastabsld
