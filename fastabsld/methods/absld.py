@@ -69,8 +69,9 @@ class ABSLDLoss(nn.Module):
                  beta=0.1, temperature_mode="paper"):
         super().__init__()
         self.num_classes = check_int(num_classes, "num_classes", minimum=1)
-        self.adv_weight = check_real(adv_weight, "adv_weight")
-        self.nat_weight = check_real(nat_weight, "nat_weight")
+        # A negative weight turns a term into one the student maximises: never a sensible setting.
+        self.adv_weight = check_real(adv_weight, "adv_weight", minimum=0)
+        self.nat_weight = check_real(nat_weight, "nat_weight", minimum=0)
         check_temperature_bounds(tau_min, tau_max, tau_init)
         check_beta(beta)
         check_choice(temperature_mode, "temperature_mode", TEMPERATURE_MODES)
@@ -92,6 +93,9 @@ class ABSLDLoss(nn.Module):
         return {"beta": self.beta}
 
     def set_extra_state(self, state):
+        if not isinstance(state, dict) or "beta" not in state:
+            raise ValueError(f"ABSLDLoss extra state must be a dict with key 'beta' (as get_extra_state "
+                             f"returns), got {state!r:.200}")
         check_beta(state["beta"])
         self.beta = float(state["beta"])
 

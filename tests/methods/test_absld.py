@@ -231,12 +231,20 @@ def test_buffers_follow_module_to_dtype():
     (dict(num_classes=3, tau_min=2.0, tau_max=1.0, tau_init=1.5), "tau_min"),
     (dict(num_classes=3, adv_weight=float("inf")), "adv_weight"),
     (dict(num_classes=3, nat_weight=float("nan")), "nat_weight"),
+    (dict(num_classes=3, adv_weight=-1.0), "adv_weight"),
+    (dict(num_classes=3, nat_weight=-0.5), "nat_weight"),
     (dict(num_classes=3, beta=-1.0), "beta"),
     (dict(num_classes=3, temperature_mode="aliased"), "temperature_mode"),
 ])
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ABSLDLoss(**kwargs)
+
+
+@pytest.mark.parametrize("state", [{}, None, {"tau": 1.0}])
+def test_malformed_extra_state_is_a_clear_error(state):
+    with pytest.raises(ValueError, match="extra state must be a dict with key 'beta'"):
+        ABSLDLoss(3).set_extra_state(state)
 
 
 def test_input_errors():
