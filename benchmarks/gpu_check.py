@@ -111,6 +111,37 @@ def run_tests(junit_path):
     return dict(parse_junit(junit_path), exit_status=done.returncode, tail=tail)
 
 
+def report_lines(rows):
+    """One line per report case: fastabsld's time and bandwidth, and its speed-up over the others.
+
+    Args:
+        rows: the rows of ``benchmarks.gpu_report`` (``case``, ``impl``, ``us``, ``GB/s``, ``peak%``,
+            ``kernel peak%``, ``speed-up``).
+
+    Returns:
+        list of str: a header and one line per case.
+    """
+    cases = {}
+    for row in rows:
+        cases.setdefault(row["case"], {})[row["impl"]] = row
+    lines = [f"{'case':<38} {'us':>9} {'GB/s':>7} {'peak%':>6} {'kern%':>6}  speed-up"]
+    for case, impls in cases.items():
+        if "fastabsld" not in impls:  # the training step rows carry their own speed-up
+            for impl, row in impls.items():
+                lines.append(f"{case[:38]:<38} {row['us']:>9.1f} {'':>7} {'':>6} {'':>6}  "
+                             f"{impl}: {row.get('speed-up', 1.0):.2f}x")
+            continue
+        ours = impls["fastabsld"]
+
+        def figure(key, digits=0):
+            return "" if ours.get(key) is None else f"{ours[key]:.{digits}f}"
+
+        ups = ", ".join(f"{impl} {row['us'] / ours['us']:.2f}x" for impl, row in impls.items() if impl != "fastabsld")
+        lines.append(f"{case[:38]:<38} {ours['us']:>9.1f} {figure('GB/s'):>7} {figure('peak%'):>6} "
+                     f"{figure('kernel peak%'):>6}  vs {ups}")
+    return lines
+
+
 def summary_lines(result):
     """The one-screen summary of a check's result.
 
@@ -131,11 +162,7 @@ def summary_lines(result):
     for problem in tests["problems"]:
         lines.append(f"  {problem['kind']:<8} {problem['test']}: {problem['message']}")
     if result.get("report"):
-        lines.append(f"{'case':<34} {'impl':<10} {'us':>10} {'GB/s':>8} {'peak%':>6}")
-        for row in result["report"]:
-            gbs = "" if row["GB/s"] is None else f"{row['GB/s']:.0f}"
-            peak = "" if row["peak%"] is None else f"{row['peak%']:.0f}"
-            lines.append(f"{row['case']:<34} {row['impl']:<10} {row['us']:>10.1f} {gbs:>8} {peak:>6}")
+        lines += report_lines(result["report"])
     bad = unexpected(tests)
     verdict = "PASS" if not bad and env["extension_cuda_kernels"] and env["triton"] else "FAIL"
     lines.append(f"{verdict} in {result['seconds']:.0f} s; full results: {result['json']}")

@@ -54,3 +54,28 @@ def test_without_a_gpu_it_says_so_and_fails(capsys):
 def test_environment_names_the_kernels():
     env = gpu_check.environment()
     assert {"torch", "extension", "extension_cuda_kernels", "triton", "gpus"} <= set(env)
+
+
+def test_full_report_fits_one_screen():
+    """Every case the report times, as one line each with fastabsld's speed-up over the others."""
+    from benchmarks import gpu_report
+
+    cases = [f"kd fwd+bwd {d} {shape}" for shape in gpu_report.KD_SHAPES for d in gpu_report.KD_DTYPES]
+    cases += [f"pgd {n} {d} {shape}" for shape in gpu_report.PGD_SHAPES for d in gpu_report.PGD_DTYPES
+              for n in ("linf", "l2")]
+    rows = []
+    for case in cases:
+        rows.append({"case": case, "impl": "fastabsld", "us": 10.0, "GB/s": 3000.0, "peak%": 89.6,
+                     "kernel GB/s": 3100.0, "kernel peak%": 92.5})
+        rows.append({"case": case, "impl": "eager", "us": 25.0, "GB/s": 1200.0, "peak%": 35.8})
+        rows.append({"case": case, "impl": "compile", "us": 15.0, "GB/s": 2000.0, "peak%": 59.7})
+    rows += [{"case": "train step resnet18/wrn-34-10 B=128", "impl": impl, "us": us, "GB/s": None, "peak%": None,
+              "speed-up": 100.0 / us} for impl, us in (("released", 100.0), ("fastabsld", 50.0))]
+    env = {"device": "NVIDIA H100", "capability": "9.0", "sms": 132, "gpus": 1, "torch": "2.14", "cuda": "13.0",
+           "triton_version": "3.8", "extension_cuda_kernels": True, "triton": True}
+    tests = {"passed": 900, "failed": 0, "errors": 0, "skipped": 0, "problems": []}
+    lines = gpu_check.summary_lines({"environment": env, "tests": tests, "report": rows, "seconds": 400.0,
+                                     "json": "gpu-check.json"})
+    assert len(lines) <= 60 and all(len(line) <= 120 for line in lines)
+    assert sum("vs eager 2.50x, compile 1.50x" in line for line in lines) == len(cases)
+    assert any("vs released 2.00x" in line for line in lines) and lines[-1].startswith("PASS")
