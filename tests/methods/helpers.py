@@ -1,6 +1,9 @@
 """Shared pieces of the method tests: dtype-derived tolerances, random batches, a small differentiable model."""
 
+import socket
+
 import torch
+import torch.multiprocessing as mp
 
 
 def tolerance(dtype, factor=256):
@@ -72,3 +75,36 @@ def images(batch, shape=(2, 3, 3), seed=0, dtype=torch.float64):
     """Inputs in [0, 1], away from the box edges."""
     gen = torch.Generator().manual_seed(seed)
     return (0.1 + 0.8 * torch.rand((batch,) + shape, generator=gen, dtype=torch.float64)).to(dtype)
+
+
+def free_port():
+    """A TCP port free on the loopback interface now, for a process group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_processes(worker, world, out_dir, timeout=120):
+    """Runs ``worker(rank, port, out_dir)`` in ``world`` spawned processes and waits for them.
+
+    Args:
+        worker: a module-level function (spawned processes import it).
+        world: number of processes.
+        out_dir: a folder the workers write their results into.
+        timeout: seconds to wait for each process before it is killed.
+
+    Returns:
+        list: the exit codes (a killed process's is negative).
+    """
+    context = mp.get_context("spawn")
+    port = free_port()
+    processes = [context.Process(target=worker, args=(rank, port, out_dir)) for rank in range(world)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=timeout)
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+    return [process.exitcode for process in processes]

@@ -2,17 +2,16 @@
 
 import io
 import os
-import socket
 import sys
 from datetime import timedelta
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fastabsld.loss
 from fastabsld.methods.absld import ABSLDLoss
+from tests.methods.helpers import run_processes
 from tests.released import (
     released_absld_loss,
     released_soft_labels,
@@ -303,26 +302,9 @@ def ddp_worker(rank, port, out_dir):
         torch.distributed.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_two_process_gloo_temperatures_agree(tmp_path):
-    context = mp.get_context("spawn")
-    port = free_port()
-    processes = [context.Process(target=ddp_worker, args=(rank, port, str(tmp_path))) for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-            process.join()
-    assert [process.exitcode for process in processes] == [0] * WORLD
+    assert run_processes(ddp_worker, WORLD, str(tmp_path)) == [0] * WORLD
 
     histories = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
     single = ABSLDLoss(CLASSES, temperature_mode="released")
