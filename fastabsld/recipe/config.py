@@ -11,7 +11,15 @@ from fastabsld.methods.absld import TEMPERATURE_MODES
 from fastabsld.evaluation import ATTACKS
 from fastabsld.ops.checks import check_real
 
-METHODS = ("absld", "rslad", "pgd-at")
+METHODS = ("absld", "rslad", "pgd-at", "trades", "ard", "iad")
+# The methods that distil from a robust teacher (the others train a model on its own).
+DISTILLATION_METHODS = ("absld", "rslad", "ard", "iad")
+# How a robust teacher that the recipe trains itself is trained.
+TEACHER_METHODS = ("pgd-at", "trades")
+# The hyper-parameters that only one method (or the re-weighting) reads; a run of another method ignores them.
+METHOD_FIELDS = {"trades": ("trades_beta",), "ard": ("ard_temperature", "ard_alpha"),
+                 "iad": ("iad_temperature", "iad_alpha", "iad_beta", "iad_warmup"),
+                 "reweight": ("reweight_beta", "reweight_min", "reweight_max")}
 # Released schedule: LR (and beta) times 0.1 at epochs 215, 260 and 285 of 300.
 RELEASED_MILESTONES = (215 / 300, 260 / 300, 285 / 300)
 # Threat model per data set: (eps, alpha). Digits pixels take 17 grey levels (steps of 1/16); eps = 0.1
@@ -33,7 +41,8 @@ class TrainConfig:
     """Everything that defines a training run (saved in checkpoints and metrics.json).
 
     Attributes:
-        method: ``"absld"``, ``"rslad"`` or ``"pgd-at"``.
+        method: ``"absld"``, ``"rslad"`` (ABSLD with the temperatures fixed at 1), ``"ard"``, ``"iad"``
+            (distillation from a robust teacher), ``"trades"`` or ``"pgd-at"`` (adversarial training, no teacher).
         dataset: ``"digits"``, ``"cifar10"`` or ``"cifar100"``.
         model: student architecture (``None``: the data set's default, see ``DEFAULT_MODELS``).
         teacher_model: teacher architecture for distillation (``None``: the default).
@@ -45,6 +54,20 @@ class TrainConfig:
         eps, alpha, steps: L-inf threat model of the inner maximisation (``None``: data set default).
         beta, tau_min, tau_max, temperature_mode: ABSLD temperature settings (see ABSLDLoss).
         adv_weight, nat_weight: weights of the adversarial and natural distillation terms.
+        reweight: Fair-ARD's per-class re-weighting of the distillation loss (ard, iad, rslad, absld): each
+            class is weighted by how few attack steps its samples stay correctly classified, updated once
+            per epoch.
+        reweight_beta: exponent of the inverse robust time in the Fair-ARD class weights.
+        reweight_min: lower clamp of the Fair-ARD class weights (normalised to sum to the class count).
+        reweight_max: upper clamp of the Fair-ARD class weights.
+        trades_beta: weight of the TRADES KL term (1/lambda; 6 in the paper), for the trades method and a
+            TRADES teacher.
+        ard_temperature: ARD's distillation temperature.
+        ard_alpha: ARD's weight of the distillation term (1 - ard_alpha weighs the clean cross-entropy).
+        iad_temperature: IAD's distillation temperature of the teacher term.
+        iad_alpha: IAD's weight of the distillation terms (1 - iad_alpha weighs the clean cross-entropy).
+        iad_beta: IAD's exponent of the teacher's true-class probability (the trust in the teacher).
+        iad_warmup: IAD's warm-up (plain ARD) as a fraction of the epochs (60 of 200 in the paper).
         eval_every: evaluate on the validation split every this many epochs (and after the last).
         val_attacks: attacks of the validation evaluation.
         select_metric: ``"<attack>.<average|worst>"`` on the validation split, choosing
@@ -54,6 +77,7 @@ class TrainConfig:
         split_seed: seed of the train/val/test split.
         train_subset: keep only the first N training images (tests, quick runs).
         teacher_epochs, teacher_seed: PGD-AT training of the teacher when it is not cached.
+        teacher_method: how a teacher trained here is trained: ``"pgd-at"`` or ``"trades"`` (with trades_beta).
         teacher_path: a teacher checkpoint to use instead of training/caching one.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         data_dir: CIFAR folder.
@@ -91,6 +115,17 @@ class TrainConfig:
     temperature_mode: str = "paper"
     adv_weight: float = 5 / 6
     nat_weight: float = 1 / 6
+    reweight: bool = False
+    reweight_beta: float = 2.0
+    reweight_min: float = 5 / 6
+    reweight_max: float = 5 / 2
+    trades_beta: float = 6.0
+    ard_temperature: float = 30.0
+    ard_alpha: float = 1.0
+    iad_temperature: float = 1.0
+    iad_alpha: float = 1.0
+    iad_beta: float = 0.1
+    iad_warmup: float = 60 / 200
     eval_every: int = 1
     val_attacks: tuple = ("clean", "pgd20")
     select_metric: str = "pgd20.average"
@@ -100,6 +135,7 @@ class TrainConfig:
     train_subset: int = None
     teacher_epochs: int = 40
     teacher_seed: int = 0
+    teacher_method: str = "pgd-at"
     teacher_path: str = None
     device: str = "cpu"
     data_dir: str = None
@@ -141,11 +177,29 @@ class TrainConfig:
             attacks = getattr(self, name)
             if not attacks or not set(attacks) <= set(ATTACKS):
                 raise ValueError(f"{name} must be a non-empty selection of {ATTACKS}, got {attacks!r}")
+        self._check_method_fields()
         attack, _, key = self.select_metric.partition(".")
         if attack not in self.val_attacks or key not in SELECT_KEYS:
             raise ValueError(f"select_metric must be '<one of val_attacks {self.val_attacks}>."
                              f"<{'|'.join(SELECT_KEYS)}>', "
                              f"got {self.select_metric!r}")
+
+    def _check_method_fields(self):
+        """The methods' hyper-parameters, the re-weighting and the teacher's method."""
+        if self.teacher_method not in TEACHER_METHODS:
+            raise ValueError(f"teacher_method must be one of {TEACHER_METHODS}, got {self.teacher_method!r}")
+        if not isinstance(self.reweight, bool):
+            raise ValueError(f"reweight must be a bool, got {type(self.reweight).__name__} {self.reweight!r}")
+        if self.reweight and self.method not in DISTILLATION_METHODS:
+            raise ValueError(f"reweight re-weights a distillation loss ({', '.join(DISTILLATION_METHODS)}); "
+                             f"method {self.method!r} distils from no teacher")
+        for name in ("reweight_beta", "trades_beta", "iad_beta"):
+            check_real(getattr(self, name), name, minimum=0.0)
+        for name in ("reweight_min", "ard_temperature", "iad_temperature"):
+            check_real(getattr(self, name), name, minimum=0.0, strict=True)
+        check_real(self.reweight_max, "reweight_max", minimum=self.reweight_min)
+        for name in ("ard_alpha", "iad_alpha", "iad_warmup"):
+            check_real(getattr(self, name), name, minimum=0.0, maximum=1.0)
 
     def to_dict(self):
         """The config as a JSON-friendly dict.

@@ -148,7 +148,8 @@ def epoch_line(entry, *, epochs, method, best=False):
 
     Args:
         entry: the epoch's history entry (``epoch``, ``train_loss``, ``lr``, optionally ``beta``,
-            ``val``, ``tau_adv``/``tau_nat``, ``seconds``).
+            ``val``, ``tau_adv``/``tau_nat``, ``class_weight`` (Fair-ARD re-weighting), ``introspective``
+            (IAD past its warm-up), ``seconds``).
         epochs: the run's number of epochs.
         method: the run's method (the line's prefix, which tells runs of a demo apart).
         best: the validation made this epoch's weights the kept ones.
@@ -156,7 +157,8 @@ def epoch_line(entry, *, epochs, method, best=False):
     Returns:
         str: e.g. ``absld epoch 3/30  loss 0.1234  lr 0.1  beta 0.1  val clean avg 0.912 worst 0.833
         nsd 0.052  val pgd20 avg 0.612 worst 0.401 nsd 0.181 (best)  tau_adv 0.82..1.21  tau_nat 0.95..1.02
-        12.3 s``.
+        12.3 s``; a re-weighted run adds ``class_weight 0.833..2.5``, an IAD run ``introspective`` after its
+        warm-up.
     """
     loss = entry.get("train_loss")
     parts = [f"{method} epoch {entry['epoch']}/{epochs}",
@@ -175,6 +177,11 @@ def epoch_line(entry, *, epochs, method, best=False):
         values = [v for v in entry.get(key) or () if v is not None]
         if values and (moving or min(values) != max(values)):
             parts.append(f"{key} {min(values):.3g}..{max(values):.3g}")
+    weights = [v for v in entry.get("class_weight") or () if v is not None]
+    if weights:
+        parts.append(f"class_weight {min(weights):.3g}..{max(weights):.3g}")
+    if entry.get("introspective"):
+        parts.append("introspective")
     if entry.get("nonfinite_batches"):
         parts.append(f"non-finite loss in {entry['nonfinite_batches']} batches")
     if "seconds" in entry:
@@ -190,7 +197,8 @@ def epoch_scalars(entry):
 
     Returns:
         dict: tag -> float (``train/loss``, ``train/lr``, ``train/beta``, ``val/<attack>/<average|worst|nsd>``,
-        ``temperature/<adv|nat>_<min|max>``, ``time/epoch_seconds``); missing figures are left out.
+        ``temperature/<adv|nat>_<min|max>``, ``reweight/class_weight_<min|max>``, ``time/epoch_seconds``);
+        missing figures are left out.
     """
     scalars = {"train/loss": entry.get("train_loss"), "train/lr": entry.get("lr"), "train/beta": entry.get("beta"),
                "time/epoch_seconds": entry.get("seconds")}
@@ -202,6 +210,10 @@ def epoch_scalars(entry):
         if values:
             scalars[f"temperature/{short}_min"] = min(values)
             scalars[f"temperature/{short}_max"] = max(values)
+    weights = [v for v in entry.get("class_weight") or () if v is not None]
+    if weights:
+        scalars["reweight/class_weight_min"] = min(weights)
+        scalars["reweight/class_weight_max"] = max(weights)
     return {tag: float(value) for tag, value in scalars.items() if value is not None}
 
 

@@ -2,7 +2,8 @@
 
 Unlike the released script, the checkpoint kept as "best" is chosen on a validation split, never
 on the test split; the test split is evaluated once, at the end, with the selected weights.
-Temperatures are updated once per epoch; ``beta`` is scaled by the LR factor at the LR milestones.
+What a method does per batch, at each epoch's start and end (ABSLD's temperatures, IAD's epoch,
+Fair-ARD's class weights) and what its checkpoint keeps is its plan's (``fastabsld.recipe.method_plans``).
 
 What the loop guarantees about its run folder (rank 0 alone writes it, under its lock):
 
@@ -30,9 +31,10 @@ from fastabsld.evaluation import evaluate
 from fastabsld.recipe import checkpoint, distributed, lock, logs, report, speed
 from fastabsld.recipe.data import TensorLoader
 from fastabsld.recipe.errors import CheckpointError, NonFiniteLossError
+from fastabsld.recipe.method_plans import plan_for, reweight as reweighting
 from fastabsld.recipe.models import build_model
 from fastabsld.recipe.runtime import resolve_device, seed_everything
-from fastabsld.recipe.schedule import beta_at, milestone_epochs
+from fastabsld.recipe.schedule import milestone_epochs
 from fastabsld.recipe.steps import build_loss, train_step
 
 __all__ = ["NonFiniteLossError", "fit", "train_epoch"]
@@ -46,10 +48,8 @@ def _subset(data, n):
     return data
 
 
-def _temperatures(loss_fn):
-    if loss_fn is None:
-        return {}
-    return {"tau_adv": loss_fn.tau_adv.tolist(), "tau_nat": loss_fn.tau_nat.tolist()}
+def _temperatures(entry):
+    return {key: entry[key] for key in ("tau_adv", "tau_nat") if key in entry}
 
 
 def _selection_value(cfg, val_metrics):
@@ -63,40 +63,44 @@ def _eval_loader(split, cfg):
 
 
 def train_epoch(student, loss_fn, optimizer, loader, cfg, generator, *, teacher=None, device="cpu", progress=False,
-                desc="epoch", attack_model=None, nonfinite_count=None):
-    """One pass over ``loader``: a distillation step (``loss_fn`` given) or a PGD-AT step per batch, then SGD.
+                desc="epoch", attack_model=None, nonfinite_count=None, reweight=None):
+    """One pass over ``loader``: a step of ``cfg.method`` per batch, then SGD.
 
     No host synchronisation happens inside the loop; the mean loss (and the count of non-finite
     batch losses) stays on the device.
 
     Args:
         student: the network being trained.
-        loss_fn: ABSLDLoss (switched to training mode, so it accumulates class risks) or None for PGD-AT.
+        loss_fn: the method's loss module (switched to training mode, so ABSLDLoss accumulates class risks), or
+            None for PGD-AT.
         optimizer: the optimiser of ``student``.
         loader: iterable of (x, y) batches.
-        cfg: TrainConfig (threat model).
+        cfg: TrainConfig (method, threat model).
         generator: torch.Generator of the attacks' random starts.
-        teacher: the frozen teacher (needed with ``loss_fn``).
+        teacher: the frozen teacher (needed by the distillation methods).
         device: where the batches go.
         progress: show a progress bar.
         desc: the progress bar's label.
         attack_model: the student's folded eval view for the attack (see ``steps.distill_step``).
         nonfinite_count: optional 0-d integer tensor on ``device``; the number of batches whose loss
             is NaN or infinite is added to it in place.
+        reweight: the run's FairReweight (switched to training mode, so it counts the attacks' robust
+            steps), or None.
 
     Returns:
         Tensor: the mean training loss, 0-d, on ``device``.
     """
     from tqdm.auto import tqdm
 
-    if loss_fn is not None:
-        loss_fn.train()
+    for module in (loss_fn, reweight):
+        if module is not None:
+            module.train()
     student.train()
     loss_sum = torch.zeros((), device=device)
     batches = 0
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
         x, y = speed.to_device(x, device, cfg.channels_last), y.to(device, non_blocking=True)
-        loss = train_step(student, loss_fn, optimizer, x, y, cfg, generator, teacher=teacher,
+        loss = train_step(student, loss_fn, optimizer, x, y, cfg, generator, teacher=teacher, reweight=reweight,
                           attack_model=attack_model)
         loss_sum += loss
         if nonfinite_count is not None:
@@ -137,7 +141,7 @@ def _silent(*args, **kwargs):
     pass
 
 
-def _restore(state, cfg, student, optimizer, scheduler, loss_fn, generators, log):
+def _restore(state, cfg, student, optimizer, scheduler, plan, loss_fn, reweight, generators, log):
     """Loads a ``last.pt`` state into the run's objects; returns (history, best, epochs done)."""
     world_size = distributed.current().world_size
     if state.get("world_size", 1) != world_size:
@@ -149,8 +153,8 @@ def _restore(state, cfg, student, optimizer, scheduler, loss_fn, generators, log
     student.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    if loss_fn is not None:
-        loss_fn.load_state_dict(state["loss_fn"])
+    plan.restore(loss_fn, state)
+    reweighting.restore(reweight, state)
     checkpoint.set_rng_state(state["rng"], generators)
     return state["history"], state["best"], state["epoch"]
 
@@ -269,11 +273,17 @@ def _fit(cfg, run_dir, data, *, teacher, resume, log, teacher_source, scalar_wri
     data = _subset(data, cfg.train_subset)
     seed_everything(cfg.seed)
     student = build_model(cfg.model, data.num_classes, data.in_channels).to(device)
+    plan = plan_for(cfg.method)
     loss_fn = build_loss(cfg, data.num_classes)
-    if loss_fn is not None:
-        if teacher is None:
-            raise ValueError(f"method {cfg.method!r} distils from a teacher: pass teacher=...")
-        loss_fn.to(device)
+    reweight = reweighting.build_reweight(cfg, data.num_classes)
+    for module in (loss_fn, reweight):
+        if module is not None:
+            module.to(device)
+    if not plan.distills:
+        teacher = None
+    elif teacher is None:
+        raise ValueError(f"method {cfg.method!r} distils from a teacher: pass teacher=...")
+    else:
         teacher = teacher.to(device).eval().requires_grad_(False)
     if cfg.channels_last:
         student = student.to(memory_format=torch.channels_last)
@@ -288,7 +298,7 @@ def _fit(cfg, run_dir, data, *, teacher, resume, log, teacher_source, scalar_wri
     generators = {"data": loader.generator, "attack": attack_gen}
     val_loader = _eval_loader(data.val, cfg)
     model = ctx.wrap(student, sync_bn=cfg.sync_bn)
-    step_model, attack_model, step_teacher = speed.step_models(student, cfg, distill=loss_fn is not None,
+    step_model, attack_model, step_teacher = speed.step_models(student, cfg, distill=plan.folded_attack,
                                                                teacher=teacher, train_model=model)
 
     history, best, start = [], {"epoch": None, "value": -math.inf}, 0
@@ -303,7 +313,8 @@ def _fit(cfg, run_dir, data, *, teacher, resume, log, teacher_source, scalar_wri
     restored = _load_resume_state(last_path, ctx, device, log) if resume and last_path else None
     if restored:
         state, used = restored
-        history, best, start = _restore(state, cfg, student, optimizer, scheduler, loss_fn, generators, log)
+        history, best, start = _restore(state, cfg, student, optimizer, scheduler, plan, loss_fn, reweight, generators,
+                                        log)
         last_good = used == last_path
         if ctx.is_main:
             best_state, best, best_good = _load_best(best_path, best, start, cfg, device, log)
@@ -330,14 +341,13 @@ def _fit(cfg, run_dir, data, *, teacher, resume, log, teacher_source, scalar_wri
                           total=cfg.epochs, leave=False)
             for epoch in epochs:
                 began = time.perf_counter()
-                if loss_fn is not None:
-                    loss_fn.beta = beta_at(cfg, epoch)
+                plan.start_epoch(loss_fn, cfg, epoch)
                 nonfinite = torch.zeros((), dtype=torch.int64, device=device)
                 with ctx.draws():
                     mean_loss = train_epoch(step_model, loss_fn, optimizer, loader, cfg, attack_gen,
                                             teacher=step_teacher, device=device, progress=bars,
                                             desc=f"epoch {epoch + 1}", attack_model=attack_model,
-                                            nonfinite_count=nonfinite)
+                                            nonfinite_count=nonfinite, reweight=reweight)
                 loss, count, bad_state = _epoch_figures(ctx, mean_loss, nonfinite, _finite_state(student))
                 entry = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss}
                 problem = _nonfinite_problem(loss, count, bad_state, len(loader))
@@ -346,10 +356,8 @@ def _fit(cfg, run_dir, data, *, teacher, resume, log, teacher_source, scalar_wri
                         _stop(cfg, epoch, problem, run_dir if writes else None, last_path, history, best, extra)
                     log(f"warning: epoch {epoch + 1}: {problem}; the run goes on (on_nonfinite='warn')")
                     entry["nonfinite_batches"] = count
-                if loss_fn is not None:
-                    entry["beta"] = loss_fn.beta
-                    loss_fn.update_temperatures()
-                    entry.update(_temperatures(loss_fn))
+                entry.update(plan.end_epoch(loss_fn, cfg, epoch))
+                entry.update(reweighting.end_epoch(reweight))
                 scheduler.step()
                 improved = False
                 if ctx.is_main and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
@@ -362,7 +370,7 @@ def _fit(cfg, run_dir, data, *, teacher, resume, log, teacher_source, scalar_wri
                         if best_path:
                             checkpoint.atomic_save({"format": checkpoint.FORMAT, "config": cfg.to_dict(),
                                                     "epoch": epoch + 1, "model": best_state, "val": entry["val"],
-                                                    "temperatures": _temperatures(loss_fn), **shapes, **extra},
+                                                    "temperatures": _temperatures(entry), **shapes, **extra},
                                                    best_path, keep_previous=best_good)
                             best_good = True
                 entry["seconds"] = time.perf_counter() - began
@@ -375,8 +383,8 @@ def _fit(cfg, run_dir, data, *, teacher, resume, log, teacher_source, scalar_wri
                         "format": checkpoint.FORMAT, "config": cfg.to_dict(), "epoch": epoch + 1,
                         "model": student.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
-                        "loss_fn": None if loss_fn is None else loss_fn.state_dict(),
-                        "beta": None if loss_fn is None else loss_fn.beta, "rng": checkpoint.rng_state(generators),
+                        **plan.checkpoint_entries(loss_fn), **reweighting.checkpoint_entries(reweight),
+                        "rng": checkpoint.rng_state(generators),
                         "history": history, "best": best, **shapes, **extra}, last_path, keep_previous=last_good)
                     last_good = True
                     report.write_metrics(run_dir, {"config": cfg.to_dict(), "history": history, "best": best,

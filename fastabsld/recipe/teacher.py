@@ -1,6 +1,6 @@
-"""The robust teacher of a distillation run: its PGD-AT recipe, the cache keyed by that recipe, and loading.
+"""The robust teacher of a distillation run: its recipe (PGD-AT or TRADES), the cache keyed by it, and loading.
 
-A teacher is trained once per recipe (architecture, epochs, threat model, split, seed...) and cached
+A teacher is trained once per recipe (method, architecture, epochs, threat model, split, seed...) and cached
 as ``<cache_dir>/teacher-<dataset>-<model>-<hash>.pt``; any change to that recipe gives a new hash.
 Its training runs in ``<cache_dir>/teacher-<dataset>-<model>-<hash>-run`` with the epoch loop's
 checkpoints, under that folder's lock: a training killed half-way resumes from its last epoch on the
@@ -14,25 +14,25 @@ import json
 import os
 
 from fastabsld.recipe import checkpoint, distributed, lock, logs
-from fastabsld.recipe.config import RUNTIME_FIELDS
+from fastabsld.recipe.config import METHOD_FIELDS, RUNTIME_FIELDS
 from fastabsld.recipe.data import load_dataset
 from fastabsld.recipe.loop import fit
 from fastabsld.recipe.runtime import resolve_device
 
 # Fields that do not change a trained teacher's weights.
-_HASH_EXCLUDED = RUNTIME_FIELDS + ("test_attacks", "sync_bn")
+_HASH_EXCLUDED = RUNTIME_FIELDS + ("test_attacks", "sync_bn", "teacher_method", "reweight")
 
 
 def teacher_config(cfg):
-    """The PGD-AT config that trains ``cfg``'s teacher (same data, threat model and optimiser).
+    """The config that trains ``cfg``'s teacher (same data, threat model and optimiser).
 
     Args:
         cfg: the student's TrainConfig.
 
     Returns:
-        TrainConfig: method ``pgd-at`` with the teacher architecture and epochs.
+        TrainConfig: method ``cfg.teacher_method`` (PGD-AT or TRADES) with the teacher architecture and epochs.
     """
-    return dataclasses.replace(cfg, method="pgd-at", model=cfg.teacher_model, epochs=cfg.teacher_epochs,
+    return dataclasses.replace(cfg, method=cfg.teacher_method, reweight=False, model=cfg.teacher_model, epochs=cfg.teacher_epochs,
                                seed=cfg.teacher_seed, train_subset=None, select_metric="pgd20.average",
                                val_attacks=("clean", "pgd20"), test_attacks=("clean", "pgd20"), teacher_path=None)
 
@@ -46,7 +46,9 @@ def config_hash(cfg):
     Returns:
         str: 16 hex digits.
     """
-    fields = {k: v for k, v in cfg.to_dict().items() if k not in _HASH_EXCLUDED}
+    # A method's hyper-parameters count only for the method that reads them (and the teacher's method is cfg.method).
+    unread = {name for method, names in METHOD_FIELDS.items() if method != cfg.method for name in names}
+    fields = {k: v for k, v in cfg.to_dict().items() if k not in _HASH_EXCLUDED and k not in unread}
     if not cfg.amp:
         del fields["amp"]  # fp32 and bf16 runs differ; fp32 runs hash without the field
     blob = json.dumps({"format": checkpoint.FORMAT, **fields}, sort_keys=True, default=str)
@@ -112,7 +114,7 @@ def _train_teacher(cfg, tcfg, path, run_dir, data, ctx, log):
     """Trains (or resumes training) the teacher in ``run_dir``; rank 0 moves its kept weights to ``path``."""
     last = os.path.join(run_dir, "last.pt")
     resume = ctx.from_main(os.path.exists(last) or os.path.exists(checkpoint.previous_path(last)))
-    log(f"{'resuming the training of' if resume else 'training'} the robust teacher ({tcfg.model}, PGD-AT, "
+    log(f"{'resuming the training of' if resume else 'training'} the robust teacher ({tcfg.model}, {tcfg.method}, "
         f"{tcfg.epochs} epochs) in {run_dir}; cached at {path}")
     if data is None:
         data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.split_seed)

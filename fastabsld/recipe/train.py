@@ -1,6 +1,7 @@
 """``train``: one training run of the recipe from its config: the data, the teacher when needed, the loop.
 
-The recipe's methods are ``absld``, ``rslad`` and ``pgd-at`` (see ``fastabsld.recipe.steps``); the loop,
+The recipe's methods are ``absld``, ``rslad``, ``ard``, ``iad`` (distillation), ``trades`` and ``pgd-at``
+(see ``fastabsld.recipe.method_plans``); the loop,
 checkpoints and resume are ``fastabsld.recipe.loop``'s, the teacher and its cache
 ``fastabsld.recipe.teacher``'s. A run records where its teacher came from (an absolute path), and a
 resumed run takes that teacher again, whichever working directory or cache folder it resumes from.
@@ -11,6 +12,7 @@ import json
 import os
 
 from fastabsld.recipe import distributed, logs
+from fastabsld.recipe.config import DISTILLATION_METHODS
 from fastabsld.recipe.data import load_dataset
 from fastabsld.recipe.loop import fit
 from fastabsld.recipe.report import METRICS_FILE
@@ -68,7 +70,7 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, log=None,
     log = log or logs.info
     data = data if data is not None else load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.split_seed)
     source = None
-    if cfg.method != "pgd-at" and teacher is None:
+    if cfg.method in DISTILLATION_METHODS and teacher is None:
         teacher_cfg = _teacher_config(cfg, run_dir, resume, log)
         teacher = get_teacher(teacher_cfg, data=data, log=log)
         source = teacher_source(teacher_cfg)

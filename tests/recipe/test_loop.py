@@ -1,11 +1,10 @@
-"""The epoch loop: a run killed in the middle of an epoch resumes to the uninterrupted run's state."""
+"""The epoch loop: a run of any method killed in the middle of an epoch resumes to the uninterrupted run's state."""
 
 import numpy as np
 import pytest
 import torch
 
-from fastabsld.recipe import checkpoint
-from fastabsld.recipe import steps as steps_mod
+from fastabsld.recipe import checkpoint, loop
 from fastabsld.recipe.config import TrainConfig
 from fastabsld.recipe.data import load_digits
 from fastabsld.recipe.models import build_model
@@ -16,18 +15,29 @@ class _Killed(BaseException):
     pass
 
 
-@pytest.mark.parametrize("method", ["absld", "pgd-at"])
-def test_kill_and_resume_matches_uninterrupted_run(tmp_path, method):
+def _same_state(a, b, key):
+    assert (a is None) == (b is None) and (a is None or a.keys() == b.keys()), key
+    for name, value in (a or {}).items():
+        other = b[name]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, f"{key}.{name}"
+
+
+# IAD's warm-up is its first epoch: the kill falls into the introspective second one.
+@pytest.mark.parametrize("method,reweight", [("absld", False), ("pgd-at", False), ("trades", False), ("ard", False),
+                                             ("iad", False), ("ard", True), ("absld", True)],
+                         ids=["absld", "pgd-at", "trades", "ard", "iad", "ard+reweight", "absld+reweight"])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, method, reweight):
     data = load_digits(0)
     torch.manual_seed(7)
     teacher = build_model("cnn-s", 10, 1).eval()
-    cfg = TrainConfig(method=method, epochs=2, batch_size=32, steps=2, train_subset=96, progress=False,
-                      test_attacks=("clean",), eval_every=1, val_attacks=("clean", "pgd20"))
+    cfg = TrainConfig(method=method, reweight=reweight, epochs=2, batch_size=32, steps=2, train_subset=96,
+                      progress=False, test_attacks=("clean",), eval_every=1, val_attacks=("clean", "pgd20"),
+                      iad_warmup=0.5)
     quiet = dict(teacher=teacher, data=data, log=lambda *_: None)
     straight = train(cfg, str(tmp_path / "straight"), **quiet)
 
     # Kill the second run in the middle of epoch 2 (after its epoch-1 checkpoint), then resume.
-    step = steps_mod.pgd_at_step if method == "pgd-at" else steps_mod.distill_step
+    step = loop.train_step
     calls = {"n": 0}
 
     def dying_step(*args, **kwargs):
@@ -36,9 +46,8 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, method):
             raise _Killed()
         return step(*args, **kwargs)
 
-    name = "pgd_at_step" if method == "pgd-at" else "distill_step"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(steps_mod, name, dying_step)
+        mp.setattr(loop, "train_step", dying_step)
         with pytest.raises(_Killed):
             train(cfg, str(tmp_path / "resumed"), **quiet)
     assert checkpoint.load(str(tmp_path / "resumed" / "last.pt"))["epoch"] == 1
@@ -52,11 +61,15 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, method):
     last_a = checkpoint.load(str(tmp_path / "straight" / "last.pt"))
     last_b = checkpoint.load(str(tmp_path / "resumed" / "last.pt"))
     assert all(torch.equal(v, last_b["model"][k]) for k, v in last_a["model"].items())
+    _same_state(last_a["loss_fn"], last_b["loss_fn"], "loss_fn")
+    _same_state(last_a["reweight"], last_b["reweight"], "reweight")
     if method == "absld":
-        for key, value in last_a["loss_fn"].items():
-            other = last_b["loss_fn"][key]
-            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
         assert not torch.equal(last_a["loss_fn"]["tau_adv"], torch.ones(10))
+    if method == "iad":
+        assert last_a["loss_fn"]["_extra_state"] == {"epoch": 1}
+        assert [e["introspective"] for e in straight["history"]] == [False, True]
+    if reweight:  # the class weights moved: comparing them has teeth
+        assert not torch.equal(last_a["reweight"]["class_weight"], torch.ones(10))
     mom_a = [s["momentum_buffer"] for s in last_a["optimizer"]["state"].values()]
     mom_b = [s["momentum_buffer"] for s in last_b["optimizer"]["state"].values()]
     assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b))
