@@ -246,3 +246,18 @@ def test_command_line_under_torchrun_with_batchnorm(tmp_path, digits_file):
     assert all(torch.equal(v, results[1]["model"][k]) for k, v in results[0]["model"].items()
                if not k.endswith(("running_mean", "running_var")))
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
+
+
+def test_two_ranks_sum_the_fair_ard_counts_like_one_process(tmp_path, digits_file, monkeypatch):
+    """Fair-ARD's robust-step counts are all-reduced: both ranks hold the single process's class weights."""
+    config = dict(TINY, method="ard", reweight=True, model=dist_worker.PLAIN_MODEL)
+    results = _launch(2, {"config": config, "run_dir": str(tmp_path / "run"), "data": digits_file}, tmp_path / "out")
+    weights = [torch.tensor([e["class_weight"] for e in results[rank]["history"]]) for rank in (0, 1)]
+    assert torch.equal(weights[0], weights[1])
+    monkeypatch.setitem(MODELS, dist_worker.PLAIN_MODEL, dist_worker.plain_model)
+    single = train(TrainConfig(**config), None, teacher=dist_worker.teacher(), data=load_digits(0), log=lambda *_: None)
+    expected = torch.tensor([e["class_weight"] for e in single["history"]])
+    assert not torch.allclose(expected, torch.ones_like(expected))  # the weights moved: the check has teeth
+    torch.testing.assert_close(weights[0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close([e["train_loss"] for e in results[0]["history"]],
+                               [e["train_loss"] for e in single["history"]], rtol=1e-5, atol=1e-6)

@@ -27,6 +27,10 @@ from tests.recipe.conftest import run_process
 # 3 batches per epoch, a validation of 1 batch (clean + FGSM) after every epoch, a test of 3 batches.
 TINY = dict(method="absld", epochs=3, batch_size=32, steps=2, train_subset=96, progress=False, eval_every=1,
             val_attacks=("clean", "fgsm"), select_metric="fgsm.average", test_attacks=("clean", "fgsm"))
+# The methods the SIGKILL test runs: ABSLD's temperatures; TRADES, a method without teacher; IAD (its epoch in
+# the loss state, past a warm-up of one epoch) with Fair-ARD's class weights.
+KILLED = {"absld": TINY, "trades": dict(TINY, method="trades"),
+          "iad+reweight": dict(TINY, method="iad", reweight=True, iad_warmup=0.5)}
 
 
 def _quiet(*args):
@@ -72,20 +76,34 @@ def _strip(history):
 def _same_final_state(run_a, run_b):
     """The two run folders' last.pt agree on everything a run carries on with (but the wall-clock seconds)."""
     a, b = (checkpoint.load(os.path.join(run, "last.pt")) for run in (run_a, run_b))
-    for key in ("epoch", "model", "optimizer", "scheduler", "loss_fn", "beta", "rng", "best", "config"):
+    for key in ("epoch", "model", "optimizer", "scheduler", "loss_fn", "beta", "reweight", "rng", "best", "config"):
         _same(a[key], b[key], key)
     assert _strip(a["history"]) == _strip(b["history"])
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, digits):
+def straight_runs(tmp_path_factory, digits):
+    """The uninterrupted run of a config of KILLED (its folder and result), trained once per module."""
+    runs = {}
+
+    def straight_run(name):
+        if name not in runs:
+            run_dir = str(tmp_path_factory.mktemp("straight") / "run")
+            runs[name] = run_dir, train(TrainConfig(**KILLED[name]), run_dir, teacher=fault_worker.fixed_teacher(),
+                                        data=digits, log=_quiet)
+        return runs[name]
+
+    return straight_run
+
+
+@pytest.fixture(scope="module")
+def straight(straight_runs):
     """The uninterrupted run of TINY (its folder and result)."""
-    run_dir = str(tmp_path_factory.mktemp("straight") / "run")
-    result = train(TrainConfig(**TINY), run_dir, teacher=fault_worker.fixed_teacher(), data=digits, log=_quiet)
-    return run_dir, result
+    return straight_runs("absld")
 
 
-def test_sigkill_at_random_points_resumes_bit_identically(tmp_path, straight, saved_digits, forkserver):
+@pytest.mark.parametrize("name", list(KILLED))
+def test_sigkill_at_random_points_resumes_bit_identically(tmp_path, straight_runs, saved_digits, forkserver, name):
     seed = _seed()
     rng = random.Random(seed)
     why = f"FASTABSLD_FAULT_SEED={seed} replays this"
@@ -97,7 +115,7 @@ def test_sigkill_at_random_points_resumes_bit_identically(tmp_path, straight, sa
     for i, kill in enumerate(kills):
         out = tmp_path / f"p{i}"
         out.mkdir()
-        spec = {"data": saved_digits, "out": str(out), "config": TINY, "run_dir": run_dir, "resume": i > 0,
+        spec = {"data": saved_digits, "out": str(out), "config": KILLED[name], "run_dir": run_dir, "resume": i > 0,
                 "kill": None if kill is None else {"phase": kill[0], "nth": kill[1]}}
         code = run_process(forkserver, fault_worker.run, spec)
         if kill is None:
@@ -107,13 +125,19 @@ def test_sigkill_at_random_points_resumes_bit_identically(tmp_path, straight, sa
     assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")], why
 
     resumed = torch.load(tmp_path / f"p{len(kills) - 1}" / "result.pt", weights_only=False)
-    straight_dir, result = straight
+    straight_dir, result = straight_runs(name)
     _same(result["model"].state_dict(), resumed["model"], "returned model")
     assert _strip(result["history"]) == _strip(resumed["history"]), why
     assert result["test"] == resumed["test"], why
     _same_final_state(straight_dir, run_dir)
-    taus = checkpoint.load(os.path.join(run_dir, "last.pt"))["loss_fn"]["tau_adv"]
-    assert not torch.equal(taus, torch.ones_like(taus))  # the temperatures moved: comparing them has teeth
+    last = checkpoint.load(os.path.join(run_dir, "last.pt"))
+    # The method's state moved: comparing it has teeth.
+    if name == "absld":
+        assert not torch.equal(last["loss_fn"]["tau_adv"], torch.ones_like(last["loss_fn"]["tau_adv"]))
+    if name == "iad+reweight":
+        assert last["loss_fn"]["_extra_state"] == {"epoch": 2}
+        assert not torch.equal(last["reweight"]["class_weight"], torch.ones(10))
+        assert [e["introspective"] for e in result["history"]] == [False, True, True]
 
 
 def _flip_two_bytes(path):
