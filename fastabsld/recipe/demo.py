@@ -27,7 +27,15 @@ ROWS = (("clean accuracy (avg)", "clean", "average", True),
         ("PGD-20 NSD (lower=fairer)", ATTACK, "nsd", False))
 
 
-def _mean_std(values):
+def mean_std(values):
+    """The mean and the population standard deviation of per-seed values (std 0 for one value).
+
+    Args:
+        values: the values (one per seed).
+
+    Returns:
+        tuple: (mean, std).
+    """
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
@@ -46,7 +54,7 @@ def verdict(rslad, absld, higher_is_better):
         tuple: (word, mean difference absld - rslad) with word ``"better"``, ``"worse"`` or ``"within noise"``.
     """
     diff = statistics.fmean(a - r for a, r in zip(absld, rslad))
-    spread = max(_mean_std(rslad)[1], _mean_std(absld)[1])
+    spread = max(mean_std(rslad)[1], mean_std(absld)[1])
     if len(rslad) < 2 or abs(diff) <= spread:
         return "within noise", diff
     return ("better" if (diff > 0) == higher_is_better else "worse"), diff
@@ -69,11 +77,11 @@ def format_table(results, seeds):
     for label, attack, key, higher in ROWS:
         cols = []
         for method in METHODS:
-            mean, std = _mean_std([r[attack][key] for r in results[method]])
+            mean, std = mean_std([r[attack][key] for r in results[method]])
             cols.append(f"{mean:.3f} +- {std:.3f}")
         rslad, absld = ([r[attack][key] for r in results[m]] for m in METHODS)
         word, diff = verdict(rslad, absld, higher)
-        paired_std = _mean_std([a - r for a, r in zip(absld, rslad)])[1]
+        paired_std = mean_std([a - r for a, r in zip(absld, rslad)])[1]
         verdicts[key if attack == ATTACK else "clean"] = word
         lines.append(f"{label:<27} {cols[0]:>15} {cols[1]:>15} {f'{diff:+.3f} +- {paired_std:.3f}':>20}  {word}")
     lines.append("")
@@ -142,7 +150,7 @@ def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_e
             os.path.join(out_dir, "per_class_robust_accuracy.png"),
             f"per-class PGD-20 test accuracy, mean over {len(seeds)} seeds",
             ylabel="PGD-20 test accuracy of the class", sort_by="RSLAD",
-            errors={m.upper(): [_mean_std([r[ATTACK]["per_class"][k] for r in results[m]])[1]
+            errors={m.upper(): [mean_std([r[ATTACK]["per_class"][k] for r in results[m]])[1]
                                 for k in range(len(results[m][0][ATTACK]["per_class"]))] for m in METHODS},
             error_label=f"error bars: population std over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"),
         report.plot_temperatures(histories["absld"][0], os.path.join(out_dir, "absld_temperatures.png"),
