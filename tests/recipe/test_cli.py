@@ -11,7 +11,8 @@ from fastabsld.recipe import cli
 from fastabsld.recipe.config import TrainConfig
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["demo", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["demo", "--help"],
+                                  ["compare", "--help"]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
@@ -20,6 +21,36 @@ def test_help(argv, capsys):
     assert "usage: fastabsld" in out
     if argv[0] == "train":
         assert "17 grey levels" in out and "--resume" in out
+        assert "--reweight" in out and "--teacher-method" in out and "--ard-temperature" in out
+    if argv[0] == "compare":
+        assert "pgd-at trades ard rslad absld absld+reweight" in out and "6 min 43 s on 2 CPU cores" in out
+
+
+def test_method_settings_reach_the_config():
+    args = cli.build_parser().parse_args(["train", "--method", "iad", "--reweight", "--iad-warmup", "0.5",
+                                          "--reweight-max", "3", "--teacher-method", "trades", "--trades-beta", "2"])
+    cfg = cli.train_config(args)
+    assert (cfg.method, cfg.reweight, cfg.iad_warmup, cfg.reweight_max) == ("iad", True, 0.5, 3.0)
+    assert (cfg.teacher_method, cfg.trades_beta, cfg.ard_temperature) == ("trades", 2.0, 30.0)
+    with pytest.raises(ValueError, match="distils from no teacher"):
+        cli.train_config(cli.build_parser().parse_args(["train", "--method", "trades", "--reweight"]))
+
+
+def test_compare_command(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "pgd-at", "trades", "--reference", "pgd-at", "--seeds", "0", "--epochs", "1", "--train-subset",
+            "64", "--steps", "1", "--eval-every", "1", "--attacks", "clean", "--jobs", "1", "--out", str(out),
+            "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "pgd-at (reference)" in printed and "  - pgd-at" in printed and "compare.json" in printed
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["methods"] == ["pgd-at", "trades"] and summary["config"]["epochs"] == 1
+    assert summary["config"]["train_subset"] == 64 and (out / "trades-seed0" / "best.pt").exists()
+    assert cli.main(argv) == 0 and "2 of 2 runs finished before" in capsys.readouterr().out
+    assert cli.main(["compare", "trades+reweight", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: method spec 'trades+reweight'") and err.count("\n") == 1
 
 
 def test_module_entry_point_help():
