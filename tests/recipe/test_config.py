@@ -9,7 +9,7 @@ def test_config_validation_and_defaults():
     cfg = TrainConfig()
     assert (cfg.model, cfg.teacher_model, cfg.eps) == ("cnn-s", "cnn-l", 0.1)
     assert TrainConfig(dataset="cifar10").eps == pytest.approx(8 / 255)
-    for bad in ({"method": "trades"}, {"dataset": "mnist"}, {"epochs": 0}, {"select_metric": "cw.average"},
+    for bad in ({"method": "mart"}, {"dataset": "mnist"}, {"epochs": 0}, {"select_metric": "cw.average"},
                 {"select_metric": "pgd20.best"}):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
