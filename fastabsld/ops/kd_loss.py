@@ -107,13 +107,15 @@ def _check_temperature(value, name, labels, batch, num_classes, device, dtype):
     """Splits a temperature into the op's (tensor or None, scalar) pair.
 
     A (C,) tensor is per class and needs labels; a (B, 1) tensor is per row; a 0-d tensor
-    becomes a per-row (B, 1) view of its value.
+    becomes a stride-0 view of its value, per class with labels (the form every backend takes)
+    and per row without.
     """
     if not isinstance(value, torch.Tensor):
         return None, check_real(value, name, minimum=0.0, strict=True)
     _check_float_tensor(value, name, device)
     if value.dim() == 0:
-        return value.to(device, dtype).reshape(1, 1).expand(batch, 1), 1.0
+        value = value.to(device, dtype)
+        return (value.expand(num_classes) if labels is not None else value.reshape(1, 1).expand(batch, 1)), 1.0
     if value.dim() == 1:
         if labels is None:
             raise ValueError(f"{name} of shape {tuple(value.shape)} is per class and needs labels; for one "

@@ -371,6 +371,12 @@ def test_cuda_dispatch_routes_to_the_triton_launcher_or_the_fallback(monkeypatch
     assert calls[0][3].shape == (3,) and torch.equal(calls[0][3], tau_rows.reshape(3))
     kd_loss._cuda_forward(*op_args(s, t, labels, class_temperatures(4), 1.0))
     assert len(calls) == 2 and calls[1][3].shape == (4,)
+    # The public function's 0-d temperature takes the launcher's forms too: (C,) with labels, (B,) without.
+    for y, length in ((labels, 4), (None, 3)):
+        tau, _ = kd_loss._check_temperature(torch.tensor(2.0), "teacher_temperature", y, 3, 4, s.device, torch.float32)
+        kd_loss._cuda_forward(*op_args(s, t, y, tau, 1.0))
+        assert calls[-1][3].shape == (length,) and (calls[-1][3] == 2.0).all()
+    assert len(calls) == 4
     routed_to_fallback = [
         op_args(s, t, labels, weight=torch.ones(4)),
         op_args(s, t, None, sample_weight=torch.ones(3)),
@@ -383,7 +389,7 @@ def test_cuda_dispatch_routes_to_the_triton_launcher_or_the_fallback(monkeypatch
         torch.testing.assert_close(rows, reference.kd_kl_div(args[0], args[1], args[2], split_back(args[3], args[5]),
                                                              split_back(args[4], args[6]), "none", -100, args[10],
                                                              split_back(args[11], args[12])).to(rows.dtype))
-    assert len(calls) == 2
+    assert len(calls) == 4
     monkeypatch.setattr(kd_loss, "triton_forward", lambda: None)
     rows, _, _ = kd_loss._cuda_forward(*op_args(s, t))
     torch.testing.assert_close(rows, reference.kd_kl_div(s, t, reduction="none"))
