@@ -156,9 +156,14 @@ void kd_rows(const KdArgs& a, at::Tensor& loss, at::Tensor& grad_s, at::Tensor& 
   });
 }
 
+// `values` in dtype `type`, without a dispatch when it already is (small shapes are dispatch-bound).
+at::Tensor as_type(const at::Tensor& values, at::ScalarType type) {
+  return values.scalar_type() == type ? values : values.to(type);
+}
+
 // A temperature tensor in the accumulation dtype: (C,) per class (needs labels) or (B, 1) per row.
-at::Tensor checked_temperature(const std::optional<at::Tensor>& tau, const char* name, KdArgs& a,
-                               at::ScalarType acc, bool& per_row) {
+at::Tensor checked_temperature(const std::optional<at::Tensor>& tau, const char* name,
+                               const KdArgs& a, at::ScalarType acc, bool& per_row) {
   if (!tau.has_value()) return at::Tensor();
   per_row = tau->dim() == 2;
   if (per_row) {
@@ -175,7 +180,7 @@ at::Tensor checked_temperature(const std::optional<at::Tensor>& tau, const char*
               tau->device(), ", the logits on ", a.s.device());
   TORCH_CHECK(at::isFloatingType(tau->scalar_type()), "kd_kl_div_forward: ", name,
               " must be floating point, got ", tau->scalar_type());
-  return tau->to(acc);
+  return as_type(*tau, acc);
 }
 
 // A weight tensor of shape (length,) in the accumulation dtype, or undefined.
@@ -188,7 +193,7 @@ at::Tensor checked_weight(const std::optional<at::Tensor>& weight, const char* n
               weight->device(), ", the logits on ", a.s.device());
   TORCH_CHECK(at::isFloatingType(weight->scalar_type()), "kd_kl_div_forward: ", name,
               " must be floating point, got ", weight->scalar_type());
-  return weight->to(acc);
+  return as_type(*weight, acc);
 }
 
 bool kd_supported(at::ScalarType type) {

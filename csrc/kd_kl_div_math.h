@@ -1,8 +1,9 @@
 // Row math of the fused KD loss (fastabsld::kd_kl_div_forward), for contiguous rows in the
 // accumulation type. Passes: (1) max of both rows; (2) exponentials, normalisers and the loss;
 // (3) the gradients. A row weight w scales the loss and both gradients through the per-row
-// constants of pass (3), so it costs no per-element work. fp32 runs on 16-lane GCC vectors (one AVX-512 register, two AVX2 ones,
-// four SSE ones), the row's tail padded with -inf; fp64 (for gradcheck) runs one lane at a time.
+// constants of pass (3), so it costs no per-element work. fp32 runs on 16-lane GCC vectors (one
+// AVX-512 register, two AVX2 ones, four SSE ones), the row's tail padded with -inf; fp64 (for
+// gradcheck) runs one lane at a time.
 #pragma once
 
 #include <bit>

@@ -95,7 +95,7 @@ def _check_labels(labels, batch, device):
 
 def _check_float_tensor(value, name, device):
     """The checks every float tensor argument shares: dtype, no grad, device (0-d tensors may be on the CPU)."""
-    if value.dtype.is_complex or not value.dtype.is_floating_point:
+    if not value.dtype.is_floating_point:  # False for complex dtypes too
         raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
     if value.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{name} must not require grad: the loss gives it no gradient")
