@@ -225,17 +225,17 @@ def _row_temperatures(tensor, scalar, labels, compute, device):
 
 
 def _row_weights(weight, sample_weight, sample_weight_scalar, labels, compute, device):
-    """(B, 1) row weights, or None when every row's weight is 1."""
+    """(B, 1) row weights; a number when every row has the same one; None when it is 1."""
     rows = None
     if weight is not None:
-        rows = weight.to(device, compute)[labels.clamp(0, weight.shape[0] - 1)]
+        rows = weight.to(device, compute)[labels.clamp(0, weight.shape[0] - 1)]  # ignored rows: any label
     if sample_weight is not None:
         sample = sample_weight.to(device, compute)
         rows = sample if rows is None else rows * sample
-    if sample_weight_scalar != 1.0:
-        rows = torch.tensor(sample_weight_scalar, dtype=compute, device=device) if rows is None \
-            else rows * sample_weight_scalar
-    return None if rows is None else rows.reshape(-1, 1)
+    if rows is None:
+        return None if sample_weight_scalar == 1.0 else sample_weight_scalar
+    rows = rows.reshape(-1, 1)
+    return rows if sample_weight_scalar == 1.0 else rows * sample_weight_scalar
 
 
 def fallback_forward(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
@@ -269,7 +269,10 @@ def fallback_forward(student_logits, teacher_logits, labels, teacher_temperature
     zero = torch.zeros((), dtype=compute, device=device)
     diff = torch.where(p > 0, log_p, zero) - torch.where(p > 0, log_q, zero)  # 0 log 0 = 0
     kl = (p * diff).sum(dim=1)
-    rows = kl if row_weights is None else kl * row_weights.reshape(-1)
+    if row_weights is None:
+        rows = kl
+    else:
+        rows = kl * (row_weights.reshape(-1) if isinstance(row_weights, torch.Tensor) else row_weights)
     kept = torch.ones_like(rows, dtype=torch.bool) if labels is None else labels != ignore_index
     rows = torch.where(kept, rows, zero)
     kept = kept.unsqueeze(1)
