@@ -8,5 +8,7 @@ imported by it. Modules, from the inside out:
   compile);
 - ``steps`` (one batch of each method), ``loop`` (epochs, validation, checkpoints, resume, test),
   ``teacher`` (the teacher's recipe, cache and loading), ``train`` (one run from its config);
-- ``checkpoint``, ``report``, ``distributed`` (torchrun), ``demo`` and ``cli`` (``fastabsld ...``).
+- ``checkpoint`` (checksummed files, the previous one kept), ``lock`` (one run per folder), ``logs``
+  (epoch lines, progress bars, TensorBoard), ``errors`` (what a run reports as one line), ``report``,
+  ``distributed`` (torchrun), ``demo`` and ``cli`` (``fastabsld ...``).
 """

@@ -12,6 +12,7 @@ Examples:
 """
 
 import argparse
+import contextlib
 import math
 import os
 import pickle
@@ -66,7 +67,8 @@ def train_config(args):
     fields = {k: getattr(args, k) for k in ("method", "dataset", "model", "teacher_model", "epochs", "batch_size",
                                             "lr", "eps", "alpha", "steps", "beta", "temperature_mode", "seed",
                                             "split_seed", "train_subset", "eval_every", "select_metric",
-                                            "teacher_epochs", "teacher_path", "device", "data_dir", "sync_bn")}
+                                            "teacher_epochs", "teacher_path", "device", "data_dir", "sync_bn",
+                                            "on_nonfinite")}
     if args.test_attacks:
         fields["test_attacks"] = tuple(args.test_attacks)
     if args.cache_dir:
@@ -75,9 +77,8 @@ def train_config(args):
 
 
 def _train_in(args, ctx):
-    from fastabsld.recipe import checkpoint
-    from fastabsld.recipe.config import RUNTIME_FIELDS, TrainConfig
-    from fastabsld.recipe.train import train
+    from fastabsld.recipe import lock, logs
+    from fastabsld.recipe.errors import RecipeError
 
     try:
         cfg = train_config(args)
@@ -85,8 +86,21 @@ def _train_in(args, ctx):
         print(f"error: {error}", file=sys.stderr)
         return 2
     run_dir = args.run_dir or os.path.join("runs", f"{cfg.method}-{cfg.dataset}-{cfg.model}-seed{cfg.seed}")
+    try:  # rank 0 holds the run folder from before it looks into it until the run ends
+        with lock.hold(run_dir) if ctx.is_main else contextlib.nullcontext():
+            return _train_run(args, ctx, cfg, run_dir)
+    except RecipeError as error:  # a folder in use, no usable checkpoint, a non-finite loss
+        logs.error(f"error: {error}")
+        return error.exit_status
+
+
+def _train_run(args, ctx, cfg, run_dir):
+    from fastabsld.recipe import checkpoint, logs
+    from fastabsld.recipe.config import RUNTIME_FIELDS, TrainConfig
+    from fastabsld.recipe.train import train
+
     last = os.path.join(run_dir, "last.pt")
-    exists = os.path.exists(last)
+    exists = os.path.exists(last) or os.path.exists(checkpoint.previous_path(last))
     ctx.barrier()  # every rank has looked before rank 0 can write last.pt
     if exists:
         if not args.resume:
@@ -94,16 +108,17 @@ def _train_in(args, ctx):
                   file=sys.stderr)
             return 2
         # A resumed run keeps its recipe; only where it runs may change.
-        saved = checkpoint.load(last)["config"]
+        saved = checkpoint.load_latest(last)[0]["config"]
         cfg = TrainConfig(**{**saved, **{k: v for k, v in cfg.to_dict().items() if k in RUNTIME_FIELDS}})
         if ctx.is_main:
-            print(f"resuming {run_dir} with its saved configuration ({cfg.method}, {cfg.epochs} epochs)")
+            logs.info(f"resuming {run_dir} with its saved configuration ({cfg.method}, {cfg.epochs} epochs)")
     result = train(cfg, run_dir, resume=args.resume)
     if not ctx.is_main:
         return 0
-    print(_summary(result["test"]))
-    print(f"best epoch on validation: {result['best']['epoch']} ({cfg.select_metric} = {result['best']['value']:.4f})")
-    print(f"run folder: {run_dir} (metrics.json, best.pt, last.pt, plots)")
+    logs.info(_summary(result["test"]))
+    logs.info(f"best epoch on validation: {result['best']['epoch']} "
+              f"({cfg.select_metric} = {result['best']['value']:.4f})")
+    logs.info(f"run folder: {run_dir} (metrics.json, best.pt, last.pt, plots)")
     return 0
 
 
@@ -119,7 +134,7 @@ def _summary(test):
 
 def _eval(args):
     from fastabsld.evaluation import evaluate
-    from fastabsld.recipe.checkpoint import load_model
+    from fastabsld.recipe.checkpoint import CheckpointError, load_model
     from fastabsld.recipe.data import TensorLoader, load_dataset
     from fastabsld.recipe.runtime import resolve_device
 
@@ -127,6 +142,9 @@ def _eval(args):
     device = resolve_device(args.device)
     try:
         model, cfg = load_model(args.checkpoint, device)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, RuntimeError) as error:
         print(f"error: {args.checkpoint} is not a fastabsld checkpoint ({type(error).__name__}: {error})",
               file=sys.stderr)
@@ -137,15 +155,17 @@ def _eval(args):
     alpha = cfg.alpha if args.alpha is None else args.alpha
     results = evaluate(model, TensorLoader(x, y, args.batch_size), tuple(args.attacks), eps=eps, alpha=alpha,
                        num_classes=data.num_classes, device=device, progress=not args.no_progress)
-    print(f"{args.checkpoint}: {cfg.model} on the {cfg.dataset} {args.split} split ({len(y)} images), eps={eps}")
-    print(_summary(results))
+    from fastabsld.recipe import logs
+
+    logs.info(f"{args.checkpoint}: {cfg.model} on the {cfg.dataset} {args.split} split ({len(y)} images), eps={eps}")
+    logs.info(_summary(results))
     if args.json:
         from fastabsld.recipe.report import write_metrics
 
         folder, name = os.path.split(os.path.abspath(args.json))
         write_metrics(folder, {"checkpoint": args.checkpoint, "split": args.split, "eps": eps, "alpha": alpha,
                                "results": results}, name=name)
-        print(f"written: {args.json}")
+        logs.info(f"written: {args.json}")
     return 0
 
 
@@ -178,7 +198,9 @@ def _add_common(p):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; the demo uses 1, which is fastest for its "
                         "tiny models on a shared machine)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide progress bars (they are drawn only when standard error is a terminal)")
+    p.add_argument("--log-file", default=None, help="also append every line (time-stamped) to this file")
 
 
 def build_parser():
@@ -235,6 +257,9 @@ def build_parser():
     t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last.pt")
     t.add_argument("--data-dir", default=None, help="CIFAR folder in the python pickle format (default: ./data)")
     t.add_argument("--cache-dir", default=None, help="teacher cache (default: $FASTABSLD_CACHE or .fastabsld_cache)")
+    t.add_argument("--on-nonfinite", choices=("stop", "warn"), default="stop",
+                   help="a NaN or infinite training loss stops the run with an error, keeping the last finite "
+                        "checkpoint (stop, the default), or is a warning line (warn)")
     _add_speed(t)
     _add_common(t)
     t.set_defaults(func=_train)
@@ -291,8 +316,11 @@ def main(argv=None):
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+    from fastabsld.recipe import logs
+
     try:
-        return args.func(args)
+        with logs.setup(args.log_file):
+            return args.func(args)
     except OSError as error:  # a missing checkpoint, teacher or data folder, or a failed download
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -21,8 +21,11 @@ THREAT = {"digits": (0.1, 0.025), "cifar10": (8 / 255, 2 / 255), "cifar100": (8 
 DEFAULT_MODELS = {"digits": ("cnn-s", "cnn-l"), "cifar10": ("resnet18", "wrn-34-10"),
                   "cifar100": ("resnet18", "wrn-34-10")}
 SELECT_KEYS = ("average", "worst")
-# TrainConfig fields that say where a run executes, not what it computes (free to change on resume).
-RUNTIME_FIELDS = ("device", "data_dir", "cache_dir", "progress", "channels_last", "compile", "fold_bn")
+NONFINITE_ACTIONS = ("stop", "warn")
+# TrainConfig fields that say where a run executes or how it reports, not what it computes (free to change
+# on resume, outside the teacher cache's key).
+RUNTIME_FIELDS = ("device", "data_dir", "cache_dir", "progress", "channels_last", "compile", "fold_bn",
+                  "on_nonfinite")
 
 
 @dataclass
@@ -55,7 +58,9 @@ class TrainConfig:
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         data_dir: CIFAR folder.
         cache_dir: folder of cached teachers.
-        progress: show progress bars.
+        progress: show progress bars (drawn only when standard error is a terminal).
+        on_nonfinite: what a NaN or infinite training loss does: ``"stop"`` the run with an error (the
+            last finite checkpoint stays) or ``"warn"`` and go on.
         sync_bn: under torchrun, normalise BatchNorm with the global batch's statistics (SyncBatchNorm,
             CUDA only; see fastabsld.recipe.distributed).
         amp: bf16 autocast around the student's and the teacher's forwards (the losses stay fp32).
@@ -100,6 +105,7 @@ class TrainConfig:
     data_dir: str = None
     cache_dir: str = field(default_factory=lambda: os.environ.get("FASTABSLD_CACHE", ".fastabsld_cache"))
     progress: bool = True
+    on_nonfinite: str = "stop"
     sync_bn: bool = False
     amp: bool = False
     channels_last: bool = False
@@ -127,6 +133,8 @@ class TrainConfig:
         for name in ("eps", "alpha", "beta"):
             check_real(getattr(self, name), name, minimum=0.0)
         check_real(self.lr, "lr", minimum=0.0, strict=True)
+        if self.on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {self.on_nonfinite!r}")
         if self.temperature_mode not in TEMPERATURE_MODES:
             raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, got {self.temperature_mode!r}")
         for name in ("val_attacks", "test_attacks"):

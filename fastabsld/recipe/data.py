@@ -35,6 +35,7 @@ class Splits:
         train, val, test: (x, y) pairs, x float (N, C, H, W) in [0, 1], y int64 (N,).
         num_classes: number of classes.
         augment: whether training batches get crop+flip augmentation.
+        class_names: the classes' names when the data set has them (plots), else None.
     """
 
     train: tuple
@@ -42,6 +43,7 @@ class Splits:
     test: tuple
     num_classes: int
     augment: bool = False
+    class_names: tuple = None
 
     @property
     def in_channels(self):
@@ -154,12 +156,18 @@ def load_cifar(name, data_dir, *, val_size=1000, seed=0, download=True):
     x_train, y_train = np.concatenate(xs), np.concatenate(ys)
     x_test, y_test = _unpickle(os.path.join(folder, test_files[0]))
     train_idx, val_idx = stratified_split(y_train, [len(y_train) - val_size, val_size], seed)
+    meta = os.path.join(folder, "batches.meta" if name == "cifar10" else "meta")
+    names = None
+    if os.path.exists(meta):
+        with open(meta, "rb") as f:
+            names = tuple(pickle.load(f, encoding="latin1").get("label_names" if name == "cifar10" else
+                                                                 "fine_label_names") or ()) or None
 
     def to_tensors(x, y):
         return torch.from_numpy(x).float().div_(255.0), torch.from_numpy(y)
 
     return Splits(to_tensors(x_train[train_idx], y_train[train_idx]), to_tensors(x_train[val_idx], y_train[val_idx]),
-                  to_tensors(x_test, y_test), num_classes, augment=True)
+                  to_tensors(x_test, y_test), num_classes, augment=True, class_names=names)
 
 
 def load_dataset(name, *, data_dir=None, seed=0, val_size=1000):
