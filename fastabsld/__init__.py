@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "kd_kl_div": "fastabsld.ops.kd_loss", "kd_kl_div_forward": "fastabsld.ops.kd_loss",
     "pgd_step": "fastabsld.ops.pgd", "KDLoss": "fastabsld.loss", "ABSLDLoss": "fastabsld.methods.absld",
+    "BetaDecay": "fastabsld.methods.absld",
     "anti_bias_update": "fastabsld.temperature", "accumulate_class_risk": "fastabsld.temperature",
     "pgd": "fastabsld.attack", "pgd_loop": "fastabsld.attack", "fgsm": "fastabsld.attack",
     "ce_loss": "fastabsld.attack", "kl_loss": "fastabsld.attack", "cw_loss": "fastabsld.attack",

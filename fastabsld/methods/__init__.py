@@ -4,6 +4,6 @@ Each method is one module holding its loss (and, where it has one, its per-class
 temperatures), with its published formulas in the module docstring.
 """
 
-from fastabsld.methods.absld import ABSLDLoss
+from fastabsld.methods.absld import ABSLDLoss, BetaDecay
 
-__all__ = ["ABSLDLoss"]
+__all__ = ["ABSLDLoss", "BetaDecay"]
