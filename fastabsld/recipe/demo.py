@@ -13,7 +13,7 @@ import statistics
 import time
 
 from fastabsld.recipe import report
-from fastabsld.recipe.config import TrainConfig
+from fastabsld.recipe.config import DEFAULT_TEACHER_EPOCHS, TrainConfig
 from fastabsld.recipe.data import load_dataset
 from fastabsld.recipe.teacher import get_teacher, teacher_cache_path
 from fastabsld.recipe.train import train
@@ -91,8 +91,8 @@ def _sentence(what, word):
     return f"ABSLD did NOT clearly improve {what} over RSLAD: the difference is inside the seed spread."
 
 
-def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_epochs=30, cache_dir=None, device="cpu",
-             progress=True, log=print, speed=None):
+def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_epochs=DEFAULT_TEACHER_EPOCHS,
+             cache_dir=None, device="cpu", progress=True, log=print, speed=None):
     """Trains the teacher (or reuses the cached one), distils RSLAD and ABSLD students, prints the table.
 
     Args:

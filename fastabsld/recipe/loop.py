@@ -5,6 +5,7 @@ on the test split; the test split is evaluated once, at the end, with the select
 Temperatures are updated once per epoch; ``beta`` is scaled by the LR factor at the LR milestones.
 """
 
+import collections
 import copy
 import dataclasses
 import math
@@ -15,7 +16,7 @@ import torch
 
 from fastabsld.evaluation import evaluate
 from fastabsld.recipe import checkpoint, distributed, report, speed
-from fastabsld.recipe.data import TensorLoader
+from fastabsld.recipe.data import eval_loader, is_tensors, split_size, stream_loader, subset
 from fastabsld.recipe.models import build_model
 from fastabsld.recipe.runtime import resolve_device, seed_everything
 from fastabsld.recipe.schedule import beta_at, milestone_epochs
@@ -26,7 +27,7 @@ def _subset(data, n):
     if n is None:
         return data
     data = copy.copy(data)
-    data.train = (data.train[0][:n], data.train[1][:n])
+    data.train = subset(data.train, n)
     return data
 
 
@@ -43,7 +44,7 @@ def _selection_value(cfg, val_metrics):
 
 
 def _eval_loader(split, cfg):
-    return TensorLoader(split[0], split[1], max(cfg.batch_size, 256))
+    return eval_loader(split, max(cfg.batch_size, 256), cfg.num_workers)
 
 
 def train_epoch(student, loss_fn, optimizer, loader, cfg, generator, *, teacher=None, device="cpu", progress=False,
@@ -100,13 +101,24 @@ def _restore(path, cfg, device, student, optimizer, scheduler, loss_fn, generato
     student.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    _reschedule(scheduler, optimizer, cfg, state["epoch"])
     if loss_fn is not None:
         loss_fn.load_state_dict(state["loss_fn"])
     checkpoint.set_rng_state(state["rng"], generators)
     return state["history"], state["best"], state["epoch"]
 
 
-def fit(cfg, run_dir, data, *, teacher=None, resume=False, log=print):
+def _reschedule(scheduler, optimizer, cfg, done):
+    """After a resume with other epochs: the LR milestones of ``cfg`` from now on, and the LR they give."""
+    milestones = milestone_epochs(cfg)
+    if sorted(scheduler.milestones.elements()) == milestones:
+        return
+    scheduler.milestones = collections.Counter(milestones)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * cfg.lr_gamma ** sum(m <= done for m in milestones)
+
+
+def fit(cfg, run_dir, data, *, teacher=None, resume=False, log=print, student=None, info=None):
     """Trains a student with ``cfg.method`` on ``data``, checkpointing every epoch; evaluates the kept weights on test.
 
     Writes to ``run_dir``: ``last.pt`` (full state, every epoch), ``best.pt`` (weights chosen on the
@@ -120,6 +132,8 @@ def fit(cfg, run_dir, data, *, teacher=None, resume=False, log=print):
         teacher: the frozen teacher, required by the distillation methods.
         resume: continue from ``run_dir/last.pt`` when it exists.
         log: function printing one-line messages.
+        student: the network to train (``None``: ``cfg.model`` built fresh); trained in place.
+        info: extra entries for metrics.json (e.g. which teacher was used).
 
     Returns:
         dict: ``{"config", "history", "best", "test", "model"}`` with the trained (selected) model.
@@ -133,7 +147,7 @@ def fit(cfg, run_dir, data, *, teacher=None, resume=False, log=print):
     writes = run_dir if ctx.is_main else None
     data = _subset(data, cfg.train_subset)
     seed_everything(cfg.seed)
-    student = build_model(cfg.model, data.num_classes, data.in_channels).to(device)
+    student = (build_model(cfg.model, data.num_classes, data.in_channels) if student is None else student).to(device)
     loss_fn = build_loss(cfg, data.num_classes)
     if loss_fn is not None:
         if teacher is None:
@@ -147,8 +161,15 @@ def fit(cfg, run_dir, data, *, teacher=None, resume=False, log=print):
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(cfg), cfg.lr_gamma)
     # A last batch of a few images would make BatchNorm's batch statistics noisy: drop it, unless it is the only one.
-    loader = ctx.train_loader(*data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=data.augment,
-                              drop_last=len(data.train[1]) > cfg.batch_size)
+    drop_last = split_size(data.train) > cfg.batch_size
+    if is_tensors(data.train):
+        loader = ctx.train_loader(*data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=data.augment,
+                                  drop_last=drop_last)
+    elif ctx.distributed:
+        raise ValueError("a streamed data set trains in one process; under torchrun, give data that fits in memory")
+    else:
+        loader = stream_loader(data.train, cfg.batch_size, seed=cfg.seed, augment=data.augment, drop_last=drop_last,
+                               num_workers=cfg.num_workers)
     attack_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     generators = {"data": loader.generator, "attack": attack_gen}
     val_loader = _eval_loader(data.val, cfg)
@@ -209,7 +230,7 @@ def fit(cfg, run_dir, data, *, teacher=None, resume=False, log=print):
                 "beta": None if loss_fn is None else loss_fn.beta, "rng": checkpoint.rng_state(generators),
                 "history": history, "best": best, "world_size": ctx.world_size, **shapes}, last_path)
             report.write_metrics(run_dir, {"config": cfg.to_dict(), "history": history, "best": best,
-                                           "world_size": ctx.world_size})
+                                           "world_size": ctx.world_size, **(info or {})})
         ctx.barrier()  # every rank has finished the epoch that last.pt records
     epochs.close()
 
@@ -220,7 +241,7 @@ def fit(cfg, run_dir, data, *, teacher=None, resume=False, log=print):
     test = evaluate(student, _eval_loader(data.test, cfg), cfg.test_attacks, eps=cfg.eps, alpha=cfg.alpha,
                     num_classes=data.num_classes, device=device, progress=cfg.progress)
     result = {"config": cfg.to_dict(), "history": history, "best": best, "test": test,
-              "world_size": ctx.world_size}
+              "world_size": ctx.world_size, **(info or {})}
     if writes:
         report.write_metrics(run_dir, result)
         report.plot_run(run_dir, result)
