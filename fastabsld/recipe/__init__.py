@@ -3,10 +3,13 @@
 Built on the library (``fastabsld.loss``, ``fastabsld.attack``, ``fastabsld.evaluation``, ...), never
 imported by it. Modules, from the inside out:
 
-- ``config`` (:class:`TrainConfig`), ``runtime`` (device, seeds), ``schedule`` (LR and beta milestones);
-- ``data``, ``models``, ``fold`` (BatchNorm-folded eval views), ``speed`` (autocast, channels_last,
-  compile);
+- ``config`` (:class:`TrainConfig`), ``options`` (its command-line flags and config files), ``runtime``
+  (device, seeds), ``schedule`` (LR and beta milestones);
+- ``data`` (built-in data sets, image folders, any Dataset), ``models``, ``fold`` (BatchNorm-folded eval
+  views), ``speed`` (autocast, channels_last, compile);
 - ``steps`` (one batch of each method), ``loop`` (epochs, validation, checkpoints, resume, test),
-  ``teacher`` (the teacher's recipe, cache and loading), ``train`` (one run from its config);
-- ``checkpoint``, ``report``, ``distributed`` (torchrun), ``demo`` and ``cli`` (``fastabsld ...``).
+  ``teacher`` (the teacher's recipe and cache), ``teachers`` (teachers from elsewhere: state_dicts,
+  TRADES/RobustBench), ``train`` (one run from its config);
+- ``checkpoint``, ``runfiles`` (checked reading of run files), ``report``, ``distributed`` (torchrun),
+  ``demo`` and ``cli`` (``fastabsld ...``).
 """
