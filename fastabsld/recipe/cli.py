@@ -248,29 +248,29 @@ def _eval(args):
     print(f"{args.checkpoint}: {cfg.model} on the {cfg.dataset} {args.split} split ({split_size(split)} images), "
           f"eps={eps:.6g}, alpha={alpha:.6g}, seed {args.seed}")
     print(_summary(results))
-    if labels is None:
+    if labels is None and args.json:
         labels = np.concatenate([y.numpy() for _, y in eval_loader(split, args.batch_size)])
-    if args.json or args.plot:
-        from fastabsld.recipe.report import plot_per_class, write_metrics
+    from fastabsld.recipe.report import plot_per_class, write_metrics
 
-        json_path = args.json
-        plot_path = args.plot or (os.path.splitext(json_path)[0] + "_per_class.png")
+    # The per-class plot goes beside the JSON, or else beside the checkpoint (--plot chooses).
+    stem = os.path.splitext(args.json or args.checkpoint)[0]
+    plot_path = args.plot or (f"{stem}_per_class.png" if args.json else f"{stem}_{args.split}_per_class.png")
+    if args.json:
         payload = {
             "checkpoint": os.path.abspath(args.checkpoint), "model": cfg.model, "dataset": cfg.dataset,
             "split": args.split, "n_examples": split_size(split), "eps": eps, "alpha": alpha, "steps": args.steps,
             "seed": args.seed, "attacks": list(names), "autoattack_version": args.autoattack_version,
             "class_names": list(data.classes) if data.classes else None,
             "class_counts": np.bincount(labels, minlength=data.num_classes).tolist(), "results": results,
-            "versions": _versions("autoattack" in names), "device": str(device),
+            "versions": _versions("autoattack" in names), "device": str(device), "plot": os.path.abspath(plot_path),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
         }
-        if json_path:
-            folder, name = os.path.split(os.path.abspath(json_path))
-            write_metrics(folder, payload, name=name)
-            print(f"written: {json_path}")
-        plot_per_class({f"{name}": results[name]["per_class"] for name in names}, plot_path,
-                       f"per-class {args.split} accuracy ({cfg.model}, eps={eps:.4g})")
-        print(f"written: {plot_path}")
+        folder, filename = os.path.split(os.path.abspath(args.json))
+        write_metrics(folder, payload, name=filename)
+        print(f"written: {args.json}")
+    plot_per_class({attack: results[attack]["per_class"] for attack in names}, plot_path,
+                   f"per-class {args.split} accuracy ({cfg.model}, eps={eps:.4g})")
+    print(f"written: {plot_path}")
     return 0
 
 
@@ -353,7 +353,8 @@ def build_parser():
     e.add_argument("--data-dir", default=None, help="the data set's folder, if it moved since training")
     e.add_argument("--json", default=None, help="write the results, versions and class counts to this JSON file")
     e.add_argument("--plot", default=None,
-                   help="write the per-class accuracy plot here (default with --json: beside it, *_per_class.png)")
+                   help="the per-class accuracy plot (default: beside the --json file as *_per_class.png, else "
+                        "beside the checkpoint as <checkpoint>_<split>_per_class.png)")
     e.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     _add_runtime(e)

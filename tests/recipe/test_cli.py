@@ -326,6 +326,7 @@ def test_model_factory_from_the_command_line(tmp_path, capsys, monkeypatch):
                      "--run-dir", str(run)]) == 0
     assert json.loads((run / "metrics.json").read_text())["config"]["model"] == "my_nets:tiny"
     assert cli.main(["eval", str(run / "best.pt"), "--attacks", "clean", "--no-progress"]) == 0
+    assert (run / "best_test_per_class.png").stat().st_size > 0  # without --json: beside the checkpoint
     capsys.readouterr()
     assert cli.main(["train", "--method", "pgd-at", "--model", "my_nets:not_a_model", *QUICK,
                      "--run-dir", str(tmp_path / "r2")]) == 2
