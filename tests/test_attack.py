@@ -72,7 +72,7 @@ def _bn_state(model):
 
 @pytest.mark.parametrize("run", ["pgd", "fgsm"])
 def test_attack_on_a_training_model_runs_it_in_eval_mode(run):
-    """By default the attack neither updates BatchNorm statistics nor uses batch statistics (torchattacks' behaviour)."""
+    """By default the attack neither updates BatchNorm statistics nor uses batch statistics (as torchattacks)."""
     model = small_cnn(batchnorm=True)
     x, y = batch()
     model.train()

@@ -107,7 +107,7 @@ def _help(f):
 
 
 def add_config_arguments(parser, names=None):
-    """Adds a flag per TrainConfig field (or per field of ``names``) to ``parser``; unset flags stay out of the namespace.
+    """Adds a flag per TrainConfig field (or per field of ``names``); flags not given stay out of the namespace.
 
     Args:
         parser: an ``argparse.ArgumentParser`` (or argument group).

@@ -167,6 +167,8 @@ def load_state(model, state, what):
 
 def _read(path):
     """``torch.load(path, weights_only=True)``, every failure a TeacherError naming the file."""
+    if os.path.isdir(path):
+        raise TeacherError(f"teacher {path} is a folder, not a weights file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"teacher {path}: no such file")
     if os.path.getsize(path) == 0:

@@ -66,7 +66,8 @@ def _teacher(cfg, data, teacher, log):
                         dataset=cfg.dataset, cache_dir=cfg.cache_dir, device=resolve_device(cfg.device))
 
 
-def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, student=None, num_classes=None, log=print):
+def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, student=None, num_classes=None, log=print,
+          teacher_info=None):
     """Trains a student with ``cfg.method``, checkpointing every epoch; evaluates the kept weights on test.
 
     Writes to ``run_dir``: ``last.pt`` (full state, every epoch), ``best.pt`` (weights chosen on the
@@ -87,6 +88,8 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, student=N
         student: the ``nn.Module`` to train (``None``: ``cfg.model``); trained in place.
         num_classes: classes of ``data`` when it cannot tell (a streamed Dataset without ``classes``).
         log: function printing one-line messages.
+        teacher_info: what metrics.json records about a ``teacher`` module given here (its source, and its
+            ``"val"`` report, which is then not recomputed); ``None``: described and evaluated here.
 
     Returns:
         dict: ``{"config", "history", "best", "test", "model", "teacher"}`` with the trained (selected) model.
@@ -99,9 +102,11 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, student=N
         info["student"] = {"source": "module", "class": f"{type(student).__module__}.{type(student).__qualname__}"}
     if cfg.method != "pgd-at":
         teacher, described = _teacher(cfg, data, teacher, log)
-        described["val"] = teacher_report(teacher, data, cfg)
-        log(f"teacher ({described.get('architecture')}, {described['source']}): validation clean "
-            f"{described['val']['clean']['average']:.3f}, PGD-20 {described['val']['pgd20']['average']:.3f}")
+        described = {**described, **(teacher_info or {})}
+        if "val" not in described:
+            described["val"] = teacher_report(teacher, data, cfg)
+            log(f"teacher ({described.get('architecture')}, {described['source']}): validation clean "
+                f"{described['val']['clean']['average']:.3f}, PGD-20 {described['val']['pgd20']['average']:.3f}")
         info["teacher"] = described
     if data.classes is not None:
         info["classes"] = list(data.classes)

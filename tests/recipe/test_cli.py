@@ -95,7 +95,8 @@ def test_flags_reach_the_config_and_numbers_take_fractions():
         (("clean", "pgd10"), "pgd10.worst", 3, True, False, False, True)
     assert parse_number("1/4") == 0.25 and parse_number(" 3 ") == 3.0
     assert cli.build_parser().parse_args(["demo"]).threads == 1
-    assert cli.build_parser().parse_args(["demo"]).teacher_epochs == DEFAULT_TEACHER_EPOCHS == TrainConfig().teacher_epochs
+    demo = cli.build_parser().parse_args(["demo"])
+    assert demo.teacher_epochs == DEFAULT_TEACHER_EPOCHS == TrainConfig().teacher_epochs
 
 
 @pytest.mark.parametrize("suffix", [".json", ".toml"])
@@ -217,7 +218,7 @@ def _teacher_files(tmp_path):
     ("wrapped_wrong.pt", [], ["do not fit the architecture"]),
     ("cnn_l.pt", ["--teacher-model", "cnn-s"], ["do not fit the architecture", "(cnn-s)", "shape mismatch"]),
     ("missing.pt", [], ["no such file"]),
-    (".", [], ["no such file"]),
+    (".", [], ["is a folder, not a weights file"]),
 ])
 def test_unusable_teachers_are_one_error_line(tmp_path, capsys, name, extra, fragments):
     _teacher_files(tmp_path)

@@ -1,4 +1,5 @@
-"""Teachers from elsewhere: the TRADES / RobustBench WideResNet layout, plain state_dicts, wrappers, RobustBench, errors."""
+"""Teachers from elsewhere: the TRADES / RobustBench WideResNet layout, plain state_dicts, wrappers, RobustBench,
+errors."""
 
 import sys
 import types
