@@ -23,6 +23,7 @@ from fastabsld.evaluation import attack_names, parse_attack
 from fastabsld.methods.absld import TEMPERATURE_MODES
 from fastabsld.ops.checks import check_int, check_real
 from fastabsld.recipe.data import DATASETS
+from fastabsld.recipe.models import MODELS, is_factory
 from fastabsld.temperature import check_temperature_bounds
 
 METHODS = ("absld", "rslad", "pgd-at")
@@ -203,6 +204,10 @@ class TrainConfig:
         student, teacher = DEFAULT_MODELS[self.dataset]
         self.model = self.model or student
         self.teacher_model = self.teacher_model or teacher
+        for name in ("model", "teacher_model"):
+            value = getattr(self, name)
+            if value not in MODELS and not is_factory(value):
+                raise ValueError(f"{name} must be one of {sorted(MODELS)} or 'pkg.module:factory', got {value!r}")
         eps, alpha = THREAT[self.dataset]
         self.eps = eps if self.eps is None else float(self.eps)
         self.alpha = alpha if self.alpha is None else float(self.alpha)

@@ -197,7 +197,26 @@ def is_factory(name):
     return isinstance(name, str) and ":" in name
 
 
-def _call_factory(name, num_classes, in_channels):
+def check_model_name(name, what="model"):
+    """Raises ValueError unless ``name`` is a registered model or an importable ``pkg.module:factory``.
+
+    The factory is imported (not called), so that a typo fails before any training.
+
+    Args:
+        name: the model name.
+        what: the setting's name, for the message.
+
+    Returns:
+        callable: the factory.
+    """
+    if is_factory(name):
+        return _factory(name)
+    if name not in MODELS:
+        raise ValueError(f"{what} must be one of {sorted(MODELS)} or 'pkg.module:factory', got {name!r}")
+    return MODELS[name]
+
+
+def _factory(name):
     module_name, _, attribute = name.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -210,6 +229,11 @@ def _call_factory(name, num_classes, in_channels):
             raise ValueError(f"model {name!r}: {module_name} has no attribute {attribute!r}")
     if not callable(factory):
         raise ValueError(f"model {name!r}: {attribute} is not callable")
+    return factory
+
+
+def _call_factory(name, num_classes, in_channels):
+    factory = _factory(name)
     try:
         parameters = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -240,6 +264,4 @@ def build_model(name, num_classes, in_channels):
     """
     if is_factory(name):
         return _call_factory(name, num_classes, in_channels)
-    if name not in MODELS:
-        raise ValueError(f"model must be one of {sorted(MODELS)} or 'pkg.module:factory', got {name!r}")
-    return MODELS[name](num_classes, in_channels)
+    return check_model_name(name)(num_classes, in_channels)

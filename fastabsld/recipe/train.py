@@ -15,6 +15,7 @@ from torch import nn
 from fastabsld.evaluation import evaluate
 from fastabsld.recipe.data import Splits, as_splits, eval_loader, first_images, load_for_config, with_augment
 from fastabsld.recipe.loop import fit
+from fastabsld.recipe.models import check_model_name
 from fastabsld.recipe.runtime import resolve_device
 from fastabsld.recipe.teacher import teacher_and_info
 from fastabsld.recipe.teachers import load_teacher
@@ -94,6 +95,10 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, student=N
     Returns:
         dict: ``{"config", "history", "best", "test", "model", "teacher"}`` with the trained (selected) model.
     """
+    if student is None:
+        check_model_name(cfg.model)  # a typo in a factory fails here, not after the teacher is ready
+    if teacher is None and not cfg.teacher_path and cfg.method != "pgd-at":
+        check_model_name(cfg.teacher_model, "teacher_model")
     data = prepare_data(cfg, data, num_classes=num_classes)
     info = {}
     if student is not None:

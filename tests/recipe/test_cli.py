@@ -258,8 +258,8 @@ def test_a_wrapped_state_dict_teacher_is_used_and_recorded(tmp_path, capsys):
     (["train", "--dataset", "folder", "--data-dir", "EMPTY", "--run-dir", "RUN"], ["holds no images"]),
     (["train", "--dataset", "cifar10", "--data-dir", "EMPTY", "--run-dir", "RUN"], ["cifar-10-batches-py",
                                                                                    "cifar-10-python.tar.gz"]),
-    (["train", "--model", "no_such_module:net", "--method", "pgd-at", *QUICK, "--run-dir", "RUN"],
-     ["cannot import no_such_module"]),
+    (["train", "--model", "no_such_module:net", *QUICK, "--run-dir", "RUN"], ["cannot import no_such_module"]),
+    (["train", "--model", "resnet81", "--run-dir", "RUN"], ["model must be one of", "resnet81"]),
 ])
 def test_bad_inputs_are_one_error_line(finished_run, tmp_path, capsys, monkeypatch, argv, fragments):
     if "cifar10" in argv:  # offline: no download either
