@@ -16,7 +16,7 @@ export CUDA_HOME
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export MAX_JOBS ?= 2
 
-.PHONY: test demo build bench clean
+.PHONY: test demo build bench gpu-check clean
 
 $(INSTALLED): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench: $(BUILT)
 
 demo: $(BUILT)
 	$(PY) -m fastabsld demo
+
+# On a machine with an NVIDIA GPU: builds, runs the CUDA tests and the GPU report, writes gpu-check.json.
+gpu-check: $(BUILT)
+	$(PY) -m benchmarks.gpu_check --json gpu-check.json
 
 clean:
 	rm -rf build $(BUILT) fastabsld/_C*.so

@@ -5,15 +5,19 @@ Runs only on a CUDA machine (it exits with a message otherwise):
 
     python -m benchmarks.gpu_report [--iters 50] [--skip-train] [--train-batch 128] [--json report.json]
 
-Bytes moved per op (the compulsory traffic; achieved GB/s = bytes / time):
+Bandwidth is reported two ways per row:
 
-- KD loss, tile form: the fused forward reads the student and teacher logits and writes the student
-  gradient, ``B*C*(e_s + e_t + e_s)`` bytes (``e_s``, ``e_t``: element sizes); the backward scales the
-  stored gradient, another read and write, ``B*C*2*e_s``.
-- PGD step L-inf: reads x_adv, x, grad and writes the new x_adv: 4 element passes.
-- PGD step L2: the gradient norm (1 read), the step and the delta norm (3 reads), the projected
-  write (3 reads + 1 write, the reads mostly from cache on a GPU): about 7 element passes of DRAM
-  traffic in the unfused worst case; the fused kernel needs at least 4.
+- ``GB/s`` and ``peak``: the op's compulsory bytes over the time, the same bytes for every
+  implementation of a case (so the column compares them): for the KD loss one read of the student
+  and teacher logits, one write of the student gradient and the backward's read and write of it,
+  plus the per-row label, temperature, loss and grad_output (``benchmarks.gpu_model.kd_kl_div``);
+  for the PGD step one read of x_adv, x and grad and one write, for both norms.
+- ``kernel GB/s`` (fastabsld rows): the bytes fastabsld's own launches move according to
+  ``benchmarks.gpu_model`` (the split KD form reads its inputs twice; the multi-launch L2 step for
+  large samples moves 8 element passes) over the time: how close the kernels come to the DRAM peak.
+
+The shapes and dtypes are those of ``benchmarks.gpu_model``: the KD benchmark's (B, C) plus
+(64, 262144) and (4096, 32000) in fp32 and bf16; PGD (128|512, 3, 32, 32) and (512, 3, 224, 224).
 
 The non-GPU parts (argument parsing, byte counts, peak lookup) import and run on any machine.
 """
@@ -25,47 +29,51 @@ import time
 
 import torch
 
-# (B, C) of the KD loss benchmark plus one large, bandwidth-bound shape.
-KD_SHAPES = ((128, 10), (1024, 100), (256, 1000), (8, 32000), (4096, 32000))
-PGD_SHAPES = ((128, 3, 32, 32), (512, 3, 32, 32), (128, 3, 224, 224))
+from benchmarks.gpu_model import kd_kl_div as kd_model
+from benchmarks.gpu_model import pgd_step as pgd_model
+
+KD_SHAPES = kd_model.SHAPES
+KD_DTYPES = kd_model.DTYPES
+PGD_SHAPES = pgd_model.SHAPES
+PGD_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 # Peak DRAM bandwidth in GB/s by device-name fragment, for when the properties do not give it.
 PEAK_GBS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "H100": 3350.0,
             "A100-SXM4-80GB": 2039.0, "A100 80GB PCIe": 1935.0, "A100": 1555.0, "L40S": 864.0, "L4": 300.0,
             "A10": 600.0, "V100": 900.0, "T4": 320.0}
 
 
-def kd_bytes(rows, cols, student_bytes=4, teacher_bytes=4, backward=True):
-    """Compulsory DRAM bytes of the fused KD loss (forward, plus the backward's scaling pass).
+def kd_bytes(rows, cols, dtype=torch.float32):
+    """DRAM bytes of the fused KD loss, forward and backward, per ``benchmarks.gpu_model``.
 
     Args:
         rows, cols: the logits' shape (B, C).
-        student_bytes, teacher_bytes: element sizes of the student and teacher logits.
-        backward: include the backward (read the stored gradient, write the input gradient).
+        dtype: the student's and teacher's dtype.
 
     Returns:
-        int: bytes.
+        tuple[int, int]: (compulsory bytes, bytes fastabsld's launches move for this shape).
     """
-    per_element = 2 * student_bytes + teacher_bytes + (2 * student_bytes if backward else 0)
-    return rows * cols * per_element
+    element = torch.empty((), dtype=dtype).element_size()
+    traffic = kd_model.traffic(kd_model.plan_case(rows, cols, dtype), rows, cols, element, element)
+    return traffic["min_bytes"], traffic["bytes"]
 
 
-def pgd_bytes(shape, norm="linf", element_bytes=4):
-    """DRAM bytes of one PGD step: 4 element passes for L-inf, 7 for L2 (see the module docstring).
+def pgd_bytes(shape, norm="linf", dtype="float32"):
+    """DRAM bytes of one PGD step, per ``benchmarks.gpu_model``.
 
     Args:
         shape: the input batch's shape.
         norm: ``"linf"`` or ``"l2"``.
-        element_bytes: element size.
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"float64"``.
 
     Returns:
-        int: bytes.
+        tuple[int, int]: (compulsory bytes: read x_adv, x, grad and write the output; bytes
+        fastabsld's launches move).
     """
-    if norm not in ("linf", "l2"):
-        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    launches = pgd_model.launch_plan(shape, dtype, norm)
     numel = 1
     for size in shape:
         numel *= size
-    return numel * element_bytes * (4 if norm == "linf" else 7)
+    return 4 * numel * pgd_model.ELEMENT_BYTES[dtype], sum(launch["dram_bytes"] for launch in launches)
 
 
 def gbs(nbytes, seconds):
@@ -146,10 +154,11 @@ def cuda_time(fn, iters, warmup=3):
     return start.elapsed_time(end) / 1e3 / iters
 
 
-def _eager_kd(student, teacher):
+def _eager_kd(student, teacher, labels, tau):
+    # The ABSLD call: the teacher's temperature gathered by label, batchmean KL.
     log_q = torch.log_softmax(student.float(), dim=1)
-    p = torch.softmax(teacher.float(), dim=1)
-    return (p * (torch.log(p) - log_q)).sum() / student.shape[0]
+    log_p = torch.log_softmax(teacher.float() / tau[labels].unsqueeze(1), dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum() / student.shape[0]
 
 
 def _eager_linf(x_adv, x, grad, alpha, eps):
@@ -173,37 +182,48 @@ def op_rows(args, peak):
     rows = []
     device = args.device
     compiled_kd = None if args.skip_compile else torch.compile(_eager_kd)
-    for b, c in KD_SHAPES[:1] if args.smoke else KD_SHAPES:
-        s = torch.randn(b, c, device=device, requires_grad=True)
-        t = torch.randn(b, c, device=device)
-        impls = {"fastabsld": lambda: kd_kl_div(s, t, reduction="batchmean"), "eager": lambda: _eager_kd(s, t)}
-        if compiled_kd is not None:
-            impls["compile"] = lambda: compiled_kd(s, t)
-        nbytes = kd_bytes(b, c)
+    kd_cases = [((b, c), name) for b, c in KD_SHAPES for name in KD_DTYPES]
+    for (b, c), dtype_name in kd_cases[:1] if args.smoke else kd_cases:
+        dtype = KD_DTYPES[dtype_name]
+        s = torch.randn(b, c, device=device, dtype=dtype, requires_grad=True)
+        t = torch.randn(b, c, device=device, dtype=dtype)
+        y = torch.randint(0, c, (b,), device=device)
+        tau = torch.rand(c, device=device) + 0.5
+        impls = {"fastabsld": lambda: kd_kl_div(s, t, labels=y, teacher_temperature=tau, reduction="batchmean"),
+                 "eager": lambda: _eager_kd(s, t, y, tau)}
+        if compiled_kd is not None and dtype_name == "fp32":  # one compile per shape is what the time allows
+            impls["compile"] = lambda: compiled_kd(s, t, y, tau)
+        nbytes, kernel_bytes = kd_bytes(b, c, dtype)
         for impl, fn in impls.items():
             seconds = cuda_time(lambda: torch.autograd.grad(fn(), s), args.iters)
-            rows.append(_row(f"kd fwd+bwd ({b}, {c})", impl, seconds, nbytes, peak))
+            rows.append(_row(f"kd fwd+bwd {dtype_name} ({b}, {c})", impl, seconds, nbytes, peak,
+                             kernel_bytes if impl == "fastabsld" else None))
     steps = {"linf": (_eager_linf, 2 / 255, 8 / 255), "l2": (_eager_l2, 0.1, 0.5)}
-    for shape in PGD_SHAPES[:1] if args.smoke else PGD_SHAPES:
-        x = torch.rand(shape, device=device)
+    pgd_cases = [(shape, name) for shape in PGD_SHAPES for name in PGD_DTYPES]
+    for shape, dtype_name in pgd_cases[:1] if args.smoke else pgd_cases:
+        dtype = getattr(torch, PGD_DTYPES[dtype_name])
+        x = torch.rand(shape, device=device, dtype=dtype)
         x_adv = (x + 0.01 * torch.randn_like(x)).clamp(0, 1)
         grad = torch.randn_like(x)
         for norm, (eager, alpha, eps) in steps.items():
             impls = {"fastabsld": lambda: pgd_step(x_adv, x, grad, alpha=alpha, eps=eps, norm=norm),
                      "eager": lambda: eager(x_adv, x, grad, alpha, eps)}
-            if not args.skip_compile:
+            if not args.skip_compile and dtype_name == "fp32":
                 compiled = torch.compile(eager, dynamic=False)
                 impls["compile"] = lambda: compiled(x_adv, x, grad, alpha, eps)
+            nbytes, kernel_bytes = pgd_bytes(shape, norm, PGD_DTYPES[dtype_name])
             for impl, fn in impls.items():
-                rows.append(_row(f"pgd {norm} {tuple(shape)}", impl, cuda_time(fn, args.iters),
-                                 pgd_bytes(shape, norm), peak))
+                rows.append(_row(f"pgd {norm} {dtype_name} {tuple(shape)}", impl, cuda_time(fn, args.iters),
+                                 nbytes, peak, kernel_bytes if impl == "fastabsld" else None))
     return rows
 
 
-def _row(case, impl, seconds, nbytes, peak):
+def _row(case, impl, seconds, nbytes, peak, kernel_bytes=None):
     achieved = gbs(nbytes, seconds) if nbytes else None
+    kernel = gbs(kernel_bytes, seconds) if kernel_bytes else None
     return {"case": case, "impl": impl, "us": seconds * 1e6, "GB/s": achieved,
-            "peak%": None if achieved is None or not peak else 100 * achieved / peak}
+            "peak%": None if achieved is None or not peak else 100 * achieved / peak,
+            "kernel GB/s": kernel, "kernel peak%": None if kernel is None or not peak else 100 * kernel / peak}
 
 
 def train_rows(args):
@@ -259,17 +279,21 @@ def format_rows(rows):
     """A text table of the report's rows.
 
     Args:
-        rows: list of dicts with ``case``, ``impl``, ``us``, ``GB/s``, ``peak%`` (and ``speed-up``).
+        rows: list of dicts with ``case``, ``impl``, ``us``, ``GB/s``, ``peak%`` (and optionally
+            ``kernel GB/s``, ``kernel peak%``, ``speed-up``).
 
     Returns:
         str: the table.
     """
-    lines = [f"{'case':<44}{'impl':<36}{'time':>12}{'GB/s':>10}{'peak':>8}{'x':>7}"]
+    def number(value, width, suffix=""):
+        return f"{value:>{width - len(suffix)}.1f}{suffix}" if value is not None else f"{'-':>{width}}"
+
+    lines = [f"{'case':<40}{'impl':<36}{'time':>12}{'GB/s':>9}{'peak':>8}{'kern GB/s':>10}{'kern':>8}{'x':>7}"]
     for r in rows:
-        bw = f"{r['GB/s']:>10.1f}" if r.get("GB/s") is not None else f"{'-':>10}"
-        pk = f"{r['peak%']:>7.1f}%" if r.get("peak%") is not None else f"{'-':>8}"
         up = f"{r['speed-up']:>7.2f}" if r.get("speed-up") is not None else f"{'':>7}"
-        lines.append(f"{r['case']:<44}{r['impl']:<36}{r['us']:>10.1f}us{bw}{pk}{up}")
+        lines.append(f"{r['case']:<40}{r['impl']:<36}{r['us']:>10.1f}us{number(r.get('GB/s'), 9)}"
+                     f"{number(r.get('peak%'), 8, '%')}{number(r.get('kernel GB/s'), 10)}"
+                     f"{number(r.get('kernel peak%'), 8, '%')}{up}")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fastabsld, m) {
   // One projected ascent step of PGD, per sample over all non-batch dimensions.
-  // alpha/eps: the scalars are used where the per-sample tensors (shape (B,), fp32) are absent.
+  // alpha/eps: the scalars are used where the per-sample tensors (shape (B,), on x_adv's device) are absent.
   m.def(
       "pgd_step(Tensor x_adv, Tensor x, Tensor grad, Tensor? alpha_per_sample, "
       "Tensor? eps_per_sample, float alpha, float eps, str norm, float clamp_min, "

@@ -1,9 +1,11 @@
-// CPU kernel of fastabsld::pgd_step: parallel over samples (at::parallel_for). fp32 runs the
-// AVX2 loops of pgd_step_cpu_avx2.cpp where the CPU has them; fp16/bf16 (and CPUs without AVX2)
-// run the scalar loops below, in fp32. L-inf: one pass per sample. L2: a reduction pass (three
-// per-sample sums) and an element pass, both over a sample that stays in cache.
+// CPU kernel of fastabsld::pgd_step: parallel over samples (at::parallel_for), each sample by one
+// thread in a fixed order, so results do not depend on the thread count. fp32 runs the AVX2
+// loops of pgd_step_cpu_avx2.cpp where the CPU has them; fp16/bf16 (and CPUs without AVX2) run
+// the scalar loops below in fp32, fp64 runs them in fp64. L-inf: one pass per sample. L2: three
+// passes over a sample that stays in cache: ||grad||, ||delta||, the output.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -23,64 +25,78 @@ constexpr bool use_avx2() {
   return std::is_same_v<scalar_t, float>;
 }
 
-struct LinfSample {
-  float alpha, eps, lo, hi;
+// One sample's radii and box in the compute type.
+template <typename acc_t>
+struct Radii {
+  acc_t alpha, eps, lo, hi;
+};
 
-  template <typename scalar_t>
-  void run(const scalar_t* xa, const scalar_t* x0, const scalar_t* g, scalar_t* o, int64_t n) const {
+struct LinfSample {
+  template <typename scalar_t, typename acc_t>
+  static void run(const scalar_t* xa, const scalar_t* x0, const scalar_t* g, scalar_t* o,
+                  int64_t n, Radii<acc_t> r) {
     if constexpr (use_avx2<scalar_t>()) {
-      if (kHasAvx2) return avx2::linf_sample(xa, x0, g, o, n, alpha, eps, lo, hi);
+      if (kHasAvx2) return avx2::linf_sample(xa, x0, g, o, n, r.alpha, r.eps, r.lo, r.hi);
     }
     for (int64_t i = 0; i < n; ++i) {
-      o[i] = static_cast<scalar_t>(pgd_linf_element(static_cast<float>(xa[i]),
-                                                    static_cast<float>(x0[i]),
-                                                    static_cast<float>(g[i]), alpha, eps, lo, hi));
+      o[i] = static_cast<scalar_t>(pgd_linf_element(static_cast<acc_t>(xa[i]),
+                                                    static_cast<acc_t>(x0[i]),
+                                                    static_cast<acc_t>(g[i]), r.alpha, r.eps,
+                                                    r.lo, r.hi));
     }
   }
 };
 
 struct L2Sample {
-  float alpha, eps, lo, hi;
-
-  template <typename scalar_t>
-  void run(const scalar_t* xa, const scalar_t* x0, const scalar_t* g, scalar_t* o, int64_t n) const {
+  template <typename scalar_t, typename acc_t>
+  static void run(const scalar_t* xa, const scalar_t* x0, const scalar_t* g, scalar_t* o,
+                  int64_t n, Radii<acc_t> r) {
     if constexpr (use_avx2<scalar_t>()) {
       if (kHasAvx2) {
-        const L2Coefficients c = l2_coefficients(avx2::l2_sums(xa, x0, g, n), alpha, eps);
-        return avx2::l2_apply(xa, x0, g, o, n, c, lo, hi);
+        const L2Step<float> step = l2_step<float>(norm_of(avx2::grad_sum_squares(g, xa, x0, n)), r.alpha);
+        // delta goes to the output and is projected there: the last pass reads two arrays.
+        const float factor =
+            l2_factor<float>(norm_of(avx2::delta_sum_squares(xa, x0, g, n, step, o)), r.eps);
+        return avx2::l2_project(x0, o, n, factor, r.lo, r.hi);
       }
     }
-    L2Sums s;
+    SumSquares<acc_t> grad_sq{};
+    for (int64_t i = 0; i < n; ++i) add_square(grad_sq, static_cast<acc_t>(g[i]));
+    const L2Step<acc_t> step = l2_step<acc_t>(norm_of(grad_sq), r.alpha);
+    SumSquares<acc_t> delta_sq{};
     for (int64_t i = 0; i < n; ++i) {
-      l2_accumulate(s, static_cast<float>(xa[i]), static_cast<float>(x0[i]),
-                    static_cast<float>(g[i]));
+      add_square(delta_sq, l2_delta(static_cast<acc_t>(xa[i]), static_cast<acc_t>(x0[i]),
+                                    static_cast<acc_t>(g[i]), step));
     }
-    const L2Coefficients c = l2_coefficients(s, alpha, eps);
+    const acc_t factor = l2_factor<acc_t>(norm_of(delta_sq), r.eps);
     for (int64_t i = 0; i < n; ++i) {
-      o[i] = static_cast<scalar_t>(pgd_l2_element(static_cast<float>(xa[i]),
-                                                  static_cast<float>(x0[i]),
-                                                  static_cast<float>(g[i]), c, lo, hi));
+      o[i] = static_cast<scalar_t>(pgd_l2_element(static_cast<acc_t>(xa[i]),
+                                                  static_cast<acc_t>(x0[i]),
+                                                  static_cast<acc_t>(g[i]), step, factor, r.lo,
+                                                  r.hi));
     }
   }
 };
 
-// Runs Sample{alpha_b, eps_b, lo, hi}.run on every sample, samples split across threads.
+// Runs Sample::run on every sample, samples split across threads.
 template <typename Sample, typename scalar_t>
 void for_each_sample(const PgdStepArgs& a, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* xa = a.x_adv.const_data_ptr<scalar_t>();
   const scalar_t* x0 = a.x.const_data_ptr<scalar_t>();
   const scalar_t* g = a.grad.const_data_ptr<scalar_t>();
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
-  const float* alpha_b = a.alpha ? a.alpha->const_data_ptr<float>() : nullptr;
-  const float* eps_b = a.eps ? a.eps->const_data_ptr<float>() : nullptr;
+  const acc_t* alpha_b = a.alpha ? a.alpha->const_data_ptr<acc_t>() : nullptr;
+  const acc_t* eps_b = a.eps ? a.eps->const_data_ptr<acc_t>() : nullptr;
+  const acc_t alpha = static_cast<acc_t>(a.alpha_value), eps = static_cast<acc_t>(a.eps_value);
+  const acc_t lo = static_cast<acc_t>(a.lo), hi = static_cast<acc_t>(a.hi);
   const int64_t n = a.per_sample;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
   at::parallel_for(0, a.batch, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const Sample sample{alpha_b ? alpha_b[b] : a.alpha_value, eps_b ? eps_b[b] : a.eps_value,
-                          a.lo, a.hi};
+      const Radii<acc_t> r{alpha_b ? alpha_b[b] : alpha, eps_b ? eps_b[b] : eps, lo, hi};
       const int64_t base = b * n;
-      sample.run(xa + base, x0 + base, g + base, o + base, n);
+      Sample::run(xa + base, x0 + base, g + base, o + base, n, r);
     }
   });
 }
@@ -92,6 +108,7 @@ at::Tensor pgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x, const at::
   const PgdStepArgs a = prepare_pgd_step(x_adv, x, grad, alpha_per_sample, eps_per_sample, alpha,
                                          eps, norm, clamp_min, clamp_max);
   at::Tensor out = at::empty_like(a.x_adv);
+  if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x_adv.scalar_type(), "pgd_step_cpu",
                                   [&] {
                                     if (a.norm == PgdNorm::kLinf) {

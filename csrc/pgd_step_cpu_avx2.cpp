@@ -2,6 +2,8 @@
 // take the CPU_CAPABILITY namespace AVX2 here, as in ATen's own per-capability kernels; the
 // scalar tails use the shared per-element math. L-inf results equal the scalar path's exactly
 // (alpha * sign is exact, so an FMA rounds the same); L2 may differ in the last bit.
+// Sums of squares convert each fp32 lane to double (exact squares, no overflow) and accumulate
+// in four double vectors, in a fixed order.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTABSLD_AVX2 1
 #pragma GCC target("avx2,fma")
@@ -34,12 +36,26 @@ Vec clamp_vec(const Vec& v, const Vec& lo, const Vec& hi) {
   return Vec(_mm256_min_ps(hi, _mm256_max_ps(lo, v)));
 }
 
-float sum_lanes(const Vec& v) {
-  __at_align__ float lanes[Vec::size()];
-  v.store(lanes);
-  float sum = 0.0f;
-  for (int k = 0; k < Vec::size(); ++k) sum += lanes[k];
-  return sum;
+// l2_delta on eight lanes.
+Vec delta_vec(const float* x_adv, const float* x, const float* grad, int64_t i, const Vec& step,
+              const Vec& scale) {
+  const Vec d0 = Vec::loadu(x_adv + i) - Vec::loadu(x + i);
+  return Vec(_mm256_fmadd_ps(step, Vec::loadu(grad + i) * scale, d0));
+}
+
+// Adds the squares of eight fp32 lanes, in double, to two of the four accumulators.
+void add_squares(const Vec& v, __m256d& lo, __m256d& hi) {
+  const __m256 f = v;
+  const __m256d a = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
+  const __m256d b = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
+  lo = _mm256_fmadd_pd(a, a, lo);
+  hi = _mm256_fmadd_pd(b, b, hi);
+}
+
+double sum_lanes(__m256d a, __m256d b, __m256d c, __m256d d) {
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(_mm256_add_pd(a, b), _mm256_add_pd(c, d)));
+  return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
 }
 
 }  // namespace
@@ -62,31 +78,54 @@ void linf_sample(const float* x_adv, const float* x, const float* grad, float* o
   for (; i < n; ++i) out[i] = pgd_linf_element(x_adv[i], x[i], grad[i], alpha, eps, lo, hi);
 }
 
-L2Sums l2_sums(const float* x_adv, const float* x, const float* grad, int64_t n) {
-  Vec dd(0.0f), dg(0.0f), gg(0.0f);
+SumSquares<float> grad_sum_squares(const float* grad, const float* x_adv, const float* x,
+                                   int64_t n) {
+  __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec d0 = Vec::loadu(x_adv + i) - Vec::loadu(x + i);
-    const Vec g = Vec::loadu(grad + i);
-    dd = dd + d0 * d0;
-    dg = dg + d0 * g;
-    gg = gg + g * g;
+  for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
+    // x_adv and x are read by the next pass: fetching their lines now keeps three streams from
+    // memory in flight, as one fused pass would.
+    _mm_prefetch(reinterpret_cast<const char*>(x_adv + i), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(x + i), _MM_HINT_T0);
+    add_squares(Vec::loadu(grad + i), s0, s1);
+    add_squares(Vec::loadu(grad + i + Vec::size()), s2, s3);
   }
-  L2Sums s{sum_lanes(dd), sum_lanes(dg), sum_lanes(gg)};
-  for (; i < n; ++i) l2_accumulate(s, x_adv[i], x[i], grad[i]);
+  SumSquares<float> s{};
+  for (; i < n; ++i) add_square(s, grad[i]);
+  s.mid += sum_lanes(s0, s1, s2, s3);
   return s;
 }
 
-void l2_apply(const float* x_adv, const float* x, const float* grad, float* out, int64_t n,
-              L2Coefficients c, float lo, float hi) {
-  const Vec step(c.step), factor(c.factor), vlo(lo), vhi(hi);
+SumSquares<float> delta_sum_squares(const float* x_adv, const float* x, const float* grad,
+                                    int64_t n, L2Step<float> step, float* delta) {
+  const Vec vstep(step.step), vscale(step.scale);
+  __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t i = 0;
+  for (; i + 2 * Vec::size() <= n; i += 2 * Vec::size()) {
+    const Vec d_lo = delta_vec(x_adv, x, grad, i, vstep, vscale);
+    const Vec d_hi = delta_vec(x_adv, x, grad, i + Vec::size(), vstep, vscale);
+    d_lo.store(delta + i);
+    d_hi.store(delta + i + Vec::size());
+    add_squares(d_lo, s0, s1);
+    add_squares(d_hi, s2, s3);
+  }
+  SumSquares<float> s{};
+  for (; i < n; ++i) {
+    delta[i] = l2_delta(x_adv[i], x[i], grad[i], step);
+    add_square(s, delta[i]);
+  }
+  s.mid += sum_lanes(s0, s1, s2, s3);
+  return s;
+}
+
+void l2_project(const float* x, float* delta_out, int64_t n, float factor, float lo, float hi) {
+  const Vec vfactor(factor), vlo(lo), vhi(hi);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec x0 = Vec::loadu(x + i);
-    const Vec delta = (Vec::loadu(x_adv + i) - x0) + step * Vec::loadu(grad + i);
-    clamp_vec(x0 + delta * factor, vlo, vhi).store(out + i);
+    const Vec moved(_mm256_fmadd_ps(vfactor, Vec::loadu(delta_out + i), Vec::loadu(x + i)));
+    clamp_vec(moved, vlo, vhi).store(delta_out + i);
   }
-  for (; i < n; ++i) out[i] = pgd_l2_element(x_adv[i], x[i], grad[i], c, lo, hi);
+  for (; i < n; ++i) delta_out[i] = clamp_to(mul_add(factor, delta_out[i], x[i]), lo, hi);
 }
 
 }  // namespace avx2
@@ -99,9 +138,14 @@ namespace avx2 {
 bool available() { return false; }
 void linf_sample(const float*, const float*, const float*, float*, int64_t, float, float, float,
                  float) {}
-L2Sums l2_sums(const float*, const float*, const float*, int64_t) { return {}; }
-void l2_apply(const float*, const float*, const float*, float*, int64_t, L2Coefficients, float,
-              float) {}
+SumSquares<float> grad_sum_squares(const float*, const float*, const float*, int64_t) {
+  return {};
+}
+SumSquares<float> delta_sum_squares(const float*, const float*, const float*, int64_t,
+                                    L2Step<float>, float*) {
+  return {};
+}
+void l2_project(const float*, float*, int64_t, float, float, float) {}
 }  // namespace avx2
 }  // namespace fastabsld
 

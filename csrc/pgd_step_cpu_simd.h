@@ -16,10 +16,16 @@ bool available();
 void linf_sample(const float* x_adv, const float* x, const float* grad, float* out, int64_t n,
                  float alpha, float eps, float lo, float hi);
 
-L2Sums l2_sums(const float* x_adv, const float* x, const float* grad, int64_t n);
+// Sum of grad^2 over one sample (in double); x_adv and x are prefetched for the next pass.
+SumSquares<float> grad_sum_squares(const float* grad, const float* x_adv, const float* x,
+                                   int64_t n);
 
-void l2_apply(const float* x_adv, const float* x, const float* grad, float* out, int64_t n,
-              L2Coefficients c, float lo, float hi);
+// Sum of delta^2 over one sample, delta as l2_delta computes it (in double); writes delta.
+SumSquares<float> delta_sum_squares(const float* x_adv, const float* x, const float* grad,
+                                    int64_t n, L2Step<float> step, float* delta);
+
+// delta_out <- clamp(x + factor * delta_out, lo, hi): the output from delta_sum_squares' delta.
+void l2_project(const float* x, float* delta_out, int64_t n, float factor, float lo, float hi);
 
 }  // namespace avx2
 }  // namespace fastabsld

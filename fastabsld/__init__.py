@@ -2,8 +2,9 @@
 
 The library, importable from here:
 
-- losses: :func:`kd_kl_div` and :class:`KDLoss` (``fastabsld.loss``), :class:`ABSLDLoss`
-  (``fastabsld.methods.absld``), the temperature update (``fastabsld.temperature``);
+- losses: :func:`kd_kl_div` and :class:`KDLoss` (``fastabsld.loss``), the methods :class:`ABSLDLoss`,
+  :class:`TRADESLoss`, :class:`ARDLoss`, :class:`IADLoss` and Fair-ARD's :class:`FairReweight`
+  (``fastabsld.methods``), the temperature update (``fastabsld.temperature``);
 - attacks: :func:`pgd`, :func:`pgd_loop`, :func:`fgsm` and their losses (``fastabsld.attack``) on the
   fused step :func:`pgd_step` (``fastabsld.ops``);
 - fairness metrics (``fastabsld.metrics``) and :func:`evaluate` (``fastabsld.evaluation``).
@@ -25,6 +26,8 @@ _EXPORTS = {
     "kd_kl_div": "fastabsld.ops.kd_loss", "kd_kl_div_forward": "fastabsld.ops.kd_loss",
     "pgd_step": "fastabsld.ops.pgd", "KDLoss": "fastabsld.loss", "ABSLDLoss": "fastabsld.methods.absld",
     "BetaDecay": "fastabsld.methods.absld",
+    "TRADESLoss": "fastabsld.methods.trades", "ARDLoss": "fastabsld.methods.ard", "IADLoss": "fastabsld.methods.iad",
+    "FairReweight": "fastabsld.methods.fair",
     "anti_bias_update": "fastabsld.temperature", "accumulate_class_risk": "fastabsld.temperature",
     "pgd": "fastabsld.attack", "pgd_loop": "fastabsld.attack", "fgsm": "fastabsld.attack",
     "ce_loss": "fastabsld.attack", "kl_loss": "fastabsld.attack", "cw_loss": "fastabsld.attack",

@@ -256,6 +256,12 @@ def _check_attack(x, eps, alpha, steps, norm, clamp):
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
         raise ValueError(f"x must be a batch tensor (B, ...), got {type(x).__name__}")
     alpha_t, alpha_f, eps_t, eps_f, lo, hi = check_step_arguments(alpha, eps, clamp, x.shape[0])
+    # The step's kernel checks per-sample values, but a 0-step attack (or the random start, which
+    # uses eps before any step) never reaches it: check CPU tensors here. On CUDA that would be a
+    # host sync per attack, so the kernel's check is the one that applies there.
+    for name, radius in (("alpha", alpha_t), ("eps", eps_t)):
+        if radius is not None and radius.device.type == "cpu" and not bool((radius >= 0).all()):
+            raise ValueError(f"{name} must be non-negative (and not NaN) for every sample, got {radius.tolist()!r:.200}")
     return alpha_t, eps_t, alpha_f, eps_f, norm, lo, hi
 
 

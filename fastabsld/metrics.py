@@ -6,16 +6,24 @@ skip it. Nothing here synchronises with the host.
 
 import torch
 
-from fastabsld.ops.checks import check_int
+from fastabsld.ops.checks import check_int, describe, is_integer_tensor
 
 
 def _predictions(predictions_or_logits, labels):
     """(B,) predicted classes from (B,) predictions or (B, C) logits, checked against labels."""
+    # Float or bool labels would be truncated into classes silently: refuse them.
+    if not is_integer_tensor(labels):
+        raise ValueError(f"labels must be an integer tensor, got {describe(labels)}")
     if labels.dim() != 1:
         raise ValueError(f"labels must have shape (B,), got {tuple(labels.shape)}")
+    if not isinstance(predictions_or_logits, torch.Tensor):
+        raise ValueError(f"predictions_or_logits must be a tensor, got {describe(predictions_or_logits)}")
     if predictions_or_logits.dim() == 2:
         predictions = predictions_or_logits.argmax(dim=1)
     elif predictions_or_logits.dim() == 1:
+        if not is_integer_tensor(predictions_or_logits):
+            raise ValueError(f"predictions of shape (B,) must be integer classes, got "
+                             f"{describe(predictions_or_logits)} (pass (B, C) logits to take their argmax)")
         predictions = predictions_or_logits
     else:
         raise ValueError(f"predictions must have shape (B,) or logits (B, C), got {tuple(predictions_or_logits.shape)}")

@@ -5,6 +5,8 @@ backend with it, values and gradients. It favours clarity over speed and compute
 for fp64 inputs).
 """
 
+import math
+
 import torch
 
 
@@ -13,6 +15,20 @@ def _per_sample(value, batch, like):
     if isinstance(value, torch.Tensor):
         return value.to(like.device, like.dtype).reshape((batch,) + (1,) * (like.dim() - 1))
     return torch.full((batch,) + (1,) * (like.dim() - 1), float(value), dtype=like.dtype, device=like.device)
+
+
+def _row_norm(t, batch):
+    """L2 norm of each sample of ``t`` (B, ...) as a (B,) tensor; zeros for empty samples or B = 0."""
+    return t.reshape(batch, math.prod(t.shape[1:])).norm(p=2, dim=1)
+
+
+def _row_scale(t, batch):
+    """The largest |element| of each sample of ``t`` as (B,), or 1 where it is 0, inf, NaN or empty."""
+    flat = t.reshape(batch, math.prod(t.shape[1:]))
+    if flat.numel() == 0:
+        return torch.ones(batch, dtype=t.dtype, device=t.device)
+    scale = flat.abs().amax(dim=1)
+    return torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
 
 
 def pgd_step(x_adv, x, grad, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
@@ -38,10 +54,13 @@ def pgd_step(x_adv, x, grad, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
     if norm == "linf":
         delta = torch.minimum(torch.maximum(xa + a * torch.sign(g) - x0, -e), e)
     elif norm == "l2":
-        g_norm = g.reshape(batch, -1).norm(p=2, dim=1).reshape(a.shape)
-        stepped = xa + a * g / (g_norm + 1e-10)
+        g_scale = _row_scale(g, batch).reshape(a.shape)
+        # g / (||g|| + 1e-10), with g scaled by its largest element so that ||g|| cannot overflow.
+        g_unit = (g / g_scale) / (_row_norm(g / g_scale, batch).reshape(a.shape) + 1e-10 / g_scale)
+        stepped = xa + a * g_unit
         delta = stepped - x0
-        d_norm = delta.reshape(batch, -1).norm(p=2, dim=1).reshape(a.shape)
+        d_scale = _row_scale(delta, batch).reshape(a.shape)
+        d_norm = d_scale * _row_norm(delta / d_scale, batch).reshape(a.shape)
         factor = torch.where(d_norm > 0, e / d_norm, torch.ones_like(d_norm)).clamp(max=1.0)
         delta = delta * factor
     else:

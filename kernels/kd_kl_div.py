@@ -1,89 +1,138 @@
-"""Fused temperature-scaled KD loss forward in Triton: row KL and its gradients in one pass.
+"""Fused temperature-scaled KD loss forward in Triton: row KL and its gradients.
 
 Per row i: p = softmax(t_i / tau_t), q = softmax(s_i / tau_s), row_loss = KL(p || q) with
 0 log 0 = 0, grad_student = (q - p) / tau_s, grad_teacher = p * ((log p - log q) - KL) / tau_t.
 Temperatures are one scalar, one per class (gathered by the row's label) or one per row.
 The semantics are fixed by the shared contract of ``torch.ops.fastabsld.kd_kl_div_forward``.
+A kept row whose student or teacher logits are all -inf has no distribution: its loss and
+gradients are NaN (as the reference's loss).
 
-One kernel, ``_kd_kl_div_kernel``, in two forms (the constexpr ONLINE):
+Two launch forms, chosen by ``plan`` so that a GPU with ``sms`` multiprocessors gets at least two
+programs per SM when one input holds >= 1 MiB, at least one from 256 KiB, and one program per row
+(up to ``sms``) below:
 
-* tile (C <= ONLINE_THRESHOLD): a tile of BLOCK_M rows x next_pow2(C) columns
-  stays in registers; s and t are read once and each requested gradient written once.
-* online (larger C, LLM vocabularies): an online softmax over column blocks.
-  Pass 1 keeps the running max and sum-exp of both distributions and the running
-  sum of exp(a - m_t) * (a - b) (a = t / tau_t, b = s / tau_s), rescaled when a max grows;
-  pass 2 (only when a gradient is asked for) re-reads s and t and writes the gradients.
-  Probabilities are never stored.
+* tile (``_kd_tile_kernel``; C <= TILE_MAX_COLUMNS and enough rows): BLOCK_M rows x
+  next_pow2(C) columns in registers, ``elements_per_thread`` of each input per thread. s and t
+  are read once and each requested gradient written once. Contiguous rows are read VEC
+  elements at a time (VEC: the power of two dividing C and the row strides, up to 16 bytes) so
+  that consecutive threads read consecutive addresses, padding lives in registers only, and
+  in-tile offsets are 32-bit (64-bit only where a tile spans 2^31 elements: WIDE).
+* split (larger C, or too few rows to fill the GPU): each row is cut into n_chunks chunks of
+  whole BLOCK_N column blocks, one program per (row, chunk). ``_kd_split_stats_kernel`` writes
+  each chunk's max and sum-exp of both distributions, its cross term sum exp(a - m_t) (a - b)
+  (a = t / tau_t, b = s / tau_s) and the largest a where b is -inf. ``_kd_split_finish_kernel``
+  combines a row's chunks in a fixed order (deterministic: no atomics, the same bits every run),
+  writes the loss and, when a gradient is asked for, re-reads its chunk and writes the gradient.
+  The column loops are software-pipelined: cp.async stages (NUM_STAGES) where every load is at
+  least 4 bytes wide, else an explicit register prefetch of the next block (PREFETCH).
 
-Memory traffic per element (e_s, e_t: bytes of the student's and teacher's dtype): the tile
-form reads e_s + e_t and writes e_s (student gradient) and/or e_t (teacher gradient), the
-ideal (fp32: 12 B, bf16: 6 B with the student gradient); ignored rows read nothing. The
-online form reads e_s + e_t twice when a gradient is asked for (fp32: 20 B, bf16: 10 B; the
-second read comes from L2 while the rows in flight fit in it), once when not. Per row: the
-label, the temperatures and the loss (about 16 B).
+Memory traffic per element (e_s, e_t: bytes of the student's and teacher's dtype):
 
-Math is fp32 whatever the input dtype; gradients are stored in their logits' dtype.
-The temperature modes, the labels' presence and the gradient flags are runtime arguments
-(uniform branches and per-row scalar work, nothing per element), excluded from Triton's
-value specialisation: the compiled variants are only form x (student, teacher) dtypes.
+* tile: reads e_s + e_t, writes e_s and/or e_t (the gradients asked for): the minimum (fp32 with
+  the student gradient: 12 B; bf16: 6 B). Ignored rows read nothing.
+* split: reads e_s + e_t in the statistics pass and again in the gradient pass (fp32: 20 B with
+  the student gradient, 24 B with both; without a gradient the second read does not happen).
+  The second read is counted as DRAM traffic: it comes from L2 only while both inputs fit in
+  it (the finish kernel runs its programs in reverse order, so the most recently read chunks
+  are re-read first, which can only help when they almost fit; the model does not count on it).
+  Per row: labels, temperatures, loss and 6 fp32 partials per chunk (24 B, read back once by
+  every chunk of the row).
+
+Device asserts (bad labels and temperatures; compiled in, as every launch here passes debug=True)
+run last in each kernel, so that nothing is live across the assert's call.
+
+Math is fp32 whatever the input dtype; gradients are stored in their logits' dtype. The
+temperature modes, the labels' presence, the gradient flags and the sizes are runtime arguments
+(uniform branches and per-row scalar work), excluded from Triton's value specialisation; the
+compiled variants are the launch form x (student, teacher) dtypes x the constexprs ``plan``
+picks x the column strides' and pointers' specialisation (unit stride, 16-divisible,
+16-byte-aligned) x 32- or 64-bit integers by value.
 """
 
 import contextlib
+import dataclasses
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-# Above this many columns the online kernel runs: a row of the tile kernel is held in
-# registers, and at 8192 fp32 values for each of s and t a 16-warp CTA (512 threads)
-# already keeps 16 values of each per thread plus temporaries; 16384 would spill.
-ONLINE_THRESHOLD = 8192
-# Elements of one tile of the tile kernel (rows x padded columns) and per warp.
-TILE_ELEMENTS = 4096
-ELEMENTS_PER_WARP = 512
-MAX_WARPS = 16
-# Columns per step of the online kernel and its warps (16 fp32 values per thread per input).
-ONLINE_BLOCK_N = 4096
-ONLINE_WARPS = 8
-
 SCALAR, BY_LABEL, BY_ROW = 0, 1, 2
-# Integer arguments that Triton must not specialise on (value 1, divisibility by 16).
-RUNTIME_FLAGS = ("B", "stride_l", "tau_t_mode", "tau_s_mode", "has_labels", "ignore_index", "student_grad",
-                 "teacher_grad")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Multiprocessors the plan fills when the tensors' device does not say (CPU or meta tensors):
+# an H100 or H200 SXM.
+DEFAULT_SMS = 132
+# Logit sizes (bytes of one input, B*C*element size) from which the plan asks for one, then two,
+# programs per multiprocessor.
+ONE_WAVE_BYTES = 256 * 1024
+TWO_WAVE_BYTES = 1024 * 1024
+# The widest row the tile kernel holds in registers and the elements of each input a thread
+# holds: with 8 each of s and t read as vectors (4 when each element has its own 64-bit address),
+# every variant stays at or below 128 registers a thread without spills.
+TILE_MAX_COLUMNS = 8192
+ELEMENTS_PER_THREAD = 8
+SCALAR_ELEMENTS_PER_THREAD = 4
+MAX_WARPS = 32
+# Rows of a tile at most (the per-row setup is vectorised over them).
+TILE_MAX_ROWS = 256
+# Split form: columns per loop step, smallest chunk, cp.async stages, partials combined per step.
+SPLIT_BLOCK_N = 2048
+SPLIT_MIN_CHUNK = 256
+SPLIT_STAGES = 3
+PARTIAL_BLOCK = 128
+# Partials per (row, chunk): max_t, max_s, sum-exp_t, sum-exp_s, cross, largest a where b = -inf.
+N_PARTIALS = 6
+# Bytes a vector access covers at most.
+MAX_VECTOR_BYTES = 16
+INT32_LIMIT = 2**31
+
+# Integer arguments that Triton must not specialise on (value 1, divisibility by 16): sizes,
+# row strides (their alignment reaches the kernel through VEC instead), modes and flags. The
+# column strides stay specialised: a unit stride is what makes a row contiguous.
+RUNTIME_INTS = ("B", "C", "stride_sb", "stride_tb", "stride_l", "tau_t_mode", "tau_s_mode", "has_labels",
+                "ignore_index", "student_grad", "teacher_grad", "n_chunks", "blocks_per_chunk", "grid_chunks")
 
 
 @triton.jit
-def _temperature(tau_ptr, tau_scalar, tau_mode, label, rows64, usable):
+def _temperature(tau_ptr, tau_scalar, tau_mode, label, row, usable):
     """Each row's temperature: the scalar, tau[label] or tau[row] (by ``tau_mode``)."""
-    index = tl.where(tau_mode == 1, label, rows64)
+    index = tl.where(tau_mode == 1, label, row.to(tl.int64))
     return tl.load(tau_ptr + index, mask=usable & (tau_mode != 0), other=tau_scalar)
 
 
 @triton.jit
 def _row_setup(labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode,
                has_labels, ignore_index, rows, row_mask, C):
-    """Per-row flags and inverse temperatures.
+    """Per-row flags and inverse temperatures (``rows``: a vector of row indices, or one index).
 
     Returns keep (row exists and is not ignored), bad (kept row with a label out of range or a
-    temperature that is not positive and finite: its outputs become NaN, and with device
-    asserts compiled in, the launch fails), 1/tau_t and 1/tau_s (1 for rows not kept or bad).
+    temperature that is not positive and finite: its outputs become NaN), 1/tau_t and 1/tau_s
+    (1 for rows not kept or bad), and the two conditions ``_assert_rows`` checks.
     """
-    rows64 = rows.to(tl.int64)
-    label = tl.load(labels_ptr + rows64 * stride_l, mask=row_mask & (has_labels != 0), other=0)
+    label = tl.load(labels_ptr + rows.to(tl.int64) * stride_l, mask=row_mask & (has_labels != 0), other=0)
     keep = row_mask & ((has_labels == 0) | (label != ignore_index))
     label_ok = (label >= 0) & (label < C)
-    tl.device_assert(label_ok | ~keep, "kd_kl_div: a label is outside [0, C) and is not ignore_index")
     usable = keep & label_ok
-    tau_t = _temperature(tau_t_ptr, tau_t_scalar, tau_t_mode, label, rows64, usable)
-    tau_s = _temperature(tau_s_ptr, tau_s_scalar, tau_s_mode, label, rows64, usable)
+    tau_t = _temperature(tau_t_ptr, tau_t_scalar, tau_t_mode, label, rows, usable)
+    tau_s = _temperature(tau_s_ptr, tau_s_scalar, tau_s_mode, label, rows, usable)
     tau_ok = (tau_t > 0) & (tau_t < float("inf")) & (tau_s > 0) & (tau_s < float("inf"))
-    tl.device_assert(tau_ok | ~usable, "kd_kl_div: a temperature is not positive and finite")
     valid = usable & tau_ok
     inv_t = 1.0 / tl.where(valid, tau_t, 1.0)
     inv_s = 1.0 / tl.where(valid, tau_s, 1.0)
-    return keep, keep & ~valid, inv_t, inv_s
+    return keep, keep & ~valid, inv_t, inv_s, label_ok | ~keep, tau_ok | ~usable
+
+
+@triton.jit
+def _assert_rows(labels_fine, temperatures_fine):
+    """With device asserts compiled in, a bad label or temperature fails the launch.
+
+    Called last in each kernel: the assert is a function call, and values live across it would
+    be saved to the stack.
+    """
+    tl.device_assert(labels_fine, "kd_kl_div: a label is outside [0, C) and is not ignore_index")
+    tl.device_assert(temperatures_fine, "kd_kl_div: a temperature is not positive and finite")
 
 
 @triton.jit
@@ -93,147 +142,446 @@ def _finish_rows(values, keep, bad):
 
 
 @triton.jit
-def _store_grads(gs_ptr, gt_ptr, offsets, mask, log_p, log_q, loss, inv_t, inv_s, keep, bad, student_grad,
+def _load_scaled(ptrs, mask, fill, inv_tau):
+    """Loads logits as fp32 divided by the row's temperature; ``fill`` where ``mask`` is off."""
+    x = tl.load(ptrs, mask=mask)
+    return tl.where(mask, x.to(tl.float32) * inv_tau, fill)
+
+
+@triton.jit
+def _store_grads(gs_ptrs, gt_ptrs, mask, log_p, log_q, loss, inv_t, inv_s, keep, bad, student_grad,
                  teacher_grad):
-    """Writes (q - p) / tau_s and p * ((log p - log q) - loss) / tau_t for a tile, as asked."""
+    """Writes (q - p) / tau_s and p * ((log p - log q) - loss) / tau_t, as asked.
+
+    The row quantities (loss, inv_t, inv_s, keep, bad) are shaped to broadcast against the block.
+    """
     p = tl.exp(log_p)
     if student_grad != 0:
-        grad = (tl.exp(log_q) - p) * inv_s[:, None]
-        tl.store(gs_ptr + offsets, _finish_rows(grad, keep[:, None], bad[:, None]).to(gs_ptr.dtype.element_ty), mask=mask)
+        grad = (tl.exp(log_q) - p) * inv_s
+        tl.store(gs_ptrs, _finish_rows(grad, keep, bad).to(gs_ptrs.dtype.element_ty), mask=mask)
     if teacher_grad != 0:
         support = p > 0
         diff = tl.where(support, log_p, 0.0) - tl.where(support, log_q, 0.0)
-        grad = tl.where(support, p * (diff - loss[:, None]), 0.0) * inv_t[:, None]
-        tl.store(gt_ptr + offsets, _finish_rows(grad, keep[:, None], bad[:, None]).to(gt_ptr.dtype.element_ty), mask=mask)
+        grad = tl.where(support, p * (diff - loss), 0.0) * inv_t
+        tl.store(gt_ptrs, _finish_rows(grad, keep, bad).to(gt_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _load_scaled(ptr, rows64, stride_b, cols64, stride_c, mask, fill, inv_tau):
-    """Loads a tile of logits as fp32 and divides each row by its temperature."""
-    x = tl.load(ptr + rows64[:, None] * stride_b + cols64[None, :] * stride_c, mask=mask, other=fill)
-    return x.to(tl.float32) * inv_tau[:, None]
+def _aligned(value, VEC: tl.constexpr):
+    """``value`` (a multiple of VEC, which the launcher guarantees) in a form Triton knows divides by VEC."""
+    return (value // VEC) * VEC
+
+
+@triton.jit(do_not_specialize=RUNTIME_INTS)
+def _kd_tile_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, loss_ptr, gs_ptr, gt_ptr,
+                    B, C, stride_sb, stride_sc, stride_tb, stride_tc, stride_l,
+                    tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels, ignore_index,
+                    student_grad, teacher_grad,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr, WIDE: tl.constexpr):
+    """Rows [pid * BLOCK_M, +BLOCK_M) as one (BLOCK_M, BLOCK_N >= C) tile."""
+    C = _aligned(C, VEC)
+    stride_sb = _aligned(stride_sb, VEC)
+    stride_tb = _aligned(stride_tb, VEC)
+    row0 = tl.program_id(0) * BLOCK_M
+    local = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    if WIDE:
+        local = local.to(tl.int64)
+        cols = cols.to(tl.int64)
+    rows = row0 + local
+    row_mask = rows < B
+    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine = _row_setup(
+        labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels,
+        ignore_index, rows, row_mask, C)
+    # The tile's first row in 64-bit once; offsets inside the tile in 32 bits unless WIDE.
+    base = row0.to(tl.int64)
+    # Padding columns of kept rows read -inf (probability 0); skipped rows read 0 (finite).
+    fill = tl.where(keep, float("-inf"), 0.0)[:, None]
+    mask = keep[:, None] & (cols < C)[None, :]
+    a = _load_scaled(t_ptr + base * stride_tb + (local[:, None] * stride_tb + cols[None, :] * stride_tc), mask, fill,
+                     inv_t[:, None])
+    b = _load_scaled(s_ptr + base * stride_sb + (local[:, None] * stride_sb + cols[None, :] * stride_sc), mask, fill,
+                     inv_s[:, None])
+    max_t = tl.max(a, 1)
+    max_s = tl.max(b, 1)
+    # A kept row with all -inf logits has no distribution: NaN, as the reference.
+    bad = bad | (keep & ((max_t == float("-inf")) | (max_s == float("-inf"))))
+    a = a - max_t[:, None]
+    b = b - max_s[:, None]
+    log_p = a - tl.log(tl.sum(tl.exp(a), 1))[:, None]
+    log_q = b - tl.log(tl.sum(tl.exp(b), 1))[:, None]
+    p = tl.exp(log_p)
+    support = p > 0
+    loss = tl.sum(p * (tl.where(support, log_p, 0.0) - tl.where(support, log_q, 0.0)), 1)
+    tl.store(loss_ptr + rows, _finish_rows(loss, keep, bad), mask=row_mask)
+    out = base * C + (local[:, None] * C + cols[None, :])
+    _store_grads(gs_ptr + out, gt_ptr + out, row_mask[:, None] & (cols < C)[None, :], log_p, log_q, loss[:, None],
+                 inv_t[:, None], inv_s[:, None], keep[:, None], bad[:, None], student_grad, teacher_grad)
+    _assert_rows(labels_fine, temperatures_fine)
 
 
 @triton.jit
-def _online_statistics(s_ptr, t_ptr, rows64, C, stride_sb, stride_sc, stride_tb, stride_tc, keep, fill, inv_t, inv_s,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Pass 1 of the online kernel: returns max_t, max_s, log sum-exp_t, log sum-exp_s and the row KL."""
-    neg_inf = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    m_t = neg_inf
-    m_s = neg_inf
-    z_t = tl.zeros([BLOCK_M], tl.float32)
-    z_s = tl.zeros([BLOCK_M], tl.float32)
-    # sum over columns of exp(a - m_t) * (a - b) where both are finite
-    cross = tl.zeros([BLOCK_M], tl.float32)
-    # largest a where the student's b is -inf: KL = inf when its probability is not 0
-    a_at_student_inf = neg_inf
-    for start in range(0, C, BLOCK_N):
-        cols64 = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = keep[:, None] & (cols64 < C)[None, :]
-        a = _load_scaled(t_ptr, rows64, stride_tb, cols64, stride_tc, mask, fill, inv_t)
-        b = _load_scaled(s_ptr, rows64, stride_sb, cols64, stride_sc, mask, fill, inv_s)
-        m_t_new = tl.maximum(m_t, tl.max(a, 1))
-        m_s_new = tl.maximum(m_s, tl.max(b, 1))
-        # a max that is still -inf shifts by 0 instead (avoids -inf - -inf)
+def _split_program(B, C, stride_sb, stride_tb, n_chunks, blocks_per_chunk, grid_chunks, REVERSE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, VEC: tl.constexpr, WIDE: tl.constexpr):
+    """The (row, chunk) of this program, its first column, its blocks and the aligned sizes."""
+    pid = tl.program_id(0)
+    if REVERSE:
+        pid = B * grid_chunks - 1 - pid
+    row = pid // grid_chunks
+    chunk = pid - row * grid_chunks
+    first_block = chunk * blocks_per_chunk
+    n_blocks = tl.minimum(blocks_per_chunk, tl.cdiv(C, BLOCK_N) - first_block)
+    cols = tl.arange(0, BLOCK_N)
+    if WIDE:
+        cols = cols.to(tl.int64)
+    return row, chunk, first_block, n_blocks, cols, _aligned(C, VEC), _aligned(stride_sb, VEC), _aligned(stride_tb, VEC)
+
+
+@triton.jit
+def _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, k, cols, C, keep, BLOCK_N: tl.constexpr):
+    """Pointers to block k of the chunk in both inputs and its mask."""
+    col = (first_block + k) * BLOCK_N + cols
+    mask = keep & (col < C)
+    return s_row + col * stride_sc, t_row + col * stride_tc, mask, col
+
+
+@triton.jit
+def _statistics_step(state, a, b):
+    """Merges a block of a = t / tau_t and b = s / tau_s into the running chunk statistics."""
+    m_t, m_s, z_t, z_s, cross, a_at_student_inf = state
+    m_t_new = tl.maximum(m_t, tl.max(a, 0))
+    m_s_new = tl.maximum(m_s, tl.max(b, 0))
+    # a max that is still -inf shifts by 0 instead (avoids -inf - -inf)
+    m_t_safe = tl.where(m_t_new == float("-inf"), 0.0, m_t_new)
+    m_s_safe = tl.where(m_s_new == float("-inf"), 0.0, m_s_new)
+    alpha_t = tl.exp(m_t - m_t_safe)
+    e_t = tl.exp(a - m_t_safe)
+    z_t = z_t * alpha_t + tl.sum(e_t, 0)
+    z_s = z_s * tl.exp(m_s - m_s_safe) + tl.sum(tl.exp(b - m_s_safe), 0)
+    in_support = e_t > 0
+    finite_b = b > float("-inf")
+    a_in = tl.where(in_support, a, 0.0)
+    b_in = tl.where(in_support & finite_b, b, a_in)
+    cross = cross * alpha_t + tl.sum(e_t * (a_in - b_in), 0)
+    a_at_student_inf = tl.maximum(a_at_student_inf, tl.max(tl.where(in_support & ~finite_b, a, float("-inf")), 0))
+    return m_t_new, m_s_new, z_t, z_s, cross, a_at_student_inf
+
+
+@triton.jit(do_not_specialize=RUNTIME_INTS)
+def _kd_split_stats_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, part_ptr,
+                           B, C, stride_sb, stride_sc, stride_tb, stride_tc, stride_l, n_chunks, blocks_per_chunk,
+                           tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels, ignore_index,
+                           BLOCK_N: tl.constexpr, VEC: tl.constexpr, WIDE: tl.constexpr,
+                           NUM_STAGES: tl.constexpr, PREFETCH: tl.constexpr):
+    """Statistics of one (row, chunk): 6 partials at part[k, row * n_chunks + chunk]."""
+    row, chunk, first_block, n_blocks, cols, C, stride_sb, stride_tb = _split_program(
+        B, C, stride_sb, stride_tb, n_chunks, blocks_per_chunk, n_chunks, False, BLOCK_N, VEC, WIDE)
+    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine = _row_setup(
+        labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels,
+        ignore_index, row, row < B, C)
+    s_row = s_ptr + row.to(tl.int64) * stride_sb
+    t_row = t_ptr + row.to(tl.int64) * stride_tb
+    fill = tl.where(keep, float("-inf"), 0.0)
+    neg_inf = tl.full([], float("-inf"), tl.float32)
+    zero = tl.zeros([], tl.float32)
+    state = (neg_inf, neg_inf, zero, zero, zero, neg_inf)
+    if PREFETCH:
+        # Loads narrower than 4 bytes cannot be cp.async-staged: block k + 1 is loaded before block k is used.
+        s_ptrs, t_ptrs, mask, _ = _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, 0, cols, C, keep,
+                                                  BLOCK_N)
+        a_next = _load_scaled(t_ptrs, mask, fill, inv_t)
+        b_next = _load_scaled(s_ptrs, mask, fill, inv_s)
+        for k in range(0, n_blocks):
+            a = a_next
+            b = b_next
+            s_ptrs, t_ptrs, mask, _ = _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, k + 1, cols, C,
+                                                      keep & (k + 1 < n_blocks), BLOCK_N)
+            a_next = _load_scaled(t_ptrs, mask, fill, inv_t)
+            b_next = _load_scaled(s_ptrs, mask, fill, inv_s)
+            state = _statistics_step(state, a, b)
+    else:
+        for k in tl.range(0, n_blocks, num_stages=NUM_STAGES):
+            s_ptrs, t_ptrs, mask, _ = _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, k, cols, C, keep,
+                                                      BLOCK_N)
+            state = _statistics_step(state, _load_scaled(t_ptrs, mask, fill, inv_t),
+                                     _load_scaled(s_ptrs, mask, fill, inv_s))
+    plane = B.to(tl.int64) * n_chunks
+    out = part_ptr + (row.to(tl.int64) * n_chunks + chunk)
+    m_t, m_s, z_t, z_s, cross, a_at_student_inf = state
+    tl.store(out, m_t)
+    tl.store(out + plane, m_s)
+    tl.store(out + 2 * plane, z_t)
+    tl.store(out + 3 * plane, z_s)
+    tl.store(out + 4 * plane, cross)
+    tl.store(out + 5 * plane, a_at_student_inf)
+    _assert_rows(labels_fine, temperatures_fine)
+
+
+@triton.jit
+def _combine_partials(part_ptr, B, row, n_chunks, PART_BLOCK: tl.constexpr):
+    """A row's statistics from its chunks' partials, merged in chunk order (the same bits in every program).
+
+    Returns max_t, max_s, log sum-exp_t, log sum-exp_s (each relative to its max) and the row KL
+    (+inf where the student is -inf under teacher mass, NaN when either row is all -inf).
+    """
+    plane = B.to(tl.int64) * n_chunks
+    base = part_ptr + row.to(tl.int64) * n_chunks
+    neg_inf = tl.full([], float("-inf"), tl.float32)
+    zero = tl.zeros([], tl.float32)
+    m_t, m_s, z_t, z_s, cross, a_inf = neg_inf, neg_inf, zero, zero, zero, neg_inf
+    for start in range(0, n_chunks, PART_BLOCK):
+        index = start + tl.arange(0, PART_BLOCK)
+        mask = index < n_chunks
+        c_m_t = tl.load(base + index, mask=mask, other=float("-inf"))
+        c_m_s = tl.load(base + plane + index, mask=mask, other=float("-inf"))
+        c_z_t = tl.load(base + 2 * plane + index, mask=mask, other=0.0)
+        c_z_s = tl.load(base + 3 * plane + index, mask=mask, other=0.0)
+        c_cross = tl.load(base + 4 * plane + index, mask=mask, other=0.0)
+        c_a_inf = tl.load(base + 5 * plane + index, mask=mask, other=float("-inf"))
+        m_t_new = tl.maximum(m_t, tl.max(c_m_t, 0))
+        m_s_new = tl.maximum(m_s, tl.max(c_m_s, 0))
         m_t_safe = tl.where(m_t_new == float("-inf"), 0.0, m_t_new)
         m_s_safe = tl.where(m_s_new == float("-inf"), 0.0, m_s_new)
+        scale_t = tl.exp(c_m_t - m_t_safe)
         alpha_t = tl.exp(m_t - m_t_safe)
-        e_t = tl.exp(a - m_t_safe[:, None])
-        z_t = z_t * alpha_t + tl.sum(e_t, 1)
-        z_s = z_s * tl.exp(m_s - m_s_safe) + tl.sum(tl.exp(b - m_s_safe[:, None]), 1)
-        in_support = e_t > 0
-        finite_b = b > float("-inf")
-        a_in = tl.where(in_support, a, 0.0)
-        b_in = tl.where(in_support & finite_b, b, a_in)
-        cross = cross * alpha_t + tl.sum(e_t * (a_in - b_in), 1)
-        a_at_student_inf = tl.maximum(a_at_student_inf,
-                                      tl.max(tl.where(in_support & ~finite_b, a, float("-inf")), 1))
+        z_t = z_t * alpha_t + tl.sum(c_z_t * scale_t, 0)
+        cross = cross * alpha_t + tl.sum(c_cross * scale_t, 0)
+        z_s = z_s * tl.exp(m_s - m_s_safe) + tl.sum(c_z_s * tl.exp(c_m_s - m_s_safe), 0)
+        a_inf = tl.maximum(a_inf, tl.max(c_a_inf, 0))
         m_t = m_t_new
         m_s = m_s_new
     log_z_t = tl.log(z_t)
     log_z_s = tl.log(z_s)
     loss = cross / z_t - (m_t - m_s) - (log_z_t - log_z_s)
-    p_at_student_inf = tl.exp((a_at_student_inf - m_t) - log_z_t)
-    return m_t, m_s, log_z_t, log_z_s, tl.where(p_at_student_inf > 0, float("inf"), loss)
+    loss = tl.where(tl.exp((a_inf - m_t) - log_z_t) > 0, float("inf"), loss)
+    loss = tl.where((m_t == float("-inf")) | (m_s == float("-inf")), float("nan"), loss)
+    return m_t, m_s, log_z_t, log_z_s, loss
 
 
-@triton.jit(do_not_specialize=RUNTIME_FLAGS)
-def _kd_kl_div_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, loss_ptr, gs_ptr, gt_ptr,
-                      B, C, stride_sb, stride_sc, stride_tb, stride_tc, stride_l,
-                      tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels, ignore_index,
-                      student_grad, teacher_grad,
-                      ONLINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """BLOCK_M rows per program: one tile of BLOCK_N >= C columns, or (ONLINE) column blocks."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < B
-    keep, bad, inv_t, inv_s = _row_setup(labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar,
-                                         tau_t_mode, tau_s_mode, has_labels, ignore_index, rows, row_mask, C)
-    rows64 = rows.to(tl.int64)
-    # Padding columns of kept rows read -inf (probability 0); skipped rows read 0 (finite).
-    fill = tl.where(keep, float("-inf"), 0.0)[:, None]
-    if ONLINE:
-        m_t, m_s, log_z_t, log_z_s, loss = _online_statistics(s_ptr, t_ptr, rows64, C, stride_sb, stride_sc,
-                                                              stride_tb, stride_tc, keep, fill, inv_t, inv_s,
-                                                              BLOCK_M, BLOCK_N)
-        tl.store(loss_ptr + rows64, _finish_rows(loss, keep, bad), mask=row_mask)
-        if (student_grad != 0) | (teacher_grad != 0):
-            for start in range(0, C, BLOCK_N):
-                cols64 = start + tl.arange(0, BLOCK_N).to(tl.int64)
-                col_mask = (cols64 < C)[None, :]
-                a = _load_scaled(t_ptr, rows64, stride_tb, cols64, stride_tc, keep[:, None] & col_mask, fill, inv_t)
-                b = _load_scaled(s_ptr, rows64, stride_sb, cols64, stride_sc, keep[:, None] & col_mask, fill, inv_s)
-                _store_grads(gs_ptr, gt_ptr, rows64[:, None] * C + cols64[None, :], row_mask[:, None] & col_mask,
-                             (a - m_t[:, None]) - log_z_t[:, None], (b - m_s[:, None]) - log_z_s[:, None], loss,
+@triton.jit
+def _gradient_block(s_ptrs, t_ptrs, mask, col, gs_row, gt_row, C, fill, inv_t, inv_s, m_t, m_s, log_z_t, log_z_s,
+                    loss, keep, bad, student_grad, teacher_grad):
+    """Writes the gradients of one block of a row from the row's combined statistics."""
+    a = _load_scaled(t_ptrs, mask, fill, inv_t)
+    b = _load_scaled(s_ptrs, mask, fill, inv_s)
+    _store_grads(gs_row + col, gt_row + col, col < C, (a - m_t) - log_z_t, (b - m_s) - log_z_s, loss, inv_t, inv_s,
+                 keep, bad, student_grad, teacher_grad)
+
+
+@triton.jit(do_not_specialize=RUNTIME_INTS)
+def _kd_split_finish_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, part_ptr, loss_ptr, gs_ptr, gt_ptr,
+                            B, C, stride_sb, stride_sc, stride_tb, stride_tc, stride_l, n_chunks, blocks_per_chunk,
+                            grid_chunks, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels, ignore_index,
+                            student_grad, teacher_grad,
+                            BLOCK_N: tl.constexpr, VEC: tl.constexpr, WIDE: tl.constexpr, NUM_STAGES: tl.constexpr,
+                            PREFETCH: tl.constexpr, PART_BLOCK: tl.constexpr):
+    """Combines a row's partials; chunk 0 writes the loss; each (row, chunk) writes its gradients.
+
+    ``grid_chunks`` is n_chunks when a gradient is asked for, else 1 (one program per row).
+    Programs run in reverse (row, chunk) order: the chunks the statistics pass read last are
+    re-read first, while they may still be in L2.
+    """
+    row, chunk, first_block, n_blocks, cols, C, stride_sb, stride_tb = _split_program(
+        B, C, stride_sb, stride_tb, n_chunks, blocks_per_chunk, grid_chunks, True, BLOCK_N, VEC, WIDE)
+    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine = _row_setup(
+        labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels,
+        ignore_index, row, row < B, C)
+    m_t, m_s, log_z_t, log_z_s, loss = _combine_partials(part_ptr, B, row, n_chunks, PART_BLOCK)
+    bad = bad | (keep & (loss != loss))
+    tl.store(loss_ptr + row, _finish_rows(loss, keep, bad), mask=chunk == 0)
+    if (student_grad != 0) | (teacher_grad != 0):
+        s_row = s_ptr + row.to(tl.int64) * stride_sb
+        t_row = t_ptr + row.to(tl.int64) * stride_tb
+        gs_row = gs_ptr + row.to(tl.int64) * C
+        gt_row = gt_ptr + row.to(tl.int64) * C
+        fill = tl.where(keep, float("-inf"), 0.0)
+        if PREFETCH:
+            s_ptrs, t_ptrs, mask, col = _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, 0, cols, C,
+                                                        keep, BLOCK_N)
+            a_next = tl.load(t_ptrs, mask=mask)
+            b_next = tl.load(s_ptrs, mask=mask)
+            for k in range(0, n_blocks):
+                a = tl.where(mask, a_next.to(tl.float32) * inv_t, fill)
+                b = tl.where(mask, b_next.to(tl.float32) * inv_s, fill)
+                here = col
+                s_ptrs, t_ptrs, mask, col = _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, k + 1,
+                                                            cols, C, keep & (k + 1 < n_blocks), BLOCK_N)
+                a_next = tl.load(t_ptrs, mask=mask)
+                b_next = tl.load(s_ptrs, mask=mask)
+                _store_grads(gs_row + here, gt_row + here, here < C, (a - m_t) - log_z_t, (b - m_s) - log_z_s, loss,
                              inv_t, inv_s, keep, bad, student_grad, teacher_grad)
-    else:
-        cols64 = tl.arange(0, BLOCK_N).to(tl.int64)
-        col_mask = (cols64 < C)[None, :]
-        a = _load_scaled(t_ptr, rows64, stride_tb, cols64, stride_tc, keep[:, None] & col_mask, fill, inv_t)
-        b = _load_scaled(s_ptr, rows64, stride_sb, cols64, stride_sc, keep[:, None] & col_mask, fill, inv_s)
-        a_shift = a - tl.max(a, 1)[:, None]
-        b_shift = b - tl.max(b, 1)[:, None]
-        log_p = a_shift - tl.log(tl.sum(tl.exp(a_shift), 1))[:, None]
-        log_q = b_shift - tl.log(tl.sum(tl.exp(b_shift), 1))[:, None]
-        p = tl.exp(log_p)
-        support = p > 0
-        loss = tl.sum(p * (tl.where(support, log_p, 0.0) - tl.where(support, log_q, 0.0)), 1)
-        tl.store(loss_ptr + rows64, _finish_rows(loss, keep, bad), mask=row_mask)
-        _store_grads(gs_ptr, gt_ptr, rows64[:, None] * C + cols64[None, :], row_mask[:, None] & col_mask,
-                     log_p, log_q, loss, inv_t, inv_s, keep, bad, student_grad, teacher_grad)
+        else:
+            for k in tl.range(0, n_blocks, num_stages=NUM_STAGES):
+                s_ptrs, t_ptrs, mask, col = _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, k, cols, C,
+                                                            keep, BLOCK_N)
+                _gradient_block(s_ptrs, t_ptrs, mask, col, gs_row, gt_row, C, fill, inv_t, inv_s, m_t, m_s, log_z_t,
+                                log_z_s, loss, keep, bad, student_grad, teacher_grad)
+    _assert_rows(labels_fine, temperatures_fine)
 
 
-def tile_config(batch, num_classes):
-    """Launch configuration of the tile kernel.
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch of a plan: ``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)``."""
 
-    A tile holds TILE_ELEMENTS (rows x padded columns, at least one row), with one warp per
-    ELEMENTS_PER_WARP elements: 16 fp32 values of each input per thread.
+    kernel: object
+    grid: tuple
+    args: tuple
+    constexprs: dict
+    num_warps: int
+    num_stages: int = 1
+    debug: bool = True
+
+    def options(self):
+        """The compile options the launch passes (device asserts on unless ``debug`` is False)."""
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "debug": self.debug,
+                "sanitize_overflow": False}
+
+    def run(self):
+        """Launches the kernel."""
+        self.kernel[self.grid](*self.args, **self.constexprs, **self.options())
+
+
+def vector_width(num_classes, batch, tensors):
+    """Elements a thread reads at a time along a row: the largest power of two dividing C and
+    every row stride (rows beyond the first only), at most MAX_VECTOR_BYTES of the widest dtype;
+    1 unless every column stride is 1.
+
+    Args:
+        num_classes: C.
+        batch: B.
+        tensors: the (B, C) logits.
+
+    Returns:
+        int: VEC.
+    """
+    if num_classes == 1 or any(t.stride(1) != 1 for t in tensors):
+        return 1
+    common = num_classes
+    for t in tensors:
+        if batch > 1:
+            common = math.gcd(common, t.stride(0))
+    vec = common & -common
+    return max(1, min(vec, MAX_VECTOR_BYTES // max(t.element_size() for t in tensors)))
+
+
+def programs_wanted(nbytes, sms=DEFAULT_SMS):
+    """Programs a launch should have: 2 per multiprocessor from TWO_WAVE_BYTES of logits, else one
+    (the tile plan gives fewer when there are fewer rows and the logits are small).
+
+    Args:
+        nbytes: bytes of the larger input (B*C*element size).
+        sms: multiprocessors of the GPU.
+
+    Returns:
+        int: the target number of programs.
+    """
+    return 2 * sms if nbytes >= TWO_WAVE_BYTES else sms
+
+
+def elements_per_thread(vec):
+    """Elements of each input a thread holds: fewer when every element needs its own address.
+
+    Args:
+        vec: the vector width (``vector_width``).
+
+    Returns:
+        int: ELEMENTS_PER_THREAD, or SCALAR_ELEMENTS_PER_THREAD for vec == 1.
+    """
+    return ELEMENTS_PER_THREAD if vec > 1 else SCALAR_ELEMENTS_PER_THREAD
+
+
+def tile_config(batch, num_classes, sms=DEFAULT_SMS, nbytes=None, vec=2):
+    """Launch configuration of the tile kernel: the most rows a program (at most TILE_MAX_ROWS,
+    and a tile of at most ELEMENTS_PER_THREAD * 32 * MAX_WARPS elements) that still leaves
+    ``programs_wanted`` programs, at least one row; ``elements_per_thread`` a thread.
 
     Args:
         batch: B.
-        num_classes: C (at most ONLINE_THRESHOLD).
+        num_classes: C (at most TILE_MAX_COLUMNS).
+        sms: multiprocessors of the GPU.
+        nbytes: bytes of the larger input (default: fp32 logits).
+        vec: the rows' vector width.
 
     Returns:
         dict: BLOCK_M, BLOCK_N, num_warps.
     """
+    nbytes = batch * num_classes * 4 if nbytes is None else nbytes
+    want = programs_wanted(nbytes, sms)
     block_n = triton.next_power_of_2(num_classes)
-    block_m = min(triton.next_power_of_2(batch), max(1, TILE_ELEMENTS // block_n))
-    num_warps = min(MAX_WARPS, max(1, block_m * block_n // ELEMENTS_PER_WARP))
+    max_elements = ELEMENTS_PER_THREAD * 32 * MAX_WARPS
+    block_m = 1
+    while (2 * block_m <= TILE_MAX_ROWS and 2 * block_m * block_n <= max_elements
+           and triton.cdiv(batch, 2 * block_m) >= want):
+        block_m *= 2
+    num_warps = min(MAX_WARPS, max(1, block_m * block_n // (32 * elements_per_thread(vec))))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
 
 
-def online_config(batch, num_classes):
-    """Launch configuration of the online kernel: one row per program, ONLINE_BLOCK_N columns a step.
+def split_config(batch, num_classes, sms=DEFAULT_SMS, nbytes=None, vec=2):
+    """Launch configuration of the split kernels: the largest power-of-two chunk (at least
+    SPLIT_MIN_CHUNK columns) that still gives ``programs_wanted`` (row, chunk) programs, or one
+    chunk per row when the rows alone give them; ``elements_per_thread`` a thread.
 
     Args:
         batch: B.
         num_classes: C.
+        sms: multiprocessors of the GPU.
+        nbytes: bytes of the larger input (default: fp32 logits).
+        vec: the rows' vector width.
 
     Returns:
-        dict: BLOCK_M, BLOCK_N, num_warps.
+        dict: BLOCK_N (columns per loop step), CHUNK (columns per program, a multiple of
+        BLOCK_N), num_warps, num_stages.
     """
-    del batch
-    return {"BLOCK_M": 1, "BLOCK_N": min(ONLINE_BLOCK_N, triton.next_power_of_2(num_classes)),
-            "num_warps": ONLINE_WARPS}
+    nbytes = batch * num_classes * 4 if nbytes is None else nbytes
+    want = programs_wanted(nbytes, sms)
+    if batch >= want:
+        chunk = triton.next_power_of_2(num_classes)
+    else:
+        chunk = triton.next_power_of_2(num_classes)
+        while chunk > SPLIT_MIN_CHUNK and batch * triton.cdiv(num_classes, chunk) < want:
+            chunk //= 2
+    block_n = min(SPLIT_BLOCK_N, chunk)
+    num_warps = max(1, block_n // (32 * elements_per_thread(vec)))
+    return {"BLOCK_N": block_n, "CHUNK": chunk, "num_warps": num_warps, "num_stages": SPLIT_STAGES}
+
+
+@functools.cache
+def _multiprocessors(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def multiprocessors(device):
+    """Multiprocessors of ``device`` (DEFAULT_SMS for a CPU or meta device).
+
+    Args:
+        device: a torch.device.
+
+    Returns:
+        int: the SM count the plan fills.
+    """
+    if device.type != "cuda":
+        return DEFAULT_SMS
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def choose_form(batch, num_classes, nbytes, sms=DEFAULT_SMS):
+    """The launch form: the tile when C fits one and the rows alone give ``programs_wanted``
+    programs (or the logits are under ONE_WAVE_BYTES, where one program per row is enough), else
+    split rows.
+
+    Args:
+        batch: B.
+        num_classes: C.
+        nbytes: bytes of the larger input.
+        sms: multiprocessors of the GPU.
+
+    Returns:
+        str: "tile" or "split".
+    """
+    if num_classes <= TILE_MAX_COLUMNS and (nbytes < ONE_WAVE_BYTES or batch >= programs_wanted(nbytes, sms)):
+        return "tile"
+    return "split"
 
 
 def _check_temperature(tensor, scalar, labels, batch, num_classes, device, name):
@@ -249,23 +597,6 @@ def _check_temperature(tensor, scalar, labels, batch, num_classes, device, name)
     if tensor.device != device:
         raise ValueError(f"{name} must be on {device}, got {tensor.device}")
     return tensor.to(torch.float32).contiguous(), (BY_LABEL if labels is not None else BY_ROW)
-
-
-def _check_values_eagerly(labels, temperatures, ignore_index, num_classes):
-    """The device asserts' checks, done eagerly for CPU tensors (the interpreter has no device asserts)."""
-    kept = None
-    if labels is not None:
-        kept = labels != ignore_index
-        used = labels[kept]
-        if bool(((used < 0) | (used >= num_classes)).any()):
-            raise RuntimeError(f"kd_kl_div_forward: labels must lie in [0, C={num_classes}) or equal "
-                               f"ignore_index={ignore_index}")
-    for name, tau in temperatures:
-        if tau is None:
-            continue
-        used = tau[labels[kept]] if labels is not None else tau
-        if not bool(((used > 0) & torch.isfinite(used)).all()):
-            raise RuntimeError(f"kd_kl_div_forward: {name} must be positive and finite where it is used")
 
 
 def _check_inputs(student_logits, teacher_logits, labels):
@@ -288,14 +619,39 @@ def _check_inputs(student_logits, teacher_logits, labels):
             raise ValueError(f"labels must be on {student_logits.device}, got {labels.device}")
 
 
+def _check_values_eagerly(labels, temperatures, ignore_index, num_classes):
+    """The kernels' device asserts, done eagerly on CPU tensors (the interpreter has none).
+
+    A label must lie in [0, C) or equal ``ignore_index``; the temperatures that kept rows use
+    must be positive and finite.
+    """
+    kept = None
+    if labels is not None:
+        kept = labels != ignore_index
+        used = labels[kept]
+        if bool(((used < 0) | (used >= num_classes)).any()):
+            raise RuntimeError(f"kd_kl_div_forward: labels must lie in [0, C={num_classes}) or equal "
+                               f"ignore_index={ignore_index}")
+    for name, tau in temperatures:
+        if tau is None:
+            continue
+        used = tau[labels[kept]] if labels is not None else tau
+        if not bool(((used > 0) & torch.isfinite(used)).all()):
+            raise RuntimeError(f"kd_kl_div_forward: {name} must be positive and finite where it is used")
+
+
+def _span(tensor, rows, cols):
+    """Largest element offset a (rows, cols) block of ``tensor`` spans from its first element."""
+    return (rows - 1) * abs(tensor.stride(0)) + (cols - 1) * abs(tensor.stride(1))
+
+
 def kd_kl_div_forward(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
                       teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad,
                       teacher_grad):
     """Row KL(softmax(t / tau_t) || softmax(s / tau_s)) and its gradients, by the Triton kernels.
 
     The implementation of ``torch.ops.fastabsld.kd_kl_div_forward`` on CUDA tensors (and on CPU
-    tensors under the Triton interpreter). Picks the tile kernel for C <= ONLINE_THRESHOLD and
-    the online kernel above.
+    tensors under the Triton interpreter). ``plan`` picks the launch form and configuration.
 
     Args:
         student_logits: (B, C) fp32/fp16/bf16, any strides.
@@ -319,57 +675,107 @@ def kd_kl_div_forward(student_logits, teacher_logits, labels, teacher_temperatur
 
 def launch(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
            teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad,
-           online=None, config=None):
-    """``kd_kl_div_forward`` with the kernel choice and its launch configuration open.
+           form=None, config=None):
+    """``kd_kl_div_forward`` with the launch form and its configuration open.
 
     Args:
         student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
         teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad,
         teacher_grad: as for ``kd_kl_div_forward``.
-        online: True/False forces the online/tile kernel; None picks by C.
-        config: a dict of BLOCK_M, BLOCK_N, num_warps replacing the default configuration.
+        form: "tile" or "split" forces the form; None lets ``choose_form`` pick.
+        config: a dict replacing the form's default configuration (``tile_config`` or
+            ``split_config``: for tests that exercise several programs at small sizes).
 
     Returns:
         tuple: row_loss, grad_student, grad_teacher as for ``kd_kl_div_forward``.
     """
+    outputs, launches = plan(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
+                             teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad,
+                             teacher_grad, form, config)
+    device = student_logits.device
+    # Triton launches on the current CUDA device: make it the tensors' one.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for step in launches:
+            step.run()
+    return outputs
+
+
+def plan(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
+         teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad,
+         form=None, config=None):
+    """Validates the arguments, allocates the outputs and returns the launches that compute them.
+
+    Runs nothing on the device (meta tensors give the launches a real call would make, for
+    ahead-of-time compiles and the performance model).
+
+    Args:
+        as for ``launch``.
+
+    Returns:
+        tuple: (row_loss, grad_student, grad_teacher) (not yet computed) and a list of ``Launch``.
+    """
     _check_inputs(student_logits, teacher_logits, labels)
     batch, num_classes = student_logits.shape
     device = student_logits.device
-    tau_t = _check_temperature(teacher_temperature, teacher_temperature_scalar, labels, batch, num_classes, device,
-                               "teacher_temperature")
-    tau_s = _check_temperature(student_temperature, student_temperature_scalar, labels, batch, num_classes, device,
-                               "student_temperature")
+    tau_t, tau_t_mode = _check_temperature(teacher_temperature, teacher_temperature_scalar, labels, batch, num_classes,
+                                           device, "teacher_temperature")
+    tau_s, tau_s_mode = _check_temperature(student_temperature, student_temperature_scalar, labels, batch, num_classes,
+                                           device, "student_temperature")
     if device.type == "cpu":
-        # The interpreter has no device asserts: the same checks, eagerly.
-        _check_values_eagerly(labels, [("teacher_temperature", tau_t[0]), ("student_temperature", tau_s[0])],
-                              ignore_index, num_classes)
+        _check_values_eagerly(labels, [("teacher_temperature", tau_t), ("student_temperature", tau_s)], ignore_index,
+                              num_classes)
     row_loss = torch.empty(batch, dtype=torch.float32, device=device)
     grad_student = torch.empty((batch, num_classes) if student_grad else (0,), dtype=student_logits.dtype,
                                device=device)
     grad_teacher = torch.empty((batch, num_classes) if teacher_grad else (0,), dtype=teacher_logits.dtype,
                                device=device)
+    outputs = (row_loss, grad_student, grad_teacher)
     if batch == 0:
-        return row_loss, grad_student, grad_teacher
-    if online is None:
-        online = num_classes > ONLINE_THRESHOLD
-    if config is None:
-        config = (online_config if online else tile_config)(batch, num_classes)
+        return outputs, []
+    logits = (student_logits, teacher_logits)
+    nbytes = batch * num_classes * max(t.element_size() for t in logits)
+    sms = multiprocessors(device)
+    form = form or choose_form(batch, num_classes, nbytes, sms)
     if labels is None:
         labels_arg, stride_l = torch.empty(1, dtype=torch.int64, device=device), 0
     else:
         labels_arg, stride_l = labels, labels.stride(0)
-    grid = (triton.cdiv(batch, config["BLOCK_M"]),)
+    # A temperature tensor not given is never read: the loss buffer stands in for its pointer.
+    tau_args = (row_loss if tau_t is None else tau_t, row_loss if tau_s is None else tau_s)
+    per_row = (float(teacher_temperature_scalar), float(student_temperature_scalar), tau_t_mode, tau_s_mode,
+               int(labels is not None), int(ignore_index))
+    flags = (int(bool(student_grad)), int(bool(teacher_grad)))
+    strides = (*student_logits.stride(), *teacher_logits.stride(), stride_l)
+    vec = vector_width(num_classes, batch, logits)
     # A gradient not asked for passes its empty (0,) output: nothing is stored through it.
-    # Triton launches on the current CUDA device: make it the tensors' one.
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _kd_kl_div_kernel[grid](
-            student_logits, teacher_logits, labels_arg,
-            row_loss if tau_t[0] is None else tau_t[0], row_loss if tau_s[0] is None else tau_s[0],
-            row_loss, grad_student, grad_teacher,
-            batch, num_classes, *student_logits.stride(), *teacher_logits.stride(), stride_l,
-            float(teacher_temperature_scalar), float(student_temperature_scalar), tau_t[1], tau_s[1],
-            int(labels is not None), int(ignore_index), int(bool(student_grad)), int(bool(teacher_grad)),
-            ONLINE=bool(online), BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
-            num_warps=config["num_warps"], debug=True, sanitize_overflow=False,
-        )
-    return row_loss, grad_student, grad_teacher
+    if form == "tile":
+        config = config or tile_config(batch, num_classes, sms, nbytes, vec)
+        block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+        wide = max(_span(t, block_m, block_n) for t in logits) >= INT32_LIMIT or block_m * num_classes >= INT32_LIMIT
+        args = (student_logits, teacher_logits, labels_arg, *tau_args, row_loss, grad_student, grad_teacher,
+                batch, num_classes, *strides, *per_row, *flags)
+        return outputs, [Launch(_kd_tile_kernel, (triton.cdiv(batch, block_m),), args,
+                                {"BLOCK_M": block_m, "BLOCK_N": block_n, "VEC": vec, "WIDE": wide},
+                                config["num_warps"])]
+    if form != "split":
+        raise ValueError(f"form must be 'tile' or 'split', got {form!r}")
+    config = config or split_config(batch, num_classes, sms, nbytes, vec)
+    block_n, chunk = config["BLOCK_N"], config["CHUNK"]
+    blocks_per_chunk = chunk // block_n
+    n_chunks = triton.cdiv(triton.cdiv(num_classes, block_n), blocks_per_chunk)
+    wide = max(_span(t, 1, n_chunks * chunk) for t in logits) >= INT32_LIMIT
+    # cp.async stages need loads of at least 4 bytes; narrower ones are prefetched in registers.
+    narrowest = min(t.element_size() * (vec if t.stride(1) == 1 else 1) for t in logits)
+    prefetch = config["num_stages"] > 1 and narrowest < 4
+    stages = 1 if prefetch else config["num_stages"]
+    partials = torch.empty((N_PARTIALS, batch, n_chunks), dtype=torch.float32, device=device)
+    common = {"BLOCK_N": block_n, "VEC": vec, "WIDE": wide, "NUM_STAGES": stages, "PREFETCH": prefetch}
+    grid_chunks = n_chunks if (student_grad or teacher_grad) else 1
+    stats = Launch(_kd_split_stats_kernel, (batch * n_chunks,),
+                   (student_logits, teacher_logits, labels_arg, *tau_args, partials, batch, num_classes, *strides,
+                    n_chunks, blocks_per_chunk, *per_row), common, config["num_warps"], stages)
+    finish = Launch(_kd_split_finish_kernel, (batch * grid_chunks,),
+                    (student_logits, teacher_logits, labels_arg, *tau_args, partials, row_loss, grad_student,
+                     grad_teacher, batch, num_classes, *strides, n_chunks, blocks_per_chunk, grid_chunks, *per_row,
+                     *flags), dict(common, PART_BLOCK=PARTIAL_BLOCK), config["num_warps"], stages)
+    return outputs, [stats, finish]

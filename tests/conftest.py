@@ -17,9 +17,19 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_GPU = torch.cuda.is_available()
 
 
-@pytest.fixture(params=["cpu"] + (["cuda"] if HAS_GPU else []))
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run where a GPU exists and are skipped, with the reason shown, elsewhere."""
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run `make gpu-check` on a GPU machine)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def device(request):
-    """Every device the machine has: the CPU, and CUDA where a GPU exists."""
+    """Every device: the CPU, and CUDA (skipped with its reason where no GPU exists)."""
     return torch.device(request.param)
 
 

@@ -212,7 +212,12 @@ def test_cw_loss_matches_the_rslad_margin():
     "kwargs, match",
     [({"norm": "l1"}, "norm"), ({"random_start": "zeros"}, "random_start"), ({"steps": -1}, "steps"),
      ({"eps": -1.0}, "eps"), ({"eps": -1.0, "steps": 0}, "eps"), ({"alpha": float("nan"), "steps": 0}, "alpha"),
-     ({"clamp": (1.0, 0.0), "steps": 0}, "clamp"), ({"clamp": (1.0, 0.0)}, "clamp")],
+     ({"clamp": (1.0, 0.0), "steps": 0}, "clamp"), ({"clamp": (1.0, 0.0)}, "clamp"),
+     # A per-sample radius is refused as the number is, also when no step runs to check it.
+     ({"eps": torch.tensor([-1.0, 0.1]), "steps": 0}, "eps must be non-negative"),
+     ({"eps": torch.tensor([float("nan"), 0.1]), "steps": 0}, "eps must be non-negative"),
+     ({"alpha": torch.tensor([0.1, -0.5]), "steps": 0}, "alpha must be non-negative"),
+     ({"steps": None}, "steps"), ({"steps": 1.5}, "steps")],
 )
 def test_pgd_rejects_bad_arguments(kwargs, match):
     x, y = batch(2)

@@ -12,11 +12,11 @@ from sklearn.metrics import confusion_matrix
 
 from fastabsld.metrics import (
     ClassAccuracy,
+    class_counts,
     nsd,
     per_class_accuracy,
     worst_class_accuracy,
 )
-from tests.conftest import HAS_GPU
 
 NAN = float("nan")
 
@@ -111,7 +111,23 @@ def test_argument_errors():
         nsd(torch.zeros(2, 2))
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool])
+def test_non_integer_labels_are_refused(dtype):
+    # 3.7 would otherwise count as class 3 and True as class 1.
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        class_counts(PREDICTIONS, LABELS.to(dtype), 4)
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        ClassAccuracy(4).update(PREDICTIONS, LABELS.to(dtype))
+
+
+def test_non_integer_predictions_are_refused():
+    with pytest.raises(ValueError, match="predictions of shape \\(B,\\) must be integer"):
+        class_counts(PREDICTIONS.float() + 0.4, LABELS, 4)
+    with pytest.raises(ValueError, match="predictions_or_logits must be a tensor"):
+        class_counts(PREDICTIONS.tolist(), LABELS, 4)
+
+
+@pytest.mark.cuda
 def test_no_sync_on_cuda():
     meter = ClassAccuracy(4, device="cuda")
     logits, labels = as_logits(PREDICTIONS, 4).cuda(), LABELS.cuda()

@@ -14,7 +14,6 @@ from fastabsld.temperature import (
     check_beta,
     check_temperature_bounds,
 )
-from tests.conftest import HAS_GPU
 from tests.released import released_temperature_update
 
 
@@ -101,7 +100,7 @@ def test_traces_without_host_sync():
     assert torch.equal(compiled(tau, torch.ones(4), 0.1), tau)
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="needs CUDA")
+@pytest.mark.cuda
 def test_no_sync_on_cuda():
     tau, risk = torch.ones(10, device="cuda"), torch.rand(10, device="cuda")
     logits, labels = torch.randn(8, 10, device="cuda"), torch.randint(0, 10, (8,), device="cuda")

@@ -12,7 +12,7 @@ from fastabsld.ops.checks import (
     describe,
     is_integer_tensor,
 )
-from fastabsld.ops.kd_loss import kd_kl_div
+from fastabsld.methods._weighting import check_sample_weight, weighted_kl
 from fastabsld.temperature import (
     accumulate_class_risk,
     anti_bias_update,
@@ -48,6 +48,12 @@ class ABSLDLoss(nn.Module):
           makes both branches divide the teacher logits by ``tau_adv[y] * tau_nat[y]``. Both
           vectors are still updated from their own risks. Use it to reproduce published numbers.
 
+    ``forward``'s ``sample_weight`` multiplies each sample's rows of both KL terms: with
+    :class:`fastabsld.methods.fair.FairReweight` it gives Fair-RSLAD (beta = 0) and ABSLD combined with
+    Fair-ARD's sample-based re-weighting, the integration of the label-based ABSLD with sample-based
+    methods that the 2025 journal version of ABSLD (arXiv 2506.08611) puts forward; the weights
+    multiply both KL terms as in Fair-RSLAD, and the class risks stay unweighted.
+
     ``beta`` is a plain attribute (scale it with the learning rate: :class:`BetaDecay` does it)
     and is saved in ``state_dict`` (as extra state) together with the buffers ``tau_adv``,
     ``tau_nat``, ``risk_adv`` and ``risk_nat``.
@@ -70,8 +76,9 @@ class ABSLDLoss(nn.Module):
                  beta=0.1, temperature_mode="paper", reduction="mean"):
         super().__init__()
         self.num_classes = check_int(num_classes, "num_classes", minimum=1)
-        self.adv_weight = check_real(adv_weight, "adv_weight")
-        self.nat_weight = check_real(nat_weight, "nat_weight")
+        # A negative weight turns a term into one the student maximises: never a sensible setting.
+        self.adv_weight = check_real(adv_weight, "adv_weight", minimum=0)
+        self.nat_weight = check_real(nat_weight, "nat_weight", minimum=0)
         check_temperature_bounds(tau_min, tau_max, tau_init)
         check_beta(beta)
         check_choice(temperature_mode, "temperature_mode", TEMPERATURE_MODES)
@@ -95,6 +102,9 @@ class ABSLDLoss(nn.Module):
         return {"beta": self.beta}
 
     def set_extra_state(self, state):
+        if not isinstance(state, dict) or "beta" not in state:
+            raise ValueError(f"ABSLDLoss extra state must be a dict with key 'beta' (as get_extra_state "
+                             f"returns), got {state!r:.200}")
         check_beta(state["beta"])
         self.beta = float(state["beta"])
 
@@ -141,7 +151,7 @@ class ABSLDLoss(nn.Module):
         tau = self.branch_temperature(branch).index_select(0, labels.long()).to(compute).unsqueeze(1)
         return torch.softmax(teacher_logits.to(compute) / tau, dim=1)
 
-    def forward(self, adv_logits, nat_logits, teacher_logits, labels):
+    def forward(self, adv_logits, nat_logits, teacher_logits, labels, sample_weight=None):
         """The ABSLD loss of one batch (and, in training mode, the risk accumulation).
 
         Args:
@@ -149,15 +159,20 @@ class ABSLDLoss(nn.Module):
             nat_logits: (B, C) student logits on the natural inputs.
             teacher_logits: (B, C) teacher logits on the natural inputs.
             labels: (B,) integer labels in [0, C).
+            sample_weight: (B,) per-sample weights of both KL terms (e.g. Fair-ARD's
+                ``FairReweight.sample_weight(labels)``: fair-rslad, or ABSLD with re-weighting), or None.
+                Each row's KL is multiplied by its weight before the reduction (whose denominator does
+                not change); the class risks stay unweighted.
 
         Returns:
             Tensor: the loss (fp32, fp64 for fp64 logits): a scalar, or (B,) with ``reduction="none"``.
         """
         self._check_inputs(labels, adv_logits=adv_logits, nat_logits=nat_logits, teacher_logits=teacher_logits)
-        adv = kd_kl_div(adv_logits, teacher_logits, labels=labels, teacher_temperature=self.branch_temperature("adv"),
-                        reduction=self.reduction)
-        nat = kd_kl_div(nat_logits, teacher_logits, labels=labels, teacher_temperature=self.branch_temperature("nat"),
-                        reduction=self.reduction)
+        weight = check_sample_weight(sample_weight, labels.shape[0], adv_logits.device)
+        adv = weighted_kl(adv_logits, teacher_logits, labels=labels, teacher_temperature=self.branch_temperature("adv"),
+                          reduction=self.reduction, sample_weight=weight)
+        nat = weighted_kl(nat_logits, teacher_logits, labels=labels, teacher_temperature=self.branch_temperature("nat"),
+                          reduction=self.reduction, sample_weight=weight)
         if self.training:
             accumulate_class_risk(self.risk_adv, adv_logits, labels)
             accumulate_class_risk(self.risk_nat, nat_logits, labels)

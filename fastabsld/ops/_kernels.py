@@ -21,6 +21,8 @@ def _load_from_checkout():
     module = importlib.util.module_from_spec(spec)
     sys.modules["fastabsld.kernels"] = module
     spec.loader.exec_module(module)
+    # As the import system does for a found submodule: ``fastabsld.kernels`` resolves as an attribute too.
+    setattr(sys.modules["fastabsld"], "kernels", module)
     return module
 
 

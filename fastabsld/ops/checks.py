@@ -53,8 +53,22 @@ def check_real(value, name, *, minimum=None, strict=False, maximum=None):
         number = math.inf
     below = minimum is not None and (number <= minimum if strict else number < minimum)
     if not math.isfinite(number) or below or (maximum is not None and number > maximum):
-        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+        raise ValueError(f"{name} must be {wanted}, got {short_repr(value)}")
     return number
+
+
+def short_repr(value, limit=40):
+    """``repr(value)``, shortened in the middle when longer than ``limit`` (a 400-digit integer).
+
+    Args:
+        value: anything.
+        limit: the longest repr kept whole.
+
+    Returns:
+        str: the repr.
+    """
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-8:]} ({len(text)} characters)"
 
 
 def check_int(value, name, *, minimum=None):

@@ -169,7 +169,7 @@ def fallback_forward(student_logits, teacher_logits, labels, teacher_temperature
     for name, value in (("teacher_temperature", teacher_temperature_scalar),
                         ("student_temperature", student_temperature_scalar)):
         if not (0 < value < float("inf")):
-            raise RuntimeError(f"kd_kl_div_forward: {name} must be positive and finite, got {value}")
+            raise RuntimeError(f"kd_kl_div_forward: {name} must be positive and finite, got {value:.6g}")
     compute = accumulation_dtype(student_logits, teacher_logits)
     device = student_logits.device
     tau_t = _row_temperatures(teacher_temperature, teacher_temperature_scalar, labels, compute, device)

@@ -67,8 +67,13 @@ def _per_sample(tensor, number, like):
 
 
 def _sample_norms(values):
-    """Per-sample L2 norms over all non-batch dimensions, (B, 1, ..., 1)."""
-    return torch.linalg.vector_norm(values.flatten(1), dim=1).reshape((-1,) + (1,) * (values.dim() - 1))
+    """Per-sample L2 norms over all non-batch dimensions, (B, 1, ..., 1), scaled by the largest element
+    first so that squaring cannot overflow."""
+    flat = values.reshape(values.shape[0], math.prod(values.shape[1:]))  # B = 0 and 1-D inputs too
+    scale = flat.abs().amax(dim=1, keepdim=True) if flat.shape[1] else flat.new_ones(flat.shape[0], 1)
+    scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+    norms = scale * torch.linalg.vector_norm(flat / scale, dim=1, keepdim=True)
+    return norms.reshape((-1,) + (1,) * (values.dim() - 1))
 
 
 def fallback_step(x_adv, x, grad, alpha_per_sample, eps_per_sample, alpha, eps, norm, clamp_min, clamp_max):
@@ -86,7 +91,9 @@ def fallback_step(x_adv, x, grad, alpha_per_sample, eps_per_sample, alpha, eps, 
         if norm == "linf":
             delta = torch.clamp(xa + a * torch.sign(g) - x0, -e, e)
         else:
-            delta = xa + a * g / (_sample_norms(g) + 1e-10) - x0
+            g_norm = _sample_norms(g)
+            scale = torch.where(g_norm > 1, g_norm, torch.ones_like(g_norm))  # g / (||g|| + 1e-10) without inf / inf
+            delta = xa + a * (g / scale) / (g_norm / scale + 1e-10 / scale) - x0
             d_norm = _sample_norms(delta)
             factor = torch.where(d_norm > 0, e / d_norm, torch.ones_like(d_norm)).clamp(max=1.0)
             delta = delta * factor
@@ -120,14 +127,17 @@ def _pgd_step_fake(x_adv, x, grad, alpha_per_sample, eps_per_sample, alpha, eps,
 # Argument checks and the public function.
 
 
-def _check_radius(value, name, batch):
+def _check_radius(value, name, batch, device=None):
     """Splits alpha or eps into (per-sample tensor or None, number), checking what needs no sync.
 
     Per-sample values are checked by the CPU kernels; on CUDA that would need a host sync.
+    A 0-d tensor counts as a number: it moves to ``device`` (the inputs'), where one is given.
     """
     if isinstance(value, torch.Tensor):
+        if not value.dtype.is_floating_point:  # bool and integer radii are mistakes, not step sizes
+            raise ValueError(f"pgd_step: {name} must be a number or a floating-point tensor, got {value.dtype}")
         if value.dim() == 0:
-            return value.reshape(1).expand(batch), 0.0
+            return value.to(device or value.device).reshape(1).expand(batch), 0.0
         if value.dim() != 1 or value.shape[0] != batch:
             raise ValueError(
                 f"pgd_step: {name} must be a number or a tensor of shape ({batch},), got shape {tuple(value.shape)}"
@@ -139,7 +149,7 @@ def _check_radius(value, name, batch):
     return None, float(value)
 
 
-def check_step_arguments(alpha, eps, clamp, batch):
+def check_step_arguments(alpha, eps, clamp, batch, device=None):
     """Checks alpha, eps and clamp of a step on ``batch`` samples (per-sample values: see ``_check_radius``).
 
     Args:
@@ -147,6 +157,7 @@ def check_step_arguments(alpha, eps, clamp, batch):
         eps: radius: a non-negative number or a tensor of shape (B,).
         clamp: (min, max) with min <= max.
         batch: B.
+        device: the inputs' device, where 0-d tensor radii go; None leaves them where they are.
 
     Returns:
         tuple: (alpha tensor or None, alpha number, eps tensor or None, eps number, clamp min, clamp max).
@@ -157,18 +168,20 @@ def check_step_arguments(alpha, eps, clamp, batch):
         raise ValueError(f"pgd_step: clamp must be a (min, max) pair of numbers, got {clamp!r}") from None
     if not lo <= hi:
         raise ValueError(f"pgd_step: clamp must be (min, max) with min <= max, got {clamp!r}")
-    return (*_check_radius(alpha, "alpha", batch), *_check_radius(eps, "eps", batch), lo, hi)
+    return (*_check_radius(alpha, "alpha", batch, device), *_check_radius(eps, "eps", batch, device), lo, hi)
 
 
 def pgd_step(x_adv, x, grad, *, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
     """Takes one PGD ascent step and projects it, per sample, in one pass.
 
-    L-inf and L2 as in the module docstring. Computed in fp32 (fp64 inputs too). The step is not
-    differentiable: the output never requires grad. Per-sample values of CUDA tensors are not
-    checked (that would need a sync).
+    L-inf and L2 as in the module docstring; the L2 norms are taken without overflow and from delta
+    itself (no cancellation when the step nearly undoes x_adv - x). Computed in fp64 for fp64
+    inputs, else in fp32. The step is not differentiable: the output never requires grad.
+    Per-sample values of CUDA tensors are not checked (that would need a sync). Every tensor
+    argument must be on ``x_adv``'s device (a 0-d tensor radius moves there).
 
     Args:
-        x_adv: current adversarial inputs, shape (B, ...), fp32/fp16/bf16, any layout.
+        x_adv: current adversarial inputs, shape (B, ...), fp32/fp64/fp16/bf16, any layout.
         x: clean inputs, same shape (converted to ``x_adv``'s dtype).
         grad: gradient of the loss to maximise at ``x_adv``, same shape.
         alpha: step size: a non-negative number or a tensor of shape (B,).
@@ -185,5 +198,9 @@ def pgd_step(x_adv, x, grad, *, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
         raise ValueError(
             f"pgd_step: x_adv {tuple(x_adv.shape)}, x {tuple(x.shape)} and grad {tuple(grad.shape)} must have the same shape"
         )
-    alpha_t, alpha_f, eps_t, eps_f, lo, hi = check_step_arguments(alpha, eps, clamp, x_adv.shape[0])
+    for name, tensor in (("x", x), ("grad", grad), ("alpha", alpha), ("eps", eps)):
+        if isinstance(tensor, torch.Tensor) and tensor.dim() and tensor.device != x_adv.device:
+            raise ValueError(f"pgd_step: {name} is on {tensor.device}, x_adv on {x_adv.device}: "
+                             "every tensor argument must be on one device")
+    alpha_t, alpha_f, eps_t, eps_f, lo, hi = check_step_arguments(alpha, eps, clamp, x_adv.shape[0], x_adv.device)
     return torch.ops.fastabsld.pgd_step.default(x_adv, x, grad, alpha_t, eps_t, alpha_f, eps_f, norm, lo, hi)

@@ -17,6 +17,7 @@ Set FASTABSLD_TRACEBACK=1 to see the traceback of an error.
 """
 
 import argparse
+import contextlib
 import datetime
 import math
 import os
@@ -66,7 +67,12 @@ def _set_threads(threads):
 
 
 def _error(message):
-    print(f"error: {message}", file=sys.stderr)
+    from fastabsld.recipe import logs
+
+    if logs.logger().handlers:  # inside logs.setup: the console and the --log-file
+        logs.error(f"error: {message}")
+    else:
+        print(f"error: {message}", file=sys.stderr)
     return EXIT_ERROR
 
 
@@ -102,14 +108,14 @@ def train_config(args):
     return TrainConfig.from_dict(requested_settings(args), source="the settings")
 
 
-def resumed_config(saved, requested, run_dir, log=print):
+def resumed_config(saved, requested, run_dir, log=None):
     """The config of a resumed run: the saved one, with the requested changes that a resume may make.
 
     Args:
         saved: the TrainConfig saved in ``last.pt``.
         requested: the settings given now (``--config`` and flags).
         run_dir: the run folder (for messages).
-        log: prints the changes applied.
+        log: prints the changes applied (default: :func:`fastabsld.recipe.logs.info`).
 
     Returns:
         TrainConfig: the config to continue with.
@@ -117,9 +123,11 @@ def resumed_config(saved, requested, run_dir, log=print):
     Raises:
         ValueError: a requested change of a setting that defines the run, naming each.
     """
+    from fastabsld.recipe import logs
     from fastabsld.recipe.config import RESUMABLE_FIELDS, TrainConfig
     from fastabsld.recipe.options import describe_change, flag
 
+    log = log or logs.info
     old = saved.to_dict()
     merged = TrainConfig.from_dict({**old, **requested}, source="the settings").to_dict()
     changed = [name for name in merged if merged[name] != old[name]]
@@ -138,32 +146,63 @@ def resumed_config(saved, requested, run_dir, log=print):
 
 
 def _train_in(args, ctx):
-    from fastabsld.recipe.options import requested_settings
-    from fastabsld.recipe.runfiles import check_run_folder
-    from fastabsld.recipe.runtime import resolve_device
-    from fastabsld.recipe.train import train
+    from fastabsld.recipe import lock, logs
+    from fastabsld.recipe.errors import RecipeError
 
     cfg = train_config(args)
     run_dir = args.run_dir or os.path.join("runs", f"{cfg.method}-{cfg.dataset}-{cfg.model}-seed{cfg.seed}"
                                            .replace(":", "_").replace("/", "_"))
     args.resolved_run_dir = run_dir
+    created = ctx.is_main and not os.path.exists(run_dir)
+    try:  # rank 0 holds the run folder from before it looks into it until the run ends
+        with lock.hold(run_dir) if ctx.is_main else contextlib.nullcontext():
+            return _train_run(args, ctx, cfg, run_dir)
+    except RecipeError as error:  # a folder in use, no usable checkpoint, a non-finite loss
+        logs.error(f"error: {' '.join(str(error).split())}")
+        return error.exit_status
+    finally:
+        if created:
+            _remove_unused_folder(run_dir)
+
+
+def _remove_unused_folder(run_dir):
+    """Removes a run folder that this command created and that holds nothing but its lock file.
+
+    A run that failed before writing anything (bad data, an unusable teacher) then leaves no folder behind.
+    """
+    from fastabsld.recipe import lock
+
+    with contextlib.suppress(OSError):
+        if os.listdir(run_dir) == [lock.LOCK_FILE]:
+            os.remove(os.path.join(run_dir, lock.LOCK_FILE))
+            os.rmdir(run_dir)
+
+
+def _train_run(args, ctx, cfg, run_dir):
+    from fastabsld.recipe import checkpoint, logs
+    from fastabsld.recipe.options import requested_settings
+    from fastabsld.recipe.runfiles import check_run_folder
+    from fastabsld.recipe.runtime import resolve_device
+    from fastabsld.recipe.train import train
+
     last = os.path.join(run_dir, "last.pt")
-    exists = os.path.exists(last)
+    exists = os.path.exists(last) or os.path.exists(checkpoint.previous_path(last))
     ctx.barrier()  # every rank has looked before rank 0 can write last.pt
     if exists:
         if not args.resume:
             return _error(f"{run_dir} holds a run already; pass --resume to continue it or choose another --run-dir")
         _, saved = check_run_folder(run_dir)
-        cfg = resumed_config(saved, requested_settings(args), run_dir, log=print if ctx.is_main else _silent)
+        cfg = resumed_config(saved, requested_settings(args), run_dir, log=logs.info if ctx.is_main else _silent)
         if ctx.is_main:
-            print(f"resuming {run_dir} ({cfg.method}, {cfg.epochs} epochs)")
+            logs.info(f"resuming {run_dir} ({cfg.method}, {cfg.epochs} epochs)")
     resolve_device(cfg.device)
     result = train(cfg, run_dir, resume=args.resume)
     if not ctx.is_main:
         return 0
-    print(_summary(result["test"]))
-    print(f"best epoch on validation: {result['best']['epoch']} ({cfg.select_metric} = {result['best']['value']:.4f})")
-    print(f"run folder: {run_dir} (metrics.json, best.pt, last.pt, plots)")
+    logs.info(_summary(result["test"]))
+    logs.info(f"best epoch on validation: {result['best']['epoch']} "
+              f"({cfg.select_metric} = {result['best']['value']:.4f})")
+    logs.info(f"run folder: {run_dir} (metrics.json, best.pt, last.pt, plots)")
     return 0
 
 
@@ -220,6 +259,7 @@ def _eval(args):
     import numpy as np
 
     from fastabsld.evaluation import evaluate
+    from fastabsld.recipe import logs
     from fastabsld.recipe.data import balanced_subset, eval_loader, is_tensors, load_for_config, split_size
     from fastabsld.recipe.runfiles import load_run_model
     from fastabsld.recipe.runtime import resolve_device
@@ -245,9 +285,9 @@ def _eval(args):
                        seed=args.seed, autoattack_version=args.autoattack_version,
                        autoattack_backend=args.autoattack_backend)
     seconds = time.perf_counter() - began
-    print(f"{args.checkpoint}: {cfg.model} on the {cfg.dataset} {args.split} split ({split_size(split)} images), "
-          f"eps={eps:.6g}, alpha={alpha:.6g}, seed {args.seed}")
-    print(_summary(results))
+    logs.info(f"{args.checkpoint}: {cfg.model} on the {cfg.dataset} {args.split} split ({split_size(split)} images), "
+              f"eps={eps:.6g}, alpha={alpha:.6g}, seed {args.seed}")
+    logs.info(_summary(results))
     if labels is None and args.json:
         labels = np.concatenate([y.numpy() for _, y in eval_loader(split, args.batch_size)])
     from fastabsld.recipe.report import plot_per_class, write_metrics
@@ -260,17 +300,17 @@ def _eval(args):
             "checkpoint": os.path.abspath(args.checkpoint), "model": cfg.model, "dataset": cfg.dataset,
             "split": args.split, "n_examples": split_size(split), "eps": eps, "alpha": alpha, "steps": args.steps,
             "seed": args.seed, "attacks": list(names), "autoattack_version": args.autoattack_version,
-            "class_names": list(data.classes) if data.classes else None,
+            "class_names": list(data.class_names) if data.class_names else None,
             "class_counts": np.bincount(labels, minlength=data.num_classes).tolist(), "results": results,
             "versions": _versions("autoattack" in names), "device": str(device), "plot": os.path.abspath(plot_path),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
         }
         folder, filename = os.path.split(os.path.abspath(args.json))
         write_metrics(folder, payload, name=filename)
-        print(f"written: {args.json}")
+        logs.info(f"written: {args.json}")
     plot_per_class({attack: results[attack]["per_class"] for attack in names}, plot_path,
                    f"per-class {args.split} accuracy ({cfg.model}, eps={eps:.4g})")
-    print(f"written: {plot_path}")
+    logs.info(f"written: {plot_path}")
     return 0
 
 
@@ -289,6 +329,7 @@ def _add_runtime(p):
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; the demo uses 1, which is fastest for its "
                         "tiny models on a shared machine)")
+    p.add_argument("--log-file", default=None, metavar="FILE", help="also append every line (time-stamped) to FILE")
 
 
 def build_parser():
@@ -428,15 +469,18 @@ def main(argv=None):
         return EXIT_INTERRUPTED
     if args.command != "train" and env_world_size() > 1:
         return _error(f"only 'train' runs under torchrun; run '{args.command}' as a single process")
-    try:
-        if getattr(args, "device", None) is not None:
-            from fastabsld.recipe.runtime import resolve_device
+    from fastabsld.recipe import logs
 
-            resolve_device(args.device)
-        return args.func(args)
-    except KeyboardInterrupt:
-        return _interrupted(args, argv)
-    except (ValueError, OSError, ImportError) as error:  # bad values, files, folders, missing packages
-        if os.environ.get("FASTABSLD_TRACEBACK"):
-            raise
-        return _error(" ".join(str(error).split()) or type(error).__name__)
+    with logs.setup(args.log_file):  # error lines too reach the log file
+        try:
+            if getattr(args, "device", None) is not None:
+                from fastabsld.recipe.runtime import resolve_device
+
+                resolve_device(args.device)
+            return args.func(args)
+        except KeyboardInterrupt:
+            return _interrupted(args, argv)
+        except (ValueError, OSError, ImportError) as error:  # bad values, files, folders, missing packages
+            if os.environ.get("FASTABSLD_TRACEBACK"):
+                raise
+            return _error(" ".join(str(error).split()) or type(error).__name__)

@@ -39,10 +39,13 @@ DEFAULT_MODELS = {"digits": ("cnn-s", "cnn-l"), "cifar10": ("resnet18", "wrn-34-
                   "cifar100": ("resnet18", "wrn-34-10"), "folder": ("resnet18", "wrn-34-10"),
                   "custom": ("resnet18", "wrn-34-10")}
 SELECT_KEYS = ("average", "worst")
+NONFINITE_ACTIONS = ("stop", "warn")
 # One default for every entry point (train, demo, Python): the teacher cache then serves them all.
 DEFAULT_TEACHER_EPOCHS = 30
-# TrainConfig fields that say where a run executes, not what it computes (free to change on resume).
-RUNTIME_FIELDS = ("device", "data_dir", "cache_dir", "progress", "channels_last", "compile", "fold_bn", "num_workers")
+# TrainConfig fields that say where a run executes or how it reports, not what it computes (free to change
+# on resume, outside the teacher cache's key).
+RUNTIME_FIELDS = ("device", "data_dir", "cache_dir", "progress", "channels_last", "compile", "fold_bn", "num_workers",
+                  "on_nonfinite")
 # Fields besides the runtime ones that a resumed run may change: how long it runs and its final test.
 RESUMABLE_FIELDS = RUNTIME_FIELDS + ("epochs", "eval_every", "test_attacks")
 # Fields that define the teacher a run trains (and its cache key); everything else is the student's.
@@ -123,7 +126,9 @@ class TrainConfig:
         teacher_lr_gamma: LR factor at each milestone of a teacher trained here.
         device: ``cpu``, ``cuda`` or ``auto``.
         cache_dir: folder of cached teachers (default: $FASTABSLD_CACHE or .fastabsld_cache).
-        progress: show progress bars.
+        progress: show progress bars (drawn only when standard error is a terminal).
+        on_nonfinite: what a NaN or infinite training loss does: ``stop`` the run with an error (the
+            last finite checkpoint stays) or ``warn`` and go on.
         sync_bn: under torchrun, normalise BatchNorm with the global batch's statistics (SyncBatchNorm,
             CUDA only; see fastabsld.recipe.distributed).
         amp: bf16 autocast around the student's and the teacher's forwards (the losses stay fp32).
@@ -179,6 +184,7 @@ class TrainConfig:
     device: str = "cpu"
     cache_dir: str = field(default_factory=lambda: os.environ.get("FASTABSLD_CACHE", ".fastabsld_cache"))
     progress: bool = True
+    on_nonfinite: str = field(default="stop", metadata=_choices(*NONFINITE_ACTIONS))
     sync_bn: bool = False
     amp: bool = False
     channels_last: bool = False

@@ -59,7 +59,7 @@ class Splits:
             used as it is.
         num_classes: number of classes.
         augment: whether training batches get crop+flip augmentation.
-        classes: the class names, or None.
+        class_names: the classes' names when the data set has them (plots, reports), else None.
         source: a string identifying the data (the teacher cache is keyed by it).
     """
 
@@ -68,7 +68,7 @@ class Splits:
     test: object
     num_classes: int
     augment: bool = False
-    classes: tuple = None
+    class_names: tuple = None
     source: str = None
 
     @property
@@ -217,7 +217,7 @@ def load_digits(seed=0):
     y = torch.from_numpy(data.target.astype(np.int64))
     parts = stratified_split(data.target, [DIGITS_SPLIT[k] for k in ("train", "val", "test")], seed)
     train, val, test = ((x[torch.from_numpy(i)], y[torch.from_numpy(i)]) for i in parts)
-    return Splits(train, val, test, num_classes=10, classes=tuple(str(k) for k in range(10)),
+    return Splits(train, val, test, num_classes=10, class_names=tuple(str(k) for k in range(10)),
                   source=f"digits/split{seed}")
 
 
@@ -327,12 +327,11 @@ def load_cifar(name, data_dir, *, val_size=1000, seed=0, download=True):
             raise _cifar_missing(name, data_dir, f"the download failed: {type(error).__name__}: {error}") from error
     x_train, y_train, x_test, y_test, classes = _read_cifar(name, data_dir, torchvision)
     train_idx, val_idx = stratified_split(y_train, [len(y_train) - val_size, val_size], seed)
-
     def to_tensors(x, y):
         return torch.from_numpy(x).float().div_(255.0), torch.from_numpy(y)
 
     return Splits(to_tensors(x_train[train_idx], y_train[train_idx]), to_tensors(x_train[val_idx], y_train[val_idx]),
-                  to_tensors(x_test, y_test), 100 if name == "cifar100" else 10, augment=True, classes=classes,
+                  to_tensors(x_test, y_test), 100 if name == "cifar100" else 10, augment=True, class_names=classes,
                   source=f"{name}/val{val_size}/split{seed}")
 
 
@@ -630,7 +629,7 @@ def as_splits(data, *, num_classes=None, classes=None, seed=0, fractions=DEFAULT
         joined = "/".join(_split_source(parts[name]) for name in FOLDER_SPLITS)
         source = "custom/" + hashlib.sha256(joined.encode()).hexdigest()[:16]
     return Splits(parts["train"], parts["val"], parts["test"], num_classes,
-                  classes=None if classes is None else tuple(str(c) for c in classes), source=source)
+                  class_names=None if classes is None else tuple(str(c) for c in classes), source=source)
 
 
 def load_dataset(name, *, data_dir=None, seed=0, val_size=1000, image_size=None, fractions=DEFAULT_FRACTIONS,

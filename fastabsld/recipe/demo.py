@@ -12,7 +12,7 @@ import os
 import statistics
 import time
 
-from fastabsld.recipe import report
+from fastabsld.recipe import logs, report
 from fastabsld.recipe.config import DEFAULT_TEACHER_EPOCHS, TrainConfig
 from fastabsld.recipe.data import load_dataset
 from fastabsld.recipe.teacher import teacher_and_info, teacher_cache_path
@@ -92,7 +92,7 @@ def _sentence(what, word):
 
 
 def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_epochs=DEFAULT_TEACHER_EPOCHS,
-             cache_dir=None, device="cpu", progress=True, log=print, speed=None):
+             cache_dir=None, device="cpu", progress=True, log=None, speed=None):
     """Trains the teacher (or reuses the cached one), distils RSLAD and ABSLD students, prints the table.
 
     Args:
@@ -103,12 +103,13 @@ def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_e
         cache_dir: teacher cache folder (``None``: the TrainConfig default).
         device: device name.
         progress: progress bars.
-        log: function printing lines.
+        log: function printing lines (default: :func:`fastabsld.recipe.logs.info`).
         speed: TrainConfig speed options (``amp``, ``channels_last``, ``compile``, ``fold_bn``), or None.
 
     Returns:
         dict: the demo's summary (also written to ``out_dir/demo.json``).
     """
+    log = log or logs.info
     began = time.perf_counter()
     base = TrainConfig(method="absld", dataset="digits", epochs=epochs, teacher_epochs=teacher_epochs, device=device,
                        eval_every=5, progress=progress, test_attacks=("clean", "fgsm", ATTACK),
@@ -143,8 +144,10 @@ def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_e
                          for k in range(len(results[m][0][ATTACK]["per_class"]))] for m in METHODS},
             os.path.join(out_dir, "per_class_robust_accuracy.png"),
             f"per-class PGD-20 test accuracy, mean over {len(seeds)} seeds",
+            ylabel="PGD-20 test accuracy of the class", sort_by="RSLAD",
             errors={m.upper(): [_mean_std([r[ATTACK]["per_class"][k] for r in results[m]])[1]
-                                for k in range(len(results[m][0][ATTACK]["per_class"]))] for m in METHODS}),
+                                for k in range(len(results[m][0][ATTACK]["per_class"]))] for m in METHODS},
+            error_label=f"error bars: population std over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"),
         report.plot_temperatures(histories["absld"][0], os.path.join(out_dir, "absld_temperatures.png"),
                                  f"ABSLD class temperatures (seed {seeds[0]})"),
     ]

@@ -9,6 +9,7 @@ import os
 
 from fastabsld.recipe import checkpoint
 from fastabsld.recipe.config import TrainConfig
+from fastabsld.recipe.errors import CheckpointError
 from fastabsld.recipe.models import build_model
 
 # What each kind of checkpoint must hold.
@@ -17,12 +18,31 @@ LAST_KEYS = ("format", "config", "epoch", "model", "optimizer", "scheduler", "rn
 MODEL_KEYS = ("format", "config", "model", "num_classes", "in_channels")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the problem."""
+def checkpoint_problem(state, required):
+    """What keeps a loaded object from being a usable checkpoint, or None.
+
+    Args:
+        state: what ``torch.load`` returned.
+        required: keys the checkpoint must hold.
+
+    Returns:
+        str or None: the problem, phrased to follow the file name ("is not ...").
+    """
+    if not isinstance(state, dict):
+        return f"is not a fastabsld checkpoint (it holds a {type(state).__name__})"
+    missing = [key for key in required if key not in state]
+    if missing:
+        return (f"is not a complete fastabsld checkpoint: it lacks {', '.join(missing)}"
+                f"{' (a plain state_dict?)' if 'config' in missing else ''}")
+    try:
+        TrainConfig.from_dict(state["config"], source="its config")
+    except (TypeError, ValueError) as error:
+        return f"holds an invalid config: {error}"
+    return None
 
 
 def read_checkpoint(path, required=MODEL_KEYS, map_location="cpu"):
-    """Loads a fastabsld checkpoint and checks that it holds ``required`` and a valid config.
+    """Loads a fastabsld checkpoint (checksum verified) and checks that it holds ``required`` and a valid config.
 
     Args:
         path: the file.
@@ -34,29 +54,15 @@ def read_checkpoint(path, required=MODEL_KEYS, map_location="cpu"):
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: anything else wrong with it.
+        CheckpointError: anything else wrong with it (empty, truncated, corrupt, foreign, incomplete).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path} is empty (not a fastabsld checkpoint)")
-    try:
-        state = checkpoint.load(path, map_location=map_location)
-    except Exception as error:  # torch.load fails in many ways on foreign bytes: pickle, zip, EOF, runtime errors
-        text = str(error).strip().splitlines()
-        raise CheckpointError(f"{path} is not a fastabsld checkpoint: it cannot be read ({type(error).__name__}"
-                              f"{': ' + text[0] if text else ''}); a truncated or foreign file") from error
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is not a fastabsld checkpoint (it holds a {type(state).__name__})")
-    missing = [key for key in required if key not in state]
-    if missing:
-        raise CheckpointError(f"{path} is not a complete fastabsld checkpoint: it lacks {', '.join(missing)}"
-                              f"{' (a plain state_dict?)' if 'config' in missing else ''}")
-    try:
-        cfg = TrainConfig.from_dict(state["config"], source=f"{path}'s config")
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{path} holds an invalid config: {error}") from error
-    return state, cfg
+    state = checkpoint.load(path, map_location=map_location)
+    problem = checkpoint_problem(state, required)
+    if problem:
+        raise CheckpointError(path, problem)
+    return state, TrainConfig.from_dict(state["config"])
 
 
 def load_run_model(path, device="cpu"):
@@ -88,19 +94,22 @@ def load_run_model(path, device="cpu"):
 
 
 def check_run_folder(run_dir):
-    """Checks ``last.pt`` and (when present) ``best.pt`` of a run folder before a resume.
+    """Checks ``last.pt`` (or, when it is damaged, ``last.prev.pt``) and ``best.pt`` of a run folder before a resume.
 
     Args:
         run_dir: the folder.
 
     Returns:
-        tuple: (last.pt's dict, its TrainConfig).
+        tuple: (the dict of the checkpoint the run resumes from, its TrainConfig).
 
     Raises:
-        CheckpointError: a bad ``last.pt`` or ``best.pt``.
+        CheckpointError: no usable ``last.pt`` (nor previous version), or a bad ``best.pt``.
     """
-    state, cfg = read_checkpoint(os.path.join(run_dir, "last.pt"), LAST_KEYS)
+    last = os.path.join(run_dir, "last.pt")
+    found = checkpoint.load_latest(last, accept=lambda state: checkpoint_problem(state, LAST_KEYS))
+    if found is None:
+        raise FileNotFoundError(f"{last}: no such file")
     best = os.path.join(run_dir, "best.pt")
-    if os.path.exists(best):
-        read_checkpoint(best, ("format", "config", "model"))
-    return state, cfg
+    if os.path.exists(best) and not os.path.exists(checkpoint.previous_path(best)):
+        read_checkpoint(best, ("format", "config", "model"))  # with a previous version, the loop falls back to it
+    return found[0], TrainConfig.from_dict(found[0]["config"])

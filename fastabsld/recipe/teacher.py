@@ -4,16 +4,20 @@ A teacher is trained once per recipe and cached as ``<cache_dir>/teacher-<datase
 The hash covers only what defines the teacher (``config.TEACHER_FIELDS``: the data and its split, the
 threat model, the teacher's architecture and its own epochs, seed and optimiser settings, plus the
 content of a folder or custom data set), so runs that differ in student settings (beta, temperature
-mode, method, epochs, evaluation...) share one teacher. A teacher given by ``teacher_path`` (see
-``fastabsld.recipe.teachers``) is loaded instead.
+mode, method, epochs, evaluation...) share one teacher. Its training runs in
+``<cache_dir>/teacher-<dataset>-<model>-<hash>-run`` with the epoch loop's checkpoints, under that
+folder's lock: a training killed half-way resumes from its last epoch on the next call, and a second
+process that needs the same teacher waits for the first one to cache it. A teacher given by
+``teacher_path`` (see ``fastabsld.recipe.teachers``) is loaded instead.
 """
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 
-from fastabsld.recipe import checkpoint, distributed
+from fastabsld.recipe import checkpoint, distributed, lock, logs
 from fastabsld.recipe.config import TEACHER_FIELDS, TrainConfig
 from fastabsld.recipe.data import folder_fingerprint, first_images, load_for_config
 from fastabsld.recipe.loop import fit
@@ -33,7 +37,7 @@ def teacher_config(cfg):
     """
     shared = ("dataset", "data_dir", "image_size", "folder_split", "augment", "in_memory_mb", "num_workers", "eps",
               "alpha", "steps", "split_seed", "device", "cache_dir", "progress", "sync_bn", "amp", "channels_last",
-              "compile", "fold_bn")
+              "compile", "fold_bn", "on_nonfinite")
     own = {name: getattr(cfg, name) for name in TEACHER_FIELDS if name.startswith("teacher_")}
     return TrainConfig(**{name: getattr(cfg, name) for name in shared}, **own, method="pgd-at",
                        model=cfg.teacher_model, epochs=cfg.teacher_epochs, seed=cfg.teacher_seed, lr=cfg.teacher_lr,
@@ -92,14 +96,14 @@ def teacher_cache_path(cfg, data=None):
     return os.path.join(cfg.cache_dir, f"teacher-{cfg.dataset}-{model}-{config_hash(cfg, data)}.pt")
 
 
-def get_teacher(cfg, *, data=None, log=print):
+def get_teacher(cfg, *, data=None, log=None):
     """The robust teacher of ``cfg``: loaded from ``cfg.teacher_path``, from the cache, or trained and cached.
 
     Args:
         cfg: the student's TrainConfig.
         data: the data set's preloaded Splits (``None``: loaded from ``cfg``); the teacher trains on all of
             its training split.
-        log: function printing one-line messages.
+        log: function printing one-line messages (default: :func:`fastabsld.recipe.logs.info`).
 
     Returns:
         nn.Module: the teacher, frozen, in eval mode, on ``cfg.device``.
@@ -107,18 +111,19 @@ def get_teacher(cfg, *, data=None, log=print):
     return teacher_and_info(cfg, data=data, log=log)[0]
 
 
-def teacher_and_info(cfg, *, data=None, log=print):
+def teacher_and_info(cfg, *, data=None, log=None):
     """:func:`get_teacher` and where the teacher came from (for metrics.json).
 
     Args:
         cfg: the student's TrainConfig.
         data: the data set's preloaded Splits (``None``: loaded from ``cfg``).
-        log: function printing one-line messages.
+        log: function printing one-line messages (default: :func:`fastabsld.recipe.logs.info`).
 
     Returns:
         tuple: (teacher, info dict: ``source`` ``"file"`` / ``"robustbench"`` / ``"cache"``, and the path,
         digest or cache hash).
     """
+    log = log or logs.info
     if data is None:
         data = load_for_config(cfg)
     device = resolve_device(cfg.device)
@@ -127,17 +132,38 @@ def teacher_and_info(cfg, *, data=None, log=print):
     if cfg.teacher_path:
         return load_teacher(cfg.teacher_path, **shape)
     tcfg = teacher_config(cfg)
-    path = teacher_cache_path(cfg, data)
+    path = os.path.abspath(teacher_cache_path(cfg, data))
     ctx = distributed.current()
     cached = ctx.from_main(os.path.exists(path))
     if not cached:  # under torchrun all ranks train it together; rank 0 caches it
-        log(f"training the robust teacher ({tcfg.model}, PGD-AT, {tcfg.epochs} epochs); cached at {path}")
         run_dir = os.path.splitext(path)[0] + "-run"
-        result = fit(tcfg, run_dir, data, log=log)
-        if ctx.is_main:
-            os.replace(os.path.join(run_dir, "best.pt"), path)
-            test = result["test"]
-            log(f"teacher test accuracy: clean {test['clean']['average']:.3f}, PGD-20 {test['pgd20']['average']:.3f}")
-        ctx.barrier()
+        # Rank 0 holds the teacher's run folder; a process training the same teacher elsewhere is waited for.
+        with lock.hold(run_dir, wait=True, log=log) if ctx.is_main else contextlib.nullcontext():
+            if not ctx.from_main(os.path.exists(path)):
+                _train_teacher(tcfg, path, run_dir, data, ctx, log)
     teacher, info = load_teacher(path, **shape)
     return teacher, {**info, "source": "cache", "hash": config_hash(cfg, data), "trained_now": not cached}
+
+
+def _train_teacher(tcfg, path, run_dir, data, ctx, log):
+    """Trains (or resumes training) the teacher in ``run_dir``; rank 0 moves its kept weights to ``path``."""
+    last = os.path.join(run_dir, "last.pt")
+    resume = ctx.from_main(os.path.exists(last) or os.path.exists(checkpoint.previous_path(last)))
+    log(f"{'resuming the training of' if resume else 'training'} the robust teacher ({tcfg.model}, PGD-AT, "
+        f"{tcfg.epochs} epochs) in {run_dir}; cached at {path}")
+    result = fit(tcfg, run_dir, data, resume=resume, log=log)
+    if ctx.is_main:
+        best = os.path.join(run_dir, "best.pt")
+        if not os.path.exists(best):  # this folder's kept weights were cached before, and the cache file deleted
+            log(f"warning: {best} is gone (cached before); caching the weights of the last epoch instead")
+            checkpoint.atomic_save({"format": checkpoint.FORMAT, "config": result["config"],
+                                    "epoch": len(result["history"]), "model": result["model"].state_dict(),
+                                    "num_classes": data.num_classes, "in_channels": data.in_channels}, best)
+        os.replace(best, path)
+        # The training is over: its fallbacks would only double the folder's size (last.pt stays).
+        for name in ("last.pt", "best.pt"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(checkpoint.previous_path(os.path.join(run_dir, name)))
+        test = result["test"]
+        log(f"teacher test accuracy: clean {test['clean']['average']:.3f}, PGD-20 {test['pgd20']['average']:.3f}")
+    ctx.barrier()

@@ -2,7 +2,9 @@
 
 The recipe's methods are ``absld``, ``rslad`` and ``pgd-at`` (see ``fastabsld.recipe.steps``); the loop,
 checkpoints and resume are ``fastabsld.recipe.loop``'s, the teacher and its cache
-``fastabsld.recipe.teacher``'s, teachers from elsewhere ``fastabsld.recipe.teachers``'.
+``fastabsld.recipe.teacher``'s, teachers from elsewhere ``fastabsld.recipe.teachers``'. A run records
+its teacher in metrics.json (for a file, its absolute path), and a resumed run takes that teacher file
+again, whichever working directory or cache folder it resumes from.
 
 Your own data and models (the contract): images are float tensors (C, H, W) in [0, 1] (no
 normalisation: put it inside the model), labels integers in [0, num_classes); a model is any
@@ -10,17 +12,56 @@ normalisation: put it inside the model), labels integers in [0, num_classes); a 
 mode without gradients.
 """
 
+import dataclasses
+import json
+import os
+
 from torch import nn
 
 from fastabsld.evaluation import evaluate
+from fastabsld.recipe import distributed, logs
 from fastabsld.recipe.data import Splits, as_splits, eval_loader, first_images, load_for_config, with_augment
 from fastabsld.recipe.loop import fit
 from fastabsld.recipe.models import check_model_name
+from fastabsld.recipe.report import METRICS_FILE
 from fastabsld.recipe.runtime import resolve_device
 from fastabsld.recipe.teacher import teacher_and_info
 from fastabsld.recipe.teachers import load_teacher
 
 TEACHER_ATTACKS = ("clean", "pgd20")
+# Teacher sources whose "path" a resumed run can load again.
+_FILE_SOURCES = ("file", "cache")
+
+
+def recorded_teacher(run_dir):
+    """The teacher file that a run in ``run_dir`` recorded in its metrics.json, or None.
+
+    Args:
+        run_dir: the run folder.
+
+    Returns:
+        str or None: the recorded path (None for a teacher given as a module or by robustbench name).
+    """
+    try:
+        with open(os.path.join(run_dir, METRICS_FILE)) as f:
+            recorded = json.load(f).get("teacher")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(recorded, dict) and recorded.get("source") in _FILE_SOURCES:
+        recorded = recorded.get("path")
+    return recorded if isinstance(recorded, str) else None
+
+
+def _teacher_config(cfg, run_dir, resume, log):
+    """``cfg``, pointed at the teacher file that the resumed run recorded when that file still exists."""
+    ctx = distributed.current()
+    recorded = ctx.from_main(recorded_teacher(run_dir) if resume and run_dir and ctx.is_main else None)
+    if not recorded or recorded == cfg.teacher_path:
+        return cfg
+    if not ctx.from_main(os.path.isfile(recorded)):
+        log(f"warning: the run's teacher {recorded} is gone; taking the teacher of its configuration")
+        return cfg
+    return dataclasses.replace(cfg, teacher_path=recorded)
 
 
 def teacher_report(teacher, data, cfg):
@@ -67,8 +108,8 @@ def _teacher(cfg, data, teacher, log):
                         dataset=cfg.dataset, cache_dir=cfg.cache_dir, device=resolve_device(cfg.device))
 
 
-def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, student=None, num_classes=None, log=print,
-          teacher_info=None):
+def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, student=None, num_classes=None, log=None,
+          teacher_info=None, scalar_writer=None):
     """Trains a student with ``cfg.method``, checkpointing every epoch; evaluates the kept weights on test.
 
     Writes to ``run_dir``: ``last.pt`` (full state, every epoch), ``best.pt`` (weights chosen on the
@@ -79,7 +120,8 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, student=N
         cfg: TrainConfig. For data given here, set ``dataset="custom"`` (the teacher cache is then keyed by
             the data's content).
         run_dir: output folder (``None``: nothing is written and ``resume`` is impossible).
-        resume: continue from ``run_dir/last.pt`` when it exists.
+        resume: continue from ``run_dir/last.pt`` (or ``last.prev.pt``) when it exists, with the teacher file
+            the run recorded.
         teacher: the teacher for distillation methods: an ``nn.Module``, a path (a fastabsld checkpoint, a
             state_dict of ``cfg.teacher_model``, a TRADES/RobustBench WideResNet state_dict) or
             ``"robustbench:<name>"`` (``None``: ``cfg.teacher_path``, else the cached or newly trained one).
@@ -88,13 +130,15 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, student=N
             ``cfg.dataset``). See ``fastabsld.recipe.data`` for the contract and when data is streamed.
         student: the ``nn.Module`` to train (``None``: ``cfg.model``); trained in place.
         num_classes: classes of ``data`` when it cannot tell (a streamed Dataset without ``classes``).
-        log: function printing one-line messages.
+        log: function printing one-line messages (default: :func:`fastabsld.recipe.logs.info`).
         teacher_info: what metrics.json records about a ``teacher`` module given here (its source, and its
             ``"val"`` report, which is then not recomputed); ``None``: described and evaluated here.
+        scalar_writer: passed to :func:`fastabsld.recipe.loop.fit` (TensorBoard scalars).
 
     Returns:
         dict: ``{"config", "history", "best", "test", "model", "teacher"}`` with the trained (selected) model.
     """
+    log = log or logs.info
     if student is None:
         check_model_name(cfg.model)  # a typo in a factory fails here, not after the teacher is ready
     if teacher is None and not cfg.teacher_path and cfg.method != "pgd-at":
@@ -106,16 +150,15 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, student=N
             raise ValueError(f"student must be an nn.Module, got {type(student).__name__}")
         info["student"] = {"source": "module", "class": f"{type(student).__module__}.{type(student).__qualname__}"}
     if cfg.method != "pgd-at":
-        teacher, described = _teacher(cfg, data, teacher, log)
+        teacher_cfg = _teacher_config(cfg, run_dir, resume, log) if teacher is None else cfg
+        teacher, described = _teacher(teacher_cfg, data, teacher, log)
         described = {**described, **(teacher_info or {})}
         if "val" not in described:
             described["val"] = teacher_report(teacher, data, cfg)
             log(f"teacher ({described.get('architecture')}, {described['source']}): validation clean "
                 f"{described['val']['clean']['average']:.3f}, PGD-20 {described['val']['pgd20']['average']:.3f}")
         info["teacher"] = described
-    if data.classes is not None:
-        info["classes"] = list(data.classes)
-    result = fit(cfg, run_dir, data, teacher=teacher, resume=resume, log=log, student=student, info=info)
+    result = fit(cfg, run_dir, data, teacher=teacher, resume=resume, log=log, student=student, info=info,
+                 scalar_writer=scalar_writer)
     result.setdefault("teacher", info.get("teacher"))
     return result
-

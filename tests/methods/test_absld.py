@@ -2,18 +2,16 @@
 
 import io
 import os
-import socket
 import sys
 from datetime import timedelta
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fastabsld.loss
 from fastabsld.methods.absld import ABSLDLoss
-from tests.conftest import HAS_GPU
+from tests.methods.helpers import run_processes
 from tests.released import (
     released_absld_loss,
     released_soft_labels,
@@ -237,7 +235,7 @@ def test_forward_and_update_trace_without_host_sync():
     assert not torch.equal(traced.tau_adv, torch.ones(5))
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="needs CUDA")
+@pytest.mark.cuda
 def test_no_sync_on_cuda():
     loss_fn = ABSLDLoss(10).cuda()
     adv, nat, teacher, labels = (t.cuda() for t in random_case(32, 10, dtype=torch.float32))
@@ -287,6 +285,8 @@ def test_buffers_follow_module_to_dtype():
     (dict(num_classes=3, tau_min=2.0, tau_max=1.0, tau_init=1.5), "tau_min"),
     (dict(num_classes=3, adv_weight=float("inf")), "adv_weight"),
     (dict(num_classes=3, nat_weight=float("nan")), "nat_weight"),
+    (dict(num_classes=3, adv_weight=-1.0), "adv_weight"),
+    (dict(num_classes=3, nat_weight=-0.5), "nat_weight"),
     (dict(num_classes=3, beta=-1.0), "beta"),
     (dict(num_classes=3, temperature_mode="aliased"), "temperature_mode"),
     (dict(num_classes=3, reduction="batch"), "reduction"),
@@ -294,6 +294,12 @@ def test_buffers_follow_module_to_dtype():
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ABSLDLoss(**kwargs)
+
+
+@pytest.mark.parametrize("state", [{}, None, {"tau": 1.0}])
+def test_malformed_extra_state_is_a_clear_error(state):
+    with pytest.raises(ValueError, match="extra state must be a dict with key 'beta'"):
+        ABSLDLoss(3).set_extra_state(state)
 
 
 def test_input_errors():
@@ -352,26 +358,9 @@ def ddp_worker(rank, port, out_dir):
         torch.distributed.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_two_process_gloo_temperatures_agree(tmp_path):
-    context = mp.get_context("spawn")
-    port = free_port()
-    processes = [context.Process(target=ddp_worker, args=(rank, port, str(tmp_path))) for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-            process.join()
-    assert [process.exitcode for process in processes] == [0] * WORLD
+    assert run_processes(ddp_worker, WORLD, str(tmp_path)) == [0] * WORLD
 
     histories = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
     single = ABSLDLoss(CLASSES, temperature_mode="released")

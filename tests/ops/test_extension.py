@@ -1,6 +1,7 @@
 """The package, its extension and their fallbacks."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -47,6 +48,7 @@ def test_package_imports_without_the_extension_and_warns(tmp_path):
         assert not fastabsld.HAS_EXTENSION
         messages = [str(w.message) for w in caught if "fastabsld._C" in str(w.message)]
         assert len(messages) == 1, messages
+        assert "blocked for the test" in messages[0] and "circular" not in messages[0], messages
         x = torch.rand(2, 5)
         out = pgd_step(x, x, torch.ones_like(x), alpha=0.1, eps=0.05)
         assert torch.allclose(out, (x + 0.05).clamp(0, 1))
@@ -62,3 +64,38 @@ def test_kernels_subpackage_is_installed_from_the_kernels_folder():
     import fastabsld.kernels
 
     assert os.path.basename(os.path.dirname(fastabsld.kernels.__file__)) == "kernels"
+
+
+def test_source_checkout_imports_without_installing(tmp_path):
+    """A copy of the sources, not installed and without the built .so, imports with its kernels.
+
+    ``python -S`` skips the site hooks, so the editable install's finder is not there: only the
+    copy and the third-party packages are on the path.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ignore = shutil.ignore_patterns("*.so", "__pycache__")
+    shutil.copytree(os.path.join(root, "fastabsld"), tmp_path / "fastabsld", ignore=ignore)
+    shutil.copytree(os.path.join(root, "kernels"), tmp_path / "kernels", ignore=ignore)
+    site_packages = os.path.dirname(os.path.dirname(torch.__file__))
+    script = textwrap.dedent(
+        """
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import fastabsld, fastabsld.loss, fastabsld.kernels
+        import torch
+        assert fastabsld.__file__.startswith(CHECKOUT), fastabsld.__file__
+        assert fastabsld.kernels.__file__.startswith(CHECKOUT), fastabsld.kernels.__file__
+        assert not fastabsld.HAS_EXTENSION
+        reasons = [str(w.message) for w in caught if "fastabsld._C" in str(w.message)]
+        assert len(reasons) == 1 and "it was not built" in reasons[0], reasons
+        loss = fastabsld.loss.kd_kl_div(torch.zeros(2, 3), torch.zeros(2, 3))
+        assert loss.item() == 0.0
+        print("checkout ok")
+        """
+    ).replace("CHECKOUT", repr(str(tmp_path)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), site_packages]))
+    result = subprocess.run([sys.executable, "-S", "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "checkout ok" in result.stdout

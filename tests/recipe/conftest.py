@@ -71,3 +71,44 @@ def png_folder(root, classes=CLASSES, per_class=10, size=(6, 6), odd=None):
             shape = odd if (odd and i == 0 and k == 0) else None
             image = Image.fromarray(pixels if shape is None else rng.integers(0, 50, (*shape, 3), dtype=np.uint8))
             image.save(root / name / f"{i}.png")
+@pytest.fixture(scope="session")
+def saved_digits(tmp_path_factory):
+    """The digits splits (seed 0) saved to a file, for worker processes that must not import scikit-learn."""
+    path = tmp_path_factory.mktemp("digits") / "digits.pt"
+    torch.save(load_digits(0), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def forkserver():
+    """A multiprocessing context whose processes fork from a server that imported torch and the recipe once.
+
+    Every process it starts is a process of its own (SIGKILL kills it alone) that starts in milliseconds.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tests.recipe.fault_worker"])
+    return context
+
+
+def run_process(context, target, *args, timeout=180):
+    """Runs ``target(*args)`` in a process of ``context``; returns its exit code (-9 when it was SIGKILLed).
+
+    Args:
+        context: a multiprocessing context.
+        target: an importable function.
+        *args: its arguments (picklable).
+        timeout: seconds before the process is killed and the test fails.
+
+    Returns:
+        int: the exit code.
+    """
+    process = context.Process(target=target, args=args)
+    process.start()
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join()
+        pytest.fail(f"{target.__name__} did not finish within {timeout} s")
+    return process.exitcode

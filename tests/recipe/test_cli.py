@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from fastabsld.recipe import cli
+from fastabsld.recipe import cli, lock
 from fastabsld.recipe.config import DEFAULT_TEACHER_EPOCHS, TrainConfig
 from fastabsld.recipe.models import build_model
 from fastabsld.recipe.options import field_docs, flag, parse_number
@@ -31,7 +31,9 @@ def one_error(capsys, *fragments):
 
 
 def snapshot(folder):
-    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder)) if (folder / name).is_file()}
+    """The run files of a folder and their bytes (the lock file, which any run attempt leaves, is not one)."""
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))
+            if (folder / name).is_file() and name != lock.LOCK_FILE}
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +136,7 @@ def test_bad_config_files_are_one_error_line(tmp_path, capsys, content, fragment
 
 def test_train_eval_round_trip(finished_run, tmp_path, capsys):
     metrics = json.loads((finished_run / "metrics.json").read_text())
-    assert metrics["config"]["epochs"] == 1 and metrics["classes"] == [str(k) for k in range(10)]
+    assert metrics["config"]["epochs"] == 1 and metrics["class_names"] == [str(k) for k in range(10)]
     out_json = tmp_path / "eval.json"
     assert cli.main(["eval", str(finished_run / "best.pt"), "--attacks", "clean", "fgsm", "pgd", "--steps", "3",
                      "--split", "val", "--n-examples", "50", "--seed", "2", "--json", str(out_json),
@@ -297,7 +299,7 @@ def test_train_on_an_image_folder_then_eval(tmp_path, capsys):
                      "--model", "cnn-s", "--batch-size", "8", "--epochs", "1", "--steps", "1", "--eps", "8/255",
                      "--test-attacks", "clean", "pgd2", "--run-dir", str(run), "--no-progress"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["classes"] == ["cat", "dog", "eel"] and metrics["test"]["clean"]["count"] == 7
+    assert metrics["class_names"] == ["cat", "dog", "eel"] and metrics["test"]["clean"]["count"] == 7
     assert len(metrics["test"]["clean"]["per_class"]) == 3
     capsys.readouterr()
     assert cli.main(["eval", str(run / "best.pt"), "--attacks", "clean", "pgd2", "--json", str(tmp_path / "e.json"),

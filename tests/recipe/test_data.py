@@ -153,7 +153,7 @@ def test_cifar_from_local_pickle_folder(tmp_path, name, cifar_reader):
     n_train = 100 if name == "cifar10" else 200
     classes = 10 if name == "cifar10" else 100
     assert data.num_classes == classes and data.augment and data.in_channels == 3
-    assert data.classes == tuple(f"class{k}" for k in range(classes))
+    assert data.class_names == tuple(f"class{k}" for k in range(classes))
     assert data.train[0].shape == (n_train - len(data.val[1]), 3, 32, 32) and data.test[0].shape[1:] == (3, 32, 32)
     assert np.bincount(data.val[1].numpy(), minlength=classes).tolist() == [len(data.val[1]) // classes] * classes
     # Pixels are the pickle's bytes / 255 in (C, H, W) order.
@@ -205,7 +205,7 @@ def test_corrupted_cifar_is_an_error_naming_the_folder(tmp_path):
 def test_image_folder_split_stratified_with_class_names(tmp_path):
     png_folder(tmp_path / "imgs")
     data = load_folder(str(tmp_path / "imgs"), fractions=(0.6, 0.2, 0.2), seed=1)
-    assert data.classes == ("cat", "dog", "eel") and data.num_classes == 3 and not data.augment
+    assert data.class_names == ("cat", "dog", "eel") and data.num_classes == 3 and not data.augment
     for split, size in ((data.train, 18), (data.val, 6), (data.test, 6)):
         x, y = split
         assert x.shape == (size, 3, 6, 6) and y.dtype == torch.int64
@@ -220,7 +220,7 @@ def test_image_folder_with_train_and_test_subfolders(tmp_path):
     png_folder(tmp_path / "d" / "train", per_class=8)
     png_folder(tmp_path / "d" / "test", classes=("dog", "eel"), per_class=3)  # a class missing: indices follow train
     data = load_folder(str(tmp_path / "d"), fractions=(0.75, 0.25, 0.25))
-    assert data.classes == ("cat", "dog", "eel")
+    assert data.class_names == ("cat", "dog", "eel")
     assert sorted(data.test[1].tolist()) == [1] * 3 + [2] * 3
     torch.testing.assert_close((data.test[0][:, 0, 0, 0] * 255 / 100).round().long(), data.test[1])
     assert len(data.train[1]) + len(data.val[1]) == 24 and len(data.val[1]) == 6  # val carved out of train

@@ -25,7 +25,7 @@ OTHER = {
     "teacher_model": "cnn-s", "teacher_epochs": 2, "teacher_seed": 1, "teacher_lr": 0.05, "teacher_batch_size": 64,
     "teacher_momentum": 0.5, "teacher_weight_decay": 0.0, "teacher_milestones": (0.5,), "teacher_lr_gamma": 0.5,
     "device": "cuda", "cache_dir": "other-cache", "progress": False, "sync_bn": True, "amp": True,
-    "channels_last": True, "compile": True, "fold_bn": False,
+    "channels_last": True, "compile": True, "fold_bn": False, "on_nonfinite": "warn",
 }
 BASE = TrainConfig()
 

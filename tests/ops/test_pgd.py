@@ -205,3 +205,26 @@ def test_the_kernels_check_their_arguments_too(kwargs, match):
     with pytest.raises(ValueError, match=match):
         torch.ops.fastabsld.pgd_step(args["x_adv"], args["x"], args["grad"], alpha_t, eps_t, alpha_f, eps_f,
                                      args["norm"], *args["clamp"])
+
+
+@pytest.mark.parametrize("alpha", [True, torch.tensor([1, 2, 3]), torch.tensor([True, False, True]), torch.tensor(1)])
+def test_bool_and_integer_radii_are_value_errors(alpha):
+    """A bool (or an integer tensor) is a mistake, not a step size: it used to be taken as 1."""
+    x = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="alpha"):
+        pgd_step(x, x, x, alpha=alpha, eps=0.1)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_the_fallback_kernel_matches_the_reference(norm):
+    """The plain PyTorch kernel registered when fastabsld._C is missing, against the oracle."""
+    from fastabsld.ops import pgd as pgd_op
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 5, 5, generator=gen)
+    x_adv = (x + 0.05 * torch.randn(x.shape, generator=gen)).clamp(0, 1).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(x.shape, generator=gen)
+    alpha = 0.02 + torch.rand(6, generator=gen) * 0.1
+    out = pgd_op.fallback_step(x_adv, x, grad, alpha, None, 0.0, 0.3, norm, 0.0, 1.0)
+    torch.testing.assert_close(out, reference.pgd_step(x_adv, x, grad, alpha, 0.3, norm), rtol=0, atol=1e-6)
+    assert out.is_contiguous(memory_format=torch.channels_last)

@@ -7,15 +7,29 @@ from benchmarks import gpu_report
 
 
 def test_bytes_per_op():
-    # KD fwd reads student + teacher and writes the student gradient; bwd reads and writes it once more.
-    assert gpu_report.kd_bytes(128, 10, backward=False) == 128 * 10 * 12
-    assert gpu_report.kd_bytes(128, 10) == 128 * 10 * 20
-    assert gpu_report.kd_bytes(4, 5, student_bytes=2, teacher_bytes=2, backward=False) == 4 * 5 * 6
-    assert gpu_report.pgd_bytes((2, 3, 4, 4)) == 96 * 4 * 4
-    assert gpu_report.pgd_bytes((2, 3, 4, 4), "l2", element_bytes=2) == 96 * 2 * 7
+    # KD, fp32: s + t read, gradient written, the backward's read + write: 20 B/element, plus 20 B/row
+    # (label 8, temperature 4, loss 4, grad_output 4). The tile form moves exactly that.
+    assert gpu_report.kd_bytes(128, 10) == (128 * 10 * 20 + 128 * 20,) * 2
+    assert gpu_report.kd_bytes(128, 10, torch.bfloat16)[0] == 128 * 10 * 10 + 128 * 20
+    # The split form (few long rows) reads both inputs a second time: 8 more bytes per fp32 element.
+    minimum, moved = gpu_report.kd_bytes(8, 32000)
+    assert minimum == 8 * 32000 * 20 + 8 * 20 and moved - 8 * 32000 * 28 > 0
+    assert moved < 8 * 32000 * 28 * 1.01
+    # PGD: x_adv, x, grad read and the output written, whichever norm.
+    assert gpu_report.pgd_bytes((2, 3, 4, 4)) == (96 * 4 * 4, 96 * 4 * 4)
+    assert gpu_report.pgd_bytes((2, 3, 4, 4), "l2", "bfloat16") == (96 * 2 * 4, 96 * 2 * 4)
+    # A large sample takes the multi-launch L2 path: 8 element passes plus the partial sums.
+    minimum, moved = gpu_report.pgd_bytes((512, 3, 224, 224), "l2")
+    assert minimum == 512 * 3 * 224 * 224 * 16 and 2 * minimum <= moved < 2.01 * minimum
     with pytest.raises(ValueError, match="norm"):
         gpu_report.pgd_bytes((2, 3), "l1")
     assert gpu_report.gbs(3e9, 1.5) == pytest.approx(2.0)
+
+
+def test_shapes_are_the_models():
+    assert (64, 262144) in gpu_report.KD_SHAPES and (4096, 32000) in gpu_report.KD_SHAPES
+    assert set(gpu_report.KD_DTYPES) == {"fp32", "bf16"}
+    assert gpu_report.PGD_SHAPES == ((128, 3, 32, 32), (512, 3, 32, 32), (512, 3, 224, 224))
 
 
 def test_peak_bandwidth():
@@ -40,16 +54,18 @@ def test_arguments_and_cpu_exit(capsys):
 
 
 def test_format_rows():
-    rows = [{"case": "pgd linf", "impl": "fastabsld", "us": 12.5, "GB/s": 800.0, "peak%": 23.9},
+    rows = [{"case": "pgd linf", "impl": "fastabsld", "us": 12.5, "GB/s": 800.0, "peak%": 23.9,
+             "kernel GB/s": 1600.0, "kernel peak%": 47.8},
             {"case": "train", "impl": "released", "us": 1000.0, "GB/s": None, "peak%": None, "speed-up": 1.0}]
     text = gpu_report.format_rows(rows)
     assert "12.5us" in text and "800.0" in text and "23.9%" in text and "1.00" in text
+    assert "1600.0" in text and "47.8%" in text
 
 
 def test_smoke_run_on_the_cpu(capsys):
     """--smoke runs every code path of the report (ops and training steps) on the CPU at tiny sizes."""
     assert gpu_report.main(["--smoke"]) is None
     out = capsys.readouterr().out
-    for case in ("kd fwd+bwd (128, 10)", "pgd linf", "pgd l2", "train step cnn-s/cnn-l B=4"):
+    for case in ("kd fwd+bwd fp32 (128, 10)", "pgd linf fp32", "pgd l2 fp32", "train step cnn-s/cnn-l B=4"):
         assert case in out
     assert "fastabsld amp+channels-last" in out and "released" in out

@@ -1,0 +1,98 @@
+"""benchmarks.gpu_model: the arithmetic, and the claims its KD table makes about the kernels.
+
+The KD rows come from the real launch plan and the sm_90 variants compiled ahead of time, so a
+change that loses a claim (waves, DRAM traffic, registers, spills) fails here.
+"""
+
+import pytest
+
+from benchmarks.gpu_model import __main__ as gpu_model_main
+from benchmarks.gpu_model import hardware, kd_kl_div
+
+MIB = 1024 * 1024
+
+
+def test_occupancy_arithmetic():
+    # 128 registers x 32 threads = 4096 per warp: 16 warps an SM, 2 CTAs of 8 warps
+    assert hardware.ctas_per_sm(128, 8, 0) == (2, "registers")
+    # 1-warp CTAs with few registers: the 32-CTA limit
+    assert hardware.ctas_per_sm(24, 1, 0) == (32, "ctas")
+    # 16 registers, 8 warps: 2048 threads at most, 8 CTAs
+    assert hardware.ctas_per_sm(16, 8, 0) == (8, "threads")
+    # 100 KiB of shared memory (+1 KiB reserved) a CTA: 2 of them in 228 KiB
+    assert hardware.ctas_per_sm(32, 4, 100 * 1024) == (2, "shared")
+    # registers round up to 256 a warp: 33 registers take 40
+    assert hardware.ctas_per_sm(33, 4, 0)[0] == 65536 // (40 * 32) // 4
+
+
+def test_waves_and_roofline():
+    assert hardware.waves(264) == 2.0
+    assert hardware.roofline_seconds(3.35e12, 0) == pytest.approx(1.0)
+    assert hardware.roofline_seconds(0, 3) == pytest.approx(3 * hardware.LAUNCH_OVERHEAD_S)
+    assert hardware.roofline_seconds(4.8e12, 1, hardware.H200) == pytest.approx(1.0 + hardware.LAUNCH_OVERHEAD_S)
+
+
+@pytest.fixture(scope="module")
+def kd_rows():
+    return kd_kl_div.rows()
+
+
+def test_kd_rows_cover_the_shapes_and_dtypes(kd_rows):
+    cases = {row["case"] for row in kd_rows}
+    assert cases == {f"({b}, {c}) {d}" for b, c in kd_kl_div.SHAPES for d in ("fp32", "bf16")}
+    assert {(8, 32000), (64, 262144), (4096, 32000), (128, 10), (1024, 100), (256, 1000)} <= set(kd_kl_div.SHAPES)
+
+
+def test_kd_fills_the_gpu(kd_rows):
+    """>= 2 waves of programs from 1 MiB of logits, >= 1 from 256 KiB, in every launch."""
+    checked = set()
+    for row in kd_rows:
+        for launch in row["launches"]:
+            if row["logit_bytes"] >= MIB:
+                assert launch["waves"] >= 2, (row["case"], launch)
+                checked.add(row["case"])
+            elif row["logit_bytes"] >= 256 * 1024:
+                assert launch["waves"] >= 1, (row["case"], launch)
+                checked.add(row["case"])
+    for case in ("(1024, 100) fp32", "(256, 1000) fp32", "(8, 32000) fp32", "(8, 32000) bf16", "(64, 262144) bf16"):
+        assert case in checked
+
+
+def test_kd_dram_traffic(kd_rows):
+    """Tile form within 1.25x of the minimum; split form at most one more read of each input."""
+    forms = set()
+    for row in kd_rows:
+        element = 4 if row["case"].endswith("fp32") else 2
+        assert row["min_element_bytes"] == 5 * element  # fwd: read s, t, write grad; bwd: read, write
+        forms.add(row["form"])
+        if row["form"] == "tile":
+            assert row["element_bytes"] == row["min_element_bytes"]
+            assert row["bytes"] <= 1.25 * row["min_bytes"], row["case"]
+        else:
+            assert row["element_bytes"] <= row["min_element_bytes"] + 2 * element  # fp32: 28 B
+            assert row["bytes"] <= 1.01 * row["elements"] * (row["min_element_bytes"] + 2 * element), row["case"]
+        assert row["kernel_launches"] == len(row["launches"]) + 1  # and the backward's one pass
+    assert forms == {"tile", "split"}
+
+
+def test_kd_variants_fit_registers_without_spills(kd_rows):
+    for row in kd_rows:
+        for launch in row["launches"]:
+            assert launch["registers"] <= 128 and launch["spills"] == 0, (row["case"], launch)
+            assert launch["ctas_per_sm"] >= 1
+            if launch["kernel"].startswith("kd_split"):
+                assert launch["num_stages"] in ("3 cp.async", "prefetch"), launch
+
+
+def test_table_prints_every_case(kd_rows, monkeypatch, capsys):
+    class Op:
+        @staticmethod
+        def rows():
+            return kd_rows
+
+    monkeypatch.setattr(gpu_model_main, "OPS", (Op,))
+    gpu_model_main.main([])
+    out = capsys.readouterr().out
+    for row in kd_rows:
+        assert row["case"] in out
+    assert "4 us per launch" in out and "backward: one grad * grad_output pass" in out and "H200" in out

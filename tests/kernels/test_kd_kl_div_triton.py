@@ -1,0 +1,470 @@
+"""The Triton KD forward (kernels/kd_kl_div.py) against fastabsld.reference.kd_kl_div.
+
+Runs on CPU tensors under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+without a GPU): both launch forms (tile; split rows with its statistics and finish kernels) at
+small shapes with forced small configurations, so that several programs, several chunks per row
+and partial last blocks are exercised at a few programs each. The launch plan (form, grid,
+vector width) is checked without running anything. Ahead-of-time compiles: test_kd_kl_div_aot.py.
+"""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastabsld import reference
+from fastabsld.kernels import kd_kl_div as kd
+from tests.conftest import HAS_GPU, triton_device
+
+DEVICE = triton_device()
+IGNORE = -100
+FORMS = ["tile", "split"]
+# Split rows at 16-column blocks, two blocks a chunk: C = 33..64 gives 2 chunks, 65.. more.
+SPLIT_SMALL = {"BLOCK_N": 16, "CHUNK": 32, "num_warps": 1, "num_stages": kd.SPLIT_STAGES}
+
+
+def tile_small(num_classes):
+    """A tile of 4 rows: several programs at a handful of rows."""
+    return {"BLOCK_M": 4, "BLOCK_N": 1 << max(0, (num_classes - 1).bit_length()), "num_warps": 1}
+
+
+def small_config(form, num_classes):
+    return tile_small(num_classes) if form == "tile" else SPLIT_SMALL
+
+
+def make_logits(batch, num_classes, dtype, layout="contiguous", scale=3.0, generator=None):
+    """(B, C) random logits in ``dtype`` and the given memory layout."""
+    shape = {"transposed": (num_classes, batch), "column-slice": (batch, 2 * num_classes),
+             "row-slice": (2 * batch, num_classes), "offset": (batch * num_classes + 1,)}.get(layout,
+                                                                                               (batch, num_classes))
+    base = (torch.randn(shape, generator=generator) * scale).to(dtype).to(DEVICE)
+    if layout == "transposed":
+        return base.t()
+    if layout == "column-slice":
+        return base[:, 1::2]
+    if layout == "row-slice":
+        return base[::2]
+    if layout == "offset":  # contiguous rows, but the first element is not 16-byte aligned
+        return base[1:].view(batch, num_classes)
+    return base
+
+
+def temperatures(kind, batch, num_classes, low=0.5, high=3.0, generator=None):
+    """(labels, teacher tensor or None, student tensor or None, teacher scalar, student scalar)."""
+    def draw(n):
+        return (low + (high - low) * torch.rand(n, generator=generator)).to(DEVICE)
+
+    labels = torch.randint(0, num_classes, (2 * batch,), generator=generator).to(DEVICE)[::2]  # strided
+    if kind == "scalar":
+        return None, None, None, 2.0, 0.7
+    if kind == "scalar-labels":
+        return labels, None, None, 1.5, 1.0
+    if kind == "class":
+        return labels, draw(num_classes), None, 1.0, 1.3
+    if kind == "class-both":
+        return labels, draw(num_classes), draw(num_classes), 1.0, 1.0
+    if kind == "row":
+        return None, draw(batch), draw(batch), 1.0, 1.0
+    raise ValueError(kind)
+
+
+def reference_outputs(s, t, labels, tau_t, tau_s, scalar_t, scalar_s, ignore_index=IGNORE):
+    """Reference row loss and its gradients (rows are independent: grad of the rows' sum)."""
+    s = s.detach().float().requires_grad_()
+    t = t.detach().float().requires_grad_()
+    rows = reference.kd_kl_div(s, t, labels, scalar_t if tau_t is None else tau_t,
+                               scalar_s if tau_s is None else tau_s, "none", ignore_index)
+    grad_s, grad_t = torch.autograd.grad(rows.sum(), (s, t))
+    return rows.detach(), grad_s, grad_t
+
+
+def assert_matches(outputs, expected, s, t, tau_t, tau_s, scalar_t, scalar_s):
+    """Compares (row_loss, grad_s, grad_t) with tolerances set by dtype and logit scale."""
+    row_loss, grad_s, grad_t = outputs
+    ref_loss, ref_s, ref_t = expected
+    inv = [1.0 / (scalar if tau is None else float(tau.min())) for tau, scalar in ((tau_t, scalar_t), (tau_s, scalar_s))]
+    finite = [x.float()[torch.isfinite(x.float())] for x in (t, s)]
+    logit_scale = 1.0 + max(float(f.abs().max()) * i if f.numel() else 0.0 for f, i in zip(finite, inv))
+    atol = 4e-6 * logit_scale
+    assert row_loss.dtype == torch.float32 and row_loss.shape == ref_loss.shape
+    torch.testing.assert_close(row_loss, ref_loss, rtol=1e-4, atol=atol)
+    for grad, ref, logits, inverse in ((grad_s, ref_s, s, inv[1]), (grad_t, ref_t, t, inv[0])):
+        assert grad.dtype == logits.dtype and grad.shape == logits.shape and grad.is_contiguous()
+        rounding = 0.0 if logits.dtype == torch.float32 else torch.finfo(logits.dtype).eps
+        torch.testing.assert_close(grad.float(), ref, rtol=2 * rounding + 1e-4,
+                                   atol=(atol + rounding * float(ref.abs().max())) * inverse)
+
+
+def run_case(s, t, kind, form=None, config=None, generator=None, low=0.5, high=3.0):
+    batch, num_classes = s.shape
+    labels, tau_t, tau_s, scalar_t, scalar_s = temperatures(kind, batch, num_classes, low, high, generator)
+    if labels is not None:
+        labels[::3] = IGNORE
+    s_before, t_before = s.clone(), t.clone()
+    outputs = kd.launch(s, t, labels, tau_t, tau_s, scalar_t, scalar_s, IGNORE, True, True, form=form, config=config)
+    assert torch.equal(s, s_before) and torch.equal(t, t_before), "the kernel wrote into its inputs"
+    expected = reference_outputs(s.cpu(), t.cpu(), None if labels is None else labels.cpu(),
+                                 None if tau_t is None else tau_t.cpu(), None if tau_s is None else tau_s.cpu(),
+                                 scalar_t, scalar_s)
+    assert_matches([x.cpu() for x in outputs], expected, s.cpu(), t.cpu(), tau_t, tau_s, scalar_t, scalar_s)
+    if labels is not None:
+        ignored = labels.cpu() == IGNORE
+        assert (outputs[0].cpu()[ignored] == 0).all() and (outputs[1].cpu()[ignored] == 0).all()
+    return outputs
+
+
+@pytest.fixture
+def few_sms(monkeypatch):
+    """Plans for a 4-SM GPU: what a call picks by itself, at a few programs (the interpreter is slow)."""
+    monkeypatch.setattr(kd, "DEFAULT_SMS", 4)
+
+
+# (B, C, temperature kind): not every combination; C > 1 everywhere but one case.
+SHAPES = [(1, 1, "scalar"), (3, 2, "class"), (128, 10, "class-both"), (257, 10, "row"), (3, 100, "scalar-labels"),
+          (128, 100, "class"), (3, 1000, "row"), (1, 1000, "class")]
+
+
+@pytest.mark.parametrize("batch,num_classes,kind", SHAPES)
+def test_default_plan_matches_reference(few_sms, batch, num_classes, kind):
+    """What a call picks by itself (the tile form at these sizes; several rows a program from B = 8)."""
+    g = torch.Generator().manual_seed(batch * 1000 + num_classes)
+    run_case(make_logits(batch, num_classes, torch.float32, generator=g),
+             make_logits(batch, num_classes, torch.float32, generator=g), kind, generator=g)
+
+
+@pytest.mark.parametrize("batch,num_classes,kind", [(9, 37, "class-both"), (6, 100, "row"), (13, 16, "scalar-labels"),
+                                                    (2, 5, "class")])
+def test_tile_kernel_several_programs(batch, num_classes, kind):
+    """4-row tiles: several programs, a partial last one, columns padded in registers."""
+    g = torch.Generator().manual_seed(3 + num_classes)
+    run_case(make_logits(batch, num_classes, torch.float32, generator=g),
+             make_logits(batch, num_classes, torch.float32, generator=g), kind, form="tile",
+             config=tile_small(num_classes), generator=g)
+
+
+@pytest.mark.parametrize("batch,num_classes,kind,chunk", [(5, 1, "class", 32), (9, 37, "class-both", 32),
+                                                          (6, 100, "row", 32), (4, 100, "scalar-labels", 16),
+                                                          (3, 100, "class", 128), (2, 257, "scalar", 64)])
+def test_split_kernels_match_reference(batch, num_classes, kind, chunk):
+    """Rows split in chunks of 16-column blocks: one to 17 chunks a row, partial last blocks and chunks."""
+    g = torch.Generator().manual_seed(7 + num_classes + chunk)
+    run_case(make_logits(batch, num_classes, torch.float32, generator=g),
+             make_logits(batch, num_classes, torch.float32, generator=g), kind, form="split",
+             config=dict(SPLIT_SMALL, CHUNK=chunk), generator=g)
+
+
+@pytest.mark.parametrize("stages", [1, kd.SPLIT_STAGES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_loop_forms(dtype, stages):
+    """The column loop staged (cp.async on a GPU), unstaged, and prefetched in registers (bf16 at odd C)."""
+    g = torch.Generator().manual_seed(23)
+    s, t = make_logits(5, 75, dtype, generator=g), make_logits(5, 75, dtype, generator=g)
+    config = dict(SPLIT_SMALL, num_stages=stages)
+    _, launches = kd.plan(s, t, None, None, None, 1.0, 1.0, IGNORE, True, True, "split", config)
+    assert launches[0].constexprs["PREFETCH"] == (dtype == torch.bfloat16 and stages > 1)
+    run_case(s, t, "class", form="split", config=config, generator=g)
+
+
+def test_split_is_deterministic_and_chunking_only_rounds():
+    """The same bits run to run; other chunkings agree with it to rounding."""
+    g = torch.Generator().manual_seed(29)
+    s, t = make_logits(2, 100, torch.float32, generator=g), make_logits(2, 100, torch.float32, generator=g)
+    labels, tau_t, tau_s, scalar_t, scalar_s = temperatures("class", 2, 100, generator=g)
+    args = (s, t, labels, tau_t, tau_s, scalar_t, scalar_s, IGNORE, True, True)
+    first = kd.launch(*args, form="split", config=SPLIT_SMALL)
+    again = kd.launch(*args, form="split", config=SPLIT_SMALL)
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    for chunk in (16, 128):
+        other = kd.launch(*args, form="split", config=dict(SPLIT_SMALL, CHUNK=chunk))
+        for x, y in zip(first, other):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch,num_classes,dtype", [(2, 50257, torch.float32), (1, 8193, torch.bfloat16),
+                                                     (1, 8192, torch.float16)])
+def test_default_plan_at_large_c(few_sms, batch, num_classes, dtype):
+    """C = 50257 and 8193 split rows (C not a multiple of the block), 8192 is one tile."""
+    g = torch.Generator().manual_seed(num_classes)
+    s = make_logits(batch, num_classes, dtype, generator=g)
+    t = make_logits(batch, num_classes, dtype, generator=g)
+    _, launches = kd.plan(s, t, None, None, None, 1.0, 1.0, IGNORE, True, True)
+    expected = kd._kd_tile_kernel if num_classes <= kd.TILE_MAX_COLUMNS else kd._kd_split_stats_kernel
+    assert launches[0].kernel is expected
+    run_case(s, t, "class" if batch > 1 else "row", generator=g)
+
+
+DTYPE_PAIRS = [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+               (torch.float32, torch.float16), (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("student_dtype,teacher_dtype", DTYPE_PAIRS)
+def test_half_and_mixed_dtypes(student_dtype, teacher_dtype, form):
+    g = torch.Generator().manual_seed(3)
+    run_case(make_logits(7, 33, student_dtype, generator=g), make_logits(7, 33, teacher_dtype, generator=g),
+             "class", form=form, config=small_config(form, 33), generator=g)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "column-slice", "row-slice", "offset"])
+@pytest.mark.parametrize("form", FORMS)
+def test_non_contiguous_inputs(layout, form):
+    g = torch.Generator().manual_seed(5)
+    s = make_logits(7, 40, torch.float32, layout, generator=g)
+    t = make_logits(7, 40, torch.bfloat16, "transposed" if layout != "transposed" else "row-slice", generator=g)
+    assert not t.is_contiguous() and (layout == "offset" or not s.is_contiguous())
+    run_case(s, t, "class-both", form=form, config=small_config(form, 40), generator=g)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("low,high", [(0.05, 0.05), (50.0, 50.0), (0.05, 50.0)])
+def test_extreme_temperatures(low, high, form):
+    g = torch.Generator().manual_seed(11)
+    run_case(make_logits(7, 50, torch.float32, scale=8.0, generator=g),
+             make_logits(7, 50, torch.float32, scale=8.0, generator=g), "class-both", form=form,
+             config=small_config(form, 50), generator=g, low=low, high=high)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_infinite_and_huge_logits(form):
+    """-inf teacher logits (0 log 0 = 0, also where the student is -inf) and +/-1e4 logits."""
+    g = torch.Generator().manual_seed(13)
+    s = make_logits(12, 45, torch.float32, generator=g)
+    t = make_logits(12, 45, torch.float32, generator=g)
+    t[0, :44] = float("-inf")                 # one class left
+    t[1, ::2] = float("-inf")
+    s[1, ::4] = float("-inf")                 # student -inf only where the teacher is -inf
+    t[2, 5], s[2, 7] = 1e4, -1e4
+    t[3], s[3] = 1e4 * torch.sign(t[3]), 1e4 * torch.sign(s[3])
+    t[4, 30:] = float("-inf")                 # the last blocks and chunks hold only -inf
+    t[5, :36] = float("-inf")                 # and the first ones
+    s[5, :3] = float("-inf")
+    run_case(s, t, "class", form=form, config=small_config(form, 45), generator=g)
+
+
+def _reference_with_grads(s, t):
+    """The fp32 reference (the kernels' precision: exp(-200) is 0) and its autograd gradients."""
+    s = s.detach().cpu().float().requires_grad_()
+    t = t.detach().cpu().float().requires_grad_()
+    rows = reference.kd_kl_div(s, t, reduction="none")
+    return (rows.detach(), *torch.autograd.grad(rows.sum(), (s, t)))
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_student_minus_inf_under_teacher_mass_gives_inf(form):
+    s = torch.zeros(3, 40, device=DEVICE)
+    t = torch.zeros(3, 40, device=DEVICE)
+    s[0, 3] = float("-inf")
+    s[1, 35], t[1, 35] = float("-inf"), -200.0   # teacher probability underflows to 0: finite KL
+    s[2, 20:] = float("-inf")                    # in the second chunk only
+    rows, grad_s, grad_t = kd.launch(s, t, None, None, None, 1.0, 1.0, IGNORE, True, True, form=form,
+                                     config=small_config(form, 40))
+    ref_rows, ref_s, ref_t = _reference_with_grads(s, t)
+    assert math.isinf(rows[0]) and rows[0] > 0 and math.isinf(rows[2]) and rows[2] > 0
+    torch.testing.assert_close(rows.cpu(), ref_rows)
+    torch.testing.assert_close(grad_s.cpu(), ref_s, rtol=1e-5, atol=1e-6)
+    # the teacher's gradient is -inf under its mass and NaN where the student is -inf: as the reference
+    torch.testing.assert_close(grad_t.cpu()[[0, 2]], ref_t[[0, 2]], equal_nan=True)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_rows_all_minus_inf_are_nan_as_the_reference(form):
+    """A kept row whose student (or teacher, or both) logits are all -inf: NaN loss and gradients."""
+    s = torch.randn(5, 40, generator=torch.Generator().manual_seed(31)).to(DEVICE)
+    t = torch.randn(5, 40, generator=torch.Generator().manual_seed(37)).to(DEVICE)
+    s[0] = float("-inf")
+    t[1] = float("-inf")
+    s[2], t[2] = float("-inf"), float("-inf")
+    labels = torch.tensor([0, 1, 2, 3, IGNORE], device=DEVICE)
+    s[4] = float("-inf")                         # ignored: 0, not NaN
+    rows, grad_s, grad_t = kd.launch(s, t, labels, None, None, 1.0, 1.0, IGNORE, True, True, form=form,
+                                     config=small_config(form, 40))
+    expected = reference.kd_kl_div(s.cpu().double(), t.cpu().double(), labels.cpu(), reduction="none")
+    torch.testing.assert_close(rows.cpu().double(), expected, equal_nan=True)
+    assert rows[:3].isnan().all() and rows[3].isfinite() and rows[4] == 0
+    assert grad_s[:3].isnan().all() and grad_t[:3].isnan().all()
+    assert grad_s[3:].isfinite().all() and (grad_s[4] == 0).all() and (grad_t[4] == 0).all()
+    _, ref_s, ref_t = _reference_with_grads(s[:1], t[:1])   # the reference's gradients of row 0: NaN too
+    assert ref_s.isnan().all() and ref_t.isnan().all()
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("student_grad,teacher_grad", [(True, False), (False, True), (False, False)])
+def test_gradient_flags(student_grad, teacher_grad, form):
+    g = torch.Generator().manual_seed(17)
+    s = make_logits(5, 40, torch.bfloat16, generator=g)
+    t = make_logits(5, 40, torch.float16, generator=g)
+    labels, tau_t, tau_s, scalar_t, scalar_s = temperatures("class", 5, 40, generator=g)
+    config = small_config(form, 40)
+    full = kd.launch(s, t, labels, tau_t, tau_s, scalar_t, scalar_s, IGNORE, True, True, form=form, config=config)
+    rows, grad_s, grad_t = kd.launch(s, t, labels, tau_t, tau_s, scalar_t, scalar_s, IGNORE, student_grad,
+                                     teacher_grad, form=form, config=config)
+    assert torch.equal(rows, full[0])
+    for asked, grad, reference_grad in ((student_grad, grad_s, full[1]), (teacher_grad, grad_t, full[2])):
+        if asked:
+            assert torch.equal(grad, reference_grad)
+        else:
+            assert grad.shape == (0,) and grad.dtype == reference_grad.dtype
+
+
+def test_contract_entry_point_and_empty_batch():
+    g = torch.Generator().manual_seed(19)
+    s, t = make_logits(4, 6, torch.float32, generator=g), make_logits(4, 6, torch.float32, generator=g)
+    ours = kd.kd_kl_div_forward(s, t, None, None, None, 1.0, 1.0, IGNORE, True, False)
+    torch.testing.assert_close(ours[0].cpu(), reference.kd_kl_div(s.cpu(), t.cpu(), reduction="none"))
+    rows, grad_s, grad_t = kd.kd_kl_div_forward(s[:0], t[:0], None, None, None, 1.0, 1.0, IGNORE, True, False)
+    assert rows.shape == (0,) and grad_s.shape == (0, 6) and grad_t.shape == (0,)
+
+
+def test_kernels_do_not_import_the_reference():
+    """The reference is the tests' oracle: the kernel module has its own eager value check."""
+    assert not hasattr(kd, "reference")
+
+
+def _bad_call(**changes):
+    s = torch.zeros(4, 5, device=DEVICE)
+    args = dict(student_logits=s, teacher_logits=s.clone(), labels=torch.tensor([0, 1, IGNORE, 4], device=DEVICE),
+                teacher_temperature=torch.ones(5, device=DEVICE), student_temperature=None,
+                teacher_temperature_scalar=1.0, student_temperature_scalar=1.0, ignore_index=IGNORE,
+                student_grad=True, teacher_grad=False)
+    args.update(changes)
+    return kd.kd_kl_div_forward(**args)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"student_logits": torch.zeros(4, 6)}, "shape"),
+    ({"student_logits": torch.zeros(4, 5, dtype=torch.float64)}, "float64"),
+    ({"labels": torch.zeros(3, dtype=torch.int64)}, "labels"),
+    ({"labels": torch.zeros(4, dtype=torch.int32)}, "labels"),
+    ({"teacher_temperature": torch.ones(4)}, "teacher_temperature"),
+    ({"labels": None, "teacher_temperature": None, "student_temperature": torch.ones(5)}, "student_temperature"),
+])
+def test_bad_metadata_is_a_value_error(changes, message):
+    changes = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in changes.items()}
+    with pytest.raises(ValueError, match=message):
+        _bad_call(**changes)
+
+
+def test_unknown_form_is_a_value_error():
+    s = torch.zeros(2, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="form"):
+        kd.launch(s, s, None, None, None, 1.0, 1.0, IGNORE, True, False, form="online")
+
+
+@pytest.mark.skipif(HAS_GPU, reason="on a GPU these are device asserts, which end the CUDA context")
+@pytest.mark.parametrize("changes,message", [
+    ({"labels": torch.tensor([0, 5, IGNORE, 4])}, "labels"),
+    ({"labels": torch.tensor([0, -1, 2, 4])}, "labels"),
+    ({"teacher_temperature": torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0])}, "teacher_temperature"),
+    ({"teacher_temperature": torch.tensor([1.0, 1.0, 1.0, 1.0, float("inf")])}, "teacher_temperature"),
+    ({"labels": None, "teacher_temperature": None, "student_temperature": torch.tensor([1.0, 1.0, float("nan"), 1.0])},
+     "student_temperature"),
+])
+def test_bad_values_are_checked_on_cpu(changes, message):
+    """As the C++ kernel's TORCH_CHECK (and a device assert on a GPU): a RuntimeError."""
+    with pytest.raises(RuntimeError, match=message):
+        _bad_call(**changes)
+
+
+@pytest.mark.parametrize("scalar", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_scalar_temperature(scalar):
+    with pytest.raises(RuntimeError, match="student_temperature_scalar"):
+        _bad_call(student_temperature_scalar=scalar)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="CPU-only path")
+def test_unused_bad_temperature_is_not_an_error():
+    """Only temperatures that rows use are checked (class 2 is unused, class 3's row is ignored)."""
+    rows, _, _ = _bad_call(labels=torch.tensor([0, 1, IGNORE, 4]),
+                           teacher_temperature=torch.tensor([1.0, 1.0, -1.0, 1.0, 1.0]))
+    assert torch.isfinite(rows).all()
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_bad_rows_degrade_to_nan_without_asserts(form):
+    """Without device asserts (interpreter, or a build without debug) a bad row reads NaN, not garbage."""
+    s = torch.zeros(3, 40, device=DEVICE)
+    labels = torch.tensor([0, 1, 1], device=DEVICE)
+    tau = torch.ones(40, device=DEVICE)
+    (row_loss, grad, _), launches = kd.plan(s, s, labels, tau, None, 1.0, 1.0, IGNORE, True, False, form,
+                                            small_config(form, 40))
+    # after the eager checks: row 1's label out of range, row 2's class temperature negative
+    labels[1] = 70
+    tau[1] = -2.0
+    for step in launches:
+        dataclasses.replace(step, debug=False).run()
+    assert row_loss[0] == 0 and row_loss[1:].isnan().all() and grad[1:].isnan().all() and (grad[0] == 0).all()
+
+
+@settings(max_examples=12, deadline=None)
+@given(batch=st.integers(1, 6), num_classes=st.integers(1, 70), kind=st.sampled_from(["scalar", "class", "row"]),
+       log_low=st.floats(math.log(0.05), math.log(50.0)), log_span=st.floats(0.0, 3.0),
+       scale=st.sampled_from([0.01, 1.0, 30.0, 1000.0]), form=st.sampled_from(FORMS), seed=st.integers(0, 2**16))
+def test_property_random_shapes_and_temperatures(batch, num_classes, kind, log_low, log_span, scale, form, seed):
+    g = torch.Generator().manual_seed(seed)
+    low = math.exp(log_low)
+    high = min(50.0, low * math.exp(log_span))
+    run_case(make_logits(batch, num_classes, torch.float32, scale=scale, generator=g),
+             make_logits(batch, num_classes, torch.float32, scale=scale, generator=g), kind, form=form,
+             config=small_config(form, num_classes), generator=g, low=low, high=high)
+
+
+# The launch plan, on meta tensors (nothing runs).
+
+def _plan(batch, num_classes, dtype=torch.float32, student_grad=True, sms=kd.DEFAULT_SMS):
+    logits = torch.empty(batch, num_classes, dtype=dtype, device="meta")
+    return kd.plan(logits, logits, None, None, None, 1.0, 1.0, IGNORE, student_grad, False)[1]
+
+
+def _programs(launches):
+    return min(launch.grid[0] for launch in launches)
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch=st.integers(1, 1 << 17), log_c=st.floats(0.0, math.log(1 << 18)),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), student_grad=st.booleans())
+def test_plan_fills_the_gpu(batch, log_c, dtype, student_grad):
+    """>= 2 programs per SM from 1 MiB of logits, >= 1 from 256 KiB, one per row (up to the SMs) below."""
+    num_classes = max(1, int(math.exp(log_c)))
+    launches = _plan(batch, num_classes, dtype, student_grad)
+    nbytes = batch * num_classes * dtype.itemsize
+    stats_programs = launches[0].grid[0]
+    if nbytes >= kd.TWO_WAVE_BYTES:
+        assert stats_programs >= 2 * kd.DEFAULT_SMS
+    elif nbytes >= kd.ONE_WAVE_BYTES:
+        assert stats_programs >= kd.DEFAULT_SMS
+    else:
+        assert stats_programs >= min(batch, kd.DEFAULT_SMS)
+    if len(launches) == 2 and student_grad:
+        assert launches[1].grid == launches[0].grid
+    for launch in launches:
+        assert launch.num_warps <= kd.MAX_WARPS
+        blocks = launch.constexprs.get("BLOCK_M", 1) * launch.constexprs["BLOCK_N"]
+        assert blocks <= 32 * launch.num_warps * kd.ELEMENTS_PER_THREAD
+
+
+@pytest.mark.parametrize("shape,form,programs", [((128, 10), "tile", 128), ((1024, 100), "tile", 256),
+                                                 ((256, 1000), "tile", 256), ((8, 32000), "split", 256),
+                                                 ((64, 262144), "split", 512), ((4096, 32000), "split", 4096),
+                                                 ((8, 8192), "split", 256), ((4096, 8192), "tile", 4096)])
+def test_plan_at_the_benchmark_shapes(shape, form, programs):
+    launches = _plan(*shape)
+    assert (launches[0].kernel is kd._kd_tile_kernel) == (form == "tile")
+    assert _programs(launches) == programs
+
+
+@pytest.mark.parametrize("shape,layout,dtype,vec", [((4, 10), "contiguous", torch.float32, 2),
+                                                    ((4, 100), "contiguous", torch.float32, 4),
+                                                    ((4, 1000), "contiguous", torch.bfloat16, 8),
+                                                    ((4, 1000), "contiguous", torch.float32, 4),
+                                                    ((4, 37), "contiguous", torch.float32, 1),
+                                                    ((1, 37), "contiguous", torch.float32, 1),
+                                                    ((1, 36), "contiguous", torch.float32, 4),
+                                                    ((4, 40), "column-slice", torch.float32, 1),
+                                                    ((4, 40), "transposed", torch.float32, 1),
+                                                    ((4, 20), "row-slice", torch.float32, 4)])
+def test_vector_width(shape, layout, dtype, vec):
+    s = make_logits(*shape, dtype, layout)
+    assert kd.vector_width(shape[1], shape[0], (s, s)) == vec
