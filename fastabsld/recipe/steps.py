@@ -1,8 +1,9 @@
 """The training steps of the recipe: one batch of ABSLD/RSLAD distillation or of PGD adversarial training.
 
 Per batch of a distillation method (``absld`` or ``rslad``), as in the authors' released script:
-the frozen teacher's logits on the clean batch are computed once; the student, in eval mode, is
-attacked with ``cfg.steps`` PGD steps from ``x + 0.001 * N(0, 1)`` maximising the summed KL to the
+the frozen teacher's logits on the clean batch are computed once; the student, switched to eval
+mode here (the attack keeps that mode, ``eval_mode=False``), is attacked with ``cfg.steps`` PGD
+steps from ``x + 0.001 * N(0, 1)`` maximising the summed KL to the
 tempered teacher labels ``loss_fn.teacher_probs(z_t, y, "adv")``; then, in train mode,
 ``loss_fn(student(x_adv), student(x), z_t, y)`` is minimised. ``rslad`` is the same step with the
 temperatures fixed at 1; ``pgd-at`` is PGD adversarial training with cross-entropy (uniform random
@@ -76,7 +77,7 @@ def distill_step(student, teacher, loss_fn, x, y, cfg, generator, *, attack_mode
         student.eval()
         attacked = student if attack_model is None else attack_model.refresh()
         x_adv = pgd(speed.Fp32Logits(attacked, cfg.amp), x, kl_loss(target), eps=cfg.eps, alpha=cfg.alpha,
-                    steps=cfg.steps, random_start="normal", generator=generator)
+                    steps=cfg.steps, random_start="normal", generator=generator, eval_mode=False)
         student.train()
     with phase("student"):
         adv_logits = speed.forward_fp32(student, x_adv, cfg.amp)
@@ -102,7 +103,7 @@ def pgd_at_step(student, x, y, cfg, generator, *, phase=None):
     with phase("attack"):
         student.eval()
         x_adv = pgd(speed.Fp32Logits(student, cfg.amp), x, ce_loss(y), eps=cfg.eps, alpha=cfg.alpha,
-                    steps=cfg.steps, random_start="uniform", generator=generator)
+                    steps=cfg.steps, random_start="uniform", generator=generator, eval_mode=False)
         student.train()
     with phase("student"):
         logits = speed.forward_fp32(student, x_adv, cfg.amp)
