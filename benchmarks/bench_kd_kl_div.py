@@ -1,6 +1,8 @@
 """Forward + backward of the KD loss with per-class teacher temperatures (the ABSLD use):
 fastabsld.loss.kd_kl_div against the released ABSLD formulation in eager PyTorch and under
-torch.compile. One pytest-benchmark group per shape, so the ratios come from one run:
+torch.compile; the fused loss and the eager formulation also with a per-class ``weight`` and a
+per-row ``sample_weight`` (the ``*_weighted`` cases: the fused loss applies them inside its
+kernel, so fastabsld_weighted / fastabsld should stay within 1.05). One pytest-benchmark group per shape, so the ratios come from one run:
 
     python -m pytest benchmarks/bench_kd_kl_div.py --benchmark-only --benchmark-min-time=0.05
 
@@ -16,7 +18,7 @@ from fastabsld.loss import kd_kl_div
 from tests.released import released_kl_mean
 
 SHAPES = [(128, 10), (1024, 100), (256, 1000), (8, 32000)]
-IMPLS = ["fastabsld", "eager", "compile"]
+IMPLS = ["fastabsld", "fastabsld_weighted", "eager", "eager_weighted", "compile"]
 
 
 def released_absld(student_logits, teacher_logits, tau, labels):
@@ -25,17 +27,33 @@ def released_absld(student_logits, teacher_logits, tau, labels):
     return released_kl_mean(student_logits, p)
 
 
+def released_absld_weighted(student_logits, teacher_logits, tau, labels, weight, sample_weight):
+    """The same, each row's terms scaled by ``weight[label] * sample_weight``."""
+    p = torch.softmax(teacher_logits / tau[labels].unsqueeze(1), dim=1)
+    terms = p * (torch.log(p + 1e-5) - torch.log(torch.softmax(student_logits, dim=1)))
+    return (terms * (weight[labels] * sample_weight).unsqueeze(1)).mean()
+
+
 def fused(student_logits, teacher_logits, tau, labels):
     return kd_kl_div(student_logits, teacher_logits, labels=labels, teacher_temperature=tau, reduction="mean")
 
 
-def inputs(batch, num_classes):
+def fused_weighted(student_logits, teacher_logits, tau, labels, weight, sample_weight):
+    return kd_kl_div(student_logits, teacher_logits, labels=labels, teacher_temperature=tau, reduction="mean",
+                     weight=weight, sample_weight=sample_weight)
+
+
+def inputs(batch, num_classes, weighted=False):
     gen = torch.Generator().manual_seed(0)
     student = (2 * torch.randn(batch, num_classes, generator=gen)).requires_grad_(True)
     teacher = 2 * torch.randn(batch, num_classes, generator=gen)
     labels = torch.randint(0, num_classes, (batch,), generator=gen)
     tau = 0.5 + 4.5 * torch.rand(num_classes, generator=gen)
-    return student, teacher, tau, labels
+    if not weighted:
+        return student, teacher, tau, labels
+    weight = 0.5 + torch.rand(num_classes, generator=gen)
+    sample_weight = 0.5 + torch.rand(batch, generator=gen)
+    return student, teacher, tau, labels, weight, sample_weight
 
 
 def saved_bytes(loss_fn, args):
@@ -61,9 +79,10 @@ def test_kd_kl_div_forward_backward(benchmark, shape, impl):
     benchmark.group = f"kd_kl_div fwd+bwd B={batch} C={num_classes}"
     if impl == "compile" and benchmark.disabled:
         pytest.skip("the compiled baseline is only built when benchmarking")
-    args = inputs(batch, num_classes)
+    args = inputs(batch, num_classes, weighted=impl.endswith("_weighted"))
     student = args[0]
-    loss_fn = {"fastabsld": fused, "eager": released_absld}.get(impl)
+    loss_fn = {"fastabsld": fused, "eager": released_absld, "fastabsld_weighted": fused_weighted,
+               "eager_weighted": released_absld_weighted}.get(impl)
     if impl == "compile":
         torch._dynamo.reset()
         loss_fn = torch.compile(released_absld, fullgraph=True)
@@ -76,11 +95,11 @@ def test_kd_kl_div_forward_backward(benchmark, shape, impl):
     if impl != "compile":
         benchmark.extra_info["saved_bytes"] = saved_bytes(loss_fn, args)
         benchmark.extra_info["gradient_buffer_bytes"] = batch * num_classes * student.element_size()
-    if impl == "fastabsld":
+    if impl.startswith("fastabsld"):
         # The released formulation's 1e-5 changes the value only; the gradients agree.
         grad = student.grad
         student.grad = None
-        released_absld(*args).backward()
+        (released_absld_weighted if impl.endswith("_weighted") else released_absld)(*args).backward()
         torch.testing.assert_close(grad, student.grad, rtol=1e-4, atol=1e-9)
         # One (B, C) gradient buffer, plus 0-d scalars (the counted rows).
         assert benchmark.extra_info["saved_bytes"] <= benchmark.extra_info["gradient_buffer_bytes"] + 64

@@ -80,18 +80,32 @@ struct KdLoss {
   double scale = 1.0;
 };
 
-KdLoss kd_loss(const at::Tensor& s, const at::Tensor& t, const std::optional<at::Tensor>& labels,
-               const std::optional<at::Tensor>& tau_t, const std::optional<at::Tensor>& tau_s,
-               double tau_t_scalar, double tau_s_scalar, int64_t ignore_index, Reduction reduction,
+// The op's arguments other than the logits, the reduction and the gradient flags.
+struct KdOptions {
+  const std::optional<at::Tensor>& labels;
+  const std::optional<at::Tensor>& tau_t;
+  const std::optional<at::Tensor>& tau_s;
+  double tau_t_scalar, tau_s_scalar;
+  int64_t ignore_index;
+  const std::optional<at::Tensor>& weight;
+  const std::optional<at::Tensor>& sample_weight;
+  double sample_weight_scalar;
+};
+
+KdLoss kd_loss(const at::Tensor& s, const at::Tensor& t, const KdOptions& o, Reduction reduction,
                bool student_grad, bool teacher_grad) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fastabsld::kd_kl_div_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                           double, double, int64_t, bool, bool)>();
-  auto [rows, grad_s, grad_t] = op.call(s, t, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar,
-                                        ignore_index, student_grad, teacher_grad);
+                           double, double, int64_t, bool, bool, const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&, double)>();
+  auto [rows, grad_s, grad_t] =
+      op.call(s, t, o.labels, o.tau_t, o.tau_s, o.tau_t_scalar, o.tau_s_scalar, o.ignore_index,
+              student_grad, teacher_grad, o.weight, o.sample_weight, o.sample_weight_scalar);
+  const auto& labels = o.labels;
+  const int64_t ignore_index = o.ignore_index;
   KdLoss out;
   out.grad_s = grad_s;
   out.grad_t = grad_t;
@@ -112,11 +126,15 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
                             const std::optional<at::Tensor>& labels,
                             const std::optional<at::Tensor>& tau_t,
                             const std::optional<at::Tensor>& tau_s, double tau_t_scalar,
-                            double tau_s_scalar, int64_t ignore_index, c10::string_view reduction) {
+                            double tau_s_scalar, int64_t ignore_index, c10::string_view reduction,
+                            const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& sample_weight,
+                            double sample_weight_scalar) {
     const Reduction kind = parse_reduction(reduction);
     const bool student_grad = s.requires_grad(), teacher_grad = t.requires_grad();
-    KdLoss out = kd_loss(s, t, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index, kind,
-                         student_grad, teacher_grad);
+    const KdOptions options{labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
+                            weight, sample_weight, sample_weight_scalar};
+    KdLoss out = kd_loss(s, t, options, kind, student_grad, teacher_grad);
     ctx->save_for_backward({out.grad_s, out.grad_t, out.denominator});
     ctx->saved_data["flags"] = static_cast<int64_t>(kind) * 4 + student_grad * 2 + teacher_grad;
     ctx->saved_data["scale"] = out.scale;
@@ -136,7 +154,7 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
       if (denominator.defined()) return g * (grad / denominator);
       return factor == 1.0 ? g * grad : g * (grad * factor);
     };
-    variable_list out(9);
+    variable_list out(12);
     if (student_grad) out[0] = scale(saved[0]);
     if (teacher_grad) out[1] = scale(saved[1]);
     return out;
@@ -148,10 +166,13 @@ at::Tensor kd_kl_div_loss_no_grad(const at::Tensor& s, const at::Tensor& t,
                                   const std::optional<at::Tensor>& tau_t,
                                   const std::optional<at::Tensor>& tau_s, double tau_t_scalar,
                                   double tau_s_scalar, int64_t ignore_index,
-                                  c10::string_view reduction) {
-  return kd_loss(s, t, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
-                 parse_reduction(reduction), false, false)
-      .loss;
+                                  c10::string_view reduction,
+                                  const std::optional<at::Tensor>& weight,
+                                  const std::optional<at::Tensor>& sample_weight,
+                                  double sample_weight_scalar) {
+  const KdOptions options{labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
+                          weight, sample_weight, sample_weight_scalar};
+  return kd_loss(s, t, options, parse_reduction(reduction), false, false).loss;
 }
 
 at::Tensor kd_kl_div_loss_autograd(const at::Tensor& s, const at::Tensor& t,
@@ -159,14 +180,18 @@ at::Tensor kd_kl_div_loss_autograd(const at::Tensor& s, const at::Tensor& t,
                                    const std::optional<at::Tensor>& tau_t,
                                    const std::optional<at::Tensor>& tau_s, double tau_t_scalar,
                                    double tau_s_scalar, int64_t ignore_index,
-                                   c10::string_view reduction) {
+                                   c10::string_view reduction,
+                                   const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& sample_weight,
+                                   double sample_weight_scalar) {
   if (!at::GradMode::is_enabled() || !(s.requires_grad() || t.requires_grad())) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return kd_kl_div_loss_no_grad(s, t, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar,
-                                  ignore_index, reduction);
+                                  ignore_index, reduction, weight, sample_weight,
+                                  sample_weight_scalar);
   }
   return KdLossFunction::apply(s, t, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
-                               reduction);
+                               reduction, weight, sample_weight, sample_weight_scalar);
 }
 
 }  // namespace

@@ -1,7 +1,9 @@
 // Row math of the fused KD loss (fastabsld::kd_kl_div_forward), for contiguous rows in the
 // accumulation type. Passes: (1) max of both rows; (2) exponentials, normalisers and the loss;
-// (3) the gradients. fp32 runs on 16-lane GCC vectors (one AVX-512 register, two AVX2 ones,
-// four SSE ones), the row's tail padded with -inf; fp64 (for gradcheck) runs one lane at a time.
+// (3) the gradients. A row weight w scales the loss and both gradients through the per-row
+// constants of pass (3), so it costs no per-element work. fp32 runs on 16-lane GCC vectors (one
+// AVX-512 register, two AVX2 ones, four SSE ones), the row's tail padded with -inf; fp64 (for
+// gradcheck) runs one lane at a time.
 #pragma once
 
 #include <bit>
@@ -115,14 +117,15 @@ KD_INLINE inline acc_t kd_max(V v) {
   }
 }
 
-// What one row needs: the teacher's and student's rows, the inverse temperatures, and the
-// outputs (nullptr when not wanted). `scratch` holds kd_scratch_size(cols) values.
+// What one row needs: the teacher's and student's rows, the inverse temperatures, the row's
+// weight, and the outputs (nullptr when not wanted). `scratch` holds kd_scratch_size(cols) values.
 template <typename acc_t>
 struct KdRow {
   const acc_t* t;
   const acc_t* s;
   int64_t cols;
   acc_t inv_tau_t, inv_tau_s;
+  acc_t weight;
   acc_t* grad_s;
   acc_t* grad_t;
   acc_t* scratch;
@@ -174,7 +177,7 @@ KD_INLINE inline acc_t kd_row_impl(const KdRow<acc_t>& r) {
   const acc_t log_ratio = std::log(inv_zt / inv_zs);  // log zs - log zt
   const acc_t loss = kd_sum<V, acc_t>(vw) * inv_zt + log_ratio;
   if (r.grad_s != nullptr) {
-    const acc_t cq = r.inv_tau_s * inv_zs, cp = r.inv_tau_s * inv_zt;
+    const acc_t cq = r.weight * r.inv_tau_s * inv_zs, cp = r.weight * r.inv_tau_s * inv_zt;
     kd_blocks<W>(n, [&](int64_t c, int width) KD_INLINE {
       const V g = kd_load<V>(eb + c, W, acc_t(0)) * cq - kd_load<V>(ea + c, W, acc_t(0)) * cp;
       kd_store<V>(r.grad_s + c, g, width);
@@ -182,17 +185,17 @@ KD_INLINE inline acc_t kd_row_impl(const KdRow<acc_t>& r) {
   }
   if constexpr (kTeacherGrad) {
     const acc_t offset = log_ratio - loss;
-    const acc_t cp = r.inv_tau_t * inv_zt;
+    const acc_t cp = r.weight * r.inv_tau_t * inv_zt;
     kd_blocks<W>(n, [&](int64_t c, int width) KD_INLINE {
       const V p = kd_load<V>(ea + c, W, acc_t(0));
       const V g = p > zero ? p * cp * (kd_load<V>(diff + c, W, acc_t(0)) + offset) : zero;
       kd_store<V>(r.grad_t + c, g, width);
     });
   }
-  return loss;
+  return r.weight * loss;
 }
 
-// The row loss KL(p || q); fills grad_s / grad_t when they are not nullptr.
+// The row loss w * KL(p || q); fills grad_s / grad_t when they are not nullptr.
 template <typename V, typename acc_t>
 KD_INLINE inline acc_t kd_row_lanes(const KdRow<acc_t>& r) {
   return r.grad_t != nullptr ? kd_row_impl<V, acc_t, true>(r) : kd_row_impl<V, acc_t, false>(r);

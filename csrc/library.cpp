@@ -15,20 +15,22 @@ TORCH_LIBRARY(fastabsld, m) {
       "pgd_step(Tensor x_adv, Tensor x, Tensor grad, Tensor? alpha_per_sample, "
       "Tensor? eps_per_sample, float alpha, float eps, str norm, float clamp_min, "
       "float clamp_max) -> Tensor");
-  // Fused KD loss, per row: KL(softmax(t / tau_t) || softmax(s / tau_s)) and its gradients
-  // (empty (0,) tensors when not asked for). A temperature tensor is indexed by labels (length C)
-  // when labels are given, else by row (length B); the scalar is used where it is None.
+  // Fused KD loss, per row: w * KL(softmax(t / tau_t) || softmax(s / tau_s)) and its gradients
+  // (empty (0,) tensors when not asked for). A temperature tensor is (C,), one per class indexed
+  // by labels (which it needs), or (B, 1), one per row; the scalar is used where it is None. The
+  // row weight w = weight[label] (C,) * sample_weight[row] (B,) * sample_weight_scalar.
   m.def(
       "kd_kl_div_forward(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
       "Tensor? teacher_temperature, Tensor? student_temperature, "
       "float teacher_temperature_scalar, float student_temperature_scalar, int ignore_index, "
-      "bool student_grad, bool teacher_grad) -> (Tensor row_loss, Tensor grad_student, "
-      "Tensor grad_teacher)");
+      "bool student_grad, bool teacher_grad, Tensor? weight=None, Tensor? sample_weight=None, "
+      "float sample_weight_scalar=1.) -> (Tensor row_loss, Tensor grad_student, Tensor grad_teacher)");
   // The reduced fused KD loss ("none", "sum", "batchmean", "mean") with its autograd in C++:
   // kd_kl_div_forward plus the reduction, for eager callers (torch.compile traces the above).
   m.def(
       "kd_kl_div_loss(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
       "Tensor? teacher_temperature, Tensor? student_temperature, "
       "float teacher_temperature_scalar, float student_temperature_scalar, int ignore_index, "
-      "str reduction) -> Tensor");
+      "str reduction, Tensor? weight=None, Tensor? sample_weight=None, "
+      "float sample_weight_scalar=1.) -> Tensor");
 }

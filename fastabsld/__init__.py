@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "kd_kl_div": "fastabsld.ops.kd_loss", "kd_kl_div_forward": "fastabsld.ops.kd_loss",
     "pgd_step": "fastabsld.ops.pgd", "KDLoss": "fastabsld.loss", "ABSLDLoss": "fastabsld.methods.absld",
+    "BetaDecay": "fastabsld.methods.absld",
     "TRADESLoss": "fastabsld.methods.trades", "ARDLoss": "fastabsld.methods.ard", "IADLoss": "fastabsld.methods.iad",
     "FairReweight": "fastabsld.methods.fair",
     "anti_bias_update": "fastabsld.temperature", "accumulate_class_risk": "fastabsld.temperature",

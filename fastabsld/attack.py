@@ -2,8 +2,13 @@
 and the attack losses the ABSLD recipe and its evaluation need (CE, KL to soft labels, CW margin).
 
 The attacks take the gradient with respect to the input only (``torch.autograd.grad``), so the
-model's parameters never receive gradients, and they leave the model in the mode it is in. Each
-attack checks its arguments once; its steps then call the op directly.
+model's parameters never receive gradients. :func:`pgd` and :func:`fgsm` run an ``nn.Module`` in eval
+mode by default and give every submodule back the mode it had (as torchattacks does), so an attack on
+a model in train mode neither updates its BatchNorm statistics nor draws dropout masks;
+``eval_mode=False`` keeps the caller's modes (the recipe's training step, which sets eval mode
+itself, passes it). :func:`pgd_loop` never touches modes: it is the loop a CUDA graph captures, and a
+mode switch is a host-side side effect a graph cannot replay. Each attack checks its arguments once;
+its steps then call the op directly.
 """
 
 import contextlib
@@ -156,11 +161,36 @@ def _start(x, eps, norm, random_start, clamp, generator):
     return start.clamp(clamp[0], clamp[1])
 
 
+@contextlib.contextmanager
+def model_mode(model, eval_mode=True):
+    """Runs ``model`` in eval mode inside the context, then gives each submodule back its own mode.
+
+    Args:
+        model: an ``nn.Module`` (anything else, e.g. a plain function, is left alone).
+        eval_mode: switch to eval mode; ``False`` keeps the caller's modes (a no-op context).
+
+    Yields:
+        the model.
+    """
+    if not eval_mode or not isinstance(model, torch.nn.Module):
+        yield model
+        return
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def pgd(model, x, loss_fn, *, eps, alpha, steps, norm="linf", random_start="uniform", clamp=(0.0, 1.0),
-        generator=None):
+        generator=None, eval_mode=True):
     """Projected gradient ascent on ``loss_fn(model(x_adv))`` within the eps-ball around ``x``.
 
-    The model runs in the mode the caller left it; its parameters receive no gradients.
+    An ``nn.Module`` runs in eval mode (BatchNorm uses its running statistics and is not updated,
+    dropout is off) and every submodule is given back its mode afterwards; its parameters receive
+    no gradients.
 
     Args:
         model: callable mapping inputs (B, ...) to logits.
@@ -175,6 +205,8 @@ def pgd(model, x, loss_fn, *, eps, alpha, steps, norm="linf", random_start="unif
             (``x + 0.001 * N(0, 1)``, the ABSLD recipe) or "none" (start at ``x``).
         clamp: (min, max) of the valid input range.
         generator: torch.Generator for the random start, or None for the global one.
+        eval_mode: run the model in eval mode (default); ``False`` runs it in whatever modes the
+            caller left it (a model in train mode then updates its BatchNorm statistics at every step).
 
     Returns:
         Tensor: the adversarial inputs, detached, shaped like ``x``.
@@ -182,7 +214,8 @@ def pgd(model, x, loss_fn, *, eps, alpha, steps, norm="linf", random_start="unif
     check_choice(random_start, "random_start", RANDOM_STARTS)
     step = _check_attack(x, eps, alpha, steps, norm, clamp)  # also when steps = 0: the start uses eps and clamp
     x = x.detach()
-    return _ascend(model, x, _start(x, eps, norm, random_start, clamp, generator), loss_fn, int(steps), step)
+    with model_mode(model, eval_mode):
+        return _ascend(model, x, _start(x, eps, norm, random_start, clamp, generator), loss_fn, int(steps), step)
 
 
 def pgd_loop(model, x, x_start, loss_fn, *, eps, alpha, steps, norm="linf", clamp=(0.0, 1.0)):
@@ -244,8 +277,8 @@ def _ascend(model, x, x_start, loss_fn, steps, step):
     return x_adv.detach()
 
 
-def fgsm(model, x, loss_fn, *, eps, clamp=(0.0, 1.0)):
-    """The fast gradient sign method: one L-inf step of size eps from ``x``.
+def fgsm(model, x, loss_fn, *, eps, clamp=(0.0, 1.0), eval_mode=True):
+    """The fast gradient sign method: one L-inf step of size eps from ``x`` (the model in eval mode, as in :func:`pgd`).
 
     Args:
         model: callable mapping inputs (B, ...) to logits.
@@ -253,8 +286,10 @@ def fgsm(model, x, loss_fn, *, eps, clamp=(0.0, 1.0)):
         loss_fn: ``loss_fn(logits) -> scalar`` to maximise.
         eps: radius and step size: a non-negative number or a (B,) tensor.
         clamp: (min, max) of the valid input range.
+        eval_mode: run the model in eval mode (default), or in the caller's modes (``False``).
 
     Returns:
         Tensor: the adversarial inputs, detached, shaped like ``x``.
     """
-    return pgd(model, x, loss_fn, eps=eps, alpha=eps, steps=1, norm="linf", random_start="none", clamp=clamp)
+    return pgd(model, x, loss_fn, eps=eps, alpha=eps, steps=1, norm="linf", random_start="none", clamp=clamp,
+               eval_mode=eval_mode)

@@ -75,47 +75,81 @@ def row_temperature(temperature, labels, batch, num_classes, name="temperature")
     """Resolves a temperature argument to one value per row.
 
     Args:
-        temperature: a number, a 0-d tensor, or a 1-D tensor: length C (gathered by ``labels``)
-            when labels are given, else length B.
+        temperature: a number or a 0-d tensor (every row); a (C,) tensor, one value per class,
+            gathered by ``labels`` (which it needs); or a (B, 1) tensor, one value per row.
         labels: (B,) integer class labels or None. Ignored rows may hold any value.
         batch: B.
         num_classes: C.
         name: the argument's name for error messages.
 
     Returns:
-        Tensor: (B,) or 0-d fp32/fp64 tensor of temperatures (a number becomes a 0-d tensor).
+        Tensor: (B, 1) or 0-d fp32/fp64 tensor of temperatures (a number becomes a 0-d tensor).
     """
     if not isinstance(temperature, torch.Tensor):
         return torch.tensor(float(temperature), dtype=torch.float64)
     if temperature.dim() == 0:
         return temperature
+    if temperature.dim() == 2:
+        if tuple(temperature.shape) != (batch, 1):
+            raise ValueError(f"{name} per row must have shape (B, 1) = ({batch}, 1), got {tuple(temperature.shape)}")
+        return temperature
     if temperature.dim() != 1:
-        raise ValueError(f"{name} must be a number, a 0-d or a 1-D tensor, got shape {tuple(temperature.shape)}")
-    if labels is not None:
-        if temperature.shape[0] != num_classes:
-            raise ValueError(f"{name} with labels must have length C={num_classes}, got {temperature.shape[0]}")
-        return temperature[labels.clamp(0, num_classes - 1)]
-    if temperature.shape[0] != batch:
-        raise ValueError(f"{name} without labels must have length B={batch}, got {temperature.shape[0]}")
-    return temperature
+        raise ValueError(f"{name} must be a number, a 0-d, (C,) or (B, 1) tensor, got shape {tuple(temperature.shape)}")
+    if labels is None:
+        raise ValueError(f"{name} of shape (C,) is per class and needs labels; pass a (B, 1) tensor for one "
+                         "temperature per row")
+    if temperature.shape[0] != num_classes:
+        raise ValueError(f"{name} per class must have length C={num_classes}, got {temperature.shape[0]}")
+    return temperature[labels.clamp(0, num_classes - 1)].reshape(batch, 1)
+
+
+def row_weight(weight, sample_weight, labels, batch, dtype, device):
+    """The weight of each row, ``weight[labels[i]] * sample_weight[i]`` (1 where an argument is None).
+
+    Args:
+        weight: (C,) per-class weights (needs labels) or None.
+        sample_weight: a number, a 0-d or a (B,) tensor, or None.
+        labels: (B,) labels or None. Ignored rows (any label) get some weight; the loss zeroes them.
+        batch: B.
+        dtype: the dtype to compute in.
+        device: the logits' device.
+
+    Returns:
+        Tensor: (B,) row weights in ``dtype``.
+    """
+    w = torch.ones(batch, dtype=dtype, device=device)
+    if weight is not None:
+        if labels is None:
+            raise ValueError("weight is per class and needs labels")
+        w = w * weight.to(device, dtype)[labels.clamp(0, weight.shape[0] - 1)]
+    if sample_weight is not None:
+        if isinstance(sample_weight, torch.Tensor):
+            w = w * sample_weight.to(device, dtype).expand(batch)
+        else:
+            w = w * float(sample_weight)
+    return w
 
 
 def kd_kl_div(student_logits, teacher_logits, labels=None, teacher_temperature=1.0, student_temperature=1.0,
-              reduction="batchmean", ignore_index=-100):
-    """KL(softmax(teacher / tau_t) || softmax(student / tau_s)) per row, then reduced.
+              reduction="batchmean", ignore_index=-100, weight=None, sample_weight=None):
+    """``w_i * KL(softmax(teacher_i / tau_t) || softmax(student_i / tau_s))`` per row, then reduced.
 
     The exact KL with 0 log 0 = 0: a teacher logit of -inf is a class ruled out. Computed in
-    fp64 for fp64 inputs, else fp32; differentiable in both logits through autograd.
+    fp64 for fp64 inputs, else fp32; differentiable in both logits through autograd. Row i's
+    weight is ``w_i = weight[labels[i]] * sample_weight[i]``; the reductions count rows, not
+    weights.
 
     Args:
         student_logits: (B, C) logits of the student.
         teacher_logits: (B, C) logits of the teacher.
-        labels: (B,) class labels or None; selects per-class temperatures and ignored rows.
-        teacher_temperature: number, 0-d tensor, (C,) with labels, or (B,) without.
+        labels: (B,) class labels or None; selects per-class temperatures and weights, and ignored rows.
+        teacher_temperature: number, 0-d tensor, (C,) per class (with labels) or (B, 1) per row.
         student_temperature: likewise.
         reduction: "none" (per-row, shape (B,)), "sum", "batchmean" (sum / counted rows) or
             "mean" (sum / (counted rows * C)).
         ignore_index: rows whose label equals it contribute nothing and are not counted.
+        weight: (C,) per-class weights or None.
+        sample_weight: a number, a 0-d or (B,) tensor of per-row weights, or None.
 
     Returns:
         Tensor: the loss, fp32 (fp64 for fp64 inputs).
@@ -128,15 +162,13 @@ def kd_kl_div(student_logits, teacher_logits, labels=None, teacher_temperature=1
     t = teacher_logits.to(compute)
     tau_t = row_temperature(teacher_temperature, labels, batch, num_classes, "teacher_temperature")
     tau_s = row_temperature(student_temperature, labels, batch, num_classes, "student_temperature")
-    tau_t = tau_t.to(s.device, compute).reshape(-1, 1) if tau_t.dim() else tau_t.to(s.device, compute)
-    tau_s = tau_s.to(s.device, compute).reshape(-1, 1) if tau_s.dim() else tau_s.to(s.device, compute)
-    log_p = torch.log_softmax(t / tau_t, dim=1)
-    log_q = torch.log_softmax(s / tau_s, dim=1)
+    log_p = torch.log_softmax(t / tau_t.to(s.device, compute), dim=1)
+    log_q = torch.log_softmax(s / tau_s.to(s.device, compute), dim=1)
     p = log_p.exp()
     support = p > 0
     zero = torch.zeros((), dtype=compute, device=s.device)
     terms = p * (torch.where(support, log_p, zero) - torch.where(support, log_q, zero))
-    rows = terms.sum(dim=1)
+    rows = terms.sum(dim=1) * row_weight(weight, sample_weight, labels, batch, compute, s.device)
     if labels is not None:
         counted = labels != ignore_index
         rows = torch.where(counted, rows, zero)

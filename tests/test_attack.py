@@ -66,6 +66,45 @@ def test_pgd_keeps_model_mode_and_parameter_grads(training):
     assert all(p.grad is None for name, p in model.named_parameters() if name != "0.weight")
 
 
+def _bn_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("run", ["pgd", "fgsm"])
+def test_attack_on_a_training_model_runs_it_in_eval_mode(run):
+    """By default the attack neither updates BatchNorm statistics nor uses batch statistics (as torchattacks)."""
+    model = small_cnn(batchnorm=True)
+    x, y = batch()
+    model.train()
+    with torch.no_grad():
+        model(x)  # one training forward: num_batches_tracked = 1, non-trivial running statistics
+    before = _bn_state(model)
+
+    def attack_it(m, **kwargs):
+        if run == "fgsm":
+            return attack.fgsm(m, x, attack.ce_loss(y), eps=8 / 255, **kwargs)
+        return attack.pgd(m, x, attack.ce_loss(y), eps=8 / 255, alpha=2 / 255, steps=5,
+                          generator=torch.Generator().manual_seed(0), **kwargs)
+
+    adversarial = attack_it(model)
+    assert model.training and all(m.training for m in model)
+    assert all(torch.equal(before[k], v) for k, v in _bn_state(model).items())
+    # The reference: the same attack on a copy of the model put in eval mode by hand.
+    import copy
+
+    frozen = copy.deepcopy(model).eval()
+    torch.testing.assert_close(adversarial, attack_it(frozen, eval_mode=False), rtol=0, atol=0)
+    # eval_mode=False keeps the caller's train mode: each forward updates the statistics.
+    attack_it(model, eval_mode=False)
+    steps = 1 if run == "fgsm" else 5
+    assert int(model[1].num_batches_tracked) == 1 + steps
+
+
+def test_model_mode_leaves_plain_functions_alone():
+    with attack.model_mode(torch.sin) as fn:
+        assert fn is torch.sin
+
+
 def test_pgd_under_no_grad_and_returns_detached():
     x, y = batch()
     with torch.no_grad():

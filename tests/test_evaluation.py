@@ -1,8 +1,10 @@
-"""evaluate(): structure, agreement with direct attack calls and torchattacks, model state."""
+"""evaluate(): structure, agreement with direct attack calls and torchattacks, model state, per-attack seeds,
+attack names with their steps, the AutoAttack backends."""
 
 import json
 import math
 import sys
+import types
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torchattacks
 
 import fastabsld
 from fastabsld import attack
-from fastabsld.evaluation import ATTACKS, evaluate
+from fastabsld.evaluation import attack_seed, evaluate, parse_attack
 
 CLASSES = 4
 EPS, ALPHA = 0.1, 0.1 / 3  # large enough that every attack changes some predictions of the tiny model
@@ -55,7 +57,7 @@ def per_class(inputs, model=MODEL):
 def results():
     MODEL.train()
     state = {k: v.clone() for k, v in MODEL.state_dict().items()}
-    out = evaluate(MODEL, LOADER, attacks=("clean", "fgsm", "pgd20", "cw"), eps=EPS, alpha=ALPHA, steps=3,
+    out = evaluate(MODEL, LOADER, attacks=("clean", "fgsm", "pgd", "cw"), eps=EPS, alpha=ALPHA, steps=3,
                    progress=False, seed=5)
     assert MODEL.training and all(module.training for module in MODEL.modules())
     assert all(torch.equal(state[k], v) for k, v in MODEL.state_dict().items())  # BN statistics untouched
@@ -64,7 +66,7 @@ def results():
 
 
 def test_structure_and_json(results):
-    assert list(results) == ["clean", "fgsm", "pgd20", "cw"]
+    assert list(results) == ["clean", "fgsm", "pgd3", "cw3"]  # bare names are reported with the steps they ran
     for figures in results.values():
         assert set(figures) == KEYS and figures["count"] == len(MODEL_Y)
         assert len(figures["per_class"]) == CLASSES
@@ -72,7 +74,7 @@ def test_structure_and_json(results):
         assert figures["worst"] == min(figures["per_class"])
     json.dumps(results, allow_nan=False)  # nothing undefined here
     assert results["clean"]["average"] > 0.5
-    for name in ("fgsm", "pgd20", "cw"):
+    for name in ("fgsm", "pgd3", "cw3"):
         assert results[name]["average"] < results["clean"]["average"], name
 
 
@@ -85,27 +87,31 @@ def test_clean_and_fgsm_against_direct_computation(results):
 
 def test_pgd_and_cw_against_direct_attack_calls(results):
     MODEL.eval()
-    generator = torch.Generator().manual_seed(5)
+    # Each attack has its own generator, seeded from (seed, name), drawn batch after batch.
+    pgd_gen = torch.Generator().manual_seed(attack_seed(5, "pgd3"))
+    cw_gen = torch.Generator().manual_seed(attack_seed(5, "cw3"))
     pgd_inputs, cw_inputs = [], []
-    for x, y in LOADER:  # evaluate's order per batch: clean, fgsm, pgd20, cw (only PGD and CW draw)
-        pgd_inputs.append(attack.pgd(MODEL, x, attack.ce_loss(y), eps=EPS, alpha=ALPHA, steps=3,
-                                     generator=generator))
-        cw_inputs.append(attack.pgd(MODEL, x, attack.cw_loss(y, confidence=50), eps=EPS, alpha=ALPHA,
-                                    steps=3, generator=generator))
-    assert results["pgd20"]["per_class"] == pytest.approx(per_class(torch.cat(pgd_inputs)))
-    assert results["cw"]["per_class"] == pytest.approx(per_class(torch.cat(cw_inputs)))
+    for x, y in LOADER:
+        pgd_inputs.append(attack.pgd(MODEL, x, attack.ce_loss(y), eps=EPS, alpha=ALPHA, steps=3, generator=pgd_gen))
+        cw_inputs.append(attack.pgd(MODEL, x, attack.cw_loss(y, confidence=50), eps=EPS, alpha=ALPHA, steps=3,
+                                    generator=cw_gen))
+    assert results["pgd3"]["per_class"] == pytest.approx(per_class(torch.cat(pgd_inputs)))
+    assert results["cw3"]["per_class"] == pytest.approx(per_class(torch.cat(cw_inputs)))
 
 
 def test_autoattack_through_torchattacks():
     # A radius this large fools every sample in APGD-CE, so the later AutoAttack stages are skipped.
     x, y, loader = tiny_data(size=8, batch=4)
-    out = evaluate(MODEL, loader, attacks=("clean", "autoattack"), eps=1.0, progress=False)
+    out = evaluate(MODEL, loader, attacks=("clean", "autoattack"), eps=1.0, progress=False,
+                   autoattack_backend="torchattacks")
     assert out["autoattack"]["average"] == 0.0 and out["autoattack"]["count"] == 8
+    assert (out["autoattack"]["backend"], out["autoattack"]["version"]) == ("torchattacks", "standard")
     assert math.isnan(out["autoattack"]["nsd"])  # mean accuracy 0: undefined
 
 
 def test_autoattack_missing_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchattacks", None)
+    monkeypatch.setitem(sys.modules, "autoattack", None)
 
     def no_batches():
         raise AssertionError("the loader must not be touched")
@@ -144,5 +150,76 @@ def test_argument_errors():
         evaluate(MODEL, LOADER, attacks=(), progress=False)
     with pytest.raises(ValueError, match="repeat"):
         evaluate(MODEL, LOADER, attacks=("clean", "clean"), progress=False)
+    with pytest.raises(ValueError, match="repeat"):
+        evaluate(MODEL, LOADER, attacks=("pgd", "pgd20"), progress=False)  # the same attack under two names
+    for bad in ({"eps": -1.0}, {"eps": float("nan")}, {"alpha": -0.5}, {"seed": -1}, {"steps": 0},
+                {"autoattack_version": "fast"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            evaluate(MODEL, LOADER, attacks=("clean", "fgsm", "pgd"), progress=False, **bad)
     with pytest.raises(ValueError, match="no batches"):
         evaluate(MODEL, [], attacks=("clean",), progress=False)
+
+
+@pytest.mark.parametrize("others", [("clean", "fgsm", "cw20"), ("fgsm", "cw5", "clean")])
+def test_pgd20_does_not_depend_on_the_other_attacks(others):
+    """PGD-20 alone is the reference; beside any other attacks, before or after them, it is the same figure."""
+    alone = evaluate(MODEL, LOADER, attacks=("pgd20",), eps=EPS, alpha=ALPHA, progress=False, seed=3)["pgd20"]
+    for attacks in (others + ("pgd20",), ("pgd20",) + others):
+        together = evaluate(MODEL, LOADER, attacks=attacks, eps=EPS, alpha=ALPHA, progress=False, seed=3)
+        assert together["pgd20"] == alone, attacks
+    other_seed = evaluate(MODEL, LOADER, attacks=("pgd20",), eps=EPS, alpha=ALPHA, progress=False, seed=4)["pgd20"]
+    assert other_seed["per_class"] != alone["per_class"]  # the seed matters: the comparison above can fail
+
+
+def test_attack_names_carry_their_steps():
+    assert parse_attack("pgd50") == ("pgd50", "pgd", 50)
+    assert parse_attack("pgd") == ("pgd20", "pgd", 20)
+    assert parse_attack("pgd", steps=5) == ("pgd5", "pgd", 5)
+    assert parse_attack("cw") == ("cw20", "cw", 20)
+    assert parse_attack("clean") == ("clean", "clean", None)
+    with pytest.raises(ValueError, match="runs 20 steps, but steps=5"):
+        parse_attack("pgd20", steps=5)  # never run 5 steps under the label pgd20
+    for bad in ("pgd0", "fgsm2", "deepfool", "PGD20", ""):
+        with pytest.raises(ValueError, match="attack"):
+            parse_attack(bad)
+    out = evaluate(MODEL, LOADER, attacks=("pgd",), eps=EPS, alpha=ALPHA, steps=2, progress=False)
+    assert list(out) == ["pgd2"]
+    # A name's own count: two steps run, whatever the default.
+    assert evaluate(MODEL, LOADER, attacks=("pgd2",), eps=EPS, alpha=ALPHA, progress=False) == out
+
+
+def test_a_dataset_is_batched():
+    dataset = torch.utils.data.TensorDataset(MODEL_X, MODEL_Y)
+    direct = evaluate(MODEL, LOADER, attacks=("clean", "pgd2"), eps=EPS, alpha=ALPHA, progress=False)
+    assert evaluate(MODEL, dataset, attacks=("clean", "pgd2"), eps=EPS, alpha=ALPHA, progress=False,
+                    batch_size=8) == direct
+
+
+class _FakeOfficialAutoAttack:
+    """Stands in for the official package's AutoAttack: records its arguments, returns the inputs unchanged."""
+
+    calls = []
+
+    def __init__(self, model, norm, eps, version, seed, verbose, device):
+        self.apgd_targeted = types.SimpleNamespace(n_target_classes=9)
+        self.fab = types.SimpleNamespace(n_target_classes=9)
+        type(self).calls.append({"norm": norm, "eps": eps, "version": version, "verbose": verbose, "self": self})
+
+    def run_standard_evaluation(self, x, y, bs):
+        assert bs == len(x)
+        return x.clone()
+
+
+def test_official_autoattack_backend_when_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "autoattack", types.SimpleNamespace(AutoAttack=_FakeOfficialAutoAttack))
+    _FakeOfficialAutoAttack.calls.clear()
+    out = evaluate(MODEL, LOADER, attacks=("clean", "autoattack"), eps=EPS, progress=False, autoattack_version="plus")
+    call = _FakeOfficialAutoAttack.calls[0]
+    assert (call["norm"], call["eps"], call["version"], call["verbose"]) == ("Linf", EPS, "plus", False)
+    # Fewer than 10 classes: the targeted attacks aim at the C - 1 others.
+    assert call["self"].apgd_targeted.n_target_classes == CLASSES - 1 == call["self"].fab.n_target_classes
+    assert out["autoattack"]["backend"] == "autoattack"
+    assert out["autoattack"]["per_class"] == out["clean"]["per_class"]  # the fake returns the clean inputs
+    forced = evaluate(MODEL, LOADER, attacks=("autoattack",), eps=1.0, progress=False,
+                      autoattack_backend="torchattacks")
+    assert forced["autoattack"]["backend"] == "torchattacks"

@@ -11,11 +11,11 @@ temperatures or class weights), with its published formulas and the official cod
 module docstring.
 """
 
-from fastabsld.methods.absld import ABSLDLoss
+from fastabsld.methods.absld import ABSLDLoss, BetaDecay
 from fastabsld.methods.ard import ARDLoss, ard_attack_loss
 from fastabsld.methods.fair import FairReweight
 from fastabsld.methods.iad import IADLoss
 from fastabsld.methods.trades import TRADESLoss, trades_attack, trades_attack_loss
 
-__all__ = ["ABSLDLoss", "ARDLoss", "FairReweight", "IADLoss", "TRADESLoss", "ard_attack_loss", "trades_attack",
-           "trades_attack_loss"]
+__all__ = ["ABSLDLoss", "ARDLoss", "BetaDecay", "FairReweight", "IADLoss", "TRADESLoss", "ard_attack_loss",
+           "trades_attack", "trades_attack_loss"]

@@ -22,14 +22,18 @@ from fastabsld.temperature import (
 
 TEMPERATURE_MODES = ("paper", "released")
 BRANCHES = ("adv", "nat")
+# "mean" is the released reduction (per-element mean over B * C), the others are kd_kl_div's.
+REDUCTIONS = ("mean", "batchmean", "sum", "none")
 
 
 class ABSLDLoss(nn.Module):
     """Anti-Bias Soft Label Distillation loss with per-class teacher temperatures.
 
-    ``loss = adv_weight * KLmean(adv_logits, p_adv) + nat_weight * KLmean(nat_logits, p_nat)``
-    with ``p_branch[i] = softmax(teacher_logits[i] / tau_branch[labels[i]])`` and KLmean the
-    legacy "mean" reduction (row KL summed over the batch, divided by B * C). The released code
+    ``loss = adv_weight * KL(adv_logits, p_adv) + nat_weight * KL(nat_logits, p_nat)``
+    with ``p_branch[i] = softmax(teacher_logits[i] / tau_branch[labels[i]])`` and KL reduced by
+    ``reduction``: by default the released "mean" (row KL summed over the batch, divided by
+    B * C: 1/C of what ``nn.KLDivLoss(reduction="batchmean")`` gives), or ``"batchmean"``
+    (divided by B), ``"sum"``, or ``"none"`` (the (B,) weighted row losses). The released code
     computes ``mean(p * (log(p + 1e-5) - log q))``: this module gives the exact KL, which differs
     from it by less than 1e-5 in value and not at all in gradient.
 
@@ -50,7 +54,7 @@ class ABSLDLoss(nn.Module):
     methods that the 2025 journal version of ABSLD (arXiv 2506.08611) puts forward; the weights
     multiply both KL terms as in Fair-RSLAD, and the class risks stay unweighted.
 
-    ``beta`` is a plain attribute (scale it with the learning rate, e.g. ``loss_fn.beta *= 0.1``)
+    ``beta`` is a plain attribute (scale it with the learning rate: :class:`BetaDecay` does it)
     and is saved in ``state_dict`` (as extra state) together with the buffers ``tau_adv``,
     ``tau_nat``, ``risk_adv`` and ``risk_nat``.
 
@@ -63,10 +67,13 @@ class ABSLDLoss(nn.Module):
         tau_max: upper clamp of the temperatures.
         beta: step size of the anti-bias update.
         temperature_mode: ``"paper"`` or ``"released"`` (see above).
+        reduction: ``"mean"`` (the released per-element mean, default), ``"batchmean"``, ``"sum"``
+            or ``"none"``. The gradient scales with it (``"batchmean"`` is C times ``"mean"``), so a
+            learning rate tuned for one needs rescaling for another.
     """
 
     def __init__(self, num_classes, *, adv_weight=5 / 6, nat_weight=1 / 6, tau_init=1.0, tau_min=0.5, tau_max=5.0,
-                 beta=0.1, temperature_mode="paper"):
+                 beta=0.1, temperature_mode="paper", reduction="mean"):
         super().__init__()
         self.num_classes = check_int(num_classes, "num_classes", minimum=1)
         # A negative weight turns a term into one the student maximises: never a sensible setting.
@@ -75,6 +82,8 @@ class ABSLDLoss(nn.Module):
         check_temperature_bounds(tau_min, tau_max, tau_init)
         check_beta(beta)
         check_choice(temperature_mode, "temperature_mode", TEMPERATURE_MODES)
+        check_choice(reduction, "reduction", REDUCTIONS)
+        self.reduction = reduction
         self.tau_min = float(tau_min)
         self.tau_max = float(tau_max)
         self.beta = float(beta)
@@ -87,7 +96,7 @@ class ABSLDLoss(nn.Module):
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, adv_weight={self.adv_weight:.4g}, "
                 f"nat_weight={self.nat_weight:.4g}, tau=[{self.tau_min}, {self.tau_max}], beta={self.beta:.4g}, "
-                f"temperature_mode={self.temperature_mode!r}")
+                f"temperature_mode={self.temperature_mode!r}, reduction={self.reduction!r}")
 
     def get_extra_state(self):
         return {"beta": self.beta}
@@ -152,18 +161,18 @@ class ABSLDLoss(nn.Module):
             labels: (B,) integer labels in [0, C).
             sample_weight: (B,) per-sample weights of both KL terms (e.g. Fair-ARD's
                 ``FairReweight.sample_weight(labels)``: fair-rslad, or ABSLD with re-weighting), or None.
-                Each row's KL is multiplied by its weight before the division by B * C; the class risks
-                stay unweighted.
+                Each row's KL is multiplied by its weight before the reduction (whose denominator does
+                not change); the class risks stay unweighted.
 
         Returns:
-            Tensor: the scalar loss (fp32, fp64 for fp64 logits).
+            Tensor: the loss (fp32, fp64 for fp64 logits): a scalar, or (B,) with ``reduction="none"``.
         """
         self._check_inputs(labels, adv_logits=adv_logits, nat_logits=nat_logits, teacher_logits=teacher_logits)
         weight = check_sample_weight(sample_weight, labels.shape[0], adv_logits.device)
         adv = weighted_kl(adv_logits, teacher_logits, labels=labels, teacher_temperature=self.branch_temperature("adv"),
-                          reduction="mean", sample_weight=weight)
+                          reduction=self.reduction, sample_weight=weight)
         nat = weighted_kl(nat_logits, teacher_logits, labels=labels, teacher_temperature=self.branch_temperature("nat"),
-                          reduction="mean", sample_weight=weight)
+                          reduction=self.reduction, sample_weight=weight)
         if self.training:
             accumulate_class_risk(self.risk_adv, adv_logits, labels)
             accumulate_class_risk(self.risk_nat, nat_logits, labels)
@@ -186,3 +195,42 @@ class ABSLDLoss(nn.Module):
             tau.copy_(anti_bias_update(tau, risk, self.beta, self.tau_min, self.tau_max))
         self.risk_adv.zero_()
         self.risk_nat.zero_()
+
+
+class BetaDecay:
+    """Decays an :class:`ABSLDLoss`'s ``beta`` together with the learning rate, as the released recipe does.
+
+    The released script multiplies beta by the LR factor (0.1) at each LR milestone. After every
+    ``scheduler.step()``, :meth:`step` sets ``loss_fn.beta = beta0 * lr / lr0`` (the first parameter
+    group's learning rate over its initial one), so with ``MultiStepLR`` beta drops by ``gamma`` at
+    exactly the scheduler's milestones, and with any other scheduler it follows the same ratio.
+
+    ``beta0`` is derived when the helper is built: ``loss_fn.beta * lr0 / lr``. Built after restoring
+    the loss, the optimiser and the scheduler from a checkpoint, it continues the decay where it was.
+
+    Args:
+        loss_fn: the ABSLDLoss whose ``beta`` follows the learning rate.
+        scheduler: a ``torch.optim.lr_scheduler`` scheduler (``base_lrs`` and its optimiser are read).
+    """
+
+    def __init__(self, loss_fn, scheduler):
+        if not isinstance(loss_fn, ABSLDLoss):
+            raise ValueError(f"loss_fn must be an ABSLDLoss, got {type(loss_fn).__name__}")
+        if not hasattr(scheduler, "base_lrs") or not hasattr(scheduler, "optimizer"):
+            raise ValueError(f"scheduler must be a torch.optim.lr_scheduler scheduler, got {type(scheduler).__name__}")
+        self.loss_fn, self.scheduler = loss_fn, scheduler
+        ratio = self._ratio()
+        self.beta0 = loss_fn.beta / ratio if ratio > 0 else loss_fn.beta
+
+    def _ratio(self):
+        base = float(self.scheduler.base_lrs[0])
+        return float(self.scheduler.optimizer.param_groups[0]["lr"]) / base if base > 0 else 1.0
+
+    def step(self):
+        """Sets ``loss_fn.beta`` for the coming epoch; call it right after ``scheduler.step()``.
+
+        Returns:
+            float: the new beta.
+        """
+        self.loss_fn.beta = self.beta0 * self._ratio()
+        return self.loss_fn.beta

@@ -85,7 +85,7 @@ def trades_attack(model, x, *, eps, alpha, steps, norm="linf", random_start=RAND
     with torch.no_grad():
         nat_logits = model(x)
     return pgd(model, x, trades_attack_loss(nat_logits), eps=eps, alpha=alpha, steps=steps, norm=norm,
-               random_start=random_start, clamp=clamp, generator=generator)
+               random_start=random_start, clamp=clamp, generator=generator, eval_mode=False)
 
 
 class TRADESLoss(nn.Module):

@@ -1,20 +1,25 @@
 """The fused knowledge-distillation loss: the ops ``kd_kl_div_forward`` / ``kd_kl_div_loss`` and ``kd_kl_div``.
 
 Per row i (s, t: the student's and teacher's logits; C columns), with p = softmax(t / tau_t)
-and q = softmax(s / tau_s) computed in fp32 (fp64 for fp64 logits), the op
-``torch.ops.fastabsld.kd_kl_div_forward`` returns
+and q = softmax(s / tau_s) computed in fp32 (fp64 for fp64 logits), and the row weight
+``w_i = weight[labels[i]] * sample_weight[i] * sample_weight_scalar`` (a factor is 1 where its
+tensor is None), the op ``torch.ops.fastabsld.kd_kl_div_forward`` returns
 
-* ``row_loss[i] = sum_c p_c (log p_c - log q_c)`` (0 log 0 = 0), shape (B,), fp32 (fp64);
-* ``grad_student[i] = (q - p) / tau_s`` in the student's dtype, or an empty (0,) tensor;
-* ``grad_teacher[i] = p * ((log p - log q) - row_loss[i]) / tau_t`` in the teacher's dtype, or
+* ``row_loss[i] = w_i * sum_c p_c (log p_c - log q_c)`` (0 log 0 = 0), shape (B,), fp32 (fp64);
+* ``grad_student[i] = w_i * (q - p) / tau_s`` in the student's dtype, or an empty (0,) tensor;
+* ``grad_teacher[i] = w_i * p * ((log p - log q) - KL_i) / tau_t`` in the teacher's dtype, or
   an empty (0,) tensor.
 
-A temperature tensor (fp32) holds one value per class (indexed by ``labels``) or, without
-labels, one per row; the scalar is used where the tensor is None. Rows labelled
-``ignore_index`` give 0 and zero gradients.
+A temperature tensor (fp32, fp64 for fp64 logits) has shape (C,), one value per class indexed
+by ``labels`` (it needs labels), or (B, 1), one value per row; the scalar is used where the
+tensor is None. ``weight`` (C,) needs labels; ``sample_weight`` is (B,). Rows labelled
+``ignore_index`` give 0 and zero gradients whatever their weight. B = 0 gives empty outputs.
+Bad weight values (negative, NaN, inf) raise ValueError on the CPU kernels and are not checked
+on CUDA (no host sync); bad labels and temperatures raise RuntimeError (on CUDA, a device assert).
 
-Backends: the C++ kernel (``csrc/kd_kl_div_cpu.cpp``) on CPU tensors; the Triton kernels
-(``fastabsld.kernels.kd_kl_div``) on CUDA tensors when triton is installed; the plain PyTorch
+Backends: the C++ kernel (``csrc/kd_kl_div_cpu.cpp``) on CPU tensors; on CUDA tensors the Triton
+kernels (``fastabsld.kernels.kd_kl_div``) when triton is installed and the call is one they
+implement (no weights, no fp64, per-row temperatures only without labels), the plain PyTorch
 fallback of this module otherwise (also for every device when ``fastabsld._C`` is not built).
 The op's autograd only scales the stored gradients by the incoming gradient of ``row_loss``.
 
@@ -46,8 +51,8 @@ SCHEMA = (
     "kd_kl_div_forward(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
     "Tensor? teacher_temperature, Tensor? student_temperature, "
     "float teacher_temperature_scalar, float student_temperature_scalar, int ignore_index, "
-    "bool student_grad, bool teacher_grad) -> (Tensor row_loss, Tensor grad_student, "
-    "Tensor grad_teacher)"
+    "bool student_grad, bool teacher_grad, Tensor? weight=None, Tensor? sample_weight=None, "
+    "float sample_weight_scalar=1.) -> (Tensor row_loss, Tensor grad_student, Tensor grad_teacher)"
 )
 OP = "fastabsld::kd_kl_div_forward"
 REDUCTIONS = ("none", "sum", "batchmean", "mean")
@@ -88,24 +93,69 @@ def _check_labels(labels, batch, device):
     return labels if labels.dtype == torch.int64 else labels.long()
 
 
+def _check_float_tensor(value, name, device):
+    """The checks every float tensor argument shares: dtype, no grad, device (0-d tensors may be on the CPU)."""
+    if not value.dtype.is_floating_point:  # False for complex dtypes too
+        raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} must not require grad: the loss gives it no gradient")
+    if value.device != device and not (value.dim() == 0 and value.device.type == "cpu"):
+        raise ValueError(f"{name} ({value.device}) must be on the logits' device ({device})")
+
+
 def _check_temperature(value, name, labels, batch, num_classes, device, dtype):
-    """Splits a temperature into the op's (tensor or None, scalar) pair."""
-    if isinstance(value, torch.Tensor):
-        if value.dtype.is_complex or not value.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
-        if value.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{name} must not require grad: the loss gives no temperature gradient")
-        length = num_classes if labels is not None else batch
-        if value.dim() == 0:
-            return value.to(device, dtype).reshape(1).expand(length), 1.0
-        if value.dim() != 1 or value.shape[0] != length:
-            kind = f"C={num_classes} (with labels)" if labels is not None else f"B={batch} (without labels)"
-            raise ValueError(f"{name} must be a number, a 0-d tensor or a 1-D tensor of length {kind}, "
-                             f"got shape {tuple(value.shape)}")
-        if value.device != device:
-            raise ValueError(f"{name} ({value.device}) must be on the logits' device ({device})")
-        return (value if value.dtype == dtype else value.to(dtype)), 1.0
-    return None, check_real(value, name, minimum=0.0, strict=True)
+    """Splits a temperature into the op's (tensor or None, scalar) pair.
+
+    A (C,) tensor is per class and needs labels; a (B, 1) tensor is per row; a 0-d tensor
+    becomes a stride-0 view of its value, per class with labels (the form every backend takes)
+    and per row without.
+    """
+    if not isinstance(value, torch.Tensor):
+        return None, check_real(value, name, minimum=0.0, strict=True)
+    _check_float_tensor(value, name, device)
+    if value.dim() == 0:
+        value = value.to(device, dtype)
+        return (value.expand(num_classes) if labels is not None else value.reshape(1, 1).expand(batch, 1)), 1.0
+    if value.dim() == 1:
+        if labels is None:
+            raise ValueError(f"{name} of shape {tuple(value.shape)} is per class and needs labels; for one "
+                             f"temperature per row pass a (B, 1) = ({batch}, 1) tensor, e.g. tau[:, None]")
+        if value.shape[0] != num_classes:
+            raise ValueError(f"{name} per class must have shape (C,) = ({num_classes},), got {tuple(value.shape)}")
+    elif value.dim() != 2 or tuple(value.shape) != (batch, 1):
+        raise ValueError(f"{name} must be a number, a 0-d tensor, a (C,) = ({num_classes},) tensor (per class, "
+                         f"with labels) or a (B, 1) = ({batch}, 1) tensor (per row), got shape {tuple(value.shape)}")
+    return (value if value.dtype == dtype else value.to(dtype)), 1.0
+
+
+def _check_weight(weight, labels, num_classes, device):
+    """The per-class weight: None or a (C,) float tensor, with labels."""
+    if weight is None:
+        return None
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"weight must be None or a (C,) = ({num_classes},) tensor, got {type(weight).__name__}")
+    _check_float_tensor(weight, "weight", device)
+    if weight.shape != (num_classes,):
+        raise ValueError(f"weight must have shape (C,) = ({num_classes},), got shape {tuple(weight.shape)}")
+    if labels is None:
+        raise ValueError("weight is per class and needs labels (as in F.cross_entropy); for per-row weights "
+                         "pass sample_weight")
+    return weight
+
+
+def _check_sample_weight(sample_weight, batch, device):
+    """Splits the per-row weight into the op's (tensor or None, scalar) pair."""
+    if sample_weight is None:
+        return None, 1.0
+    if not isinstance(sample_weight, torch.Tensor):
+        return None, check_real(sample_weight, "sample_weight", minimum=0.0)
+    _check_float_tensor(sample_weight, "sample_weight", device)
+    if sample_weight.dim() == 0:
+        return sample_weight.to(device).reshape(1).expand(batch), 1.0
+    if sample_weight.shape != (batch,):
+        raise ValueError(f"sample_weight must be a number or a (B,) = ({batch},) tensor, got shape "
+                         f"{tuple(sample_weight.shape)}")
+    return sample_weight, 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,11 +175,24 @@ def accumulation_dtype(student_logits, teacher_logits):
     return compute_dtype(student_logits, teacher_logits)
 
 
-def _check_values(labels, temperatures, ignore_index, num_classes):
-    """The kernels' value checks (the C++ TORCH_CHECK, the Triton device assert), done eagerly on CPU tensors.
+def _check_kinds(labels, temperatures, weight):
+    """The op's own shape rule, which the public function's checks imply: a (C,) tensor needs labels."""
+    if labels is not None:
+        return
+    for name, tau in temperatures:
+        if tau is not None and tau.dim() == 1:
+            raise RuntimeError(f"kd_kl_div_forward: {name} of shape (C,) is per class and needs labels; "
+                               "per-row temperatures have shape (B, 1)")
+    if weight is not None:
+        raise RuntimeError("kd_kl_div_forward: weight is per class and needs labels")
+
+
+def _check_values(labels, temperatures, weights, ignore_index, num_classes):
+    """The kernels' value checks (the C++ TORCH_CHECKs, the Triton device assert), done eagerly on CPU tensors.
 
     A label must lie in [0, C) or equal ``ignore_index``; the temperatures that counted rows use
-    must be positive and finite.
+    must be positive and finite (RuntimeError); every weight must be non-negative and finite
+    (ValueError: a bad argument, whichever rows use it).
     """
     kept = None
     if labels is not None:
@@ -141,54 +204,88 @@ def _check_values(labels, temperatures, ignore_index, num_classes):
     for name, tau in temperatures:
         if tau is None:
             continue
-        used = tau[labels[kept]] if labels is not None else tau
+        if tau.dim() == 1:  # per class
+            used = tau[labels[kept]]
+        else:  # per row, (B, 1)
+            used = tau if kept is None else tau.reshape(-1)[kept]
         if not bool(((used > 0) & torch.isfinite(used)).all()):
             raise RuntimeError(f"kd_kl_div_forward: {name} must be positive and finite where it is used")
+    for name, value in weights:
+        if value is not None and not bool(((value >= 0) & torch.isfinite(value)).all()):
+            raise ValueError(f"kd_kl_div_forward: {name} must be non-negative and finite")
 
 
 def _row_temperatures(tensor, scalar, labels, compute, device):
-    """(B, 1) per-row temperatures from a (C,)/(B,) tensor, or a 0-d tensor for the scalar."""
+    """(B, 1) per-row temperatures from a (C,) or (B, 1) tensor, or a 0-d tensor for the scalar."""
     if tensor is None:
         return torch.tensor(scalar, dtype=compute, device=device)
-    if labels is not None:
+    if tensor.dim() == 1:
         tensor = tensor[labels.clamp(0, tensor.shape[0] - 1)]  # ignored rows may hold any label
     return tensor.to(device, compute).reshape(-1, 1)
 
 
+def _row_weights(weight, sample_weight, sample_weight_scalar, labels, compute, device):
+    """(B, 1) row weights; a number when every row has the same one; None when it is 1."""
+    rows = None
+    if weight is not None:
+        rows = weight.to(device, compute)[labels.clamp(0, weight.shape[0] - 1)]  # ignored rows: any label
+    if sample_weight is not None:
+        sample = sample_weight.to(device, compute)
+        rows = sample if rows is None else rows * sample
+    if rows is None:
+        return None if sample_weight_scalar == 1.0 else sample_weight_scalar
+    rows = rows.reshape(-1, 1)
+    return rows if sample_weight_scalar == 1.0 else rows * sample_weight_scalar
+
+
 def fallback_forward(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
                      teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad,
-                     teacher_grad):
+                     teacher_grad, weight=None, sample_weight=None, sample_weight_scalar=1.0):
     """The op in plain PyTorch: the backend where no compiled kernel applies.
 
     Args and Returns: as ``torch.ops.fastabsld.kd_kl_div_forward`` (module docstring).
     """
     num_classes = student_logits.shape[1]
+    temperatures = [("teacher_temperature", teacher_temperature), ("student_temperature", student_temperature)]
+    _check_kinds(labels, temperatures, weight)
     if student_logits.device.type == "cpu":
-        _check_values(labels, [("teacher_temperature", teacher_temperature),
-                               ("student_temperature", student_temperature)], ignore_index, num_classes)
+        _check_values(labels, temperatures, [("weight", weight), ("sample_weight", sample_weight)], ignore_index,
+                      num_classes)
     for name, value in (("teacher_temperature", teacher_temperature_scalar),
                         ("student_temperature", student_temperature_scalar)):
         if not (0 < value < float("inf")):
             raise RuntimeError(f"kd_kl_div_forward: {name} must be positive and finite, got {value:.6g}")
+    if not (0 <= sample_weight_scalar < float("inf")):
+        raise ValueError(f"kd_kl_div_forward: sample_weight_scalar must be non-negative and finite, "
+                         f"got {sample_weight_scalar:.6g}")
     compute = accumulation_dtype(student_logits, teacher_logits)
     device = student_logits.device
     tau_t = _row_temperatures(teacher_temperature, teacher_temperature_scalar, labels, compute, device)
     tau_s = _row_temperatures(student_temperature, student_temperature_scalar, labels, compute, device)
+    row_weights = _row_weights(weight, sample_weight, sample_weight_scalar, labels, compute, device)
     log_p = torch.log_softmax(teacher_logits.to(compute) / tau_t, dim=1)
     log_q = torch.log_softmax(student_logits.to(compute) / tau_s, dim=1)
     p = log_p.exp()
     zero = torch.zeros((), dtype=compute, device=device)
     diff = torch.where(p > 0, log_p, zero) - torch.where(p > 0, log_q, zero)  # 0 log 0 = 0
-    rows = (p * diff).sum(dim=1)
+    kl = (p * diff).sum(dim=1)
+    if row_weights is None:
+        rows = kl
+    else:
+        rows = kl * (row_weights.reshape(-1) if isinstance(row_weights, torch.Tensor) else row_weights)
     kept = torch.ones_like(rows, dtype=torch.bool) if labels is None else labels != ignore_index
     rows = torch.where(kept, rows, zero)
     kept = kept.unsqueeze(1)
     grad_s = student_logits.new_empty((0,))
     grad_t = teacher_logits.new_empty((0,))
     if student_grad:
-        grad_s = torch.where(kept, (log_q.exp() - p) / tau_s, zero).to(student_logits.dtype)
+        grad = (log_q.exp() - p) / tau_s
+        grad = grad if row_weights is None else grad * row_weights
+        grad_s = torch.where(kept, grad, zero).to(student_logits.dtype)
     if teacher_grad:
-        grad_t = torch.where(kept, p * (diff - rows.unsqueeze(1)) / tau_t, zero).to(teacher_logits.dtype)
+        grad = p * (diff - kl.unsqueeze(1)) / tau_t
+        grad = grad if row_weights is None else grad * row_weights
+        grad_t = torch.where(kept, grad, zero).to(teacher_logits.dtype)
     return rows, grad_s.contiguous(), grad_t.contiguous()
 
 
@@ -207,11 +304,36 @@ def triton_forward():
         return None
 
 
-def _cuda_forward(*args):
+def _launcher_temperature(tau, labels):
+    """A temperature in the Triton launcher's terms: (C,) with labels, (B,) without; False if it has none."""
+    if tau is None or (tau.dim() == 1 and labels is not None):
+        return tau
+    if tau.dim() == 2 and labels is None:
+        return tau.reshape(-1)
+    return False
+
+
+def _cuda_forward(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
+                  teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad,
+                  teacher_grad, weight=None, sample_weight=None, sample_weight_scalar=1.0):
+    """The op on CUDA tensors: the Triton kernels for what they implement, the fallback for the rest.
+
+    Weighted calls run the fallback until the Triton kernel takes weights; so do fp64 logits and
+    per-row temperatures with labels, which it has no form for.
+    """
+    args = (student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
+            teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad)
+    _check_kinds(labels, [("teacher_temperature", teacher_temperature),
+                          ("student_temperature", student_temperature)], weight)
     launcher = triton_forward()
-    if launcher is None or torch.float64 in (args[0].dtype, args[1].dtype):  # the Triton kernel has no fp64
-        return fallback_forward(*args)
-    return launcher(*args)
+    weighted = weight is not None or sample_weight is not None or sample_weight_scalar != 1.0
+    tau_t = _launcher_temperature(teacher_temperature, labels)
+    tau_s = _launcher_temperature(student_temperature, labels)
+    if launcher is None or weighted or tau_t is False or tau_s is False or \
+            torch.float64 in (student_logits.dtype, teacher_logits.dtype):  # the Triton kernel has no fp64
+        return fallback_forward(*args, weight, sample_weight, sample_weight_scalar)
+    return launcher(student_logits, teacher_logits, labels, tau_t, tau_s, teacher_temperature_scalar,
+                    student_temperature_scalar, ignore_index, student_grad, teacher_grad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,7 +350,7 @@ _CUDA_LIB.impl("kd_kl_div_forward", _cuda_forward, "CUDA")
 @torch.library.register_fake(OP)
 def _kd_kl_div_forward_fake(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
                             teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad,
-                            teacher_grad):
+                            teacher_grad, weight=None, sample_weight=None, sample_weight_scalar=1.0):
     batch, num_classes = student_logits.shape
     rows = student_logits.new_empty((batch,), dtype=accumulation_dtype(student_logits, teacher_logits))
     grad_s = student_logits.new_empty((batch, num_classes) if student_grad else (0,))
@@ -239,7 +361,8 @@ def _kd_kl_div_forward_fake(student_logits, teacher_logits, labels, teacher_temp
 if HAS_EXTENSION:
     @torch.library.register_fake("fastabsld::kd_kl_div_loss")
     def _kd_kl_div_loss_fake(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
-                             teacher_temperature_scalar, student_temperature_scalar, ignore_index, reduction):
+                             teacher_temperature_scalar, student_temperature_scalar, ignore_index, reduction,
+                             weight=None, sample_weight=None, sample_weight_scalar=1.0):
         shape = (student_logits.shape[0],) if reduction == "none" else ()
         return student_logits.new_empty(shape, dtype=accumulation_dtype(student_logits, teacher_logits))
 
@@ -265,10 +388,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_rows, _grad_gs, _grad_gt):
     grad_s, grad_t = ctx.saved_tensors
     if grad_rows is None:
-        return (None,) * 10
+        return (None,) * 13
     out_s = scale_rows(grad_s, grad_rows) if ctx.student_grad else None
     out_t = scale_rows(grad_t, grad_rows) if ctx.teacher_grad else None
-    return (out_s, out_t) + (None,) * 8
+    return (out_s, out_t) + (None,) * 11
 
 
 torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
@@ -310,7 +433,8 @@ def _eager_fast_path(*tensors):
 
 def kd_kl_div_forward(student_logits, teacher_logits, labels=None, teacher_temperature=None,
                       student_temperature=None, teacher_temperature_scalar=1.0, student_temperature_scalar=1.0,
-                      ignore_index=-100, student_grad=True, teacher_grad=False):
+                      ignore_index=-100, student_grad=True, teacher_grad=False, weight=None, sample_weight=None,
+                      sample_weight_scalar=1.0):
     """Per-row KD loss and its gradients in one pass (``torch.ops.fastabsld.kd_kl_div_forward``).
 
     Differentiable through ``row_loss`` in the logits whose ``*_grad`` flag is set. A thin call of
@@ -320,13 +444,16 @@ def kd_kl_div_forward(student_logits, teacher_logits, labels=None, teacher_tempe
         student_logits: (B, C) fp32/fp16/bf16/fp64, any strides.
         teacher_logits: (B, C), same choice of dtypes (may differ from the student's).
         labels: (B,) int64 or None.
-        teacher_temperature: fp32 (C,) with labels, (B,) without, or None for the scalar.
+        teacher_temperature: (C,) per class (needs labels), (B, 1) per row, or None for the scalar.
         student_temperature: likewise.
         teacher_temperature_scalar: the teacher's temperature where the tensor is None.
         student_temperature_scalar: the student's temperature where the tensor is None.
         ignore_index: label of rows that give 0 and zero gradients.
         student_grad: compute and store d row_loss / d student_logits.
         teacher_grad: compute and store d row_loss / d teacher_logits.
+        weight: (C,) per-class row weights (needs labels) or None.
+        sample_weight: (B,) per-row weights or None.
+        sample_weight_scalar: a weight of every row.
 
     Returns:
         tuple: (row_loss (B,), grad_student (B, C) or (0,), grad_teacher (B, C) or (0,)).
@@ -334,38 +461,57 @@ def kd_kl_div_forward(student_logits, teacher_logits, labels=None, teacher_tempe
     return torch.ops.fastabsld.kd_kl_div_forward(
         student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
         float(teacher_temperature_scalar), float(student_temperature_scalar), int(ignore_index),
-        bool(student_grad), bool(teacher_grad))
+        bool(student_grad), bool(teacher_grad), weight, sample_weight, float(sample_weight_scalar))
 
 
 def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperature=1.0, student_temperature=1.0,
-              reduction="batchmean", ignore_index=-100):
-    """KL divergence from the tempered teacher's to the tempered student's softmax, fused.
+              reduction="batchmean", ignore_index=-100, weight=None, sample_weight=None):
+    """Weighted KL divergence from the tempered teacher's to the tempered student's softmax, fused.
 
-    Per row i: ``KL(softmax(t_i / tau_t) || softmax(s_i / tau_s))`` with 0 log 0 = 0 (a teacher
-    logit of -inf rules a class out), computed with its gradient in one pass (fp32 accumulation;
-    fp64 for fp64 logits). Gradients flow to the logits that require grad, in their dtypes;
-    temperatures receive none.
+    Per row i: ``loss_i = w_i * KL(softmax(t_i / tau_t) || softmax(s_i / tau_s))`` with
+    ``w_i = weight[labels[i]] * sample_weight[i]`` (1 for an argument left None) and 0 log 0 = 0
+    (a teacher logit of -inf rules a class out), computed with its gradient in one pass (fp32
+    accumulation; fp64 for fp64 logits). Gradients flow to the logits that require grad, in their
+    dtypes; temperatures and weights receive none.
+
+    Reductions: "none" gives ``loss_i`` (shape (B,)); "sum" their sum; "batchmean" the sum divided
+    by the number of counted rows (not by the sum of the weights: a reweighting scheme normalises
+    its weights itself); "mean" the sum divided by counted rows * C (the per-element mean of the
+    released ABSLD code). Rows labelled ``ignore_index`` give 0 and are not counted. An empty
+    batch (B = 0, or every row ignored) gives shape (0,) for "none", 0 for "sum" and NaN for
+    "batchmean" and "mean" (as torch's mean-reduced losses do), with zero-size gradients.
+
+    Temperatures come in three kinds, told apart by shape, so that a missing ``labels`` cannot
+    silently turn per-class values into per-row ones (as it would when B == C): a number or 0-d
+    tensor for every row; a (C,) tensor, one value per class, used as ``temperature[labels[i]]``
+    (it needs labels); a (B, 1) column, one value per row (``tau[:, None]``), which reads as the
+    broadcast of ``logits / tau`` over each row's C columns.
 
     Args:
         student_logits: (B, C) logits, fp32/fp16/bf16 (fp64 on the CPU), any strides.
         teacher_logits: (B, C) logits; its dtype may differ from the student's.
-        labels: (B,) integer labels or None. With labels, a 1-D temperature holds one value per
-            class and row i uses ``temperature[labels[i]]``; rows labelled ``ignore_index`` are
-            left out. Other labels must lie in [0, C).
-        teacher_temperature: a positive finite number, a 0-d tensor, or a 1-D tensor of length C
-            (with labels) or B (without).
+        labels: (B,) integer labels or None. They select per-class temperatures and weights, and
+            rows labelled ``ignore_index`` are left out. Other labels must lie in [0, C).
+        teacher_temperature: a positive finite number, a 0-d tensor, a (C,) tensor (per class,
+            needs labels) or a (B, 1) tensor (per row); floating-point, on the logits' device
+            (a 0-d tensor may be on the CPU).
         student_temperature: likewise.
-        reduction: "none" (per-row loss, shape (B,)), "sum", "batchmean" (sum / counted rows) or
-            "mean" (sum / (counted rows * C), the per-element mean of the released ABSLD code).
+        reduction: "none", "sum", "batchmean" or "mean" (see above).
         ignore_index: label of rows that contribute nothing and are not counted.
+        weight: None or a (C,) floating-point tensor of non-negative per-class weights, as the
+            ``weight`` of ``F.cross_entropy``; needs labels.
+        sample_weight: None, a non-negative finite number, or a 0-d or (B,) floating-point
+            tensor of non-negative per-row weights.
 
     Returns:
         Tensor: the loss, fp32 (fp64 for fp64 logits); shape (B,) for "none", else 0-d.
 
     Raises:
-        ValueError: bad shapes, dtypes, devices, reduction, or a non-positive/non-finite number
-            temperature. A label outside [0, C) or a bad value inside a temperature tensor is a
-            RuntimeError from the kernel (on CUDA, a device-side assert).
+        ValueError: bad shapes, dtypes, devices, reduction; a non-positive/non-finite number
+            temperature; a (C,) temperature or a weight without labels; a temperature or weight
+            tensor that requires grad; a negative, NaN or infinite weight (tensor values checked
+            on CPU tensors only: no host sync on CUDA). A label outside [0, C) or a bad value inside
+            a temperature tensor is a RuntimeError from the kernel (on CUDA, a device-side assert).
     """
     _check_logits(student_logits, teacher_logits)
     if reduction not in REDUCTIONS:
@@ -379,11 +525,14 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
                                              num_classes, device, tau_dtype)
     tau_s, tau_s_scalar = _check_temperature(student_temperature, "student_temperature", labels, batch,
                                              num_classes, device, tau_dtype)
+    weight = _check_weight(weight, labels, num_classes, device)
+    sample_weight, weight_scalar = _check_sample_weight(sample_weight, batch, device)
     args = (student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index)
-    if _eager_fast_path(student_logits, teacher_logits, labels, tau_t, tau_s):
-        return torch.ops.fastabsld.kd_kl_div_loss(*args, reduction)
+    weights = (weight, sample_weight, weight_scalar)
+    if _eager_fast_path(student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight):
+        return torch.ops.fastabsld.kd_kl_div_loss(*args, reduction, *weights)
     denominator = _row_denominator(reduction, labels, ignore_index, batch, num_classes)
     grad_on = torch.is_grad_enabled()
     rows, _, _ = torch.ops.fastabsld.kd_kl_div_forward(
-        *args, grad_on and student_logits.requires_grad, grad_on and teacher_logits.requires_grad)
+        *args, grad_on and student_logits.requires_grad, grad_on and teacher_logits.requires_grad, *weights)
     return _reduce(rows, reduction, denominator)

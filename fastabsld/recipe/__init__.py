@@ -3,12 +3,15 @@
 Built on the library (``fastabsld.loss``, ``fastabsld.attack``, ``fastabsld.evaluation``, ...), never
 imported by it. Modules, from the inside out:
 
-- ``config`` (:class:`TrainConfig`), ``runtime`` (device, seeds), ``schedule`` (LR and beta milestones);
-- ``data``, ``models``, ``fold`` (BatchNorm-folded eval views), ``speed`` (autocast, channels_last,
-  compile);
+- ``config`` (:class:`TrainConfig`), ``options`` (its command-line flags and config files), ``runtime``
+  (device, seeds), ``schedule`` (LR and beta milestones);
+- ``data`` (built-in data sets, image folders, any Dataset), ``models``, ``fold`` (BatchNorm-folded eval
+  views), ``speed`` (autocast, channels_last, compile);
 - ``steps`` (one batch of each method), ``loop`` (epochs, validation, checkpoints, resume, test),
-  ``teacher`` (the teacher's recipe, cache and loading), ``train`` (one run from its config);
-- ``checkpoint`` (checksummed files, the previous one kept), ``lock`` (one run per folder), ``logs``
-  (epoch lines, progress bars, TensorBoard), ``errors`` (what a run reports as one line), ``report``,
-  ``distributed`` (torchrun), ``demo`` and ``cli`` (``fastabsld ...``).
+  ``teacher`` (the teacher's recipe, cache and loading), ``teachers`` (teachers from elsewhere:
+  state_dicts, TRADES/RobustBench), ``train`` (one run from its config);
+- ``checkpoint`` (checksummed files, the previous one kept), ``runfiles`` (checked reading of run
+  files), ``lock`` (one run per folder), ``logs`` (epoch lines, progress bars, TensorBoard), ``errors``
+  (what a run reports as one line), ``report``, ``distributed`` (torchrun), ``demo`` and ``cli``
+  (``fastabsld ...``).
 """

@@ -24,9 +24,7 @@ import struct
 import numpy as np
 import torch
 
-from fastabsld.recipe.config import TrainConfig
 from fastabsld.recipe.errors import CheckpointError
-from fastabsld.recipe.models import build_model
 
 __all__ = ["FORMAT", "CheckpointError", "atomic_save", "atomic_write_text", "previous_path", "read", "load",
            "load_latest", "load_model", "remove_stale_temporaries", "rng_state", "set_rng_state"]
@@ -374,27 +372,3 @@ def set_rng_state(state, generators=None):
         if name not in state["generators"]:
             raise KeyError(f"checkpoint holds no state for generator {name!r}")
         gen.set_state(state["generators"][name])
-
-
-def load_model(path, device="cpu"):
-    """Rebuilds a model from a ``best.pt`` / ``last.pt`` / cached-teacher checkpoint.
-
-    Args:
-        path: the checkpoint.
-        device: where to put the model.
-
-    Returns:
-        tuple: (model in eval mode, TrainConfig of the run that made it).
-
-    Raises:
-        CheckpointError: the file is damaged or is not a checkpoint of the recipe.
-    """
-    state = load(path, map_location=device)
-    missing = [k for k in ("config", "model", "num_classes", "in_channels")
-               if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(path, f"is not a fastabsld checkpoint (no {', '.join(map(repr, missing))} entry)")
-    cfg = TrainConfig(**state["config"])
-    model = build_model(cfg.model, state["num_classes"], state["in_channels"])
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg

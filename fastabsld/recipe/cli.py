@@ -6,35 +6,60 @@ Examples:
                                                    # methods x seeds on digits, one table
   fastabsld train --method absld --epochs 30 --run-dir runs/absld
   fastabsld train --run-dir runs/absld --resume    # continue a killed run
-  fastabsld eval runs/absld/best.pt --attacks clean pgd20 cw
+  fastabsld eval runs/absld/best.pt --attacks clean pgd20 cw20 --n-examples 1000
   fastabsld train --dataset cifar10 --data-dir data --epochs 300 --device cuda \\
-      --teacher-path wrn-34-10-trades.pt
+      --teacher-path model_cifar_wrn.pt            # the paper's setting (TRADES WRN-34-10 teacher)
+  fastabsld train --dataset folder --data-dir my_images --image-size 32 --model mypkg.nets:small_cnn
+  fastabsld train --config run.toml                # settings from a file (flags override it)
   torchrun --nproc_per_node=4 -m fastabsld train --dataset cifar10 --device cuda --batch-size 128 ...
                                                    # 4 GPUs, 32 images per GPU per step
+
+Every error is one line ``error: ...`` and exit status 2; Ctrl-C prints how to resume and exits 130.
+Set FASTABSLD_TRACEBACK=1 to see the traceback of an error.
 """
 
 import argparse
 import contextlib
+import dataclasses
+import datetime
 import math
 import os
-import pickle
+import platform
+import shlex
 import sys
+import time
 
-from fastabsld.methods.absld import TEMPERATURE_MODES
-from fastabsld.evaluation import ATTACKS
+from fastabsld.evaluation import AUTOATTACK_BACKENDS, AUTOATTACK_VERSIONS
 
-EPS_HELP = ("L-inf radius of the attacks (default: 0.1 on digits, 8/255 on CIFAR). The digits images are 8x8 with "
-            "17 grey levels (steps of 1/16 = 0.0625); eps = 0.1 moves each pixel by at most 1.6 grey levels, which "
-            "keeps the digit legible to a person, yet it is a real threat: the cnn-s student trained without defence "
-            "falls from 99.6%% clean to 30%% under PGD-20 (its worst class to 4%%). 8/255, the CIFAR value, is half a "
-            "grey level on digits and leaves that model at 95%%: too little to defend against.")
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+EVAL_ATTACKS = ("clean", "fgsm", "pgd20", "cw20")
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one ``error:`` line (and exit status 2), not a usage block."""
+
+    def error(self, message):
+        self.exit(EXIT_ERROR, f"error: {message} (see '{self.prog} --help')\n")
 
 
 def _positive_int(text):
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
     return value
+
+
+def _number(text):
+    from fastabsld.recipe.options import parse_number
+
+    try:
+        return parse_number(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _set_threads(threads):
@@ -44,62 +69,123 @@ def _set_threads(threads):
         torch.set_num_threads(threads)
 
 
+def _error(message):
+    from fastabsld.recipe import logs
+
+    if logs.logger().handlers:  # inside logs.setup: the console and the --log-file
+        logs.error(f"error: {message}")
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
 def _train(args):
     from fastabsld.recipe import distributed
 
     _set_threads(args.threads)
-    with distributed.session(args.device) as ctx:
+    with distributed.session(_requested_device(args)) as ctx:
         return _train_in(args, ctx)
 
 
+def _requested_device(args):
+    from fastabsld.recipe.options import requested_settings
+
+    return requested_settings(args).get("device", "cpu")
+
+
 def train_config(args):
-    """The TrainConfig that ``fastabsld train`` runs with these parsed arguments.
+    """The TrainConfig that ``fastabsld train`` runs with these parsed arguments (before any resume).
 
     Args:
         args: the namespace from :func:`build_parser` for the ``train`` command.
 
     Returns:
-        TrainConfig: the config (validated).
+        TrainConfig: the config (validated): defaults, then ``--config FILE``, then the flags given.
 
     Raises:
-        ValueError: a bad value, naming the setting.
+        ValueError: a bad value or file, naming the setting.
     """
     from fastabsld.recipe.config import TrainConfig
+    from fastabsld.recipe.options import requested_settings
 
-    fields = {k: getattr(args, k) for k in ("method", "dataset", "model", "teacher_model", "epochs", "batch_size",
-                                            "lr", "eps", "alpha", "steps", "beta", "temperature_mode", "seed",
-                                            "split_seed", "train_subset", "eval_every", "select_metric",
-                                            "teacher_epochs", "teacher_path", "device", "data_dir", "sync_bn",
-                                            "on_nonfinite", "reweight")}
-    fields.update(_method_options(args))
-    if args.test_attacks:
-        fields["test_attacks"] = tuple(args.test_attacks)
-    if args.cache_dir:
-        fields["cache_dir"] = args.cache_dir
-    return TrainConfig(**fields, **_speed_options(args), progress=not args.no_progress)
+    return TrainConfig.from_dict(requested_settings(args), source="the settings")
+
+
+def resumed_config(saved, requested, run_dir, log=None):
+    """The config of a resumed run: the saved one, with the requested changes that a resume may make.
+
+    Args:
+        saved: the TrainConfig saved in ``last.pt``.
+        requested: the settings given now (``--config`` and flags).
+        run_dir: the run folder (for messages).
+        log: prints the changes applied (default: :func:`fastabsld.recipe.logs.info`).
+
+    Returns:
+        TrainConfig: the config to continue with.
+
+    Raises:
+        ValueError: a requested change of a setting that defines the run, naming each.
+    """
+    from fastabsld.recipe import logs
+    from fastabsld.recipe.config import RESUMABLE_FIELDS, TrainConfig
+    from fastabsld.recipe.options import describe_change, flag
+
+    log = log or logs.info
+    old = saved.to_dict()
+    merged = TrainConfig.from_dict({**old, **requested}, source="the settings").to_dict()
+    changed = [name for name in merged if merged[name] != old[name]]
+    refused = [name for name in changed if name not in RESUMABLE_FIELDS]
+    if refused:
+        raise ValueError(f"--resume: {run_dir} was trained with other settings, which a resume cannot change: "
+                         f"{'; '.join(describe_change(flag(n), old[n], merged[n]) for n in refused)}. Drop them to "
+                         f"continue the run, or start a new one with another --run-dir (a resume may change only "
+                         f"{', '.join(flag(n) for n in RESUMABLE_FIELDS)})")
+    if changed:
+        notes = [describe_change(flag(n), old[n], merged[n]) for n in changed]
+        if "epochs" in changed:
+            notes.append(f"the LR and beta milestones are rescaled to {merged['epochs']} epochs from the next epoch on")
+        log(f"resuming {run_dir} with changed settings: {'; '.join(notes)}")
+    return TrainConfig.from_dict(merged)
 
 
 def _train_in(args, ctx):
     from fastabsld.recipe import lock, logs
     from fastabsld.recipe.errors import RecipeError
 
-    try:
-        cfg = train_config(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    run_dir = args.run_dir or os.path.join("runs", f"{cfg.method}-{cfg.dataset}-{cfg.model}-seed{cfg.seed}")
+    cfg = train_config(args)
+    run_dir = args.run_dir or os.path.join("runs", f"{cfg.method}-{cfg.dataset}-{cfg.model}-seed{cfg.seed}"
+                                           .replace(":", "_").replace("/", "_"))
+    args.resolved_run_dir = run_dir
+    created = ctx.is_main and not os.path.exists(run_dir)
     try:  # rank 0 holds the run folder from before it looks into it until the run ends
         with lock.hold(run_dir) if ctx.is_main else contextlib.nullcontext():
             return _train_run(args, ctx, cfg, run_dir)
     except RecipeError as error:  # a folder in use, no usable checkpoint, a non-finite loss
-        logs.error(f"error: {error}")
+        logs.error(f"error: {' '.join(str(error).split())}")
         return error.exit_status
+    finally:
+        if created:
+            _remove_unused_folder(run_dir)
+
+
+def _remove_unused_folder(run_dir):
+    """Removes a run folder that this command created and that holds nothing but its lock file.
+
+    A run that failed before writing anything (bad data, an unusable teacher) then leaves no folder behind.
+    """
+    from fastabsld.recipe import lock
+
+    with contextlib.suppress(OSError):
+        if os.listdir(run_dir) == [lock.LOCK_FILE]:
+            os.remove(os.path.join(run_dir, lock.LOCK_FILE))
+            os.rmdir(run_dir)
 
 
 def _train_run(args, ctx, cfg, run_dir):
     from fastabsld.recipe import checkpoint, logs
-    from fastabsld.recipe.config import RUNTIME_FIELDS, TrainConfig
+    from fastabsld.recipe.options import requested_settings
+    from fastabsld.recipe.runfiles import check_run_folder
+    from fastabsld.recipe.runtime import resolve_device
     from fastabsld.recipe.train import train
 
     last = os.path.join(run_dir, "last.pt")
@@ -107,14 +193,12 @@ def _train_run(args, ctx, cfg, run_dir):
     ctx.barrier()  # every rank has looked before rank 0 can write last.pt
     if exists:
         if not args.resume:
-            print(f"error: {run_dir} holds a run already; pass --resume to continue it or choose another --run-dir",
-                  file=sys.stderr)
-            return 2
-        # A resumed run keeps its recipe; only where it runs may change.
-        saved = checkpoint.load_latest(last)[0]["config"]
-        cfg = TrainConfig(**{**saved, **{k: v for k, v in cfg.to_dict().items() if k in RUNTIME_FIELDS}})
+            return _error(f"{run_dir} holds a run already; pass --resume to continue it or choose another --run-dir")
+        _, saved = check_run_folder(run_dir)
+        cfg = resumed_config(saved, requested_settings(args), run_dir, log=logs.info if ctx.is_main else _silent)
         if ctx.is_main:
-            logs.info(f"resuming {run_dir} with its saved configuration ({cfg.method}, {cfg.epochs} epochs)")
+            logs.info(f"resuming {run_dir} ({cfg.method}, {cfg.epochs} epochs)")
+    resolve_device(cfg.device)
     result = train(cfg, run_dir, resume=args.resume)
     if not ctx.is_main:
         return 0
@@ -123,6 +207,10 @@ def _train_run(args, ctx, cfg, run_dir):
               f"({cfg.select_metric} = {result['best']['value']:.4f})")
     logs.info(f"run folder: {run_dir} (metrics.json, best.pt, last.pt, plots)")
     return 0
+
+
+def _silent(*args, **kwargs):
+    pass
 
 
 def _summary(test):
@@ -135,96 +223,124 @@ def _summary(test):
     return "\n".join(lines)
 
 
+def _versions(backend=None):
+    import torch
+
+    import fastabsld
+
+    versions = {"fastabsld": fastabsld.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    for name in ("torchattacks", "autoattack") if backend else ():
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = getattr(module, "__version__", "unknown")
+    return versions
+
+
+def eval_arguments(args):
+    """Checks the evaluation settings of ``fastabsld eval`` before anything is loaded.
+
+    Args:
+        args: the parsed ``eval`` namespace.
+
+    Returns:
+        tuple: the canonical attack names.
+
+    Raises:
+        ValueError: a bad attack list, eps, alpha, steps or n_examples, naming it.
+    """
+    from fastabsld.evaluation import attack_names
+    from fastabsld.ops.checks import check_real
+
+    names = attack_names(args.attacks, args.steps)
+    for name in ("eps", "alpha"):
+        if getattr(args, name) is not None:
+            check_real(getattr(args, name), name, minimum=0.0)
+    return names
+
+
 def _eval(args):
+    import numpy as np
+
     from fastabsld.evaluation import evaluate
-    from fastabsld.recipe.checkpoint import CheckpointError, load_model
-    from fastabsld.recipe.data import TensorLoader, load_dataset
+    from fastabsld.recipe import logs
+    from fastabsld.recipe.data import balanced_subset, eval_loader, is_tensors, load_for_config, split_size
+    from fastabsld.recipe.runfiles import load_run_model
     from fastabsld.recipe.runtime import resolve_device
 
+    names = eval_arguments(args)
     _set_threads(args.threads)
     device = resolve_device(args.device)
-    try:
-        model, cfg = load_model(args.checkpoint, device)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, RuntimeError) as error:
-        print(f"error: {args.checkpoint} is not a fastabsld checkpoint ({type(error).__name__}: {error})",
-              file=sys.stderr)
-        return 2
-    data = load_dataset(cfg.dataset, data_dir=args.data_dir or cfg.data_dir, seed=cfg.split_seed)
-    x, y = getattr(data, args.split)
+    model, cfg, _ = load_run_model(args.checkpoint, device)
+    if args.data_dir:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
+    data = load_for_config(cfg)
+    split = getattr(data, args.split)
+    if args.n_examples is not None:
+        split = balanced_subset(split, args.n_examples, seed=args.seed)
+    labels = split[1].numpy() if is_tensors(split) else None
     eps = cfg.eps if args.eps is None else args.eps
     alpha = cfg.alpha if args.alpha is None else args.alpha
-    results = evaluate(model, TensorLoader(x, y, args.batch_size), tuple(args.attacks), eps=eps, alpha=alpha,
-                       num_classes=data.num_classes, device=device, progress=not args.no_progress)
-    from fastabsld.recipe import logs
-
-    logs.info(f"{args.checkpoint}: {cfg.model} on the {cfg.dataset} {args.split} split ({len(y)} images), eps={eps}")
+    began = time.perf_counter()
+    results = evaluate(model, eval_loader(split, args.batch_size, cfg.num_workers), names, eps=eps, alpha=alpha,
+                       num_classes=data.num_classes, device=device, progress=args.progress, steps=args.steps,
+                       seed=args.seed, autoattack_version=args.autoattack_version,
+                       autoattack_backend=args.autoattack_backend)
+    seconds = time.perf_counter() - began
+    logs.info(f"{args.checkpoint}: {cfg.model} on the {cfg.dataset} {args.split} split ({split_size(split)} images), "
+              f"eps={eps:.6g}, alpha={alpha:.6g}, seed {args.seed}")
     logs.info(_summary(results))
-    if args.json:
-        from fastabsld.recipe.report import write_metrics
+    if labels is None and args.json:
+        labels = np.concatenate([y.numpy() for _, y in eval_loader(split, args.batch_size)])
+    from fastabsld.recipe.report import plot_per_class, write_metrics
 
-        folder, name = os.path.split(os.path.abspath(args.json))
-        write_metrics(folder, {"checkpoint": args.checkpoint, "split": args.split, "eps": eps, "alpha": alpha,
-                               "results": results}, name=name)
+    # The per-class plot goes beside the JSON, or else beside the checkpoint (--plot chooses).
+    stem = os.path.splitext(args.json or args.checkpoint)[0]
+    plot_path = args.plot or (f"{stem}_per_class.png" if args.json else f"{stem}_{args.split}_per_class.png")
+    if args.json:
+        payload = {
+            "checkpoint": os.path.abspath(args.checkpoint), "model": cfg.model, "dataset": cfg.dataset,
+            "split": args.split, "n_examples": split_size(split), "eps": eps, "alpha": alpha, "steps": args.steps,
+            "seed": args.seed, "attacks": list(names), "autoattack_version": args.autoattack_version,
+            "class_names": list(data.class_names) if data.class_names else None,
+            "class_counts": np.bincount(labels, minlength=data.num_classes).tolist(), "results": results,
+            "versions": _versions("autoattack" in names), "device": str(device), "plot": os.path.abspath(plot_path),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
+        }
+        folder, filename = os.path.split(os.path.abspath(args.json))
+        write_metrics(folder, payload, name=filename)
         logs.info(f"written: {args.json}")
+    plot_per_class({attack: results[attack]["per_class"] for attack in names}, plot_path,
+                   f"per-class {args.split} accuracy ({cfg.model}, eps={eps:.4g})")
+    logs.info(f"written: {plot_path}")
     return 0
 
 
 def _demo(args):
     from fastabsld.recipe.demo import run_demo
+    from fastabsld.recipe.options import given_settings
 
     _set_threads(args.threads)
+    speed = {k: v for k, v in given_settings(args).items() if k in ("amp", "channels_last", "compile", "fold_bn")}
     run_demo(args.out, seeds=tuple(args.seeds), epochs=args.epochs, teacher_epochs=args.teacher_epochs,
-             cache_dir=args.cache_dir, device=args.device, progress=not args.no_progress, speed=_speed_options(args))
+             cache_dir=args.cache_dir, device=args.device, progress=args.progress, speed=speed)
     return 0
-
-
-def _method_options(args):
-    return {name: getattr(args, name) for name in _METHOD_FLAGS if getattr(args, name) is not None}
-
-
-# The methods' hyper-parameters and the teacher's method: flags of train and compare (None: TrainConfig's default).
-_METHOD_FLAGS = {
-    "teacher_method": (str, "how a teacher trained here is trained: pgd-at or trades (default: pgd-at)"),
-    "trades_beta": (float, "weight of the TRADES KL term, for --method trades and a TRADES teacher (default: 6)"),
-    "ard_temperature": (float, "ARD's distillation temperature (default: 30)"),
-    "ard_alpha": (float, "ARD's weight of the distillation term; 1 - it weighs the clean CE (default: 1)"),
-    "iad_temperature": (float, "IAD's temperature of the teacher term (default: 1)"),
-    "iad_alpha": (float, "IAD's weight of the distillation terms; 1 - it weighs the clean CE (default: 1)"),
-    "iad_beta": (float, "IAD's exponent of the teacher's true-class probability (default: 0.1)"),
-    "iad_warmup": (float, "IAD's warm-up (plain ARD) as a fraction of the epochs (default: 0.3, 60 of 200)"),
-    "reweight_beta": (float, "exponent of the inverse robust time in the Fair-ARD class weights (default: 2)"),
-    "reweight_min": (float, "lower clamp of the Fair-ARD class weights (default: 5/6)"),
-    "reweight_max": (float, "upper clamp of the Fair-ARD class weights (default: 5/2)"),
-}
-
-
-def _add_method_options(p):
-    from fastabsld.recipe.config import TEACHER_METHODS
-
-    for name, (kind, text) in _METHOD_FLAGS.items():
-        extra = {"choices": TEACHER_METHODS} if name == "teacher_method" else {}
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text, **extra)
 
 
 def _compare(args):
     from fastabsld.recipe.compare import compare
+    from fastabsld.recipe.options import requested_settings
 
     _set_threads(args.threads)
-    config = {k: getattr(args, k) for k in ("dataset", "model", "teacher_model", "epochs", "teacher_epochs",
-                                            "batch_size", "lr", "eps", "alpha", "steps", "train_subset", "eval_every",
-                                            "teacher_path", "data_dir", "cache_dir", "device")
-              if getattr(args, k) is not None}
-    config.update(_method_options(args), **_speed_options(args), progress=False)
-    try:
-        compare(args.out, methods=args.methods, seeds=args.seeds, attacks=args.attacks, reference=args.reference,
-                config=config, jobs=args.jobs, threads=args.threads)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = {**requested_settings(args), "progress": False}  # each run's epoch lines go to its train.log
+    compare(args.out, methods=args.methods, seeds=args.seeds, attacks=args.attacks, reference=args.reference,
+            config=config, jobs=args.jobs, threads=args.threads)
     return 0
+
+
+# The settings compare sets per run (the specs, seeds and attacks) or itself (no progress bars in the workers).
+COMPARE_OWN_FIELDS = ("method", "reweight", "seed", "test_attacks", "progress")
 
 
 COMPARE_HELP = ("Trains every method spec with every seed under one budget on one data set, distilling from one "
@@ -240,29 +356,11 @@ COMPARE_HELP = ("Trains every method spec with every seed under one budget on on
                 "queries), so it is not among the defaults.")
 
 
-def _speed_options(args):
-    return {"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
-            "fold_bn": not args.no_fold_bn}
-
-
-def _add_speed(p):
-    p.add_argument("--amp", action="store_true",
-                   help="bf16 autocast around the student's and teacher's forwards (losses stay fp32)")
-    p.add_argument("--channels-last", action="store_true", help="models and batches in channels_last")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the student's training forward and the attack's forward")
-    p.add_argument("--no-fold-bn", action="store_true",
-                   help="attack the student itself rather than its eval view with BatchNorm folded into the convs")
-
-
-def _add_common(p):
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
-    p.add_argument("--threads", type=int, default=None,
+def _add_runtime(p):
+    p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; the demo uses 1, which is fastest for its "
                         "tiny models on a shared machine)")
-    p.add_argument("--no-progress", action="store_true",
-                   help="hide progress bars (they are drawn only when standard error is a terminal)")
-    p.add_argument("--log-file", default=None, help="also append every line (time-stamped) to this file")
+    p.add_argument("--log-file", default=None, metavar="FILE", help="also append every line (time-stamped) to FILE")
 
 
 def build_parser():
@@ -271,75 +369,67 @@ def build_parser():
     Returns:
         argparse.ArgumentParser: the parser with its sub-commands.
     """
-    from fastabsld.recipe.config import METHODS
-    from fastabsld.recipe.data import DATASETS
-    from fastabsld.recipe.models import MODELS
+    import torch
 
-    parser = argparse.ArgumentParser(prog="fastabsld", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    import fastabsld
+    from fastabsld.recipe.config import DEFAULT_TEACHER_EPOCHS, METHODS, TrainConfig
+    from fastabsld.recipe.options import add_config_arguments, flag
+
+    parser = Parser(prog="fastabsld", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version",
+                        version=f"fastabsld {fastabsld.__version__} (torch {torch.__version__}, "
+                                f"extension {'built' if fastabsld.HAS_EXTENSION else 'missing'})")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", help="train a student (ABSLD, RSLAD) or a PGD-AT model",
                        description="Train with the released ABSLD recipe (SGD, LR and beta x0.1 at 215/260/285 of "
                                    "300 epochs scaled to --epochs); checkpoints every epoch, weights chosen on the "
-                                   "validation split, test evaluation at the end.")
-    t.add_argument("--method", choices=METHODS, default="absld")
-    t.add_argument("--dataset", choices=DATASETS, default="digits")
-    t.add_argument("--model", choices=sorted(MODELS), default=None, help="student (default: cnn-s / resnet18)")
-    t.add_argument("--teacher-model", choices=sorted(MODELS), default=None,
-                   help="teacher (default: cnn-l / wrn-34-10)")
-    t.add_argument("--teacher-path", default=None, help="teacher checkpoint to use instead of training one")
-    t.add_argument("--teacher-epochs", type=_positive_int, default=40, help="PGD-AT epochs of a teacher to train")
-    t.add_argument("--epochs", type=_positive_int, default=30)
-    t.add_argument("--batch-size", type=_positive_int, default=128,
-                   help="global batch size; under torchrun each of the N processes takes batch-size / N images "
-                        "per step (must divide evenly) (default: 128)")
-    t.add_argument("--sync-bn", action="store_true",
-                   help="under torchrun, normalise BatchNorm with the statistics of the global batch "
-                        "(SyncBatchNorm, CUDA only); without it each process uses its own batch-size / N images")
-    t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--eps", type=float, default=None, help=EPS_HELP)
-    t.add_argument("--alpha", type=float, default=None,
-                   help="PGD step size (default: eps / 4 on digits, 2/255 on CIFAR)")
-    t.add_argument("--steps", type=int, default=10, help="PGD steps of the inner maximisation (default: 10)")
-    t.add_argument("--beta", type=float, default=0.1, help="temperature learning rate of ABSLD (default: 0.1)")
-    t.add_argument("--reweight", action="store_true",
-                   help="Fair-ARD's per-class re-weighting of a distillation method (ard, iad, rslad, absld)")
-    _add_method_options(t)
-    t.add_argument("--temperature-mode", choices=TEMPERATURE_MODES, default="paper",
-                   help="'released' reproduces the released script's tau_adv*tau_nat aliasing")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
-    t.add_argument("--train-subset", type=_positive_int, default=None, help="use only N training images")
-    t.add_argument("--eval-every", type=_positive_int, default=1, help="validation evaluation period in epochs")
-    t.add_argument("--select-metric", default="pgd20.average",
-                   help="validation metric choosing the kept weights: <clean|pgd20>.<average|worst> "
-                        "(default: pgd20.average)")
-    t.add_argument("--test-attacks", nargs="+", default=None,
-                   help="final test attacks (default: clean fgsm pgd20 cw; add autoattack if torchattacks is "
-                        "installed)")
-    t.add_argument("--run-dir", default=None, help="output folder (default: runs/<method>-<dataset>-<model>-seed<N>)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last.pt")
-    t.add_argument("--data-dir", default=None, help="CIFAR folder in the python pickle format (default: ./data)")
-    t.add_argument("--cache-dir", default=None, help="teacher cache (default: $FASTABSLD_CACHE or .fastabsld_cache)")
-    t.add_argument("--on-nonfinite", choices=("stop", "warn"), default="stop",
-                   help="a NaN or infinite training loss stops the run with an error, keeping the last finite "
-                        "checkpoint (stop, the default), or is a warning line (warn)")
-    _add_speed(t)
-    _add_common(t)
+                                   "validation split, test evaluation at the end. Every TrainConfig field is a flag "
+                                   "below; --config FILE sets them from a JSON or TOML file (flags override it).")
+    run = t.add_argument_group("the run")
+    run.add_argument("--run-dir", default=None,
+                     help="output folder (default: runs/<method>-<dataset>-<model>-seed<N>)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --run-dir from its last.pt, with its saved settings; a resume may "
+                          "change the epochs, the evaluation period, the test attacks and where it runs, and refuses "
+                          "other changes")
+    run.add_argument("--config", default=None, metavar="FILE",
+                     help="JSON or TOML file of settings (keys: the flags below with _ for -)")
+    _add_runtime(run)
+    add_config_arguments(t.add_argument_group("settings (TrainConfig)"))
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint (best.pt, last.pt or a cached teacher)")
+    e = sub.add_parser("eval", help="evaluate a checkpoint (best.pt, last.pt or a cached teacher)",
+                       description="Evaluate a checkpoint on a split of its data set. Every attack draws its random "
+                                   "starts from its own generator, seeded from (--seed, attack name): a figure does "
+                                   "not depend on which other attacks run.")
     e.add_argument("checkpoint")
-    e.add_argument("--attacks", nargs="+", default=["clean", "fgsm", "pgd20", "cw"], choices=ATTACKS,
-                   help="any of clean fgsm pgd20 cw autoattack")
-    e.add_argument("--split", choices=("test", "val", "train"), default="test")
-    e.add_argument("--eps", type=float, default=None, help="override the run's eps")
-    e.add_argument("--alpha", type=float, default=None, help="override the run's alpha")
-    e.add_argument("--batch-size", type=_positive_int, default=256)
-    e.add_argument("--data-dir", default=None)
-    e.add_argument("--json", default=None, help="also write the results to this JSON file")
-    _add_common(e)
+    e.add_argument("--attacks", nargs="+", default=list(EVAL_ATTACKS),
+                   help="clean, fgsm, pgd<N>, cw<N> (N steps; bare pgd / cw take --steps) and autoattack "
+                        f"(default: {' '.join(EVAL_ATTACKS)})")
+    e.add_argument("--steps", type=_positive_int, default=None,
+                   help="steps of bare pgd / cw names (default: 20); names such as pgd50 carry their own")
+    e.add_argument("--split", choices=("test", "val", "train"), default="test", help="(default: test)")
+    e.add_argument("--n-examples", type=_positive_int, default=None,
+                   help="evaluate a class-stratified subset of this many images (as RobustBench's n_ex) "
+                        "(default: the whole split)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default: 0)")
+    e.add_argument("--eps", type=_number, default=None, help="override the run's eps (fractions such as 8/255 work)")
+    e.add_argument("--alpha", type=_number, default=None, help="override the run's alpha")
+    e.add_argument("--autoattack-version", choices=AUTOATTACK_VERSIONS, default="standard",
+                   help="(default: standard)")
+    e.add_argument("--autoattack-backend", choices=AUTOATTACK_BACKENDS, default="auto",
+                   help="the official autoattack package, torchattacks' port, or auto: the official one when it is "
+                        "installed (default: auto; the JSON names the one used)")
+    e.add_argument("--batch-size", type=_positive_int, default=256, help="(default: 256)")
+    e.add_argument("--data-dir", default=None, help="the data set's folder, if it moved since training")
+    e.add_argument("--json", default=None, help="write the results, versions and class counts to this JSON file")
+    e.add_argument("--plot", default=None,
+                   help="the per-class accuracy plot (default: beside the --json file as *_per_class.png, else "
+                        "beside the checkpoint as <checkpoint>_<split>_per_class.png)")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    _add_runtime(e)
     e.set_defaults(func=_eval)
 
     d = sub.add_parser("demo", help="RSLAD vs ABSLD on digits on the CPU (a few minutes)",
@@ -348,12 +438,15 @@ def build_parser():
                                    "PGD-20 accuracy, worst-class accuracy and NSD with mean +- std over seeds.")
     d.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                    help="student seeds (default: 0 1 2 3 4; about 20 s per seed for both methods on 2 cores)")
-    d.add_argument("--epochs", type=_positive_int, default=30, help="student epochs")
-    d.add_argument("--teacher-epochs", type=_positive_int, default=30)
-    d.add_argument("--out", default=os.path.join("runs", "demo"), help="report folder")
-    d.add_argument("--cache-dir", default=None)
-    _add_speed(d)
-    _add_common(d)
+    d.add_argument("--epochs", type=_positive_int, default=30, help="student epochs (default: 30)")
+    d.add_argument("--teacher-epochs", type=_positive_int, default=DEFAULT_TEACHER_EPOCHS,
+                   help=f"(default: {DEFAULT_TEACHER_EPOCHS}, as for train: both share the cached teacher)")
+    d.add_argument("--out", default=os.path.join("runs", "demo"), help="report folder (default: runs/demo)")
+    d.add_argument("--cache-dir", default=None, help="teacher cache (default: $FASTABSLD_CACHE or .fastabsld_cache)")
+    d.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    add_config_arguments(d, ("amp", "channels_last", "compile", "fold_bn"))
+    _add_runtime(d)
     d.set_defaults(func=_demo, threads=1)
 
     from fastabsld.recipe import compare as compare_mod
@@ -365,32 +458,51 @@ def build_parser():
                         f"{', '.join(METHODS)}")
     c.add_argument("--seeds", type=int, nargs="+", default=list(compare_mod.DEFAULT_SEEDS),
                    help="seeds of every method (default: 0 1 2)")
-    c.add_argument("--attacks", nargs="+", default=list(compare_mod.DEFAULT_ATTACKS), choices=ATTACKS,
-                   help=f"test attacks (default: {' '.join(compare_mod.DEFAULT_ATTACKS)})")
+    c.add_argument("--attacks", nargs="+", default=list(compare_mod.DEFAULT_ATTACKS),
+                   help="test attacks: clean, fgsm, pgd<N>, cw<N>, autoattack "
+                        f"(default: {' '.join(compare_mod.DEFAULT_ATTACKS)})")
     c.add_argument("--reference", default=compare_mod.DEFAULT_REFERENCE,
                    help=f"the spec the paired differences are taken from (default: {compare_mod.DEFAULT_REFERENCE})")
     c.add_argument("--out", default=os.path.join("runs", "compare"), help="report folder (default: runs/compare)")
     c.add_argument("--jobs", type=_positive_int, default=2, help="runs trained at once, one process each (default: 2)")
-    c.add_argument("--dataset", choices=DATASETS, default=None, help="data set (default: digits)")
-    c.add_argument("--model", choices=sorted(MODELS), default=None, help="student (default: the data set's)")
-    c.add_argument("--teacher-model", choices=sorted(MODELS), default=None, help="teacher (default: the data set's)")
-    c.add_argument("--teacher-path", default=None, help="teacher checkpoint to use instead of training one")
-    c.add_argument("--epochs", type=_positive_int, default=None, help="epochs of every run (default: 30)")
-    c.add_argument("--teacher-epochs", type=_positive_int, default=None, help="epochs of a teacher to train (30)")
-    c.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (default: 128)")
-    c.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.1)")
-    c.add_argument("--eps", type=float, default=None, help="L-inf radius (default: 0.1 on digits, 8/255 on CIFAR)")
-    c.add_argument("--alpha", type=float, default=None, help="PGD step size (default: eps / 4 on digits, 2/255)")
-    c.add_argument("--steps", type=int, default=None, help="PGD steps of the inner maximisation (default: 10)")
-    c.add_argument("--train-subset", type=_positive_int, default=None, help="use only N training images")
-    c.add_argument("--eval-every", type=_positive_int, default=None, help="validation period in epochs (default: 5)")
-    c.add_argument("--data-dir", default=None, help="CIFAR folder")
-    c.add_argument("--cache-dir", default=None, help="teacher cache (default: $FASTABSLD_CACHE or .fastabsld_cache)")
-    _add_method_options(c)
-    _add_speed(c)
-    _add_common(c)
+    c.add_argument("--config", default=None, metavar="FILE",
+                   help="JSON or TOML file of the runs' settings, as for train (flags override it)")
+    _add_runtime(c)
+    shared = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in COMPARE_OWN_FIELDS]
+    add_config_arguments(c.add_argument_group(
+        "settings of every run (TrainConfig; compare's defaults: "
+        f"{', '.join(f'{flag(k)} {v}' for k, v in compare_mod.DEFAULTS.items())})"), shared)
     c.set_defaults(func=_compare, threads=1)
     return parser
+
+
+def _resume_command(args, argv):
+    """The exact command that continues an interrupted ``train``."""
+    words = [word for word in argv if word != "--resume"]
+    if args.run_dir is None:
+        words += ["--run-dir", getattr(args, "resolved_run_dir", None) or "RUN_DIR"]
+    words.append("--resume")
+    launcher = "python -m fastabsld" if os.path.basename(sys.argv[0]) == "__main__.py" else "fastabsld"
+    from fastabsld.recipe.distributed import env_world_size
+
+    if env_world_size() > 1:
+        launcher = f"torchrun --nproc_per_node={env_world_size()} -m fastabsld"
+    return f"{launcher} {shlex.join(words)}"
+
+
+def _interrupted(args, argv):
+    if int(os.environ.get("RANK", "0")) != 0:
+        return EXIT_INTERRUPTED
+    if args.command == "train":
+        run_dir = getattr(args, "resolved_run_dir", None) or args.run_dir
+        kept = "; last.pt holds the last finished epoch" if run_dir and os.path.exists(
+            os.path.join(run_dir, "last.pt")) else ""
+        print(f"interrupted{kept}. Resume with: {_resume_command(args, argv)}", file=sys.stderr)
+    elif args.command == "demo":
+        print("interrupted; the cached teacher is kept, run the same command again to redo the demo", file=sys.stderr)
+    else:
+        print("interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def main(argv=None):
@@ -400,27 +512,31 @@ def main(argv=None):
         argv: the arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        int: the exit status.
+        int: the exit status (0, 2 for an error, 130 when interrupted).
     """
     from fastabsld.recipe.distributed import env_world_size
 
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a bad argument (one error line printed already)
+        return done.code if isinstance(done.code, int) else EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     if args.command != "train" and env_world_size() > 1:
-        print(f"error: only 'train' runs under torchrun; run '{args.command}' as a single process", file=sys.stderr)
-        return 2
-    if getattr(args, "device", None) is not None:
-        from fastabsld.recipe.runtime import resolve_device
-
-        try:
-            resolve_device(args.device)
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        return _error(f"only 'train' runs under torchrun; run '{args.command}' as a single process")
     from fastabsld.recipe import logs
 
-    try:
-        with logs.setup(args.log_file):
+    with logs.setup(args.log_file):  # error lines too reach the log file
+        try:
+            if getattr(args, "device", None) is not None:
+                from fastabsld.recipe.runtime import resolve_device
+
+                resolve_device(args.device)
             return args.func(args)
-    except OSError as error:  # a missing checkpoint, teacher or data folder, or a failed download
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        except KeyboardInterrupt:
+            return _interrupted(args, argv)
+        except (ValueError, OSError, ImportError) as error:  # bad values, files, folders, missing packages
+            if os.environ.get("FASTABSLD_TRACEBACK"):
+                raise
+            return _error(" ".join(str(error).split()) or type(error).__name__)

@@ -23,18 +23,18 @@ import os
 import time
 from dataclasses import dataclass
 
-from fastabsld.recipe import checkpoint, logs, report
-from fastabsld.recipe.config import DISTILLATION_METHODS, METHODS, RUNTIME_FIELDS, TrainConfig
+from fastabsld.recipe import logs, report
+from fastabsld.recipe.config import DEFAULT_TEACHER_EPOCHS, DISTILLATION_METHODS, METHODS, RUNTIME_FIELDS, TrainConfig
 from fastabsld.recipe.demo import mean_std, verdict
 
 REWEIGHT = "+reweight"
 DEFAULT_METHODS = ("pgd-at", "trades", "ard", "rslad", "absld", "absld+reweight")
 DEFAULT_SEEDS = (0, 1, 2)
-DEFAULT_ATTACKS = ("clean", "fgsm", "pgd20", "cw")
+DEFAULT_ATTACKS = ("clean", "fgsm", "pgd20", "cw20")
 DEFAULT_REFERENCE = "absld"
 # Settings of the base config where compare's default differs from TrainConfig's: the demo's budget, so that
 # the demo and compare share one cached teacher.
-DEFAULTS = {"dataset": "digits", "epochs": 30, "teacher_epochs": 30, "eval_every": 5}
+DEFAULTS = {"dataset": "digits", "epochs": 30, "teacher_epochs": DEFAULT_TEACHER_EPOCHS, "eval_every": 5}
 # (key in the evaluation, column title, higher is better)
 METRICS = (("average", "average", True), ("worst", "worst class", True), ("nsd", "NSD (lower=fairer)", False))
 COMPARE_FILE = "compare.json"
@@ -174,12 +174,12 @@ def _evaluate_missing(run_dir, test, attacks, data, device):
     missing = [a for a in attacks if a not in test and a not in extra]
     if missing:
         from fastabsld.evaluation import evaluate
-        from fastabsld.recipe.data import TensorLoader
+        from fastabsld.recipe.data import eval_loader
+        from fastabsld.recipe.runfiles import load_run_model
 
-        model, cfg = checkpoint.load_model(os.path.join(run_dir, "best.pt"), device)
-        x, y = data.test
-        results = evaluate(model, TensorLoader(x, y, max(cfg.batch_size, 256)), missing, eps=cfg.eps,
-                           alpha=cfg.alpha, num_classes=data.num_classes, device=device, progress=False)
+        model, cfg, _ = load_run_model(os.path.join(run_dir, "best.pt"), device)
+        results = evaluate(model, eval_loader(data.test, max(cfg.batch_size, 256), cfg.num_workers), missing,
+                           eps=cfg.eps, alpha=cfg.alpha, num_classes=data.num_classes, device=device, progress=False)
         extra.update(results)
         report.write_metrics(run_dir, extra, name=EXTRA_EVAL_FILE)
     merged = {**extra, **test}
@@ -198,8 +198,8 @@ def _run_log(run_dir, prefix):
     return log
 
 
-def _train_run(fields, run_dir, threads, data=None):
-    """Trains (or resumes) one run; in a worker process too (the teacher comes from the cache)."""
+def _train_run(fields, run_dir, threads, data=None, teacher_info=None):
+    """Trains (or resumes) one run; in a worker process too (the teacher comes from the cache, evaluated once)."""
     import torch
 
     from fastabsld.recipe.train import train
@@ -208,7 +208,8 @@ def _train_run(fields, run_dir, threads, data=None):
         torch.set_num_threads(threads)
     cfg = TrainConfig(**fields)
     began = time.perf_counter()
-    result = train(cfg, run_dir, resume=True, data=data, log=_run_log(run_dir, ""))
+    result = train(cfg, run_dir, resume=True, data=data, log=_run_log(run_dir, ""),
+                   teacher_info=teacher_info if cfg.method in DISTILLATION_METHODS else None)
     return result["test"], time.perf_counter() - began
 
 
@@ -363,7 +364,9 @@ def compare(out_dir="runs/compare", *, methods=DEFAULT_METHODS, seeds=DEFAULT_SE
     specs = [parse_method(text) for text in _check_list(methods, "methods")]
     names = [spec.name for spec in specs]
     seeds = _check_list(seeds, "seeds")
-    attacks = _check_list(attacks, "attacks")
+    from fastabsld.evaluation import attack_names
+
+    attacks = list(attack_names(_check_list(attacks, "attacks")))
     if reference not in names:
         raise ValueError(f"reference {reference!r} must be one of the compared methods {names}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -381,9 +384,10 @@ def compare(out_dir="runs/compare", *, methods=DEFAULT_METHODS, seeds=DEFAULT_SE
 
 def _compare(out_dir, specs, seeds, attacks, reference, base, configs, jobs, threads, data, log, began):
     """The body of :func:`compare` on checked arguments."""
-    from fastabsld.recipe.data import load_dataset
+    from fastabsld.recipe.data import load_for_config, split_size
     from fastabsld.recipe.runtime import resolve_device
-    from fastabsld.recipe.teacher import get_teacher, teacher_source
+    from fastabsld.recipe.teacher import teacher_and_info
+    from fastabsld.recipe.train import teacher_report
 
     names = [spec.name for spec in specs]
     tests, trained, reused, pending = {}, [], [], []
@@ -395,16 +399,18 @@ def _compare(out_dir, specs, seeds, attacks, reference, base, configs, jobs, thr
         else:
             tests[key] = test
             reused.append(folder)
-    data = data if data is not None else load_dataset(base.dataset, data_dir=base.data_dir, seed=base.split_seed)
-    teacher_path = None
+    data = data if data is not None else load_for_config(base)
+    teacher_info = None
     if any(spec.method in DISTILLATION_METHODS for spec in specs):
-        get_teacher(base, data=data, log=log)  # trained and cached once, before any run needs it
-        teacher_path = teacher_source(base)
+        # Trained and cached once, before any run needs it; its validation figures are computed once too.
+        teacher, teacher_info = teacher_and_info(base, data=data, log=log)
+        teacher_info["val"] = teacher_report(teacher, data, base)
+    teacher_path = teacher_info and (teacher_info.get("path") or teacher_info.get("name"))
     log(f"compare: {', '.join(names)} x seeds {seeds} on {base.dataset} ({base.model}, {base.epochs} epochs, "
         f"eps={base.eps:.4g}, {base.steps} PGD steps); teacher {teacher_path or 'none needed'}; runs in {out_dir}")
     if reused:
         log(f"{len(reused)} of {len(configs)} runs finished before: not trained again")
-    for index, (key, seconds) in enumerate(_train_all(pending, jobs, threads, data, tests), start=1):
+    for index, (key, seconds) in enumerate(_train_all(pending, jobs, threads, data, tests, teacher_info), start=1):
         trained.append(run_folder(out_dir, parse_method(key[0]), key[1]))
         robust = [a for a in attacks if a != "clean"]
         figure = ""
@@ -419,12 +425,12 @@ def _compare(out_dir, specs, seeds, attacks, reference, base, configs, jobs, thr
     runs = {name: [_evaluate_missing(run_folder(out_dir, parse_method(name), seed), tests[(name, seed)], attacks,
                                      data, device) for seed in seeds] for name in names}
     summary = aggregate(runs, seeds, attacks, reference)
-    table = format_table(summary, attacks, reference, seeds, test_size=len(data.test[1]))
+    table = format_table(summary, attacks, reference, seeds, test_size=split_size(data.test))
     plot = report.plot_comparison(summary, attacks, os.path.join(out_dir, PLOT_FILE),
                                   f"{base.dataset} test split: {len(names)} methods x {len(seeds)} seeds "
                                   f"({base.epochs} epochs)", seeds=len(seeds))
     result = {"methods": names, "seeds": seeds, "attacks": attacks, "reference": reference, "config": base.to_dict(),
-              "teacher": teacher_path, "runs": runs, "summary": summary, "table": table, "trained": trained,
+              "teacher": teacher_info, "runs": runs, "summary": summary, "table": table, "trained": trained,
               "reused": reused, "plot": plot, "seconds": time.perf_counter() - began}
     report.write_metrics(out_dir, result, name=COMPARE_FILE)
     log("")
@@ -435,11 +441,11 @@ def _compare(out_dir, specs, seeds, attacks, reference, base, configs, jobs, thr
     return result
 
 
-def _train_all(pending, jobs, threads, data, tests):
-    """Trains the pending runs (``jobs`` at once); yields (key, seconds) as each ends and stores its test in ``tests``."""
+def _train_all(pending, jobs, threads, data, tests, teacher_info):
+    """Trains the pending runs (``jobs`` at once); yields (key, seconds) as each ends, its test stored in ``tests``."""
     if jobs == 1 or len(pending) <= 1:
         for key, cfg, folder in pending:
-            tests[key], seconds = _train_run(cfg.to_dict(), folder, threads, data)
+            tests[key], seconds = _train_run(cfg.to_dict(), folder, threads, data, teacher_info)
             yield key, seconds
         return
     import concurrent.futures
@@ -447,7 +453,8 @@ def _train_all(pending, jobs, threads, data, tests):
 
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=context) as pool:
-        futures = {pool.submit(_train_run, cfg.to_dict(), folder, threads): key for key, cfg, folder in pending}
+        futures = {pool.submit(_train_run, cfg.to_dict(), folder, threads, None, teacher_info): key
+                   for key, cfg, folder in pending}
         try:
             for future in concurrent.futures.as_completed(futures):
                 key = futures[future]

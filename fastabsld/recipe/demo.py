@@ -13,10 +13,10 @@ import statistics
 import time
 
 from fastabsld.recipe import logs, report
-from fastabsld.recipe.config import TrainConfig
+from fastabsld.recipe.config import DEFAULT_TEACHER_EPOCHS, TrainConfig
 from fastabsld.recipe.data import load_dataset
-from fastabsld.recipe.teacher import get_teacher, teacher_cache_path
-from fastabsld.recipe.train import train
+from fastabsld.recipe.teacher import teacher_and_info, teacher_cache_path
+from fastabsld.recipe.train import teacher_report, train
 
 METHODS = ("rslad", "absld")
 ATTACK = "pgd20"
@@ -99,8 +99,8 @@ def _sentence(what, word):
     return f"ABSLD did NOT clearly improve {what} over RSLAD: the difference is inside the seed spread."
 
 
-def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_epochs=30, cache_dir=None, device="cpu",
-             progress=True, log=None, speed=None):
+def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_epochs=DEFAULT_TEACHER_EPOCHS,
+             cache_dir=None, device="cpu", progress=True, log=None, speed=None):
     """Trains the teacher (or reuses the cached one), distils RSLAD and ABSLD students, prints the table.
 
     Args:
@@ -124,9 +124,11 @@ def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_e
                        **({"cache_dir": cache_dir} if cache_dir else {}), **(speed or {}))
     data = load_dataset("digits", seed=base.split_seed)
     cached = os.path.exists(teacher_cache_path(base))
-    teacher = get_teacher(base, data=data, log=log)
+    teacher, teacher_info = teacher_and_info(base, data=data, log=log)
+    teacher_info["val"] = teacher_report(teacher, data, base)
     log(f"teacher: {base.teacher_model}, {'reused from' if cached else 'trained and cached at'} "
-        f"{teacher_cache_path(base)} ({time.perf_counter() - began:.0f} s)")
+        f"{teacher_cache_path(base)} ({time.perf_counter() - began:.0f} s); validation clean "
+        f"{teacher_info['val']['clean']['average']:.3f}, PGD-20 {teacher_info['val']['pgd20']['average']:.3f}")
     log(f"students: {base.model}, {epochs} epochs, eps={base.eps}, alpha={base.alpha}, {base.steps} PGD steps, "
         f"seeds {list(seeds)}; test split {len(data.test[1])} images, checkpoint chosen on {len(data.val[1])} "
         "validation images")
@@ -136,7 +138,8 @@ def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_e
         for method in METHODS:
             t = time.perf_counter()
             cfg = dataclasses.replace(base, method=method, seed=seed)
-            result = train(cfg, os.path.join(out_dir, f"{method}-seed{seed}"), teacher=teacher, data=data, log=log)
+            result = train(cfg, os.path.join(out_dir, f"{method}-seed{seed}"), teacher=teacher, data=data, log=log,
+                           teacher_info=teacher_info)
             results[method].append(result["test"])
             histories[method].append(result["history"])
             test = result["test"][ATTACK]
@@ -156,7 +159,8 @@ def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_e
         report.plot_temperatures(histories["absld"][0], os.path.join(out_dir, "absld_temperatures.png"),
                                  f"ABSLD class temperatures (seed {seeds[0]})"),
     ]
-    summary = {"seeds": list(seeds), "config": base.to_dict(), "results": results, "table": table,
+    summary = {"seeds": list(seeds), "config": base.to_dict(), "teacher": teacher_info, "results": results,
+               "table": table,
                "seconds": time.perf_counter() - began}
     report.write_metrics(out_dir, summary, name="demo.json")
     log("")

@@ -17,6 +17,7 @@ What the loop guarantees about its run folder (rank 0 alone writes it, under its
   non-finite epoch is written (``on_nonfinite="warn"``: a warning line, and the run goes on).
 """
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -29,7 +30,7 @@ import torch
 
 from fastabsld.evaluation import evaluate
 from fastabsld.recipe import checkpoint, distributed, lock, logs, report, speed
-from fastabsld.recipe.data import TensorLoader
+from fastabsld.recipe.data import eval_loader, is_tensors, split_size, stream_loader, subset
 from fastabsld.recipe.errors import CheckpointError, NonFiniteLossError
 from fastabsld.recipe.method_plans import plan_for, reweight as reweighting
 from fastabsld.recipe.models import build_model
@@ -44,7 +45,7 @@ def _subset(data, n):
     if n is None:
         return data
     data = copy.copy(data)
-    data.train = (data.train[0][:n], data.train[1][:n])
+    data.train = subset(data.train, n)
     return data
 
 
@@ -59,7 +60,7 @@ def _selection_value(cfg, val_metrics):
 
 
 def _eval_loader(split, cfg):
-    return TensorLoader(split[0], split[1], max(cfg.batch_size, 256))
+    return eval_loader(split, max(cfg.batch_size, 256), cfg.num_workers)
 
 
 def train_epoch(student, loss_fn, optimizer, loader, cfg, generator, *, teacher=None, device="cpu", progress=False,
@@ -153,10 +154,21 @@ def _restore(state, cfg, student, optimizer, scheduler, plan, loss_fn, reweight,
     student.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    _reschedule(scheduler, optimizer, cfg, state["epoch"])
     plan.restore(loss_fn, state)
     reweighting.restore(reweight, state)
     checkpoint.set_rng_state(state["rng"], generators)
     return state["history"], state["best"], state["epoch"]
+
+
+def _reschedule(scheduler, optimizer, cfg, done):
+    """After a resume with other epochs: the LR milestones of ``cfg`` from now on, and the LR they give."""
+    milestones = milestone_epochs(cfg)
+    if sorted(scheduler.milestones.elements()) == milestones:
+        return
+    scheduler.milestones = collections.Counter(milestones)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * cfg.lr_gamma ** sum(m <= done for m in milestones)
 
 
 def _load_resume_state(last_path, ctx, device, log):
@@ -223,7 +235,7 @@ def _load_best(best_path, best, resumed_epoch, cfg, device, log):
     return None, {"epoch": None, "value": -math.inf}, False
 
 
-def fit(cfg, run_dir, data, *, teacher=None, resume=False, log=None, teacher_source=None, scalar_writer=None):
+def fit(cfg, run_dir, data, *, teacher=None, resume=False, log=None, student=None, info=None, scalar_writer=None):
     """Trains a student with ``cfg.method`` on ``data``, checkpointing every epoch; evaluates the kept weights on test.
 
     Writes to ``run_dir`` (holding its lock, see :mod:`fastabsld.recipe.lock`): ``last.pt`` (full state,
@@ -239,8 +251,9 @@ def fit(cfg, run_dir, data, *, teacher=None, resume=False, log=None, teacher_sou
         teacher: the frozen teacher, required by the distillation methods.
         resume: continue from ``run_dir/last.pt`` (or ``last.prev.pt``) when it exists.
         log: function printing one-line messages (default: :func:`fastabsld.recipe.logs.info`).
-        teacher_source: where the teacher comes from (an absolute path), recorded in the checkpoints and
-            metrics.json so that a resumed run finds the same teacher.
+        student: the network to train (``None``: ``cfg.model`` built fresh); trained in place.
+        info: extra entries for the checkpoints and metrics.json (which teacher was used, under
+            ``"teacher"``: a resumed run takes the teacher file recorded there again).
         scalar_writer: a SummaryWriter-like object (``add_scalar``, ``flush``) receiving the epoch
             scalars; None: a ``torch.utils.tensorboard.SummaryWriter`` in ``run_dir`` when tensorboard
             is installed.
@@ -257,11 +270,11 @@ def fit(cfg, run_dir, data, *, teacher=None, resume=False, log=None, teacher_sou
     ctx = distributed.current()
     writes = run_dir if ctx.is_main else None
     with lock.hold(writes) if writes else contextlib.nullcontext():
-        return _fit(cfg, run_dir, data, teacher=teacher, resume=resume, log=log, teacher_source=teacher_source,
+        return _fit(cfg, run_dir, data, teacher=teacher, resume=resume, log=log, student=student, info=info,
                     scalar_writer=scalar_writer)
 
 
-def _fit(cfg, run_dir, data, *, teacher, resume, log, teacher_source, scalar_writer):
+def _fit(cfg, run_dir, data, *, teacher, resume, log, student, info, scalar_writer):
     from tqdm.auto import tqdm
 
     ctx = distributed.current()
@@ -272,7 +285,7 @@ def _fit(cfg, run_dir, data, *, teacher, resume, log, teacher_source, scalar_wri
     writes = run_dir if ctx.is_main else None
     data = _subset(data, cfg.train_subset)
     seed_everything(cfg.seed)
-    student = build_model(cfg.model, data.num_classes, data.in_channels).to(device)
+    student = (build_model(cfg.model, data.num_classes, data.in_channels) if student is None else student).to(device)
     plan = plan_for(cfg.method)
     loss_fn = build_loss(cfg, data.num_classes)
     reweight = reweighting.build_reweight(cfg, data.num_classes)
@@ -292,8 +305,15 @@ def _fit(cfg, run_dir, data, *, teacher, resume, log, teacher_source, scalar_wri
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(cfg), cfg.lr_gamma)
     # A last batch of a few images would make BatchNorm's batch statistics noisy: drop it, unless it is the only one.
-    loader = ctx.train_loader(*data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=data.augment,
-                              drop_last=len(data.train[1]) > cfg.batch_size)
+    drop_last = split_size(data.train) > cfg.batch_size
+    if is_tensors(data.train):
+        loader = ctx.train_loader(*data.train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=data.augment,
+                                  drop_last=drop_last)
+    elif ctx.distributed:
+        raise ValueError("a streamed data set trains in one process; under torchrun, give data that fits in memory")
+    else:
+        loader = stream_loader(data.train, cfg.batch_size, seed=cfg.seed, augment=data.augment, drop_last=drop_last,
+                               num_workers=cfg.num_workers)
     attack_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     generators = {"data": loader.generator, "attack": attack_gen}
     val_loader = _eval_loader(data.val, cfg)
@@ -328,7 +348,7 @@ def _fit(cfg, run_dir, data, *, teacher, resume, log, teacher_source, scalar_wri
 
     names = getattr(data, "class_names", None)
     shapes = {"num_classes": data.num_classes, "in_channels": data.in_channels}
-    extra = {"teacher": teacher_source, "world_size": ctx.world_size}
+    extra = {**(info or {}), "world_size": ctx.world_size}
     if names:
         extra["class_names"] = list(names)
     own_writer = scalar_writer is None

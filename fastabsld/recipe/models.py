@@ -1,9 +1,15 @@
-"""Models of the recipe: small CNNs for 8x8 digits and the standard CIFAR networks.
+"""Models of the recipe: small CNNs for 8x8 digits and the standard CIFAR networks, or your own.
 
 All models take inputs in [0, 1] without normalisation (as in the ABSLD recipe) and return logits.
 Names for :func:`build_model`: ``cnn-s`` (digits student), ``cnn-l`` (digits teacher),
-``resnet18``, ``mobilenetv2``, ``wrn-34-10``.
+``resnet18``, ``mobilenetv2``, ``wrn-34-10``, or ``pkg.module:factory`` for a model of your own: the
+factory is imported and called with ``num_classes`` and ``in_channels`` (each passed only when
+the factory takes it, so ``torchvision.models:resnet18`` works too) and must return an
+``nn.Module`` mapping (B, C, H, W) images in [0, 1] to (B, num_classes) logits.
 """
+
+import importlib
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +122,13 @@ class MobileNetV2(nn.Module):
 
 
 class _WideBlock(nn.Module):
-    """Pre-activation wide residual block (BN-ReLU-conv twice)."""
+    """Pre-activation wide residual block (BN-ReLU-conv twice).
+
+    The shortcut is the identity when the shape is kept, else a 1x1 convolution of the pre-activated
+    input: the same function as the TRADES/RobustBench ``BasicBlock`` (whose ``equalInOut`` branch
+    adds the raw input, and whose other branch feeds ``relu(bn1(x))`` to both the residual and
+    ``convShortcut``), so their weights convert one to one (``fastabsld.recipe.teachers``).
+    """
 
     def __init__(self, in_ch, out_ch, stride):
         super().__init__()
@@ -132,6 +144,9 @@ class _WideBlock(nn.Module):
 
 class WideResNet(nn.Module):
     """Wide ResNet WRN-depth-width (pre-activation; WRN-34-10 is the usual robust CIFAR teacher).
+
+    Computes the function of the TRADES / RobustBench WideResNet (``Zhang2019Theoretically``) for the
+    same weights; on 32x32 inputs the global average pooling equals their ``avg_pool2d(out, 8)``.
 
     Args:
         num_classes: number of outputs.
@@ -170,17 +185,83 @@ MODELS = {
 }
 
 
+def is_factory(name):
+    """Whether a model name is a ``pkg.module:factory`` reference rather than a registered name.
+
+    Args:
+        name: a model name.
+
+    Returns:
+        bool: True for ``module:attribute`` names.
+    """
+    return isinstance(name, str) and ":" in name
+
+
+def check_model_name(name, what="model"):
+    """Raises ValueError unless ``name`` is a registered model or an importable ``pkg.module:factory``.
+
+    The factory is imported (not called), so that a typo fails before any training.
+
+    Args:
+        name: the model name.
+        what: the setting's name, for the message.
+
+    Returns:
+        callable: the factory.
+    """
+    if is_factory(name):
+        return _factory(name)
+    if name not in MODELS:
+        raise ValueError(f"{what} must be one of {sorted(MODELS)} or 'pkg.module:factory', got {name!r}")
+    return MODELS[name]
+
+
+def _factory(name):
+    module_name, _, attribute = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"model {name!r}: cannot import {module_name} ({error})") from error
+    factory = module
+    for part in attribute.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise ValueError(f"model {name!r}: {module_name} has no attribute {attribute!r}")
+    if not callable(factory):
+        raise ValueError(f"model {name!r}: {attribute} is not callable")
+    return factory
+
+
+def _call_factory(name, num_classes, in_channels):
+    factory = _factory(name)
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    kwargs = {key: value for key, value in (("num_classes", num_classes), ("in_channels", in_channels))
+              if takes_any or key in parameters}
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r}: the factory returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
 def build_model(name, num_classes, in_channels):
     """Builds a model by name.
 
     Args:
-        name: one of ``MODELS`` (``cnn-s``, ``cnn-l``, ``resnet18``, ``mobilenetv2``, ``wrn-34-10``).
+        name: one of ``MODELS`` (``cnn-s``, ``cnn-l``, ``resnet18``, ``mobilenetv2``, ``wrn-34-10``), or
+            ``pkg.module:factory`` (see the module docstring).
         num_classes: number of outputs.
         in_channels: input channels (1 for digits, 3 for CIFAR).
 
     Returns:
         nn.Module: the freshly initialised model.
+
+    Raises:
+        ValueError: an unknown name, or a factory that cannot be imported or returns no module.
     """
-    if name not in MODELS:
-        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
-    return MODELS[name](num_classes, in_channels)
+    if is_factory(name):
+        return _call_factory(name, num_classes, in_channels)
+    return check_model_name(name)(num_classes, in_channels)

@@ -1,84 +1,101 @@
 """The robust teacher of a distillation run: its recipe (PGD-AT or TRADES), the cache keyed by it, and loading.
 
-A teacher is trained once per recipe (method, architecture, epochs, threat model, split, seed...) and cached
-as ``<cache_dir>/teacher-<dataset>-<model>-<hash>.pt``; any change to that recipe gives a new hash.
+A teacher is trained once per recipe and cached as ``<cache_dir>/teacher-<dataset>-<model>-<hash>.pt``.
+The hash covers only what defines the teacher (``config.TEACHER_FIELDS``: the data and its split, the
+threat model, the teacher's method (PGD-AT or TRADES, with its trades_beta), architecture and its own
+epochs, seed and optimiser settings, plus the content of a folder or custom data set), so runs that
+differ in student settings (beta, temperature mode, method, epochs, evaluation...) share one teacher.
 Its training runs in ``<cache_dir>/teacher-<dataset>-<model>-<hash>-run`` with the epoch loop's
 checkpoints, under that folder's lock: a training killed half-way resumes from its last epoch on the
-next call, and a second process that needs the same teacher waits for the first one to cache it.
+next call, and a second process that needs the same teacher waits for the first one to cache it. A
+teacher given by ``teacher_path`` (see ``fastabsld.recipe.teachers``) is loaded instead.
 """
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
+import re
 
 from fastabsld.recipe import checkpoint, distributed, lock, logs
-from fastabsld.recipe.config import METHOD_FIELDS, RUNTIME_FIELDS
-from fastabsld.recipe.data import load_dataset
+from fastabsld.recipe.config import TEACHER_FIELDS, TEACHER_METHOD_FIELDS, TrainConfig
+from fastabsld.recipe.data import folder_fingerprint, first_images, load_for_config
 from fastabsld.recipe.loop import fit
 from fastabsld.recipe.runtime import resolve_device
-
-# Fields that do not change a trained teacher's weights.
-_HASH_EXCLUDED = RUNTIME_FIELDS + ("test_attacks", "sync_bn", "teacher_method", "reweight")
+from fastabsld.recipe.teachers import load_teacher
 
 
 def teacher_config(cfg):
-    """The config that trains ``cfg``'s teacher (same data, threat model and optimiser).
+    """The config that trains ``cfg``'s teacher: the teacher fields of ``cfg``, nothing of its student.
 
     Args:
         cfg: the student's TrainConfig.
 
     Returns:
-        TrainConfig: method ``cfg.teacher_method`` (PGD-AT or TRADES) with the teacher architecture and epochs.
+        TrainConfig: method ``cfg.teacher_method`` (PGD-AT or TRADES, with ``cfg.trades_beta``) with the
+        teacher's architecture, epochs, seed and optimiser; validation every epoch on clean and PGD-20 accuracy.
     """
-    return dataclasses.replace(cfg, method=cfg.teacher_method, reweight=False, model=cfg.teacher_model, epochs=cfg.teacher_epochs,
-                               seed=cfg.teacher_seed, train_subset=None, select_metric="pgd20.average",
-                               val_attacks=("clean", "pgd20"), test_attacks=("clean", "pgd20"), teacher_path=None)
+    shared = ("dataset", "data_dir", "image_size", "folder_split", "augment", "in_memory_mb", "num_workers", "eps",
+              "alpha", "steps", "split_seed", "device", "cache_dir", "progress", "sync_bn", "amp", "channels_last",
+              "compile", "fold_bn", "on_nonfinite")
+    own = {name: getattr(cfg, name) for name in TEACHER_FIELDS if name.startswith("teacher_")}
+    own.update({name: getattr(cfg, name) for name in TEACHER_METHOD_FIELDS.get(cfg.teacher_method, ())})
+    return TrainConfig(**{name: getattr(cfg, name) for name in shared}, **own, method=cfg.teacher_method,
+                       model=cfg.teacher_model, epochs=cfg.teacher_epochs, seed=cfg.teacher_seed, lr=cfg.teacher_lr,
+                       batch_size=cfg.teacher_batch_size, momentum=cfg.teacher_momentum,
+                       weight_decay=cfg.teacher_weight_decay, milestones=cfg.teacher_milestones,
+                       lr_gamma=cfg.teacher_lr_gamma, eval_every=1, val_attacks=("clean", "pgd20"),
+                       select_metric="pgd20.average", test_attacks=("clean", "pgd20"))
 
 
-def config_hash(cfg):
-    """A short stable hash of the fields of ``cfg`` that determine the trained weights.
+def data_identity(cfg, data=None):
+    """What identifies the data beyond the config's fields: the content of a folder or custom data set.
 
     Args:
         cfg: TrainConfig.
+        data: the run's Splits, or None.
+
+    Returns:
+        str or None: None for digits and CIFAR (named by the config), else the data's fingerprint.
+    """
+    if cfg.dataset not in ("folder", "custom"):
+        return None
+    if data is not None and data.source:
+        return data.source
+    if cfg.dataset == "folder":
+        return folder_fingerprint(cfg.data_dir, cfg.image_size)
+    raise ValueError("a custom data set's teacher cache needs the data: pass data=...")
+
+
+def config_hash(cfg, data=None):
+    """A short stable hash of what defines ``cfg``'s teacher (``TEACHER_FIELDS`` and the data's identity).
+
+    Args:
+        cfg: a student's TrainConfig (or its :func:`teacher_config`: the same hash).
+        data: the run's Splits (needed for custom data).
 
     Returns:
         str: 16 hex digits.
     """
-    # A method's hyper-parameters count only for the method that reads them (and the teacher's method is cfg.method).
-    unread = {name for method, names in METHOD_FIELDS.items() if method != cfg.method for name in names}
-    fields = {k: v for k, v in cfg.to_dict().items() if k not in _HASH_EXCLUDED and k not in unread}
-    if not cfg.amp:
-        del fields["amp"]  # fp32 and bf16 runs differ; fp32 runs hash without the field
-    blob = json.dumps({"format": checkpoint.FORMAT, **fields}, sort_keys=True, default=str)
+    fields = {name: getattr(cfg, name) for name in TEACHER_FIELDS}
+    fields.update({name: getattr(cfg, name) for name in TEACHER_METHOD_FIELDS.get(cfg.teacher_method, ())})
+    blob = json.dumps({"format": checkpoint.FORMAT, "data": data_identity(cfg, data), **fields}, sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def teacher_cache_path(cfg):
+def teacher_cache_path(cfg, data=None):
     """Where :func:`get_teacher` caches the teacher of ``cfg``.
 
     Args:
         cfg: the student's TrainConfig.
+        data: the run's Splits (needed for custom data).
 
     Returns:
         str: the file path.
     """
-    tcfg = teacher_config(cfg)
-    return os.path.join(cfg.cache_dir, f"teacher-{tcfg.dataset}-{tcfg.model}-{config_hash(tcfg)}.pt")
-
-
-def teacher_source(cfg):
-    """Where ``cfg``'s teacher comes from, as recorded in a run: ``cfg.teacher_path`` or the cache file, absolute.
-
-    Args:
-        cfg: the student's TrainConfig.
-
-    Returns:
-        str: the path (absolute when it names a file).
-    """
-    path = cfg.teacher_path or teacher_cache_path(cfg)
-    return os.path.abspath(path) if cfg.teacher_path is None or os.path.exists(path) else path
+    model = re.sub(r"[^\w.-]+", "_", cfg.teacher_model)
+    return os.path.join(cfg.cache_dir, f"teacher-{cfg.dataset}-{model}-{config_hash(cfg, data)}.pt")
 
 
 def get_teacher(cfg, *, data=None, log=None):
@@ -93,31 +110,49 @@ def get_teacher(cfg, *, data=None, log=None):
     Returns:
         nn.Module: the teacher, frozen, in eval mode, on ``cfg.device``.
     """
+    return teacher_and_info(cfg, data=data, log=log)[0]
+
+
+def teacher_and_info(cfg, *, data=None, log=None):
+    """:func:`get_teacher` and where the teacher came from (for metrics.json).
+
+    Args:
+        cfg: the student's TrainConfig.
+        data: the data set's preloaded Splits (``None``: loaded from ``cfg``).
+        log: function printing one-line messages (default: :func:`fastabsld.recipe.logs.info`).
+
+    Returns:
+        tuple: (teacher, info dict: ``source`` ``"file"`` / ``"robustbench"`` / ``"cache"``, and the path,
+        digest or cache hash).
+    """
     log = log or logs.info
+    if data is None:
+        data = load_for_config(cfg)
+    device = resolve_device(cfg.device)
+    shape = dict(model_name=cfg.teacher_model, num_classes=data.num_classes, in_channels=data.in_channels,
+                 example=first_images(data.val), dataset=cfg.dataset, cache_dir=cfg.cache_dir, device=device)
     if cfg.teacher_path:
-        teacher, _ = checkpoint.load_model(cfg.teacher_path, resolve_device(cfg.device))
-        return teacher.requires_grad_(False)
+        return load_teacher(cfg.teacher_path, **shape)
     tcfg = teacher_config(cfg)
-    path = os.path.abspath(teacher_cache_path(cfg))
+    path = os.path.abspath(teacher_cache_path(cfg, data))
     ctx = distributed.current()
-    if not ctx.from_main(os.path.exists(path)):  # under torchrun all ranks train it together; rank 0 caches it
+    cached = ctx.from_main(os.path.exists(path))
+    if not cached:  # under torchrun all ranks train it together; rank 0 caches it
         run_dir = os.path.splitext(path)[0] + "-run"
         # Rank 0 holds the teacher's run folder; a process training the same teacher elsewhere is waited for.
         with lock.hold(run_dir, wait=True, log=log) if ctx.is_main else contextlib.nullcontext():
             if not ctx.from_main(os.path.exists(path)):
-                _train_teacher(cfg, tcfg, path, run_dir, data, ctx, log)
-    teacher, _ = checkpoint.load_model(path, resolve_device(cfg.device))
-    return teacher.requires_grad_(False)
+                _train_teacher(tcfg, path, run_dir, data, ctx, log)
+    teacher, info = load_teacher(path, **shape)
+    return teacher, {**info, "source": "cache", "hash": config_hash(cfg, data), "trained_now": not cached}
 
 
-def _train_teacher(cfg, tcfg, path, run_dir, data, ctx, log):
+def _train_teacher(tcfg, path, run_dir, data, ctx, log):
     """Trains (or resumes training) the teacher in ``run_dir``; rank 0 moves its kept weights to ``path``."""
     last = os.path.join(run_dir, "last.pt")
     resume = ctx.from_main(os.path.exists(last) or os.path.exists(checkpoint.previous_path(last)))
     log(f"{'resuming the training of' if resume else 'training'} the robust teacher ({tcfg.model}, {tcfg.method}, "
         f"{tcfg.epochs} epochs) in {run_dir}; cached at {path}")
-    if data is None:
-        data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.split_seed)
     result = fit(tcfg, run_dir, data, resume=resume, log=log)
     if ctx.is_main:
         best = os.path.join(run_dir, "best.pt")

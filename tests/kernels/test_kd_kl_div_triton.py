@@ -75,6 +75,8 @@ def reference_outputs(s, t, labels, tau_t, tau_s, scalar_t, scalar_s, ignore_ind
     """Reference row loss and its gradients (rows are independent: grad of the rows' sum)."""
     s = s.detach().float().requires_grad_()
     t = t.detach().float().requires_grad_()
+    if labels is None:  # the launcher's per-row temperatures are (B,); the reference's are (B, 1)
+        tau_t, tau_s = (None if tau is None else tau[:, None] for tau in (tau_t, tau_s))
     rows = reference.kd_kl_div(s, t, labels, scalar_t if tau_t is None else tau_t,
                                scalar_s if tau_s is None else tau_s, "none", ignore_index)
     grad_s, grad_t = torch.autograd.grad(rows.sum(), (s, t))

@@ -77,6 +77,61 @@ def test_fp32_gradients_and_custom_weights(mode):
         torch.testing.assert_close(mine.grad, theirs.grad)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "batchmean", "sum", "none"])
+def test_reductions_against_rowwise_kl(reduction):
+    """Each reduction of the exact row KL: ``mean`` / (B * C), ``batchmean`` / B, ``sum``, ``none`` per row."""
+    batch, classes = 9, 7
+    loss_fn = ABSLDLoss(classes, adv_weight=0.7, nat_weight=0.4, reduction=reduction).double()
+    randomise_temperatures(loss_fn, seed=2)
+    adv, nat, teacher, labels = random_case(batch, classes, seed=3)
+    ours_in = [t.clone().requires_grad_() for t in (adv, nat)]
+    ref_in = [t.clone().requires_grad_() for t in (adv, nat)]
+
+    def rows(student, tau):
+        p = torch.softmax(teacher / tau[labels].unsqueeze(1), dim=1)
+        return (p * (torch.log(p) - torch.log_softmax(student, dim=1))).sum(dim=1)
+
+    per_row = 0.7 * rows(ref_in[0], loss_fn.tau_adv) + 0.4 * rows(ref_in[1], loss_fn.tau_nat)
+    ref = {"mean": per_row.sum() / (batch * classes), "batchmean": per_row.sum() / batch, "sum": per_row.sum(),
+           "none": per_row}[reduction]
+    ours = loss_fn(*ours_in, teacher, labels)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    weights = torch.rand(ref.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    (ours * weights).sum().backward()
+    (ref * weights).sum().backward()
+    for mine, theirs in zip(ours_in, ref_in):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_batchmean_is_num_classes_times_the_released_mean():
+    adv, nat, teacher, labels = random_case(6, 10, seed=8)
+    mean = ABSLDLoss(10).double()(adv, nat, teacher, labels)
+    batchmean = ABSLDLoss(10, reduction="batchmean").double()(adv, nat, teacher, labels)
+    torch.testing.assert_close(batchmean, 10 * mean, rtol=1e-12, atol=0)
+
+
+def test_beta_decay_follows_the_released_milestones():
+    from fastabsld.methods.absld import BetaDecay
+    from fastabsld.recipe.config import TrainConfig
+    from fastabsld.recipe.schedule import beta_at, milestone_epochs
+
+    cfg = TrainConfig(epochs=40, beta=0.3)
+    loss_fn = ABSLDLoss(10, beta=cfg.beta)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(cfg), cfg.lr_gamma)
+    decay = BetaDecay(loss_fn, scheduler)
+    for epoch in range(cfg.epochs):
+        assert loss_fn.beta == pytest.approx(beta_at(cfg, epoch), rel=1e-12), epoch  # the recipe's schedule
+        optimizer.step()
+        scheduler.step()
+        decay.step()
+        if epoch == 31:  # built again mid-run (after a resume): continues from the current ratio
+            decay = BetaDecay(loss_fn, scheduler)
+    with pytest.raises(ValueError, match="loss_fn"):
+        BetaDecay(torch.nn.KLDivLoss(), scheduler)
+
+
 def test_modes_differ_and_match_their_soft_labels():
     adv, nat, teacher, labels = random_case(12, 5, seed=2)
     paper, released = ABSLDLoss(5), ABSLDLoss(5, temperature_mode="released")
@@ -234,6 +289,7 @@ def test_buffers_follow_module_to_dtype():
     (dict(num_classes=3, nat_weight=-0.5), "nat_weight"),
     (dict(num_classes=3, beta=-1.0), "beta"),
     (dict(num_classes=3, temperature_mode="aliased"), "temperature_mode"),
+    (dict(num_classes=3, reduction="batch"), "reduction"),
 ])
 def test_constructor_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

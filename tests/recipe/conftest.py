@@ -1,7 +1,11 @@
-"""Fixtures of the recipe's tests: one torch thread per module, and the digits data set loaded once."""
+"""Fixtures of the recipe's tests: one torch thread per module, the digits data set loaded once, image folders."""
 
+import os
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fastabsld.recipe.data import load_digits
 from fastabsld.recipe.models import build_model
@@ -44,6 +48,29 @@ def digits_models(dtype, seed=3, num_classes=10):
     return student, teacher.eval().requires_grad_(False)
 
 
+CLASSES = ("cat", "dog", "eel")
+
+
+def png_folder(root, classes=CLASSES, per_class=10, size=(6, 6), odd=None):
+    """Class folders of small RGB PNGs whose first pixel encodes the class's index in CLASSES (labels checkable).
+
+    Args:
+        root: the folder to fill (pathlib.Path).
+        classes: class folder names, from CLASSES.
+        per_class: images per class.
+        size: (H, W) of the images.
+        odd: (H, W) of one image of a different size, or None.
+    """
+    rng = np.random.default_rng(0)
+    for name in classes:
+        k = CLASSES.index(name)
+        os.makedirs(root / name, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 50, (*size, 3), dtype=np.uint8)
+            pixels[0, 0, 0] = 100 * k  # the class, readable back as x[0, 0, 0] * 255 / 100
+            shape = odd if (odd and i == 0 and k == 0) else None
+            image = Image.fromarray(pixels if shape is None else rng.integers(0, 50, (*shape, 3), dtype=np.uint8))
+            image.save(root / name / f"{i}.png")
 @pytest.fixture(scope="session")
 def saved_digits(tmp_path_factory):
     """The digits splits (seed 0) saved to a file, for worker processes that must not import scikit-learn."""

@@ -18,6 +18,7 @@ writes ``result.pt`` (the returned history, test evaluation and weights) there i
 import io
 import json
 import os
+import re
 import signal
 
 import torch
@@ -42,8 +43,10 @@ def fixed_teacher():
 def cheap_evaluate(evaluate):
     """``evaluate`` with 1-step PGD/CW: what the fault tests check does not depend on the attacks' strength."""
 
-    def evaluating(*args, **kwargs):
-        return evaluate(*args, **dict(kwargs, steps=1))
+    def evaluating(model, loader, attacks, *args, **kwargs):
+        cheap = [re.sub(r"^(pgd|cw)\d+$", r"\g<1>1", name) for name in attacks]
+        results = evaluate(model, loader, cheap, *args, **kwargs)
+        return {name: results[short] for name, short in zip(attacks, cheap)}  # keyed as the run asked
 
     return evaluating
 

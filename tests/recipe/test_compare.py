@@ -164,8 +164,10 @@ def test_compare_checks_its_arguments(tmp_path):
         compare(str(tmp_path), config={"seed": 3})
     with pytest.raises(ValueError, match="jobs must be an integer >= 1"):
         compare(str(tmp_path), jobs=0)
-    with pytest.raises(ValueError, match="test_attacks"):
+    with pytest.raises(ValueError, match="unknown attack 'bogus'"):
         compare(str(tmp_path), attacks=["bogus"], config={"cache_dir": str(tmp_path)})
+    with pytest.raises(ValueError, match="must not repeat"):
+        compare(str(tmp_path), attacks=["cw", "cw20"], config={"cache_dir": str(tmp_path)})  # one attack twice
     assert not os.listdir(tmp_path)
 
 

@@ -15,7 +15,7 @@ def test_config_validation_and_defaults():
             TrainConfig(**bad)
     # Values that would only fail at the first attack step or after training, at the final test.
     for bad in ({"eps": -0.1}, {"eps": float("nan")}, {"alpha": -1.0}, {"alpha": float("inf")}, {"lr": 0.0},
-                {"lr": float("nan")}, {"beta": -0.1}, {"test_attacks": ("pgd",)}, {"test_attacks": ()},
+                {"lr": float("nan")}, {"beta": -0.1}, {"test_attacks": ("pgd0",)}, {"test_attacks": ()},
                 {"val_attacks": ("clean", "x")}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainConfig(**bad)

@@ -288,7 +288,7 @@ def test_resume_from_another_directory_reuses_the_recorded_teacher(tmp_path, dig
     monkeypatch.setattr(loop, "train_step", dying)
     with pytest.raises(Stop):
         train(cfg, run_dir, data=digits, log=_quiet)
-    recorded = json.loads(open(os.path.join(run_dir, "metrics.json")).read())["teacher"]
+    recorded = json.loads(open(os.path.join(run_dir, "metrics.json")).read())["teacher"]["path"]
     assert recorded == os.path.abspath(teacher_cache_path(cfg)) and os.path.isabs(recorded)
     monkeypatch.setattr(loop, "train_step", step)
 
@@ -303,7 +303,7 @@ def test_resume_from_another_directory_reuses_the_recorded_teacher(tmp_path, dig
     lines = []
     resumed = train(cfg, run_dir, resume=True, data=digits, log=lines.append)
     assert len(resumed["history"]) == 2 and not (elsewhere / ".cache").exists()
-    assert resumed["teacher"] == recorded
+    assert resumed["teacher"]["path"] == recorded
 
 
 def _poison_at(monkeypatch, nth):

@@ -212,7 +212,7 @@ def test_every_method_has_a_plan():
 @pytest.mark.parametrize("fields,match", [
     (dict(method="trades", reweight=True), "reweight re-weights a distillation loss"),
     (dict(method="pgd-at", reweight=True), "method 'pgd-at' distils from no teacher"),
-    (dict(reweight=1), "reweight must be a bool"),
+    (dict(reweight=1), "reweight must be bool, got int"),
     (dict(teacher_method="absld"), "teacher_method must be one of"),
     (dict(trades_beta=-1.0), "trades_beta"),
     (dict(ard_temperature=0.0), "ard_temperature"),

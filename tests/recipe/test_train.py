@@ -1,9 +1,11 @@
-"""Short end-to-end training runs on digits: the run folder, RSLAD and PGD-AT."""
+"""Short end-to-end training runs on digits: the run folder, RSLAD and PGD-AT, own data, models and streaming."""
 
+import dataclasses
 import json
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from fastabsld.recipe.config import TrainConfig
@@ -45,3 +47,42 @@ def test_rslad_keeps_unit_temperatures_and_pgd_at_runs(digits):
     assert all(t == 1.0 for t in rslad["history"][-1]["tau_adv"] + rslad["history"][-1]["tau_nat"])
     pgd_at = train(TrainConfig(method="pgd-at", **dict(TINY, epochs=1)), None, data=digits, log=lambda *_: None)
     assert "tau_adv" not in pgd_at["history"][0] and math.isfinite(pgd_at["history"][0]["train_loss"])
+
+
+def _same_weights(a, b):
+    a, b = a.state_dict(), b.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_own_datasets_student_and_teacher_in_python(digits):
+    """Datasets of the same images train exactly as the built-in splits; a student module as its registered name."""
+    cfg = TrainConfig(method="absld", dataset="custom", model="cnn-s", **dict(TINY, epochs=1, train_subset=None))
+    splits = {name: getattr(digits, name) for name in ("train", "val", "test")}
+    splits["train"] = (splits["train"][0][:128], splits["train"][1][:128])
+    reference = train(cfg, None, teacher=_teacher(), data=dict(splits), log=lambda *_: None)
+    datasets = {name: torch.utils.data.TensorDataset(*split) for name, split in splits.items()}
+    torch.manual_seed(cfg.seed)
+    student = build_model("cnn-s", 10, 1)
+    ours = train(cfg, None, teacher=_teacher(), data=datasets, student=student, log=lambda *_: None)
+    assert ours["model"] is student and _same_weights(ours["model"], reference["model"])
+    assert ours["test"] == reference["test"] and ours["teacher"]["source"] == "module"
+    with pytest.raises(ValueError, match="student must be an nn.Module"):
+        train(cfg, None, teacher=_teacher(), data=datasets, student="cnn-s", log=lambda *_: None)
+
+
+def test_a_streamed_dataset_trains_and_resumes_exactly(tmp_path, digits):
+    """A data set too large for memory (in_memory_mb=0 here) streams through a DataLoader; a resume continues the
+    order exactly: one epoch, then a resume to two, is the two-epoch run."""
+    train_split = torch.utils.data.TensorDataset(digits.train[0][:96], digits.train[1][:96])
+    data = {"train": train_split, "val": (digits.val[0][:60], digits.val[1][:60]),
+            "test": (digits.test[0][:60], digits.test[1][:60])}
+    cfg = TrainConfig(method="rslad", dataset="custom", model="cnn-s", epochs=2, batch_size=32, steps=1, progress=False,
+                      in_memory_mb=0, test_attacks=("clean",), val_attacks=("clean",), select_metric="clean.average",
+                      milestones=(0.9,))
+    quiet = dict(teacher=_teacher(), data=data, num_classes=10, log=lambda *_: None)
+    straight = train(cfg, str(tmp_path / "straight"), **quiet)
+    train(dataclasses.replace(cfg, epochs=1), str(tmp_path / "resumed"), **quiet)
+    torch.manual_seed(999)  # only the checkpoint can restore the order
+    resumed = train(cfg, str(tmp_path / "resumed"), resume=True, **quiet)
+    assert _same_weights(straight["model"], resumed["model"])
+    assert [e["train_loss"] for e in straight["history"]] == [e["train_loss"] for e in resumed["history"]]

@@ -48,7 +48,8 @@ class ABSLDPlan(MethodPlan):
             student.eval()
             attacked = student if attack_model is None else attack_model.refresh()
             x_adv = pgd(speed.Fp32Logits(attacked, cfg.amp), x, tracked(kl_loss(target), y, reweight), eps=cfg.eps,
-                        alpha=cfg.alpha, steps=cfg.steps, random_start="normal", generator=generator)
+                        alpha=cfg.alpha, steps=cfg.steps, random_start="normal", generator=generator,
+                        eval_mode=False)
             student.train()
         with phase("student"):
             adv_logits = speed.forward_fp32(student, x_adv, cfg.amp)

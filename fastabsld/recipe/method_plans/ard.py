@@ -33,7 +33,7 @@ def attack_in_train_mode(student, x, y, cfg, generator, reweight):
     """
     student.train()
     return pgd(speed.Fp32Logits(student, cfg.amp), x, tracked(ard_attack_loss(y), y, reweight), eps=cfg.eps,
-               alpha=cfg.alpha, steps=cfg.steps, random_start=RANDOM_START, generator=generator)
+               alpha=cfg.alpha, steps=cfg.steps, random_start=RANDOM_START, generator=generator, eval_mode=False)
 
 
 class ARDPlan(MethodPlan):

@@ -26,7 +26,7 @@ class PGDATPlan(MethodPlan):
         with phase("attack"):
             student.eval()
             x_adv = pgd(speed.Fp32Logits(student, cfg.amp), x, ce_loss(y), eps=cfg.eps, alpha=cfg.alpha,
-                        steps=cfg.steps, random_start="uniform", generator=generator)
+                        steps=cfg.steps, random_start="uniform", generator=generator, eval_mode=False)
             student.train()
         with phase("student"):
             logits = speed.forward_fp32(student, x_adv, cfg.amp)

@@ -36,7 +36,7 @@ class TRADESPlan(MethodPlan):
             clean = attacked(x)
         with phase("attack"):
             x_adv = pgd(attacked, x, trades_attack_loss(clean), eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps,
-                        random_start=RANDOM_START, generator=generator)
+                        random_start=RANDOM_START, generator=generator, eval_mode=False)
             student.train()
         with phase("student"):
             adv_logits = speed.forward_fp32(student, x_adv, cfg.amp)

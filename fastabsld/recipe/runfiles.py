@@ -1,0 +1,115 @@
+"""Reading a run folder's checkpoints with one clear error per problem: truncated, empty, foreign or incomplete files.
+
+``fastabsld train --resume`` and ``fastabsld eval`` read ``last.pt`` / ``best.pt`` through
+:func:`read_checkpoint` before anything runs, so a bad file is an error line naming the file and what
+is wrong with it, and nothing in the run folder is touched.
+"""
+
+import os
+
+from fastabsld.recipe import checkpoint
+from fastabsld.recipe.config import TrainConfig
+from fastabsld.recipe.errors import CheckpointError
+from fastabsld.recipe.models import build_model
+
+# What each kind of checkpoint must hold.
+LAST_KEYS = ("format", "config", "epoch", "model", "optimizer", "scheduler", "rng", "history", "best", "num_classes",
+             "in_channels")
+MODEL_KEYS = ("format", "config", "model", "num_classes", "in_channels")
+
+
+def checkpoint_problem(state, required):
+    """What keeps a loaded object from being a usable checkpoint, or None.
+
+    Args:
+        state: what ``torch.load`` returned.
+        required: keys the checkpoint must hold.
+
+    Returns:
+        str or None: the problem, phrased to follow the file name ("is not ...").
+    """
+    if not isinstance(state, dict):
+        return f"is not a fastabsld checkpoint (it holds a {type(state).__name__})"
+    missing = [key for key in required if key not in state]
+    if missing:
+        return (f"is not a complete fastabsld checkpoint: it lacks {', '.join(missing)}"
+                f"{' (a plain state_dict?)' if 'config' in missing else ''}")
+    try:
+        TrainConfig.from_dict(state["config"], source="its config")
+    except (TypeError, ValueError) as error:
+        return f"holds an invalid config: {error}"
+    return None
+
+
+def read_checkpoint(path, required=MODEL_KEYS, map_location="cpu"):
+    """Loads a fastabsld checkpoint (checksum verified) and checks that it holds ``required`` and a valid config.
+
+    Args:
+        path: the file.
+        required: keys the checkpoint must hold.
+        map_location: passed to ``torch.load``.
+
+    Returns:
+        tuple: (the checkpoint dict, its TrainConfig).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: anything else wrong with it (empty, truncated, corrupt, foreign, incomplete).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    state = checkpoint.load(path, map_location=map_location)
+    problem = checkpoint_problem(state, required)
+    if problem:
+        raise CheckpointError(path, problem)
+    return state, TrainConfig.from_dict(state["config"])
+
+
+def load_run_model(path, device="cpu"):
+    """Rebuilds the model of a ``best.pt`` / ``last.pt`` / cached-teacher checkpoint, with clear errors.
+
+    Args:
+        path: the checkpoint.
+        device: where to put the model.
+
+    Returns:
+        tuple: (model in eval mode, TrainConfig of the run, the checkpoint dict).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: an unreadable or incomplete file, or weights that do not fit the saved architecture.
+    """
+    state, cfg = read_checkpoint(path, MODEL_KEYS, map_location="cpu")
+    try:
+        model = build_model(cfg.model, state["num_classes"], state["in_channels"])
+    except ValueError as error:
+        raise CheckpointError(f"{path}: cannot rebuild its model: {error}") from error
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: its weights do not fit the model {cfg.model!r} ({first}); a run that trained "
+                              "a module given in Python is evaluated in Python") from error
+    return model.to(device).eval(), cfg, state
+
+
+def check_run_folder(run_dir):
+    """Checks ``last.pt`` (or, when it is damaged, ``last.prev.pt``) and ``best.pt`` of a run folder before a resume.
+
+    Args:
+        run_dir: the folder.
+
+    Returns:
+        tuple: (the dict of the checkpoint the run resumes from, its TrainConfig).
+
+    Raises:
+        CheckpointError: no usable ``last.pt`` (nor previous version), or a bad ``best.pt``.
+    """
+    last = os.path.join(run_dir, "last.pt")
+    found = checkpoint.load_latest(last, accept=lambda state: checkpoint_problem(state, LAST_KEYS))
+    if found is None:
+        raise FileNotFoundError(f"{last}: no such file")
+    best = os.path.join(run_dir, "best.pt")
+    if os.path.exists(best) and not os.path.exists(checkpoint.previous_path(best)):
+        read_checkpoint(best, ("format", "config", "model"))  # with a previous version, the loop falls back to it
+    return found[0], TrainConfig.from_dict(found[0]["config"])
