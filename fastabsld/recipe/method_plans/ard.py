@@ -36,6 +36,31 @@ def attack_in_train_mode(student, x, y, cfg, generator, reweight):
                alpha=cfg.alpha, steps=cfg.steps, random_start=RANDOM_START, generator=generator, eval_mode=False)
 
 
+def attacked_forwards(student, teacher, x, y, cfg, generator, reweight, phase):
+    """The part ARD's and IAD's steps share: the teacher on x, ARD's attack, the student on x_adv and on x.
+
+    Args:
+        student: the network being trained (train mode).
+        teacher: the frozen teacher.
+        x, y: the batch.
+        cfg: TrainConfig (threat model, amp).
+        generator: torch.Generator of the attack's random start.
+        reweight: FairReweight counting the robust steps, or None.
+        phase: the step's phase hook (see ``fastabsld.recipe.steps``).
+
+    Returns:
+        tuple: (teacher logits on x, x_adv, student logits on x_adv, student logits on x).
+    """
+    with phase("teacher"):
+        z_t = teacher_logits(teacher, x, cfg)
+    with phase("attack"):
+        x_adv = attack_in_train_mode(student, x, y, cfg, generator, reweight)
+    with phase("student"):
+        adv_logits = speed.forward_fp32(student, x_adv, cfg.amp)
+        nat_logits = speed.forward_fp32(student, x, cfg.amp)
+    return z_t, x_adv, adv_logits, nat_logits
+
+
 class ARDPlan(MethodPlan):
     """``ard`` (see the module doc)."""
 
@@ -48,12 +73,6 @@ class ARDPlan(MethodPlan):
     def step(self, student, teacher, loss_fn, x, y, cfg, generator, *, reweight=None, attack_model=None,
              phase=None):
         phase = phase or untimed
-        with phase("teacher"):
-            z_t = teacher_logits(teacher, x, cfg)
-        with phase("attack"):
-            x_adv = attack_in_train_mode(student, x, y, cfg, generator, reweight)
-        with phase("student"):
-            adv_logits = speed.forward_fp32(student, x_adv, cfg.amp)
-            nat_logits = speed.forward_fp32(student, x, cfg.amp)
+        z_t, _, adv_logits, nat_logits = attacked_forwards(student, teacher, x, y, cfg, generator, reweight, phase)
         with phase("loss"):
             return loss_fn(adv_logits, nat_logits, z_t, y, sample_weight=sample_weight(reweight, y))

@@ -15,8 +15,7 @@ The epoch reaches the loss at every epoch's start (``IADLoss.set_epoch``, saved 
 """
 
 from fastabsld.methods.iad import IADLoss
-from fastabsld.recipe import speed
-from fastabsld.recipe.method_plans.ard import attack_in_train_mode
+from fastabsld.recipe.method_plans.ard import attacked_forwards
 from fastabsld.recipe.method_plans.base import MethodPlan, sample_weight, teacher_logits, untimed
 
 
@@ -45,13 +44,8 @@ class IADPlan(MethodPlan):
     def step(self, student, teacher, loss_fn, x, y, cfg, generator, *, reweight=None, attack_model=None,
              phase=None):
         phase = phase or untimed
-        with phase("teacher"):
-            z_t = teacher_logits(teacher, x, cfg)
-        with phase("attack"):
-            x_adv = attack_in_train_mode(student, x, y, cfg, generator, reweight)
-        with phase("student"):
-            adv_logits = speed.forward_fp32(student, x_adv, cfg.amp)
-            nat_logits = speed.forward_fp32(student, x, cfg.amp)
+        z_t, x_adv, adv_logits, nat_logits = attacked_forwards(student, teacher, x, y, cfg, generator, reweight,
+                                                               phase)
         guide = None
         if loss_fn.needs_teacher_adv_logits:
             with phase("teacher"):
