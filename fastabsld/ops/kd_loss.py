@@ -19,7 +19,7 @@ on CUDA (no host sync); bad labels and temperatures raise RuntimeError (on CUDA,
 
 Backends: the C++ kernel (``csrc/kd_kl_div_cpu.cpp``) on CPU tensors; on CUDA tensors the Triton
 kernels (``fastabsld.kernels.kd_kl_div``) when triton is installed and the call is one they
-implement (no weights, no fp64, per-row temperatures only without labels), the plain PyTorch
+implement (no fp64, per-row temperatures only without labels), the plain PyTorch
 fallback of this module otherwise (also for every device when ``fastabsld._C`` is not built).
 The op's autograd only scales the stored gradients by the incoming gradient of ``row_loss``.
 
@@ -318,22 +318,22 @@ def _cuda_forward(student_logits, teacher_logits, labels, teacher_temperature, s
                   teacher_grad, weight=None, sample_weight=None, sample_weight_scalar=1.0):
     """The op on CUDA tensors: the Triton kernels for what they implement, the fallback for the rest.
 
-    Weighted calls run the fallback until the Triton kernel takes weights; so do fp64 logits and
-    per-row temperatures with labels, which it has no form for.
+    fp64 logits and per-row temperatures with labels run the fallback: the Triton kernels have no
+    form for them.
     """
     args = (student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
             teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad)
+    weights = (weight, sample_weight, sample_weight_scalar)
     _check_kinds(labels, [("teacher_temperature", teacher_temperature),
                           ("student_temperature", student_temperature)], weight)
     launcher = triton_forward()
-    weighted = weight is not None or sample_weight is not None or sample_weight_scalar != 1.0
     tau_t = _launcher_temperature(teacher_temperature, labels)
     tau_s = _launcher_temperature(student_temperature, labels)
-    if launcher is None or weighted or tau_t is False or tau_s is False or \
+    if launcher is None or tau_t is False or tau_s is False or \
             torch.float64 in (student_logits.dtype, teacher_logits.dtype):  # the Triton kernel has no fp64
-        return fallback_forward(*args, weight, sample_weight, sample_weight_scalar)
+        return fallback_forward(*args, *weights)
     return launcher(student_logits, teacher_logits, labels, tau_t, tau_s, teacher_temperature_scalar,
-                    student_temperature_scalar, ignore_index, student_grad, teacher_grad)
+                    student_temperature_scalar, ignore_index, student_grad, teacher_grad, *weights)
 
 
 # ----------------------------------------------------------------------------------------------
