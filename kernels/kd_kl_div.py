@@ -67,6 +67,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .kd_kl_div_checks import check_values
+
 SCALAR, BY_LABEL, BY_ROW = 0, 1, 2
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -668,31 +670,6 @@ def _check_weight(tensor, labels, length, device, name):
     return tensor.to(torch.float32).contiguous()
 
 
-def _check_values_eagerly(labels, temperatures, weights, ignore_index, num_classes):
-    """The kernels' device asserts, done eagerly on CPU tensors (the interpreter has none), and the weights' values.
-
-    A label must lie in [0, C) or equal ``ignore_index``; the temperatures that kept rows use
-    must be positive and finite (RuntimeError); every weight must be non-negative and finite
-    (ValueError: a bad argument, whichever rows use it; on CUDA tensors it is not checked).
-    """
-    kept = None
-    if labels is not None:
-        kept = labels != ignore_index
-        used = labels[kept]
-        if bool(((used < 0) | (used >= num_classes)).any()):
-            raise RuntimeError(f"kd_kl_div_forward: labels must lie in [0, C={num_classes}) or equal "
-                               f"ignore_index={ignore_index}")
-    for name, tau in temperatures:
-        if tau is None:
-            continue
-        used = tau[labels[kept]] if labels is not None else tau
-        if not bool(((used > 0) & torch.isfinite(used)).all()):
-            raise RuntimeError(f"kd_kl_div_forward: {name} must be positive and finite where it is used")
-    for name, value in weights:
-        if value is not None and not bool(((value >= 0) & torch.isfinite(value)).all()):
-            raise ValueError(f"kd_kl_div_forward: {name} must be non-negative and finite")
-
-
 def _span(tensor, rows, cols):
     """Largest element offset a (rows, cols) block of ``tensor`` spans from its first element."""
     return (rows - 1) * abs(tensor.stride(0)) + (cols - 1) * abs(tensor.stride(1))
@@ -787,9 +764,9 @@ def plan(student_logits, teacher_logits, labels, teacher_temperature, student_te
     if not (math.isfinite(sample_weight_scalar) and sample_weight_scalar >= 0):
         raise ValueError(f"kd_kl_div_forward: sample_weight_scalar must be non-negative and finite, "
                          f"got {sample_weight_scalar}")
-    if device.type == "cpu":
-        _check_values_eagerly(labels, [("teacher_temperature", tau_t), ("student_temperature", tau_s)],
-                              [("weight", weight), ("sample_weight", sample_weight)], ignore_index, num_classes)
+    if device.type == "cpu":  # the interpreter has no device asserts
+        check_values(labels, [("teacher_temperature", tau_t), ("student_temperature", tau_s)],
+                     [("weight", weight), ("sample_weight", sample_weight)], ignore_index, num_classes)
     row_loss = torch.empty(batch, dtype=torch.float32, device=device)
     grad_student = torch.empty((batch, num_classes) if student_grad else (0,), dtype=student_logits.dtype,
                                device=device)

@@ -44,7 +44,7 @@ import importlib
 import torch
 
 from fastabsld.ops._extension import HAS_EXTENSION
-from fastabsld.ops._kernels import HAS_TRITON
+from fastabsld.ops._kernels import HAS_TRITON, kd_kl_div_checks
 from fastabsld.ops.checks import check_int, check_real, compute_dtype, is_integer_tensor
 
 SCHEMA = (
@@ -187,34 +187,6 @@ def _check_kinds(labels, temperatures, weight):
         raise RuntimeError("kd_kl_div_forward: weight is per class and needs labels")
 
 
-def _check_values(labels, temperatures, weights, ignore_index, num_classes):
-    """The kernels' value checks (the C++ TORCH_CHECKs, the Triton device assert), done eagerly on CPU tensors.
-
-    A label must lie in [0, C) or equal ``ignore_index``; the temperatures that counted rows use
-    must be positive and finite (RuntimeError); every weight must be non-negative and finite
-    (ValueError: a bad argument, whichever rows use it).
-    """
-    kept = None
-    if labels is not None:
-        kept = labels != ignore_index
-        used = labels[kept]
-        if bool(((used < 0) | (used >= num_classes)).any()):
-            raise RuntimeError(f"kd_kl_div_forward: labels must lie in [0, C={num_classes}) or equal "
-                               f"ignore_index={ignore_index}")
-    for name, tau in temperatures:
-        if tau is None:
-            continue
-        if tau.dim() == 1:  # per class
-            used = tau[labels[kept]]
-        else:  # per row, (B, 1)
-            used = tau if kept is None else tau.reshape(-1)[kept]
-        if not bool(((used > 0) & torch.isfinite(used)).all()):
-            raise RuntimeError(f"kd_kl_div_forward: {name} must be positive and finite where it is used")
-    for name, value in weights:
-        if value is not None and not bool(((value >= 0) & torch.isfinite(value)).all()):
-            raise ValueError(f"kd_kl_div_forward: {name} must be non-negative and finite")
-
-
 def _row_temperatures(tensor, scalar, labels, compute, device):
     """(B, 1) per-row temperatures from a (C,) or (B, 1) tensor, or a 0-d tensor for the scalar."""
     if tensor is None:
@@ -249,8 +221,8 @@ def fallback_forward(student_logits, teacher_logits, labels, teacher_temperature
     temperatures = [("teacher_temperature", teacher_temperature), ("student_temperature", student_temperature)]
     _check_kinds(labels, temperatures, weight)
     if student_logits.device.type == "cpu":
-        _check_values(labels, temperatures, [("weight", weight), ("sample_weight", sample_weight)], ignore_index,
-                      num_classes)
+        kd_kl_div_checks.check_values(labels, temperatures, [("weight", weight), ("sample_weight", sample_weight)],
+                                      ignore_index, num_classes)
     for name, value in (("teacher_temperature", teacher_temperature_scalar),
                         ("student_temperature", student_temperature_scalar)):
         if not (0 < value < float("inf")):

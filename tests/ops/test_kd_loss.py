@@ -1,6 +1,9 @@
 """torch.ops.fastabsld.kd_kl_div_forward (every backend) against fastabsld.reference.kd_kl_div."""
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -406,6 +409,31 @@ def test_cuda_dispatch_routes_to_the_triton_launcher_or_the_fallback(monkeypatch
     monkeypatch.setattr(kd_loss, "triton_forward", lambda: None)
     rows, _, _ = kd_loss._cuda_forward(*op_args(s, t))
     torch.testing.assert_close(rows, reference.kd_kl_div(s, t, reduction="none"))
+
+
+def test_value_checks_without_triton():
+    """The op layer imports without triton (the shared value checks are torch only) and still checks weights."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None  # import triton raises ImportError, as where it is not installed
+        import torch
+        from fastabsld.ops import kd_loss
+        assert not kd_loss.HAS_TRITON and kd_loss.triton_forward() is None
+        s = torch.zeros(2, 3)
+        try:
+            kd_loss.fallback_forward(s, s, None, None, None, 1.0, 1.0, -100, True, False, None,
+                                     torch.tensor([1.0, -1.0]), 1.0)
+        except ValueError as error:
+            assert "sample_weight must be non-negative and finite" in str(error), error
+        else:
+            raise AssertionError("a negative sample_weight passed")
+        print("checks ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "checks ok" in result.stdout
 
 
 def split_back(tensor, scalar):
