@@ -2,14 +2,24 @@
 fastabsld.loss.kd_kl_div against the released ABSLD formulation in eager PyTorch and under
 torch.compile; the fused loss and the eager formulation also with a per-class ``weight`` and a
 per-row ``sample_weight`` (the ``*_weighted`` cases: the fused loss applies them inside its
-kernel, so fastabsld_weighted / fastabsld should stay within 1.05). One pytest-benchmark group per shape, so the ratios come from one run:
+kernel, so fastabsld_weighted / fastabsld should stay within 1.05). One pytest-benchmark group per
+shape, so the ratios come from one run:
 
     python -m pytest benchmarks/bench_kd_kl_div.py --benchmark-only --benchmark-min-time=0.05
+
+The cases of a group run one after the other, so on a shared machine a busy spell can land on
+one of them. ``test_weighted_over_unweighted`` runs the fused weighted and unweighted steps
+alternately and records the median of the per-pair time ratios in
+``extra_info["weighted_over_unweighted"]`` (its group, "kd_kl_div weighted / unweighted", times the
+pair); ``-s`` prints it.
 
 Each case also records in ``extra_info["saved_bytes"]`` the bytes of the tensors autograd keeps
 for the backward beyond the inputs (the extra memory of the loss). With --benchmark-disable the
 compiled baseline is skipped (its compile takes longer than everything else here).
 """
+
+import statistics
+import time
 
 import pytest
 import torch
@@ -104,3 +114,55 @@ def test_kd_kl_div_forward_backward(benchmark, shape, impl):
         # One (B, C) gradient buffer, plus 0-d scalars (the counted rows).
         assert benchmark.extra_info["saved_bytes"] <= benchmark.extra_info["gradient_buffer_bytes"] + 64
     benchmark(step)
+
+
+def interleaved_ratio(first, second, rounds):
+    """Median over ``rounds`` pairs of time(second) / time(first), run alternately (both see the same load).
+
+    Args:
+        first: a callable (the baseline).
+        second: a callable.
+        rounds: pairs to time.
+
+    Returns:
+        float: the median ratio.
+    """
+    ratios = []
+    for i in range(rounds):
+        times = {}
+        for name, fn in (("first", first), ("second", second)) if i % 2 else (("second", second), ("first", first)):
+            start = time.perf_counter()
+            fn()
+            times[name] = time.perf_counter() - start
+        ratios.append(times["second"] / times["first"])
+    return statistics.median(ratios)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_weighted_over_unweighted(benchmark, shape):
+    """The fused loss with weight and sample_weight over the fused loss without, measured interleaved."""
+    batch, num_classes = shape
+    benchmark.group = "kd_kl_div weighted / unweighted"
+    plain, weighted = inputs(batch, num_classes), inputs(batch, num_classes, weighted=True)
+
+    def step(loss_fn, args):
+        def run():
+            args[0].grad = None
+            loss_fn(*args).backward()
+        return run
+
+    plain_step, weighted_step = step(fused, plain), step(fused_weighted, weighted)
+    for _ in range(10):
+        plain_step()
+        weighted_step()
+    if not benchmark.disabled:
+        rounds = max(50, min(2000, int(2e7 // (batch * num_classes))))
+        ratio = interleaved_ratio(plain_step, weighted_step, rounds)
+        benchmark.extra_info["weighted_over_unweighted"] = ratio
+        print(f"\nkd_kl_div fwd+bwd B={batch} C={num_classes}: weighted / unweighted = {ratio:.3f} ({rounds} pairs)")
+
+    def pair():
+        plain_step()
+        weighted_step()
+
+    benchmark(pair)

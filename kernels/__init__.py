@@ -2,7 +2,8 @@
 
 They run on CUDA tensors, and on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before this package is imported). ``HAS_TRITON`` is False where
-triton is not installed; nothing here is imported by the package then.
+triton is not installed; the package then imports only ``kd_kl_div_checks`` (torch only: the
+value checks the op's fallback shares with the Triton launcher).
 """
 
 try:

@@ -1,11 +1,15 @@
-"""Fused temperature-scaled KD loss forward in Triton: row KL and its gradients.
+"""Fused temperature-scaled KD loss forward in Triton: the weighted row KL and its gradients.
 
-Per row i: p = softmax(t_i / tau_t), q = softmax(s_i / tau_s), row_loss = KL(p || q) with
-0 log 0 = 0, grad_student = (q - p) / tau_s, grad_teacher = p * ((log p - log q) - KL) / tau_t.
-Temperatures are one scalar, one per class (gathered by the row's label) or one per row.
-The semantics are fixed by the shared contract of ``torch.ops.fastabsld.kd_kl_div_forward``.
-A kept row whose student or teacher logits are all -inf has no distribution: its loss and
-gradients are NaN (as the reference's loss).
+Per row i: p = softmax(t_i / tau_t), q = softmax(s_i / tau_s), row_loss = w_i KL(p || q) with
+0 log 0 = 0, grad_student = w_i (q - p) / tau_s, grad_teacher = w_i p ((log p - log q) - KL) / tau_t.
+Temperatures are one scalar, one per class (gathered by the row's label) or one per row. The
+row weight w_i = sample_weight_scalar * weight[label_i] * sample_weight[i] (a tensor left None
+counts 1) is one fp32 scalar per row, read once by each program that writes the row's outputs
+and folded into the per-row factors 1/tau: it adds no work per element. The semantics are fixed
+by the shared contract of ``torch.ops.fastabsld.kd_kl_div_forward``. A kept row whose student
+or teacher logits are all -inf has no distribution: its loss and gradients are NaN (as the
+reference's loss, also at weight 0); a row weight of 0 gives 0 (NaN where the KL is +inf, as
+0 * inf); ignored rows give 0 whatever their weight.
 
 Two launch forms, chosen by ``plan`` so that a GPU with ``sms`` multiprocessors gets at least two
 programs per SM when one input holds >= 1 MiB, at least one from 256 KiB, and one program per row
@@ -38,13 +42,18 @@ Memory traffic per element (e_s, e_t: bytes of the student's and teacher's dtype
   Per row: labels, temperatures, loss and 6 fp32 partials per chunk (24 B, read back once by
   every chunk of the row).
 
+Per row, not per element, a weighted call adds 4 B for each weight tensor given (the gathered
+class weight, the sample weight): once per row in the tile form, once per (row, chunk) program
+of the split form's finish kernel (its statistics pass reads no weight). A number weight is a
+kernel argument and moves nothing.
+
 Device asserts (bad labels and temperatures; compiled in, as every launch here passes debug=True)
 run last in each kernel, so that nothing is live across the assert's call.
 
 Math is fp32 whatever the input dtype; gradients are stored in their logits' dtype. The
-temperature modes, the labels' presence, the gradient flags and the sizes are runtime arguments
-(uniform branches and per-row scalar work), excluded from Triton's value specialisation; the
-compiled variants are the launch form x (student, teacher) dtypes x the constexprs ``plan``
+temperature modes, the labels' and weights' presence, the gradient flags and the sizes are
+runtime arguments (uniform branches and per-row scalar work), excluded from Triton's value
+specialisation; the compiled variants are the launch form x (student, teacher) dtypes x the constexprs ``plan``
 picks x the column strides' and pointers' specialisation (unit stride, 16-divisible,
 16-byte-aligned) x 32- or 64-bit integers by value.
 """
@@ -57,6 +66,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from .kd_kl_div_checks import check_values
 
 SCALAR, BY_LABEL, BY_ROW = 0, 1, 2
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -92,7 +103,8 @@ INT32_LIMIT = 2**31
 # row strides (their alignment reaches the kernel through VEC instead), modes and flags. The
 # column strides stay specialised: a unit stride is what makes a row contiguous.
 RUNTIME_INTS = ("B", "C", "stride_sb", "stride_tb", "stride_l", "tau_t_mode", "tau_s_mode", "has_labels",
-                "ignore_index", "student_grad", "teacher_grad", "n_chunks", "blocks_per_chunk", "grid_chunks")
+                "ignore_index", "student_grad", "teacher_grad", "n_chunks", "blocks_per_chunk", "grid_chunks",
+                "has_weight", "has_sample_weight")
 
 
 @triton.jit
@@ -109,7 +121,8 @@ def _row_setup(labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_s
 
     Returns keep (row exists and is not ignored), bad (kept row with a label out of range or a
     temperature that is not positive and finite: its outputs become NaN), 1/tau_t and 1/tau_s
-    (1 for rows not kept or bad), and the two conditions ``_assert_rows`` checks.
+    (1 for rows not kept or bad), the two conditions ``_assert_rows`` checks, and the label and
+    usable (kept with a label in range) for ``_row_weight``.
     """
     label = tl.load(labels_ptr + rows.to(tl.int64) * stride_l, mask=row_mask & (has_labels != 0), other=0)
     keep = row_mask & ((has_labels == 0) | (label != ignore_index))
@@ -121,7 +134,20 @@ def _row_setup(labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_s
     valid = usable & tau_ok
     inv_t = 1.0 / tl.where(valid, tau_t, 1.0)
     inv_s = 1.0 / tl.where(valid, tau_s, 1.0)
-    return keep, keep & ~valid, inv_t, inv_s, label_ok | ~keep, tau_ok | ~usable
+    return keep, keep & ~valid, inv_t, inv_s, label_ok | ~keep, tau_ok | ~usable, label, usable
+
+
+@triton.jit
+def _row_weight(weight_ptr, sample_weight_ptr, weight_scalar, has_weight, has_sample_weight, label, rows, usable,
+                row_mask):
+    """Each row's weight: weight_scalar * weight[label] (``has_weight``) * sample_weight[row] (``has_sample_weight``).
+
+    ``rows`` is a vector of row indices or one index, ``label`` and ``usable`` as ``_row_setup``
+    returns them. Rows not usable read the class weight 1: their outputs are 0 or NaN whatever it is.
+    """
+    by_class = tl.load(weight_ptr + label, mask=usable & (has_weight != 0), other=1.0)
+    by_row = tl.load(sample_weight_ptr + rows.to(tl.int64), mask=row_mask & (has_sample_weight != 0), other=1.0)
+    return (weight_scalar * by_class) * by_row
 
 
 @triton.jit
@@ -149,20 +175,21 @@ def _load_scaled(ptrs, mask, fill, inv_tau):
 
 
 @triton.jit
-def _store_grads(gs_ptrs, gt_ptrs, mask, log_p, log_q, loss, inv_t, inv_s, keep, bad, student_grad,
+def _store_grads(gs_ptrs, gt_ptrs, mask, log_p, log_q, loss, scale_t, scale_s, keep, bad, student_grad,
                  teacher_grad):
-    """Writes (q - p) / tau_s and p * ((log p - log q) - loss) / tau_t, as asked.
+    """Writes (q - p) * scale_s and p * ((log p - log q) - loss) * scale_t, as asked.
 
-    The row quantities (loss, inv_t, inv_s, keep, bad) are shaped to broadcast against the block.
+    ``loss`` is the row's unweighted KL; the scales are w / tau_s and w / tau_t (w: the row
+    weight). The row quantities (loss, scales, keep, bad) are shaped to broadcast against the block.
     """
     p = tl.exp(log_p)
     if student_grad != 0:
-        grad = (tl.exp(log_q) - p) * inv_s
+        grad = (tl.exp(log_q) - p) * scale_s
         tl.store(gs_ptrs, _finish_rows(grad, keep, bad).to(gs_ptrs.dtype.element_ty), mask=mask)
     if teacher_grad != 0:
         support = p > 0
         diff = tl.where(support, log_p, 0.0) - tl.where(support, log_q, 0.0)
-        grad = tl.where(support, p * (diff - loss), 0.0) * inv_t
+        grad = tl.where(support, p * (diff - loss), 0.0) * scale_t
         tl.store(gt_ptrs, _finish_rows(grad, keep, bad).to(gt_ptrs.dtype.element_ty), mask=mask)
 
 
@@ -173,10 +200,10 @@ def _aligned(value, VEC: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=RUNTIME_INTS)
-def _kd_tile_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, loss_ptr, gs_ptr, gt_ptr,
-                    B, C, stride_sb, stride_sc, stride_tb, stride_tc, stride_l,
+def _kd_tile_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weight_ptr, sample_weight_ptr, loss_ptr, gs_ptr,
+                    gt_ptr, B, C, stride_sb, stride_sc, stride_tb, stride_tc, stride_l,
                     tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels, ignore_index,
-                    student_grad, teacher_grad,
+                    weight_scalar, has_weight, has_sample_weight, student_grad, teacher_grad,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr, WIDE: tl.constexpr):
     """Rows [pid * BLOCK_M, +BLOCK_M) as one (BLOCK_M, BLOCK_N >= C) tile."""
     C = _aligned(C, VEC)
@@ -190,9 +217,11 @@ def _kd_tile_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, loss_ptr, gs
         cols = cols.to(tl.int64)
     rows = row0 + local
     row_mask = rows < B
-    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine = _row_setup(
+    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine, label, usable = _row_setup(
         labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels,
         ignore_index, rows, row_mask, C)
+    weight = _row_weight(weight_ptr, sample_weight_ptr, weight_scalar, has_weight, has_sample_weight, label, rows,
+                         usable, row_mask)
     # The tile's first row in 64-bit once; offsets inside the tile in 32 bits unless WIDE.
     base = row0.to(tl.int64)
     # Padding columns of kept rows read -inf (probability 0); skipped rows read 0 (finite).
@@ -213,10 +242,12 @@ def _kd_tile_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, loss_ptr, gs
     p = tl.exp(log_p)
     support = p > 0
     loss = tl.sum(p * (tl.where(support, log_p, 0.0) - tl.where(support, log_q, 0.0)), 1)
-    tl.store(loss_ptr + rows, _finish_rows(loss, keep, bad), mask=row_mask)
+    tl.store(loss_ptr + rows, _finish_rows(weight * loss, keep, bad), mask=row_mask)
     out = base * C + (local[:, None] * C + cols[None, :])
+    # The row weight folds into the gradients' per-row factors: no work per element.
     _store_grads(gs_ptr + out, gt_ptr + out, row_mask[:, None] & (cols < C)[None, :], log_p, log_q, loss[:, None],
-                 inv_t[:, None], inv_s[:, None], keep[:, None], bad[:, None], student_grad, teacher_grad)
+                 (weight * inv_t)[:, None], (weight * inv_s)[:, None], keep[:, None], bad[:, None], student_grad,
+                 teacher_grad)
     _assert_rows(labels_fine, temperatures_fine)
 
 
@@ -273,10 +304,11 @@ def _kd_split_stats_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, part_
                            tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels, ignore_index,
                            BLOCK_N: tl.constexpr, VEC: tl.constexpr, WIDE: tl.constexpr,
                            NUM_STAGES: tl.constexpr, PREFETCH: tl.constexpr):
-    """Statistics of one (row, chunk): 6 partials at part[k, row * n_chunks + chunk]."""
+    """Statistics of one (row, chunk): 6 partials at part[k, row * n_chunks + chunk] (the row weight comes later)."""
     row, chunk, first_block, n_blocks, cols, C, stride_sb, stride_tb = _split_program(
         B, C, stride_sb, stride_tb, n_chunks, blocks_per_chunk, n_chunks, False, BLOCK_N, VEC, WIDE)
-    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine = _row_setup(
+    # The label and usable flag are for the row weight, which this pass does not read.
+    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine, _label, _usable = _row_setup(
         labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels,
         ignore_index, row, row < B, C)
     s_row = s_ptr + row.to(tl.int64) * stride_sb
@@ -359,20 +391,21 @@ def _combine_partials(part_ptr, B, row, n_chunks, PART_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gradient_block(s_ptrs, t_ptrs, mask, col, gs_row, gt_row, C, fill, inv_t, inv_s, m_t, m_s, log_z_t, log_z_s,
-                    loss, keep, bad, student_grad, teacher_grad):
-    """Writes the gradients of one block of a row from the row's combined statistics."""
+def _gradient_block(s_ptrs, t_ptrs, mask, col, gs_row, gt_row, C, fill, inv_t, inv_s, scale_t, scale_s, m_t, m_s,
+                    log_z_t, log_z_s, loss, keep, bad, student_grad, teacher_grad):
+    """Writes the gradients of one block of a row from the row's combined statistics (scales: w / tau)."""
     a = _load_scaled(t_ptrs, mask, fill, inv_t)
     b = _load_scaled(s_ptrs, mask, fill, inv_s)
-    _store_grads(gs_row + col, gt_row + col, col < C, (a - m_t) - log_z_t, (b - m_s) - log_z_s, loss, inv_t, inv_s,
-                 keep, bad, student_grad, teacher_grad)
+    _store_grads(gs_row + col, gt_row + col, col < C, (a - m_t) - log_z_t, (b - m_s) - log_z_s, loss, scale_t,
+                 scale_s, keep, bad, student_grad, teacher_grad)
 
 
 @triton.jit(do_not_specialize=RUNTIME_INTS)
-def _kd_split_finish_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, part_ptr, loss_ptr, gs_ptr, gt_ptr,
-                            B, C, stride_sb, stride_sc, stride_tb, stride_tc, stride_l, n_chunks, blocks_per_chunk,
-                            grid_chunks, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels, ignore_index,
-                            student_grad, teacher_grad,
+def _kd_split_finish_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weight_ptr, sample_weight_ptr, part_ptr,
+                            loss_ptr, gs_ptr, gt_ptr, B, C, stride_sb, stride_sc, stride_tb, stride_tc, stride_l,
+                            n_chunks, blocks_per_chunk, grid_chunks, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode,
+                            has_labels, ignore_index, weight_scalar, has_weight, has_sample_weight, student_grad,
+                            teacher_grad,
                             BLOCK_N: tl.constexpr, VEC: tl.constexpr, WIDE: tl.constexpr, NUM_STAGES: tl.constexpr,
                             PREFETCH: tl.constexpr, PART_BLOCK: tl.constexpr):
     """Combines a row's partials; chunk 0 writes the loss; each (row, chunk) writes its gradients.
@@ -383,13 +416,17 @@ def _kd_split_finish_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, part
     """
     row, chunk, first_block, n_blocks, cols, C, stride_sb, stride_tb = _split_program(
         B, C, stride_sb, stride_tb, n_chunks, blocks_per_chunk, grid_chunks, True, BLOCK_N, VEC, WIDE)
-    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine = _row_setup(
+    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine, label, usable = _row_setup(
         labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels,
         ignore_index, row, row < B, C)
+    weight = _row_weight(weight_ptr, sample_weight_ptr, weight_scalar, has_weight, has_sample_weight, label, row,
+                         usable, row < B)
     m_t, m_s, log_z_t, log_z_s, loss = _combine_partials(part_ptr, B, row, n_chunks, PART_BLOCK)
     bad = bad | (keep & (loss != loss))
-    tl.store(loss_ptr + row, _finish_rows(loss, keep, bad), mask=chunk == 0)
+    tl.store(loss_ptr + row, _finish_rows(weight * loss, keep, bad), mask=chunk == 0)
     if (student_grad != 0) | (teacher_grad != 0):
+        scale_t = weight * inv_t
+        scale_s = weight * inv_s
         s_row = s_ptr + row.to(tl.int64) * stride_sb
         t_row = t_ptr + row.to(tl.int64) * stride_tb
         gs_row = gs_ptr + row.to(tl.int64) * C
@@ -409,13 +446,13 @@ def _kd_split_finish_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, part
                 a_next = tl.load(t_ptrs, mask=mask)
                 b_next = tl.load(s_ptrs, mask=mask)
                 _store_grads(gs_row + here, gt_row + here, here < C, (a - m_t) - log_z_t, (b - m_s) - log_z_s, loss,
-                             inv_t, inv_s, keep, bad, student_grad, teacher_grad)
+                             scale_t, scale_s, keep, bad, student_grad, teacher_grad)
         else:
             for k in tl.range(0, n_blocks, num_stages=NUM_STAGES):
                 s_ptrs, t_ptrs, mask, col = _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, k, cols, C,
                                                             keep, BLOCK_N)
-                _gradient_block(s_ptrs, t_ptrs, mask, col, gs_row, gt_row, C, fill, inv_t, inv_s, m_t, m_s, log_z_t,
-                                log_z_s, loss, keep, bad, student_grad, teacher_grad)
+                _gradient_block(s_ptrs, t_ptrs, mask, col, gs_row, gt_row, C, fill, inv_t, inv_s, scale_t, scale_s,
+                                m_t, m_s, log_z_t, log_z_s, loss, keep, bad, student_grad, teacher_grad)
     _assert_rows(labels_fine, temperatures_fine)
 
 
@@ -619,25 +656,18 @@ def _check_inputs(student_logits, teacher_logits, labels):
             raise ValueError(f"labels must be on {student_logits.device}, got {labels.device}")
 
 
-def _check_values_eagerly(labels, temperatures, ignore_index, num_classes):
-    """The kernels' device asserts, done eagerly on CPU tensors (the interpreter has none).
-
-    A label must lie in [0, C) or equal ``ignore_index``; the temperatures that kept rows use
-    must be positive and finite.
-    """
-    kept = None
-    if labels is not None:
-        kept = labels != ignore_index
-        used = labels[kept]
-        if bool(((used < 0) | (used >= num_classes)).any()):
-            raise RuntimeError(f"kd_kl_div_forward: labels must lie in [0, C={num_classes}) or equal "
-                               f"ignore_index={ignore_index}")
-    for name, tau in temperatures:
-        if tau is None:
-            continue
-        used = tau[labels[kept]] if labels is not None else tau
-        if not bool(((used > 0) & torch.isfinite(used)).all()):
-            raise RuntimeError(f"kd_kl_div_forward: {name} must be positive and finite where it is used")
+def _check_weight(tensor, labels, length, device, name):
+    """Validates one weight tensor's metadata (no device sync); returns it as fp32, contiguous, or None."""
+    if tensor is None:
+        return None
+    if name == "weight" and labels is None:
+        raise ValueError("weight is per class and needs labels")
+    if tensor.dim() != 1 or tensor.shape[0] != length:
+        what = "C" if name == "weight" else "B"
+        raise ValueError(f"{name} must have shape ({what}={length},), got {tuple(tensor.shape)}")
+    if tensor.device != device:
+        raise ValueError(f"{name} must be on {device}, got {tensor.device}")
+    return tensor.to(torch.float32).contiguous()
 
 
 def _span(tensor, rows, cols):
@@ -647,8 +677,8 @@ def _span(tensor, rows, cols):
 
 def kd_kl_div_forward(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
                       teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad,
-                      teacher_grad):
-    """Row KL(softmax(t / tau_t) || softmax(s / tau_s)) and its gradients, by the Triton kernels.
+                      teacher_grad, weight=None, sample_weight=None, sample_weight_scalar=1.0):
+    """Row w_i * KL(softmax(t / tau_t) || softmax(s / tau_s)) and its gradients, by the Triton kernels.
 
     The implementation of ``torch.ops.fastabsld.kd_kl_div_forward`` on CUDA tensors (and on CPU
     tensors under the Triton interpreter). ``plan`` picks the launch form and configuration.
@@ -664,18 +694,25 @@ def kd_kl_div_forward(student_logits, teacher_logits, labels, teacher_temperatur
         ignore_index: rows whose label equals it get loss 0 and gradients 0.
         student_grad: whether to compute d row_loss / d student_logits.
         teacher_grad: whether to compute d row_loss / d teacher_logits.
+        weight: (C,) per-class row weights gathered by label (needs labels), or None.
+        sample_weight: (B,) per-row weights, or None.
+        sample_weight_scalar: a weight of every row. The row weight w_i is the product of the
+            three (a tensor left None counts 1); it scales the row's loss and both gradients.
+            Weights must be non-negative and finite (ValueError; tensor values are checked on
+            CPU tensors only).
 
     Returns:
         tuple: row_loss (B,) fp32; grad_student (B, C) in the student's dtype, contiguous (or an
         empty (0,) tensor when not asked for); grad_teacher likewise for the teacher.
     """
     return launch(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
-                  teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad)
+                  teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad,
+                  weight=weight, sample_weight=sample_weight, sample_weight_scalar=sample_weight_scalar)
 
 
 def launch(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
            teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad,
-           form=None, config=None):
+           form=None, config=None, weight=None, sample_weight=None, sample_weight_scalar=1.0):
     """``kd_kl_div_forward`` with the launch form and its configuration open.
 
     Args:
@@ -685,13 +722,14 @@ def launch(student_logits, teacher_logits, labels, teacher_temperature, student_
         form: "tile" or "split" forces the form; None lets ``choose_form`` pick.
         config: a dict replacing the form's default configuration (``tile_config`` or
             ``split_config``: for tests that exercise several programs at small sizes).
+        weight, sample_weight, sample_weight_scalar: as for ``kd_kl_div_forward``.
 
     Returns:
         tuple: row_loss, grad_student, grad_teacher as for ``kd_kl_div_forward``.
     """
     outputs, launches = plan(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
                              teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad,
-                             teacher_grad, form, config)
+                             teacher_grad, form, config, weight, sample_weight, sample_weight_scalar)
     device = student_logits.device
     # Triton launches on the current CUDA device: make it the tensors' one.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -702,7 +740,7 @@ def launch(student_logits, teacher_logits, labels, teacher_temperature, student_
 
 def plan(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
          teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad,
-         form=None, config=None):
+         form=None, config=None, weight=None, sample_weight=None, sample_weight_scalar=1.0):
     """Validates the arguments, allocates the outputs and returns the launches that compute them.
 
     Runs nothing on the device (meta tensors give the launches a real call would make, for
@@ -721,9 +759,14 @@ def plan(student_logits, teacher_logits, labels, teacher_temperature, student_te
                                            device, "teacher_temperature")
     tau_s, tau_s_mode = _check_temperature(student_temperature, student_temperature_scalar, labels, batch, num_classes,
                                            device, "student_temperature")
-    if device.type == "cpu":
-        _check_values_eagerly(labels, [("teacher_temperature", tau_t), ("student_temperature", tau_s)], ignore_index,
-                              num_classes)
+    weight = _check_weight(weight, labels, num_classes, device, "weight")
+    sample_weight = _check_weight(sample_weight, labels, batch, device, "sample_weight")
+    if not (math.isfinite(sample_weight_scalar) and sample_weight_scalar >= 0):
+        raise ValueError(f"kd_kl_div_forward: sample_weight_scalar must be non-negative and finite, "
+                         f"got {sample_weight_scalar}")
+    if device.type == "cpu":  # the interpreter has no device asserts
+        check_values(labels, [("teacher_temperature", tau_t), ("student_temperature", tau_s)],
+                     [("weight", weight), ("sample_weight", sample_weight)], ignore_index, num_classes)
     row_loss = torch.empty(batch, dtype=torch.float32, device=device)
     grad_student = torch.empty((batch, num_classes) if student_grad else (0,), dtype=student_logits.dtype,
                                device=device)
@@ -740,10 +783,13 @@ def plan(student_logits, teacher_logits, labels, teacher_temperature, student_te
         labels_arg, stride_l = torch.empty(1, dtype=torch.int64, device=device), 0
     else:
         labels_arg, stride_l = labels, labels.stride(0)
-    # A temperature tensor not given is never read: the loss buffer stands in for its pointer.
-    tau_args = (row_loss if tau_t is None else tau_t, row_loss if tau_s is None else tau_s)
+    # A temperature or weight tensor not given is never read: the loss buffer stands in for its pointer.
+    tau_args = tuple(row_loss if x is None else x for x in (tau_t, tau_s))
+    weight_args = tuple(row_loss if x is None else x for x in (weight, sample_weight))
     per_row = (float(teacher_temperature_scalar), float(student_temperature_scalar), tau_t_mode, tau_s_mode,
                int(labels is not None), int(ignore_index))
+    # The row weight: only the kernels that write outputs read it (the statistics pass does not).
+    weighting = (float(sample_weight_scalar), int(weight is not None), int(sample_weight is not None))
     flags = (int(bool(student_grad)), int(bool(teacher_grad)))
     strides = (*student_logits.stride(), *teacher_logits.stride(), stride_l)
     vec = vector_width(num_classes, batch, logits)
@@ -752,8 +798,8 @@ def plan(student_logits, teacher_logits, labels, teacher_temperature, student_te
         config = config or tile_config(batch, num_classes, sms, nbytes, vec)
         block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
         wide = max(_span(t, block_m, block_n) for t in logits) >= INT32_LIMIT or block_m * num_classes >= INT32_LIMIT
-        args = (student_logits, teacher_logits, labels_arg, *tau_args, row_loss, grad_student, grad_teacher,
-                batch, num_classes, *strides, *per_row, *flags)
+        args = (student_logits, teacher_logits, labels_arg, *tau_args, *weight_args, row_loss, grad_student,
+                grad_teacher, batch, num_classes, *strides, *per_row, *weighting, *flags)
         return outputs, [Launch(_kd_tile_kernel, (triton.cdiv(batch, block_m),), args,
                                 {"BLOCK_M": block_m, "BLOCK_N": block_n, "VEC": vec, "WIDE": wide},
                                 config["num_warps"])]
@@ -775,7 +821,7 @@ def plan(student_logits, teacher_logits, labels, teacher_temperature, student_te
                    (student_logits, teacher_logits, labels_arg, *tau_args, partials, batch, num_classes, *strides,
                     n_chunks, blocks_per_chunk, *per_row), common, config["num_warps"], stages)
     finish = Launch(_kd_split_finish_kernel, (batch * grid_chunks,),
-                    (student_logits, teacher_logits, labels_arg, *tau_args, partials, row_loss, grad_student,
-                     grad_teacher, batch, num_classes, *strides, n_chunks, blocks_per_chunk, grid_chunks, *per_row,
-                     *flags), dict(common, PART_BLOCK=PARTIAL_BLOCK), config["num_warps"], stages)
+                    (student_logits, teacher_logits, labels_arg, *tau_args, *weight_args, partials, row_loss,
+                     grad_student, grad_teacher, batch, num_classes, *strides, n_chunks, blocks_per_chunk,
+                     grid_chunks, *per_row, *weighting, *flags), dict(common, PART_BLOCK=PARTIAL_BLOCK), config["num_warps"], stages)
     return outputs, [stats, finish]

@@ -16,6 +16,9 @@ DRAM bytes counted (e_s, e_t: element sizes of the student and teacher logits):
 * per row: label (8 B), gathered temperature (4 B) and loss (4 B) per kernel that touches the
   row, grad_output (4 B) in the backward; the split form's 6 fp32 partials per (row, chunk) are
   written once and read once from DRAM (their repeated reads by the row's other chunks hit L2).
+  A weighted call (``weight_tensors``: a per-class ``weight``, a ``sample_weight`` or both) adds
+  4 B per row per weight tensor, in the tile kernel or in each (row, chunk) program of the split
+  form's finish kernel (the statistics pass reads none): bytes per row, none per element.
 
 The minimum is one read of each input, one write of the gradient and the backward's read and
 write, with the tile form's per-row bytes: fp32 20 B/element, bf16 10 B/element.
@@ -30,6 +33,7 @@ SHAPES = ((128, 10), (1024, 100), (256, 1000), (8, 32000), (64, 262144), (4096, 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ROW_BYTES = 8 + 4 + 4   # label, gathered temperature, loss
 BACKWARD_ROW_BYTES = 4  # grad_output
+WEIGHT_ROW_BYTES = 4    # one fp32 weight (gathered per class, or per row) per weight tensor
 
 
 def plan_case(batch, num_classes, dtype):
@@ -50,7 +54,7 @@ def plan_case(batch, num_classes, dtype):
     return launches
 
 
-def traffic(launches, batch, num_classes, student_bytes, teacher_bytes):
+def traffic(launches, batch, num_classes, student_bytes, teacher_bytes, weight_tensors=0):
     """DRAM bytes of the forward launches and the backward, and their minimum.
 
     Args:
@@ -59,6 +63,7 @@ def traffic(launches, batch, num_classes, student_bytes, teacher_bytes):
         num_classes: C.
         student_bytes: e_s.
         teacher_bytes: e_t.
+        weight_tensors: weight tensors the call passes (0, 1 or 2; a number weight moves nothing).
 
     Returns:
         dict: bytes, min_bytes (totals), element_bytes and min_element_bytes (per element,
@@ -66,17 +71,18 @@ def traffic(launches, batch, num_classes, student_bytes, teacher_bytes):
     """
     reads = student_bytes + teacher_bytes
     minimum_elements = reads + student_bytes + 2 * student_bytes
+    weight_bytes = weight_tensors * WEIGHT_ROW_BYTES
     if launches[0].kernel is kd._kd_tile_kernel:
         element_bytes = minimum_elements
-        row_bytes = ROW_BYTES
+        row_bytes = ROW_BYTES + weight_bytes
     else:
         n_chunks = launches[0].args[launches[0].kernel.arg_names.index("n_chunks")]
         element_bytes = minimum_elements + reads
-        row_bytes = 2 * ROW_BYTES + 2 * kd.N_PARTIALS * 4 * n_chunks
+        row_bytes = 2 * ROW_BYTES + 2 * kd.N_PARTIALS * 4 * n_chunks + weight_bytes * n_chunks
     elements = batch * num_classes
     rows = batch * (row_bytes + BACKWARD_ROW_BYTES)
     return {"bytes": elements * element_bytes + rows,
-            "min_bytes": elements * minimum_elements + batch * (ROW_BYTES + BACKWARD_ROW_BYTES),
+            "min_bytes": elements * minimum_elements + batch * (ROW_BYTES + weight_bytes + BACKWARD_ROW_BYTES),
             "element_bytes": element_bytes, "min_element_bytes": minimum_elements, "elements": elements}
 
 

@@ -1,11 +1,10 @@
 """Per-sample weighting of the methods' row losses: the one place the methods reduce weighted rows.
 
 Every method module reduces its KL and CE rows through :func:`weighted_kl` and :func:`weighted_ce`.
-Without weights they call the fused loss with its own reduction; with weights they take the
-per-row losses (``reduction="none"``), multiply them by the weights and divide by the unweighted
-denominator (B, or B * C for "mean"), so ``sum_i w_i * row_i / B`` is what the Fair-ARD scripts
-compute. When ``kd_kl_div`` gains fused per-row weights, :func:`weighted_kl` is the only function
-to switch.
+Both divide the weighted sum by the unweighted denominator (B, or B * C for "mean"), so
+``sum_i w_i * row_i / B`` is what the Fair-ARD scripts compute. :func:`weighted_kl` is the fused
+loss with its per-row ``sample_weight`` (the weights scale the rows and the gradients inside the
+kernel); :func:`weighted_ce` weights the rows of ``F.cross_entropy``.
 """
 
 import torch
@@ -18,7 +17,8 @@ from fastabsld.ops.kd_loss import kd_kl_div
 def check_sample_weight(sample_weight, batch, device):
     """Raises ValueError unless ``sample_weight`` is None or a floating (B,) tensor on ``device``.
 
-    Values are not checked (that would read them on the host).
+    Values are not checked here (that would read them on the host); the fused loss checks them on
+    CPU tensors (ValueError for a negative, NaN or infinite weight), where its kernel reads them anyway.
 
     Args:
         sample_weight: the argument.
@@ -39,37 +39,29 @@ def check_sample_weight(sample_weight, batch, device):
     return sample_weight.detach()
 
 
-def _reduce(rows, reduction, num_classes, sample_weight):
-    rows = rows * sample_weight.to(rows.dtype)
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    return total / (rows.shape[0] * (num_classes if reduction == "mean" else 1))
-
-
 def weighted_kl(student_logits, teacher_logits, *, reduction, sample_weight=None, labels=None,
                 teacher_temperature=1.0, student_temperature=1.0):
     """``kd_kl_div`` with each row's KL multiplied by ``sample_weight[i]`` before the reduction.
+
+    The fused loss applies the weights in its kernel; its reductions divide by the rows, not by
+    the weights' sum.
 
     Args:
         student_logits: (B, C) student logits.
         teacher_logits: (B, C) logits of the target distribution (gradients flow to it if it requires grad).
         reduction: "none", "sum", "batchmean" (sum / B) or "mean" (sum / (B * C)).
-        sample_weight: (B,) weights (already checked), or None for the plain fused reduction.
-        labels: (B,) labels for per-class temperatures, or None.
+        sample_weight: (B,) non-negative weights (already checked by ``check_sample_weight``), or None.
+        labels: (B,) class labels (every one in [0, C): an ``ignore_index`` row would leave the
+            denominator) for per-class temperatures, or None.
         teacher_temperature: as in ``kd_kl_div``.
         student_temperature: as in ``kd_kl_div``.
 
     Returns:
         Tensor: the (weighted) loss, fp32 (fp64 for fp64 logits).
     """
-    kwargs = dict(labels=labels, teacher_temperature=teacher_temperature, student_temperature=student_temperature)
-    if sample_weight is None:
-        return kd_kl_div(student_logits, teacher_logits, reduction=reduction, **kwargs)
-    rows = kd_kl_div(student_logits, teacher_logits, reduction="none", **kwargs)
-    return _reduce(rows, reduction, student_logits.shape[1], sample_weight)
+    return kd_kl_div(student_logits, teacher_logits, reduction=reduction, labels=labels,
+                     teacher_temperature=teacher_temperature, student_temperature=student_temperature,
+                     sample_weight=sample_weight)
 
 
 def weighted_ce(logits, labels, sample_weight=None):
@@ -87,4 +79,4 @@ def weighted_ce(logits, labels, sample_weight=None):
     if sample_weight is None:
         return F.cross_entropy(logits, labels)
     rows = F.cross_entropy(logits, labels, reduction="none")
-    return _reduce(rows, "batchmean", logits.shape[1], sample_weight)
+    return (rows * sample_weight.to(rows.dtype)).sum() / rows.shape[0]

@@ -2,7 +2,8 @@
 
 An install (editable or not) maps ``kernels/`` to ``fastabsld.kernels``. A source checkout used
 without installing (the repository root on ``sys.path``) has no such package, so the folder next
-to ``fastabsld/`` is loaded under that name instead. ``HAS_TRITON`` says whether the kernels can run.
+to ``fastabsld/`` is loaded under that name instead. ``HAS_TRITON`` says whether the kernels can run;
+``kd_kl_div_checks`` (torch only) is importable either way.
 """
 
 import importlib
@@ -34,3 +35,7 @@ except ModuleNotFoundError as error:
     kernels = _load_from_checkout()
 
 HAS_TRITON = bool(kernels is not None and kernels.HAS_TRITON)
+
+# Torch-only modules of the kernels folder, which the op layer uses with or without triton (imported
+# here, once ``fastabsld.kernels`` is found).
+from fastabsld.kernels import kd_kl_div_checks  # noqa: E402

@@ -19,7 +19,7 @@ on CUDA (no host sync); bad labels and temperatures raise RuntimeError (on CUDA,
 
 Backends: the C++ kernel (``csrc/kd_kl_div_cpu.cpp``) on CPU tensors; on CUDA tensors the Triton
 kernels (``fastabsld.kernels.kd_kl_div``) when triton is installed and the call is one they
-implement (no weights, no fp64, per-row temperatures only without labels), the plain PyTorch
+implement (no fp64, per-row temperatures only without labels), the plain PyTorch
 fallback of this module otherwise (also for every device when ``fastabsld._C`` is not built).
 The op's autograd only scales the stored gradients by the incoming gradient of ``row_loss``.
 
@@ -44,7 +44,7 @@ import importlib
 import torch
 
 from fastabsld.ops._extension import HAS_EXTENSION
-from fastabsld.ops._kernels import HAS_TRITON
+from fastabsld.ops._kernels import HAS_TRITON, kd_kl_div_checks
 from fastabsld.ops.checks import check_int, check_real, compute_dtype, is_integer_tensor
 
 SCHEMA = (
@@ -187,34 +187,6 @@ def _check_kinds(labels, temperatures, weight):
         raise RuntimeError("kd_kl_div_forward: weight is per class and needs labels")
 
 
-def _check_values(labels, temperatures, weights, ignore_index, num_classes):
-    """The kernels' value checks (the C++ TORCH_CHECKs, the Triton device assert), done eagerly on CPU tensors.
-
-    A label must lie in [0, C) or equal ``ignore_index``; the temperatures that counted rows use
-    must be positive and finite (RuntimeError); every weight must be non-negative and finite
-    (ValueError: a bad argument, whichever rows use it).
-    """
-    kept = None
-    if labels is not None:
-        kept = labels != ignore_index
-        used = labels[kept]
-        if bool(((used < 0) | (used >= num_classes)).any()):
-            raise RuntimeError(f"kd_kl_div_forward: labels must lie in [0, C={num_classes}) or equal "
-                               f"ignore_index={ignore_index}")
-    for name, tau in temperatures:
-        if tau is None:
-            continue
-        if tau.dim() == 1:  # per class
-            used = tau[labels[kept]]
-        else:  # per row, (B, 1)
-            used = tau if kept is None else tau.reshape(-1)[kept]
-        if not bool(((used > 0) & torch.isfinite(used)).all()):
-            raise RuntimeError(f"kd_kl_div_forward: {name} must be positive and finite where it is used")
-    for name, value in weights:
-        if value is not None and not bool(((value >= 0) & torch.isfinite(value)).all()):
-            raise ValueError(f"kd_kl_div_forward: {name} must be non-negative and finite")
-
-
 def _row_temperatures(tensor, scalar, labels, compute, device):
     """(B, 1) per-row temperatures from a (C,) or (B, 1) tensor, or a 0-d tensor for the scalar."""
     if tensor is None:
@@ -249,8 +221,8 @@ def fallback_forward(student_logits, teacher_logits, labels, teacher_temperature
     temperatures = [("teacher_temperature", teacher_temperature), ("student_temperature", student_temperature)]
     _check_kinds(labels, temperatures, weight)
     if student_logits.device.type == "cpu":
-        _check_values(labels, temperatures, [("weight", weight), ("sample_weight", sample_weight)], ignore_index,
-                      num_classes)
+        kd_kl_div_checks.check_values(labels, temperatures, [("weight", weight), ("sample_weight", sample_weight)],
+                                      ignore_index, num_classes)
     for name, value in (("teacher_temperature", teacher_temperature_scalar),
                         ("student_temperature", student_temperature_scalar)):
         if not (0 < value < float("inf")):
@@ -318,22 +290,22 @@ def _cuda_forward(student_logits, teacher_logits, labels, teacher_temperature, s
                   teacher_grad, weight=None, sample_weight=None, sample_weight_scalar=1.0):
     """The op on CUDA tensors: the Triton kernels for what they implement, the fallback for the rest.
 
-    Weighted calls run the fallback until the Triton kernel takes weights; so do fp64 logits and
-    per-row temperatures with labels, which it has no form for.
+    fp64 logits and per-row temperatures with labels run the fallback: the Triton kernels have no
+    form for them.
     """
     args = (student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
             teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad)
+    weights = (weight, sample_weight, sample_weight_scalar)
     _check_kinds(labels, [("teacher_temperature", teacher_temperature),
                           ("student_temperature", student_temperature)], weight)
     launcher = triton_forward()
-    weighted = weight is not None or sample_weight is not None or sample_weight_scalar != 1.0
     tau_t = _launcher_temperature(teacher_temperature, labels)
     tau_s = _launcher_temperature(student_temperature, labels)
-    if launcher is None or weighted or tau_t is False or tau_s is False or \
+    if launcher is None or tau_t is False or tau_s is False or \
             torch.float64 in (student_logits.dtype, teacher_logits.dtype):  # the Triton kernel has no fp64
-        return fallback_forward(*args, weight, sample_weight, sample_weight_scalar)
+        return fallback_forward(*args, *weights)
     return launcher(student_logits, teacher_logits, labels, tau_t, tau_s, teacher_temperature_scalar,
-                    student_temperature_scalar, ignore_index, student_grad, teacher_grad)
+                    student_temperature_scalar, ignore_index, student_grad, teacher_grad, *weights)
 
 
 # ----------------------------------------------------------------------------------------------

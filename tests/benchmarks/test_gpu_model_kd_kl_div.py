@@ -5,6 +5,7 @@ change that loses a claim (waves, DRAM traffic, registers, spills) fails here.
 """
 
 import pytest
+import torch
 
 from benchmarks.gpu_model import __main__ as gpu_model_main
 from benchmarks.gpu_model import hardware, kd_kl_div
@@ -73,6 +74,19 @@ def test_kd_dram_traffic(kd_rows):
             assert row["bytes"] <= 1.01 * row["elements"] * (row["min_element_bytes"] + 2 * element), row["case"]
         assert row["kernel_launches"] == len(row["launches"]) + 1  # and the backward's one pass
     assert forms == {"tile", "split"}
+
+
+@pytest.mark.parametrize("shape", [(1024, 100), (8, 32000)])
+def test_kd_weights_add_bytes_per_row_only(shape):
+    """A per-class and a per-row weight: 4 B a row each (per chunk in the split form), nothing per element."""
+    launches = kd_kl_div.plan_case(*shape, torch.float32)
+    plain = kd_kl_div.traffic(launches, *shape, 4, 4)
+    weighted = kd_kl_div.traffic(launches, *shape, 4, 4, weight_tensors=2)
+    assert weighted["element_bytes"] == plain["element_bytes"]
+    n_chunks = 1 if launches[0].kernel is kd_kl_div.kd._kd_tile_kernel else \
+        launches[0].args[launches[0].kernel.arg_names.index("n_chunks")]
+    assert weighted["bytes"] - plain["bytes"] == shape[0] * 8 * n_chunks
+    assert weighted["min_bytes"] - plain["min_bytes"] == shape[0] * 8
 
 
 def test_kd_variants_fit_registers_without_spills(kd_rows):

@@ -34,14 +34,18 @@ def _case(batch, num_classes, dtypes, kind, seed):
     labels = torch.randint(0, num_classes, (batch,), device="cuda", generator=gen)
     labels[::5] = IGNORE
     kwargs = {"labels": labels, "ignore_index": IGNORE}
-    if kind == "class":
+    if kind in ("class", "weighted"):
         kwargs["teacher_temperature"] = 0.5 + 4 * torch.rand(num_classes, device="cuda", generator=gen)
+        if kind == "weighted":  # row weights up to 2 * 1.5, a class of weight 0
+            kwargs["weight"] = 2 * torch.rand(num_classes, device="cuda", generator=gen)
+            kwargs["weight"][0] = 0.0
+            kwargs["sample_weight"] = 0.5 + torch.rand(batch, device="cuda", generator=gen)
     else:
         kwargs["teacher_temperature"], kwargs["student_temperature"] = 2.0, 0.7
     return s, t, kwargs
 
 
-@pytest.mark.parametrize("kind", ["class", "scalar"])
+@pytest.mark.parametrize("kind", ["class", "scalar", "weighted"])
 @pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
 @pytest.mark.parametrize("batch,num_classes", SHAPES, ids=lambda v: str(v))
 def test_values_and_gradients_match_the_reference(batch, num_classes, dtypes, kind):
@@ -54,11 +58,13 @@ def test_values_and_gradients_match_the_reference(batch, num_classes, dtypes, ki
     s64, t64 = s.detach().double().requires_grad_(True), t.detach().double().requires_grad_(True)
     tau = kwargs["teacher_temperature"]
     ref = reference.kd_kl_div(s64, t64, kwargs["labels"], tau.double() if torch.is_tensor(tau) else tau,
-                              kwargs.get("student_temperature", 1.0), "none", IGNORE)
+                              kwargs.get("student_temperature", 1.0), "none", IGNORE, kwargs.get("weight"),
+                              kwargs.get("sample_weight"))
     rs, rt = torch.autograd.grad(ref, (s64, t64), grad_out.double())
     scale = 3.0 * 4 / 0.5  # ~4 sigma of 3 * N(0, 1) logits over the smallest temperature
     rtol, atol = _tolerances(num_classes, scale)
-    torch.testing.assert_close(rows.double(), ref, rtol=rtol, atol=atol)
+    largest_weight = 3.0 if kind == "weighted" else 1.0
+    torch.testing.assert_close(rows.double(), ref, rtol=rtol, atol=atol * largest_weight)
     for grad, want, dtype in ((gs, rs, dtypes[0]), (gt, rt, dtypes[1])):
         rtol, atol = _tolerances(num_classes, scale, dtype)
         torch.testing.assert_close(grad.double(), want, rtol=rtol, atol=atol * float(want.abs().max()))

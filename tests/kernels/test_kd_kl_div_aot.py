@@ -44,13 +44,26 @@ def _logits(batch, num_classes, dtype, layout="contiguous", device="meta"):
     raise ValueError(layout)
 
 
-def _launches(name, batch, num_classes, student, teacher, layout="contiguous", teacher_layout=None, grads=(True, True)):
+def _weights(length, misaligned, device):
+    """Weights of ``length`` values, 16-byte aligned or not (a misaligned pointer is its own variant)."""
+    if misaligned:
+        return torch.ones(length + 1, device=device)[1:]
+    return torch.ones(length, device=device)
+
+
+def _launches(name, batch, num_classes, student, teacher, layout="contiguous", teacher_layout=None, grads=(True, True),
+              weights=None):
     s = _logits(batch, num_classes, DTYPES[student], layout)
     t = _logits(batch, num_classes, DTYPES[teacher], teacher_layout or layout)
     device = s.device
     labels = torch.zeros(batch, dtype=torch.int64, device=device)
     tau = torch.ones(num_classes, device=device)
-    _, launches = kd.plan(s, t, labels, tau, None, 1.0, 1.0, -100, *grads)
+    weighting = {}
+    if weights is not None:  # "aligned" or "misaligned": a per-class and a per-row weight
+        misaligned = weights == "misaligned"
+        weighting = {"weight": _weights(num_classes, misaligned, device),
+                     "sample_weight": _weights(batch, misaligned, device), "sample_weight_scalar": 0.5}
+    _, launches = kd.plan(s, t, labels, tau, None, 1.0, 1.0, -100, *grads, **weighting)
     return [(f"{name} {launch.kernel.__name__.strip('_')}", launch) for launch in launches]
 
 
@@ -81,6 +94,11 @@ def _real_launches():
     cases += _launches("split prefetch", 2, 50257, "bf16", "bf16")
     cases += _launches("split prefetch mixed", 2, 50257, "fp16", "fp32")
     cases += _launches("split prefetch transposed", 4, 20000, "fp16", "fp16", "transposed")
+    # The weights' presence is a runtime flag: weighted launches compile the variants above, except
+    # where a weight's pointer is not 16-byte aligned.
+    cases += _launches("tile weighted", 1024, 96, "bf16", "bf16", weights="aligned")
+    cases += _launches("tile misaligned weights", 1000, 40, "fp32", "bf16", "offset", weights="misaligned")
+    cases += _launches("split misaligned weights", 2, 20000, "fp32", "bf16", "offset", weights="misaligned")
     return cases
 
 
@@ -102,6 +120,11 @@ def test_the_variants_cover_every_code_path():
     assert any(f[1] for f in forms) and any(f[1] is False for f in forms)
     strides = [launch.args[launch.kernel.arg_names.index("stride_sb")] for _, launch in REAL_LAUNCHES]
     assert max(strides) >= 2**31, "a launch with 64-bit integer arguments"
+    for kernel in ("_kd_tile_kernel", "_kd_split_finish_kernel"):
+        weighted = [dict(zip(launch.kernel.arg_names, launch.args)) for _, launch in REAL_LAUNCHES
+                    if launch.kernel.__name__ == kernel]
+        weighted = [args for args in weighted if args["has_weight"] and args["has_sample_weight"]]
+        assert any(args["weight_ptr"].data_ptr() % 16 for args in weighted), f"{kernel} with misaligned weights"
 
 
 @pytest.mark.parametrize("index", range(len(REAL_LAUNCHES)), ids=[name for name, _ in REAL_LAUNCHES])

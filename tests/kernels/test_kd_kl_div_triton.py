@@ -3,8 +3,9 @@
 Runs on CPU tensors under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 without a GPU): both launch forms (tile; split rows with its statistics and finish kernels) at
 small shapes with forced small configurations, so that several programs, several chunks per row
-and partial last blocks are exercised at a few programs each. The launch plan (form, grid,
-vector width) is checked without running anything. Ahead-of-time compiles: test_kd_kl_div_aot.py.
+and partial last blocks are exercised at a few programs each; unweighted and with row weights
+(per class, per row, a number, and all three). The launch plan (form, grid, vector width) is
+checked without running anything. Ahead-of-time compiles: test_kd_kl_div_aot.py.
 """
 
 import dataclasses
@@ -83,14 +84,14 @@ def reference_outputs(s, t, labels, tau_t, tau_s, scalar_t, scalar_s, ignore_ind
     return rows.detach(), grad_s, grad_t
 
 
-def assert_matches(outputs, expected, s, t, tau_t, tau_s, scalar_t, scalar_s):
-    """Compares (row_loss, grad_s, grad_t) with tolerances set by dtype and logit scale."""
+def assert_matches(outputs, expected, s, t, tau_t, tau_s, scalar_t, scalar_s, weight_scale=1.0):
+    """Compares (row_loss, grad_s, grad_t) with tolerances set by dtype, logit scale and the largest row weight."""
     row_loss, grad_s, grad_t = outputs
     ref_loss, ref_s, ref_t = expected
     inv = [1.0 / (scalar if tau is None else float(tau.min())) for tau, scalar in ((tau_t, scalar_t), (tau_s, scalar_s))]
     finite = [x.float()[torch.isfinite(x.float())] for x in (t, s)]
     logit_scale = 1.0 + max(float(f.abs().max()) * i if f.numel() else 0.0 for f, i in zip(finite, inv))
-    atol = 4e-6 * logit_scale
+    atol = 4e-6 * logit_scale * max(1.0, weight_scale)
     assert row_loss.dtype == torch.float32 and row_loss.shape == ref_loss.shape
     torch.testing.assert_close(row_loss, ref_loss, rtol=1e-4, atol=atol)
     for grad, ref, logits, inverse in ((grad_s, ref_s, s, inv[1]), (grad_t, ref_t, t, inv[0])):
@@ -411,6 +412,142 @@ def test_property_random_shapes_and_temperatures(batch, num_classes, kind, log_l
     run_case(make_logits(batch, num_classes, torch.float32, scale=scale, generator=g),
              make_logits(batch, num_classes, torch.float32, scale=scale, generator=g), kind, form=form,
              config=small_config(form, num_classes), generator=g, low=low, high=high)
+
+
+# Row weights: w_i = sample_weight_scalar * weight[label_i] * sample_weight[i], scaling the loss and both gradients.
+
+WEIGHTINGS = ["class", "sample", "number", "all"]
+
+
+def make_weights(weighting, batch, num_classes, labels, generator):
+    """(weight, sample_weight, sample_weight_scalar) for the launcher, each a factor of up to 2.
+
+    A kept row (row 1) gets weight 0 from each tensor given. "all" passes a fp64 class weight and a
+    strided fp16 sample weight: the launcher takes them in any float dtype and layout.
+    """
+    weight, sample, scalar = None, None, 1.0
+    if weighting in ("class", "all"):
+        weight = 2 * torch.rand(num_classes, generator=generator, dtype=torch.float64)
+        weight[labels[1]] = 0.0
+        weight = weight.to(DEVICE, torch.float64 if weighting == "all" else torch.float32)
+    if weighting in ("sample", "all"):
+        sample = 2 * torch.rand(2 * batch, generator=generator)
+        sample[2] = 0.0
+        sample = sample.to(DEVICE, torch.float16 if weighting == "all" else torch.float32)[::2]
+    if weighting in ("number", "all"):
+        scalar = 1.7
+    return weight, sample, scalar
+
+
+def run_weighted_case(s, t, weighting, form, config, generator):
+    """The weighted launcher against the weighted reference (values and gradients of the rows' sum)."""
+    batch, num_classes = s.shape
+    labels, tau_t, _, scalar_t, scalar_s = temperatures("class", batch, num_classes, generator=generator)
+    labels[::3] = IGNORE
+    weight, sample, scalar = make_weights(weighting, batch, num_classes, labels, generator)
+    outputs = kd.launch(s, t, labels, tau_t, None, scalar_t, scalar_s, IGNORE, True, True, form=form, config=config,
+                        weight=weight, sample_weight=sample, sample_weight_scalar=scalar)
+    rows_weight = scalar if sample is None else sample.cpu().double() * scalar
+    ref_s, ref_t = s.detach().cpu().float().requires_grad_(), t.detach().cpu().float().requires_grad_()
+    ref_rows = reference.kd_kl_div(ref_s, ref_t, labels.cpu(), tau_t.cpu(), scalar_s, "none", IGNORE,
+                                   None if weight is None else weight.cpu(), rows_weight)
+    expected = (ref_rows.detach(), *torch.autograd.grad(ref_rows.sum(), (ref_s, ref_t)))
+    outputs = [x.cpu() for x in outputs]
+    largest = 2.0 ** sum(x is not None for x in (weight, sample)) * scalar
+    assert_matches(outputs, expected, s.cpu(), t.cpu(), tau_t, None, scalar_t, scalar_s, weight_scale=largest)
+    row_weight = torch.full((batch,), scalar)
+    if weight is not None:
+        row_weight *= weight.cpu()[labels.cpu().clamp(min=0)].float()
+    if sample is not None:
+        row_weight *= sample.cpu().float()
+    zero = (labels.cpu() == IGNORE) | (row_weight == 0)
+    assert zero[1] == (weight is not None or sample is not None)
+    for out in outputs:
+        assert (out[zero] == 0).all(), "ignored rows and rows of weight 0 give 0"
+    assert (outputs[0][~zero] > 0).all()
+    return outputs
+
+
+# Every weighting in fp32, the half dtypes with each weight tensor (the interpreter is slow: not the full product).
+WEIGHTED_CASES = [(weighting, torch.float32) for weighting in WEIGHTINGS] + [
+    ("all", torch.float16), ("all", torch.bfloat16), ("class", torch.bfloat16), ("sample", torch.float16)]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("weighting,dtype", WEIGHTED_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_weighted_rows_match_reference(weighting, dtype, form):
+    """Per-class, per-row, number and all weights together, in both forms (tile: three programs of
+    4 rows; split: two chunks a row)."""
+    g = torch.Generator().manual_seed(41)
+    batch = 9 if form == "tile" else 5
+    s, t = make_logits(batch, 37, dtype, generator=g), make_logits(batch, 37, dtype, generator=g)
+    run_weighted_case(s, t, weighting, form, small_config(form, 37), g)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_weights_scale_the_unweighted_outputs(form):
+    """Weighted outputs are the unweighted ones times w_i (to rounding); a number weight of 0 zeroes all."""
+    g = torch.Generator().manual_seed(43)
+    s, t = make_logits(5, 40, torch.float32, generator=g), make_logits(5, 40, torch.float32, generator=g)
+    labels = torch.tensor([0, 3, IGNORE, 39, 7], device=DEVICE)
+    weight = torch.linspace(0.0, 2.0, 40, device=DEVICE)  # class 0: weight 0
+    sample = torch.tensor([0.5, 1.5, 2.0, 0.0, 3.0], device=DEVICE)
+    config = small_config(form, 40)
+    plain = kd.launch(s, t, labels, None, None, 1.0, 1.0, IGNORE, True, True, form=form, config=config)
+    weighted = kd.launch(s, t, labels, None, None, 1.0, 1.0, IGNORE, True, True, form=form, config=config,
+                         weight=weight, sample_weight=sample, sample_weight_scalar=0.25)
+    w = 0.25 * weight[labels.clamp(min=0)] * sample
+    for ours, unweighted in zip(weighted, plain):
+        torch.testing.assert_close(ours, unweighted * (w if unweighted.dim() == 1 else w[:, None]), rtol=1e-6,
+                                   atol=1e-7)
+    zero = kd.launch(s, t, labels, None, None, 1.0, 1.0, IGNORE, True, True, form=form, config=config,
+                     sample_weight_scalar=0.0)
+    assert all((out == 0).all() for out in zero)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_zero_weight_on_an_infinite_row_is_nan_as_the_reference(form):
+    """0 * inf: a row whose KL is +inf (student -inf under teacher mass) gives NaN at weight 0, as the fallback."""
+    s = torch.zeros(2, 40, device=DEVICE)
+    t = torch.zeros(2, 40, device=DEVICE)
+    s[:, 3] = float("-inf")
+    sample = torch.tensor([0.0, 2.0], device=DEVICE)
+    rows, _, _ = kd.launch(s, t, None, None, None, 1.0, 1.0, IGNORE, True, False, form=form,
+                           config=small_config(form, 40), sample_weight=sample)
+    expected = reference.kd_kl_div(s.cpu(), t.cpu(), reduction="none", sample_weight=sample.cpu())
+    assert rows[0].isnan() and expected[0].isnan() and rows[1] == expected[1] == float("inf")
+
+
+def _bad_weighted_call(**changes):
+    return _bad_call(**dict({"weight": torch.ones(5, device=DEVICE), "sample_weight": torch.ones(4, device=DEVICE),
+                             "sample_weight_scalar": 1.0}, **changes))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"weight": torch.ones(4)}, "weight must have shape"),
+    ({"sample_weight": torch.ones(5)}, "sample_weight must have shape"),
+    ({"sample_weight": torch.ones(4, 1)}, "sample_weight must have shape"),
+    ({"labels": None, "teacher_temperature": None}, "needs labels"),
+    ({"sample_weight_scalar": -0.5}, "sample_weight_scalar must be non-negative and finite"),
+    ({"sample_weight_scalar": float("nan")}, "sample_weight_scalar must be non-negative and finite"),
+    ({"sample_weight_scalar": float("inf")}, "sample_weight_scalar must be non-negative and finite"),
+])
+def test_bad_weight_arguments_are_value_errors(changes, message):
+    changes = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in changes.items()}
+    with pytest.raises(ValueError, match=message):
+        _bad_weighted_call(**changes)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="weight values are read on the host only for CPU tensors")
+@pytest.mark.parametrize("name,index,value", [("weight", 1, -1.0), ("weight", 3, -1.0), ("weight", 0, float("nan")),
+                                              ("weight", 4, float("inf")), ("sample_weight", 2, -0.5),
+                                              ("sample_weight", 1, float("nan"))])
+def test_bad_weight_values_are_value_errors(name, index, value):
+    """As the C++ kernel: every value, used by a kept row or not (class 3 is unused, row 2 is ignored)."""
+    bad = torch.ones(5 if name == "weight" else 4, device=DEVICE)
+    bad[index] = value
+    with pytest.raises(ValueError, match=f"{name} must be non-negative and finite"):
+        _bad_weighted_call(**{name: bad})
 
 
 # The launch plan, on meta tensors (nothing runs).

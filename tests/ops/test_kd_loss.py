@@ -1,6 +1,9 @@
 """torch.ops.fastabsld.kd_kl_div_forward (every backend) against fastabsld.reference.kd_kl_div."""
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -355,8 +358,8 @@ def test_bad_arguments_raise_in_cpp(case):
 
 
 def test_cuda_dispatch_routes_to_the_triton_launcher_or_the_fallback(monkeypatch):
-    """Unweighted calls reach the Triton launcher with its 10 arguments (per-row temperatures as (B,));
-    weighted calls, fp64 and per-row temperatures with labels run the fallback."""
+    """Calls reach the Triton launcher with its 13 arguments (per-row temperatures as (B,), the weights
+    as given); fp64 and per-row temperatures with labels run the fallback."""
     assert torch._C._dispatch_has_kernel_for_dispatch_key(kd_loss.OP, "CUDA")
     calls = []
 
@@ -373,7 +376,8 @@ def test_cuda_dispatch_routes_to_the_triton_launcher_or_the_fallback(monkeypatch
     labels = torch.tensor([0, 3, 1])
     tau_rows = torch.tensor([[0.5], [1.0], [2.0]])
     kd_loss._cuda_forward(*op_args(s, t, None, tau_rows, 1.0))
-    assert len(calls) == 1 and len(calls[0]) == 10 and calls[0][0] is s
+    assert len(calls) == 1 and len(calls[0]) == 13 and calls[0][0] is s
+    assert calls[0][10:] == (None, None, 1.0)
     assert calls[0][3].shape == (3,) and torch.equal(calls[0][3], tau_rows.reshape(3))
     kd_loss._cuda_forward(*op_args(s, t, labels, class_temperatures(4), 1.0))
     assert len(calls) == 2 and calls[1][3].shape == (4,)
@@ -383,22 +387,53 @@ def test_cuda_dispatch_routes_to_the_triton_launcher_or_the_fallback(monkeypatch
         kd_loss._cuda_forward(*op_args(s, t, y, tau, 1.0))
         assert calls[-1][3].shape == (length,) and (calls[-1][3] == 2.0).all()
     assert len(calls) == 4
+    weight, sample_weight = torch.ones(4), torch.ones(3)
+    for args in (op_args(s, t, labels, weight=weight), op_args(s, t, None, sample_weight=sample_weight),
+                 op_args(s, t, None, sample_weight=0.5)):
+        kd_loss._cuda_forward(*args)
+        assert len(calls[-1]) == 13 and all(a is b for a, b in zip(calls[-1][10:12], args[10:12]))
+        assert calls[-1][12] == args[12]
+    assert len(calls) == 7
     routed_to_fallback = [
-        op_args(s, t, labels, weight=torch.ones(4)),
-        op_args(s, t, None, sample_weight=torch.ones(3)),
-        op_args(s, t, None, sample_weight=0.5),
         op_args(s, t, labels, tau_rows, 1.0),
+        op_args(s, t, labels, tau_rows, 1.0, weight=weight, sample_weight=sample_weight),
         op_args(s.double(), t, None),
+        op_args(s.double(), t, labels, weight=weight),
     ]
     for args in routed_to_fallback:
         rows, _, _ = kd_loss._cuda_forward(*args)
         torch.testing.assert_close(rows, reference.kd_kl_div(args[0], args[1], args[2], split_back(args[3], args[5]),
                                                              split_back(args[4], args[6]), "none", -100, args[10],
                                                              split_back(args[11], args[12])).to(rows.dtype))
-    assert len(calls) == 4
+    assert len(calls) == 7
     monkeypatch.setattr(kd_loss, "triton_forward", lambda: None)
     rows, _, _ = kd_loss._cuda_forward(*op_args(s, t))
     torch.testing.assert_close(rows, reference.kd_kl_div(s, t, reduction="none"))
+
+
+def test_value_checks_without_triton():
+    """The op layer imports without triton (the shared value checks are torch only) and still checks weights."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None  # import triton raises ImportError, as where it is not installed
+        import torch
+        from fastabsld.ops import kd_loss
+        assert not kd_loss.HAS_TRITON and kd_loss.triton_forward() is None
+        s = torch.zeros(2, 3)
+        try:
+            kd_loss.fallback_forward(s, s, None, None, None, 1.0, 1.0, -100, True, False, None,
+                                     torch.tensor([1.0, -1.0]), 1.0)
+        except ValueError as error:
+            assert "sample_weight must be non-negative and finite" in str(error), error
+        else:
+            raise AssertionError("a negative sample_weight passed")
+        print("checks ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "checks ok" in result.stdout
 
 
 def split_back(tensor, scalar):
@@ -413,7 +448,11 @@ def test_triton_launcher_through_the_cuda_path(shape):
     labels = labels_for(batch, num_classes, [1])
     check("triton", s, t, labels, class_temperatures(num_classes), 1.0)
     check("triton", s.bfloat16(), t, None, 0.5, torch.full((batch, 1), 2.0), teacher_grad=False)
-    check("triton", s, t, labels, class_temperatures(num_classes), row_temperatures(batch),  # weighted: fallback
+    check("triton", s, t, labels, class_temperatures(num_classes), 1.0, weight=class_weights(num_classes),
+          sample_weight=sample_weights(batch))
+    check("triton", s.bfloat16(), t, None, torch.full((batch, 1), 2.0), 0.5, teacher_grad=False, sample_weight=0.3)
+    # per-row temperatures with labels: the fallback
+    check("triton", s, t, labels, class_temperatures(num_classes), row_temperatures(batch),
           weight=class_weights(num_classes), sample_weight=sample_weights(batch))
 
 
