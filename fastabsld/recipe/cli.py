@@ -351,7 +351,8 @@ COMPARE_HELP = ("Trains every method spec with every seed under one budget on on
                 "demo judges it. Writes compare.json and compare.png into --out. A spec is a method, or a "
                 "distillation method followed by +reweight (Fair-ARD's per-class re-weighting), e.g. "
                 "absld+reweight. The defaults (6 methods x 3 seeds of 30 epochs on digits, --jobs 2, the teacher "
-                "included) took 6.0 and 6.7 min in two measurements on 2 CPU cores; with --jobs 1 about twice that. AutoAttack "
+                "included) took 6.0, 6.7 and 6.0 min in three measurements on 2 CPU cores; with --jobs 1 about "
+                "twice that. AutoAttack "
                 "(--attacks ... autoattack) adds about 2.5 min per run on digits (its Square attack's 5000 "
                 "queries), so it is not among the defaults.")
 
