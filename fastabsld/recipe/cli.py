@@ -37,7 +37,14 @@ EVAL_ATTACKS = ("clean", "fgsm", "pgd20", "cw20")
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one ``error:`` line (and exit status 2), not a usage block."""
+    """An ArgumentParser whose errors are one ``error:`` line (and exit status 2), not a usage block.
+
+    Flags are never abbreviated: ``compare --seed 3`` would otherwise run as ``--seeds 3``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(EXIT_ERROR, f"error: {message} (see '{self.prog} --help')\n")

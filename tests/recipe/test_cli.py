@@ -291,6 +291,8 @@ def test_a_wrapped_state_dict_teacher_is_used_and_recorded(tmp_path, capsys):
     (["train", "--method", "dagger"], ["--method", "invalid choice"]),
     (["train", "--method", "trades", "--reweight"], ["reweight re-weights a distillation loss"]),
     (["compare", "absld", "--attacks", "pgd0"], ["attack"]),
+    (["compare", "absld", "--seed", "3"], ["unrecognized arguments: --seed"]),  # not --seeds: no abbreviations
+    (["train", "--epoch", "3"], ["unrecognized arguments: --epoch"]),
     (["train", "--dataset", "folder", "--data-dir", "EMPTY", "--run-dir", "RUN"], ["holds no images"]),
     (["train", "--dataset", "cifar10", "--data-dir", "EMPTY", "--run-dir", "RUN"], ["cifar-10-batches-py",
                                                                                    "cifar-10-python.tar.gz"]),
