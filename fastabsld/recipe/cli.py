@@ -508,6 +508,9 @@ def _interrupted(args, argv):
         print(f"interrupted{kept}. Resume with: {_resume_command(args, argv)}", file=sys.stderr)
     elif args.command == "demo":
         print("interrupted; the cached teacher is kept, run the same command again to redo the demo", file=sys.stderr)
+    elif args.command == "compare":
+        print(f"interrupted; the finished runs in {args.out} are kept and the interrupted ones resume from their "
+              "last epoch: run the same command again to continue", file=sys.stderr)
     else:
         print("interrupted", file=sys.stderr)
     return EXIT_INTERRUPTED

@@ -312,6 +312,18 @@ def test_bad_inputs_are_one_error_line(finished_run, tmp_path, capsys, monkeypat
     assert not (tmp_path / "run").exists() and snapshot(finished_run) == before
 
 
+def test_interrupted_compare_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    from fastabsld.recipe import compare as compare_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_module, "compare", interrupted)
+    assert cli.main(["compare", "absld", "--out", str(tmp_path / "cmp")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run the same command again" in err[0] and str(tmp_path / "cmp") in err[0]
+
+
 def test_interrupt_prints_the_resume_command(tmp_path, capsys, monkeypatch):
     from fastabsld.recipe import train as train_module
 
