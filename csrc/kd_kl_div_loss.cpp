@@ -101,6 +101,10 @@ KdLoss kd_loss(const at::Tensor& s, const at::Tensor& t, const KdOptions& o, Red
                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                            double, double, int64_t, bool, bool, const std::optional<at::Tensor>&,
                            const std::optional<at::Tensor>&, double)>();
+  // The gradients are computed here, so the forward op runs below autograd: without the guard, the
+  // call would pass through the op's Python autograd kernel (registered for torch.compile), one
+  // Python round trip per loss.
+  at::AutoDispatchBelowADInplaceOrView guard;
   auto [rows, grad_s, grad_t] =
       op.call(s, t, o.labels, o.tau_t, o.tau_s, o.tau_t_scalar, o.tau_s_scalar, o.ignore_index,
               student_grad, teacher_grad, o.weight, o.sample_weight, o.sample_weight_scalar);

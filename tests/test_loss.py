@@ -3,6 +3,8 @@ weights, gradients (both paths: the eager C++ loss op and the compile-visible op
 compile, opcheck, gradcheck, property tests and argument errors."""
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -297,6 +299,35 @@ def test_opcheck():
                               (s, t, labels, tau, None, 1.0, 1.0, -100, "none"))
         torch.library.opcheck(torch.ops.fastabsld.kd_kl_div_loss.default,
                               (s, t, labels, tau, None, 1.0, 1.0, -100, "mean", weight, sample_weight, 0.5))
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the eager loss op is the C++ extension's")
+def test_eager_loss_runs_no_python_autograd():
+    """The eager C++ loss op calls the forward op below autograd: no Python round trip per loss (about 13 us
+    of a 128 x 10 loss's 40)."""
+    s, t, labels = make(128, 10, seed=2)
+    s.requires_grad_(True)
+    entered = []
+
+    def spy(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.endswith(os.path.join("torch", "_library", "autograd.py")):
+            entered.append(frame.f_code.co_name)
+
+    sys.setprofile(spy)
+    try:
+        loss = kd_kl_div(s, t, labels=labels, teacher_temperature=temperature_of("per_class", 128, 10))
+        loss.backward()
+    finally:
+        sys.setprofile(None)
+    assert entered == [] and s.grad is not None
+    # The spy does see the Python autograd kernel when the op is called through it (the compile path's op).
+    sys.setprofile(spy)
+    try:
+        with torch.no_grad():
+            torch.ops.fastabsld.kd_kl_div_forward(s, t, labels, None, None, 1.0, 1.0, -100, True, False)
+    finally:
+        sys.setprofile(None)
+    assert entered
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
