@@ -18,27 +18,26 @@ LAST_KEYS = ("format", "config", "epoch", "model", "optimizer", "scheduler", "rn
 MODEL_KEYS = ("format", "config", "model", "num_classes", "in_channels")
 
 
-def checkpoint_problem(state, required):
-    """What keeps a loaded object from being a usable checkpoint, or None.
+def checked_config(state, required):
+    """The TrainConfig of a loaded checkpoint, or what keeps it from being a usable one.
 
     Args:
         state: what ``torch.load`` returned.
         required: keys the checkpoint must hold.
 
     Returns:
-        str or None: the problem, phrased to follow the file name ("is not ...").
+        tuple: (TrainConfig, None), or (None, the problem phrased to follow the file name: "is not ...").
     """
     if not isinstance(state, dict):
-        return f"is not a fastabsld checkpoint (it holds a {type(state).__name__})"
+        return None, f"is not a fastabsld checkpoint (it holds a {type(state).__name__})"
     missing = [key for key in required if key not in state]
     if missing:
-        return (f"is not a complete fastabsld checkpoint: it lacks {', '.join(missing)}"
-                f"{' (a plain state_dict?)' if 'config' in missing else ''}")
+        return None, (f"is not a complete fastabsld checkpoint: it lacks {', '.join(missing)}"
+                      f"{' (a plain state_dict?)' if 'config' in missing else ''}")
     try:
-        TrainConfig.from_dict(state["config"], source="its config")
+        return TrainConfig.from_dict(state["config"], source="its config"), None
     except (TypeError, ValueError) as error:
-        return f"holds an invalid config: {error}"
-    return None
+        return None, f"holds an invalid config: {error}"
 
 
 def read_checkpoint(path, required=MODEL_KEYS, map_location="cpu"):
@@ -59,10 +58,10 @@ def read_checkpoint(path, required=MODEL_KEYS, map_location="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     state = checkpoint.load(path, map_location=map_location)
-    problem = checkpoint_problem(state, required)
+    cfg, problem = checked_config(state, required)
     if problem:
         raise CheckpointError(path, problem)
-    return state, TrainConfig.from_dict(state["config"])
+    return state, cfg
 
 
 def load_run_model(path, device="cpu"):
@@ -83,13 +82,13 @@ def load_run_model(path, device="cpu"):
     try:
         model = build_model(cfg.model, state["num_classes"], state["in_channels"])
     except ValueError as error:
-        raise CheckpointError(f"{path}: cannot rebuild its model: {error}") from error
+        raise CheckpointError(path, f"names a model that cannot be rebuilt: {error}") from error
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, AttributeError) as error:
         first = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: its weights do not fit the model {cfg.model!r} ({first}); a run that trained "
-                              "a module given in Python is evaluated in Python") from error
+        raise CheckpointError(path, f"holds weights that do not fit the model {cfg.model!r} ({first}); a run that "
+                                    "trained a module given in Python is evaluated in Python") from error
     return model.to(device).eval(), cfg, state
 
 
@@ -106,7 +105,7 @@ def check_run_folder(run_dir):
         CheckpointError: no usable ``last.pt`` (nor previous version), or a bad ``best.pt``.
     """
     last = os.path.join(run_dir, "last.pt")
-    found = checkpoint.load_latest(last, accept=lambda state: checkpoint_problem(state, LAST_KEYS))
+    found = checkpoint.load_latest(last, accept=lambda state: checked_config(state, LAST_KEYS)[1])
     if found is None:
         raise FileNotFoundError(f"{last}: no such file")
     best = os.path.join(run_dir, "best.pt")

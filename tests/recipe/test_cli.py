@@ -236,6 +236,22 @@ def test_a_damaged_checkpoint_is_one_error_and_the_run_folder_is_kept(finished_r
     one_error(capsys, str(run / which))
 
 
+@pytest.mark.parametrize("change, fragment", [
+    ("weights", "holds weights that do not fit the model 'cnn-s'"),
+    ("model", "names a model that cannot be rebuilt"),
+])
+def test_a_checkpoint_whose_model_cannot_be_rebuilt_is_one_error(finished_run, tmp_path, capsys, change, fragment):
+    state = torch.load(finished_run / "best.pt", weights_only=False)
+    if change == "weights":
+        state["model"] = build_model("cnn-l", 10, 1).state_dict()
+    else:
+        state["config"]["model"] = "no_such_module:net"  # a factory that was importable where it trained
+    torch.save(state, tmp_path / "best.pt")
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "best.pt"), "--attacks", "clean", "--no-progress"]) == 2
+    one_error(capsys, str(tmp_path / "best.pt"), fragment)
+
+
 def _teacher_files(tmp_path):
     torch.manual_seed(0)
     good = build_model("cnn-l", 10, 1).state_dict()
