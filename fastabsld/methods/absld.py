@@ -12,7 +12,8 @@ from fastabsld.ops.checks import (
     describe,
     is_integer_tensor,
 )
-from fastabsld.methods._weighting import check_sample_weight, weighted_kl
+from fastabsld.methods._weighting import check_sample_weight
+from fastabsld.ops.kd_loss import kd_kl_div
 from fastabsld.temperature import (
     accumulate_class_risk,
     anti_bias_update,
@@ -169,10 +170,10 @@ class ABSLDLoss(nn.Module):
         """
         self._check_inputs(labels, adv_logits=adv_logits, nat_logits=nat_logits, teacher_logits=teacher_logits)
         weight = check_sample_weight(sample_weight, labels.shape[0], adv_logits.device)
-        adv = weighted_kl(adv_logits, teacher_logits, labels=labels, teacher_temperature=self.branch_temperature("adv"),
-                          reduction=self.reduction, sample_weight=weight)
-        nat = weighted_kl(nat_logits, teacher_logits, labels=labels, teacher_temperature=self.branch_temperature("nat"),
-                          reduction=self.reduction, sample_weight=weight)
+        adv = kd_kl_div(adv_logits, teacher_logits, labels=labels, teacher_temperature=self.branch_temperature("adv"),
+                        reduction=self.reduction, sample_weight=weight)
+        nat = kd_kl_div(nat_logits, teacher_logits, labels=labels, teacher_temperature=self.branch_temperature("nat"),
+                        reduction=self.reduction, sample_weight=weight)
         if self.training:
             accumulate_class_risk(self.risk_adv, adv_logits, labels)
             accumulate_class_risk(self.risk_nat, nat_logits, labels)

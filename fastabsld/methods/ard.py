@@ -42,8 +42,9 @@ from torch import nn
 
 from fastabsld.attack import ce_loss
 from fastabsld.methods._inputs import check_batch
-from fastabsld.methods._weighting import weighted_ce, weighted_kl
+from fastabsld.methods._weighting import weighted_ce
 from fastabsld.ops.checks import check_choice, check_real
+from fastabsld.ops.kd_loss import kd_kl_div
 
 RANDOM_START = "uniform"
 REDUCTIONS = ("mean", "batchmean")
@@ -102,8 +103,8 @@ class ARDLoss(nn.Module):
         weight = check_batch(labels, sample_weight=sample_weight, adv_logits=adv_logits, nat_logits=nat_logits,
                              teacher_logits=teacher_logits)
         t = self.temperature
-        loss = (self.alpha * t * t) * weighted_kl(adv_logits, teacher_logits, reduction=self.reduction,
-                                                  sample_weight=weight, teacher_temperature=t, student_temperature=t)
+        loss = (self.alpha * t * t) * kd_kl_div(adv_logits, teacher_logits, reduction=self.reduction,
+                                                sample_weight=weight, teacher_temperature=t, student_temperature=t)
         if self.needs_nat_logits:
             loss = loss + (1.0 - self.alpha) * weighted_ce(nat_logits, labels, weight)
         return loss

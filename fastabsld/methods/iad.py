@@ -46,9 +46,10 @@ import torch
 from torch import nn
 
 from fastabsld.methods._inputs import check_batch
-from fastabsld.methods._weighting import weighted_ce, weighted_kl
+from fastabsld.methods._weighting import weighted_ce
 from fastabsld.methods.ard import RANDOM_START, ard_attack_loss
 from fastabsld.ops.checks import check_int, check_real, compute_dtype
+from fastabsld.ops.kd_loss import kd_kl_div
 
 __all__ = ["IADLoss", "RANDOM_START", "ard_attack_loss"]
 
@@ -162,12 +163,12 @@ class IADLoss(nn.Module):
             self_weight = distrust if weight is None else distrust * weight.to(distrust.dtype)
             if self.weight_teacher_term:
                 teacher_weight = trust if weight is None else trust * weight.to(trust.dtype)
-        loss = (self.alpha * t * t) * weighted_kl(adv_logits, teacher_logits, reduction="batchmean",
-                                                  sample_weight=teacher_weight, teacher_temperature=t,
-                                                  student_temperature=t)
+        loss = (self.alpha * t * t) * kd_kl_div(adv_logits, teacher_logits, reduction="batchmean",
+                                                sample_weight=teacher_weight, teacher_temperature=t,
+                                                student_temperature=t)
         if self.introspective:
-            loss = loss + self.alpha * weighted_kl(adv_logits, nat_logits, reduction="batchmean",
-                                                   sample_weight=self_weight)
+            loss = loss + self.alpha * kd_kl_div(adv_logits, nat_logits, reduction="batchmean",
+                                                 sample_weight=self_weight)
         if self.alpha < 1:
             loss = loss + (1.0 - self.alpha) * weighted_ce(nat_logits, labels, weight)
         return loss

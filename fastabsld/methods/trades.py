@@ -36,7 +36,7 @@ from torch import nn
 
 from fastabsld.attack import pgd
 from fastabsld.methods._inputs import check_batch
-from fastabsld.methods._weighting import weighted_ce, weighted_kl
+from fastabsld.methods._weighting import weighted_ce
 from fastabsld.ops.checks import check_real
 from fastabsld.ops.kd_loss import kd_kl_div
 
@@ -119,5 +119,5 @@ class TRADESLoss(nn.Module):
             Tensor: the scalar loss, fp32 (fp64 for fp64 logits).
         """
         weight = check_batch(labels, sample_weight=sample_weight, adv_logits=adv_logits, nat_logits=nat_logits)
-        robust = weighted_kl(adv_logits, nat_logits, reduction="batchmean", sample_weight=weight)
+        robust = kd_kl_div(adv_logits, nat_logits, reduction="batchmean", sample_weight=weight)
         return weighted_ce(nat_logits, labels, weight) + self.beta * robust

@@ -1,4 +1,5 @@
-"""The methods' weighted reduction (fastabsld/methods/_weighting.py) against fastabsld.reference's per-row KL."""
+"""The methods' weighting (fastabsld/methods/_weighting.py, and the fused loss's sample_weight their KL terms take)
+against fastabsld.reference's per-row KL."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastabsld import reference
-from fastabsld.methods._weighting import check_sample_weight, weighted_ce, weighted_kl
+from fastabsld.methods._weighting import check_sample_weight, weighted_ce
 from fastabsld.ops.kd_loss import kd_kl_div
 from tests.methods.helpers import leaves, stored_tolerance, tolerance
 
@@ -19,7 +20,7 @@ REDUCTIONS = ("none", "sum", "batchmean", "mean")
        dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
        per_class=st.booleans(), student_tau=st.floats(0.5, 30.0), seed=st.integers(0, 2 ** 16),
        teacher_grad=st.booleans())
-def test_weighted_kl_is_the_weighted_reference_rows(batch, classes, reduction, dtype, per_class, student_tau, seed,
+def test_fused_sample_weight_is_the_weighted_reference_rows(batch, classes, reduction, dtype, per_class, student_tau, seed,
                                                     teacher_grad):
     gen = torch.Generator().manual_seed(seed)
     student, teacher = (4 * torch.randn(batch, classes, generator=gen, dtype=torch.float64) for _ in range(2))
@@ -33,7 +34,7 @@ def test_weighted_kl_is_the_weighted_reference_rows(batch, classes, reduction, d
         ours_in[1].requires_grad_(False)
         ref_in[1].requires_grad_(False)
     kwargs = dict(labels=labels if per_class else None, teacher_temperature=tau_t, student_temperature=student_tau)
-    ours = weighted_kl(*ours_in, reduction=reduction, sample_weight=weight.to(compute), **kwargs)
+    ours = kd_kl_div(*ours_in, reduction=reduction, sample_weight=weight.to(compute), **kwargs)
     rows = reference.kd_kl_div(*ref_in, reduction="none", **kwargs) * weight.to(compute)
     denominator = {"none": None, "sum": 1, "batchmean": batch, "mean": batch * classes}[reduction]
     ref = rows if denominator is None else rows.sum() / denominator
@@ -46,13 +47,13 @@ def test_weighted_kl_is_the_weighted_reference_rows(batch, classes, reduction, d
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_without_weights_it_is_the_fused_loss(reduction):
+def test_unit_weights_are_the_unweighted_loss(reduction):
     gen = torch.Generator().manual_seed(0)
     student, teacher = (torch.randn(9, 5, generator=gen) for _ in range(2))
-    torch.testing.assert_close(weighted_kl(student, teacher, reduction=reduction),
+    torch.testing.assert_close(kd_kl_div(student, teacher, reduction=reduction, sample_weight=1.0),
                                kd_kl_div(student, teacher, reduction=reduction), rtol=0, atol=0)
     ones = torch.ones(9)
-    torch.testing.assert_close(weighted_kl(student, teacher, reduction=reduction, sample_weight=ones),
+    torch.testing.assert_close(kd_kl_div(student, teacher, reduction=reduction, sample_weight=ones),
                                kd_kl_div(student, teacher, reduction=reduction), **tolerance(torch.float32))
 
 
