@@ -156,7 +156,7 @@ def resumed_config(saved, requested, run_dir, log=None):
 
 
 def _train_in(args, ctx):
-    from fastabsld.recipe import lock, logs
+    from fastabsld.recipe import lock
     from fastabsld.recipe.errors import RecipeError
 
     cfg = train_config(args)
@@ -168,7 +168,7 @@ def _train_in(args, ctx):
         with lock.hold(run_dir) if ctx.is_main else contextlib.nullcontext():
             return _train_run(args, ctx, cfg, run_dir)
     except RecipeError as error:  # a folder in use, no usable checkpoint, a non-finite loss
-        logs.error(f"error: {' '.join(str(error).split())}")
+        _error(" ".join(str(error).split()))
         return error.exit_status
     finally:
         if created:

@@ -7,7 +7,7 @@ The command line is generated from it (``fastabsld.recipe.options``): every fiel
 The fields fall into three groups, which the teacher cache and ``--resume`` rely on:
 
 - ``TEACHER_FIELDS`` define the robust teacher a distillation run trains when none is given (the
-  data, the threat model and the teacher's own PGD-AT recipe); the teacher cache is keyed by them only.
+  data, the threat model and the teacher's own PGD-AT or TRADES recipe); the teacher cache is keyed by them only.
 - ``RUNTIME_FIELDS`` say where and how fast a run executes, not what it computes.
 - every other field is the student's recipe.
 """
@@ -27,7 +27,6 @@ from fastabsld.recipe.models import MODELS, is_factory
 from fastabsld.temperature import check_temperature_bounds
 
 METHODS = ("absld", "rslad", "pgd-at", "trades", "ard", "iad")
-DEVICES = ("cpu", "cuda", "auto")
 # The methods that distil from a robust teacher (the others train a model on its own).
 DISTILLATION_METHODS = ("absld", "rslad", "ard", "iad")
 # How a robust teacher that the recipe trains itself is trained.
@@ -107,7 +106,7 @@ class TrainConfig:
             PGD-20 (its worst class to 4%). 8/255, the CIFAR value, is half a grey level on digits and leaves
             that model at 95%: too little to defend against.
         alpha: PGD step size of training and evaluation (default: 0.025 on digits, 2/255 otherwise).
-        steps: PGD steps of the inner maximisation in training (the teacher's PGD-AT too).
+        steps: PGD steps of the inner maximisation in training (a teacher trained here too).
         beta: ABSLD temperature learning rate (decayed with the LR at the milestones).
         tau_min: lower clamp of the ABSLD class temperatures.
         tau_max: upper clamp of the ABSLD class temperatures.
@@ -141,7 +140,7 @@ class TrainConfig:
             fastabsld checkpoint, a state_dict of teacher_model, a TRADES/RobustBench WideResNet state_dict,
             or ``robustbench:<model name>`` (needs the robustbench package).
         teacher_model: teacher architecture, as for model (default: cnn-l on digits, wrn-34-10 otherwise).
-        teacher_epochs: PGD-AT epochs of a teacher trained here.
+        teacher_epochs: epochs of a teacher trained here (by PGD-AT or TRADES, see teacher_method).
         teacher_seed: seed of a teacher trained here.
         teacher_lr: SGD learning rate of a teacher trained here.
         teacher_batch_size: batch size of a teacher trained here.
