@@ -19,6 +19,8 @@ def is_number(value):
     Returns:
         bool: True for real numbers other than bools.
     """
+    if type(value) is float or type(value) is int:  # the common case, without the ABC check
+        return True
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor))
 
 

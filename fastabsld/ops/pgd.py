@@ -163,7 +163,8 @@ def check_step_arguments(alpha, eps, clamp, batch, device=None):
         tuple: (alpha tensor or None, alpha number, eps tensor or None, eps number, clamp min, clamp max).
     """
     try:
-        lo, hi = (float(bound) for bound in clamp)
+        lo, hi = clamp
+        lo, hi = float(lo), float(hi)
     except (TypeError, ValueError):
         raise ValueError(f"pgd_step: clamp must be a (min, max) pair of numbers, got {clamp!r}") from None
     if not lo <= hi:
@@ -198,9 +199,12 @@ def pgd_step(x_adv, x, grad, *, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
         raise ValueError(
             f"pgd_step: x_adv {tuple(x_adv.shape)}, x {tuple(x.shape)} and grad {tuple(grad.shape)} must have the same shape"
         )
-    for name, tensor in (("x", x), ("grad", grad), ("alpha", alpha), ("eps", eps)):
-        if isinstance(tensor, torch.Tensor) and tensor.dim() and tensor.device != x_adv.device:
-            raise ValueError(f"pgd_step: {name} is on {tensor.device}, x_adv on {x_adv.device}: "
-                             "every tensor argument must be on one device")
-    alpha_t, alpha_f, eps_t, eps_f, lo, hi = check_step_arguments(alpha, eps, clamp, x_adv.shape[0], x_adv.device)
+    device = x_adv.device
+    # The usual call (tensors on one device, number radii) costs two comparisons here.
+    if x.device != device or grad.device != device or isinstance(alpha, torch.Tensor) or isinstance(eps, torch.Tensor):
+        for name, tensor in (("x", x), ("grad", grad), ("alpha", alpha), ("eps", eps)):
+            if isinstance(tensor, torch.Tensor) and tensor.dim() and tensor.device != device:
+                raise ValueError(f"pgd_step: {name} is on {tensor.device}, x_adv on {device}: "
+                                 "every tensor argument must be on one device")
+    alpha_t, alpha_f, eps_t, eps_f, lo, hi = check_step_arguments(alpha, eps, clamp, x_adv.shape[0], device)
     return torch.ops.fastabsld.pgd_step.default(x_adv, x, grad, alpha_t, eps_t, alpha_f, eps_f, norm, lo, hi)

@@ -287,13 +287,15 @@ def test_an_argument_on_another_device_is_an_error(norm, argument, inference):
         raw_step(**args, norm=norm)
 
 
-def test_the_public_function_reports_a_device_mismatch():
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("argument", ["x", "grad", "alpha", "eps"])
+def test_the_public_function_reports_a_device_mismatch(argument, norm):
     """At the public boundary a ValueError names the argument (the kernels' own check is tested above)."""
     x = torch.rand(2, 5)
-    with pytest.raises(ValueError, match="grad is on meta"):
-        pgd_step(x, x, torch.empty(2, 5, device="meta"), alpha=0.1, eps=0.2, norm="l2")
-    with pytest.raises(ValueError, match="eps is on meta"):
-        pgd_step(x, x, x, alpha=0.1, eps=torch.empty(2, device="meta"))
+    args = {"x": x.clone(), "grad": torch.randn(2, 5), "alpha": 0.1, "eps": 0.2}
+    args[argument] = torch.empty(2, 5, device="meta") if argument in ("x", "grad") else torch.empty(2, device="meta")
+    with pytest.raises(ValueError, match=f"{argument} is on meta"):
+        pgd_step(x, args["x"], args["grad"], alpha=args["alpha"], eps=args["eps"], norm=norm)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type")
