@@ -1,10 +1,26 @@
-// The schemas of every op in torch.ops.fastabsld, and the Python module stub of fastabsld._C.
+// The schemas of every op in torch.ops.fastabsld, and the Python module fastabsld._C (one
+// function: which vector loops the CPU PGD step runs).
 // Kernels register per backend with TORCH_LIBRARY_IMPL in their own files.
 #include <Python.h>
 #include <torch/library.h>
 
+#include "pgd_step_cpu_simd.h"
+
+namespace {
+
+PyObject* pgd_step_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fastabsld::pgd_step_cpu_isa());
+}
+
+PyMethodDef methods[] = {
+    {"pgd_step_cpu_isa", pgd_step_cpu_isa, METH_NOARGS,
+     "The vector ISA of the fp32 CPU pgd_step loops on this machine: avx512, avx2 or scalar."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 

@@ -1,14 +1,16 @@
 // CPU kernel of fastabsld::pgd_step: parallel over samples (at::parallel_for), each sample by one
-// thread in a fixed order, so results do not depend on the thread count. fp32 runs the AVX2
-// loops of pgd_step_cpu_avx2.cpp where the CPU has them; fp16/bf16 (and CPUs without AVX2) run
-// the scalar loops below in fp32, fp64 runs them in fp64. L-inf: one pass per sample. L2: three
-// passes over a sample that stays in cache: ||grad||, ||delta||, the output.
+// thread in a fixed order, so results do not depend on the thread count. fp32 runs the vector
+// loops of pgd_step_cpu_loops.h for AVX-512 or AVX2 where the CPU has them; fp16/bf16 (and CPUs
+// without AVX2) run the scalar loops below in fp32, fp64 runs them in fp64. L-inf: one pass per
+// sample. L2: three passes over a sample that stays in cache: ||grad||, ||delta||, the output.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <string>
 #include <type_traits>
 
 #include "pgd_step_common.h"
@@ -18,12 +20,19 @@
 namespace fastabsld {
 namespace {
 
-const bool kHasAvx2 = avx2::available();
-
-template <typename scalar_t>
-constexpr bool use_avx2() {
-  return std::is_same_v<scalar_t, float>;
+// The fp32 loops of the widest ISA that the CPU runs and ATen's own dispatch allows (so
+// ATEN_CPU_CAPABILITY=avx2 or =default narrows them, as it does PyTorch's kernels); nullptr: the
+// scalar loops.
+const PgdCpuLoops* pick_loops() {
+  const std::string capability = at::get_cpu_capability();
+  if (capability == "AVX512") {
+    if (const PgdCpuLoops* loops = avx512_loops()) return loops;
+  }
+  if (capability == "AVX512" || capability == "AVX2") return avx2_loops();
+  return nullptr;
 }
+
+const PgdCpuLoops* const kLoops = pick_loops();
 
 // One sample's radii and box in the compute type.
 template <typename acc_t>
@@ -35,8 +44,8 @@ struct LinfSample {
   template <typename scalar_t, typename acc_t>
   static void run(const scalar_t* xa, const scalar_t* x0, const scalar_t* g, scalar_t* o,
                   int64_t n, Radii<acc_t> r) {
-    if constexpr (use_avx2<scalar_t>()) {
-      if (kHasAvx2) return avx2::linf_sample(xa, x0, g, o, n, r.alpha, r.eps, r.lo, r.hi);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (kLoops != nullptr) return kLoops->linf_sample(xa, x0, g, o, n, r.alpha, r.eps, r.lo, r.hi);
     }
     for (int64_t i = 0; i < n; ++i) {
       o[i] = static_cast<scalar_t>(pgd_linf_element(static_cast<acc_t>(xa[i]),
@@ -51,14 +60,8 @@ struct L2Sample {
   template <typename scalar_t, typename acc_t>
   static void run(const scalar_t* xa, const scalar_t* x0, const scalar_t* g, scalar_t* o,
                   int64_t n, Radii<acc_t> r) {
-    if constexpr (use_avx2<scalar_t>()) {
-      if (kHasAvx2) {
-        const L2Step<float> step = l2_step<float>(norm_of(avx2::grad_sum_squares(g, xa, x0, n)), r.alpha);
-        // delta goes to the output and is projected there: the last pass reads two arrays.
-        const float factor =
-            l2_factor<float>(norm_of(avx2::delta_sum_squares(xa, x0, g, n, step, o)), r.eps);
-        return avx2::l2_project(x0, o, n, factor, r.lo, r.hi);
-      }
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (kLoops != nullptr) return kLoops->l2_sample(xa, x0, g, o, n, r.alpha, r.eps, r.lo, r.hi);
     }
     SumSquares<acc_t> grad_sq{};
     for (int64_t i = 0; i < n; ++i) add_square(grad_sq, static_cast<acc_t>(g[i]));
@@ -121,6 +124,8 @@ at::Tensor pgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x, const at::
 }
 
 }  // namespace
+
+const char* pgd_step_cpu_isa() { return kLoops != nullptr ? kLoops->isa : "scalar"; }
 
 TORCH_LIBRARY_IMPL(fastabsld, CPU, m) { m.impl("pgd_step", &pgd_step_cpu); }
 

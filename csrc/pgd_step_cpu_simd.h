@@ -1,31 +1,27 @@
-// fp32 per-sample loops of the CPU PGD step vectorised with at::vec::Vectorized<float>, compiled
-// for AVX2+FMA in their own translation unit (pgd_step_cpu_avx2.cpp) and picked at run time.
-// This header names no ATen type, so the rest of the extension stays free of AVX2 code.
+// The fp32 per-sample loops of the CPU PGD step, one set per x86 vector ISA, each compiled in its
+// own translation unit for its ISA (pgd_step_cpu_avx2.cpp, pgd_step_cpu_avx512.cpp) from the
+// one template in pgd_step_cpu_loops.h, and picked at load time. This header names no
+// intrinsic, so the rest of the extension stays free of ISA-specific code.
 #pragma once
 
 #include <cstdint>
 
-#include "pgd_step_math.h"
-
 namespace fastabsld {
-namespace avx2 {
 
-// True when this build holds the AVX2 loops and the CPU runs them.
-bool available();
+// One sample's step: x_adv, x, grad and out hold n elements; alpha, eps and the box in fp32.
+using PgdSampleLoop = void (*)(const float* x_adv, const float* x, const float* grad, float* out,
+                               int64_t n, float alpha, float eps, float lo, float hi);
 
-void linf_sample(const float* x_adv, const float* x, const float* grad, float* out, int64_t n,
-                 float alpha, float eps, float lo, float hi);
+struct PgdCpuLoops {
+  const char* isa;  // "avx512" or "avx2"
+  PgdSampleLoop linf_sample, l2_sample;
+};
 
-// Sum of grad^2 over one sample (in double); x_adv and x are prefetched for the next pass.
-SumSquares<float> grad_sum_squares(const float* grad, const float* x_adv, const float* x,
-                                   int64_t n);
+// The loops of an ISA when this build holds them and the CPU runs them, else nullptr.
+const PgdCpuLoops* avx512_loops();
+const PgdCpuLoops* avx2_loops();
 
-// Sum of delta^2 over one sample, delta as l2_delta computes it (in double); writes delta.
-SumSquares<float> delta_sum_squares(const float* x_adv, const float* x, const float* grad,
-                                    int64_t n, L2Step<float> step, float* delta);
+// The ISA of the loops fp32 pgd_step runs on this machine: "avx512", "avx2" or "scalar".
+const char* pgd_step_cpu_isa();
 
-// delta_out <- clamp(x + factor * delta_out, lo, hi): the output from delta_sum_squares' delta.
-void l2_project(const float* x, float* delta_out, int64_t n, float factor, float lo, float hi);
-
-}  // namespace avx2
 }  // namespace fastabsld

@@ -99,3 +99,36 @@ def test_source_checkout_imports_without_installing(tmp_path):
                             cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     assert "checkout ok" in result.stdout
+
+
+def _cpu_isas():
+    """The vector ISAs of the CPU pgd_step loops this machine can run, widest first, then "scalar"."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return {"AVX512": ["avx512", "avx2", "scalar"], "AVX2": ["avx2", "scalar"]}.get(capability, ["scalar"])
+
+
+@pytest.mark.skipif(not fastabsld.HAS_EXTENSION, reason="the vector loops are in fastabsld._C")
+def test_the_cpu_loops_follow_the_cpu_and_aten():
+    from fastabsld import _C
+
+    assert _C.pgd_step_cpu_isa() == _cpu_isas()[0]
+
+
+@pytest.mark.skipif(not fastabsld.HAS_EXTENSION, reason="the vector loops are in fastabsld._C")
+@pytest.mark.parametrize("isa", _cpu_isas()[1:])
+def test_every_narrower_cpu_isa_passes_the_pgd_tests(isa):
+    """The PGD tests again in a fresh process whose ATEN_CPU_CAPABILITY selects narrower fp32 loops
+    (this process runs the widest), so every loop set this machine can run is tested."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY={"avx2": "avx2", "scalar": "default"}[isa])
+    check = subprocess.run([sys.executable, "-c", "import fastabsld._C as C; print(C.pgd_step_cpu_isa())"],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip() == isa
+    tests = os.path.join(os.path.dirname(__file__))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         os.path.join(tests, "test_pgd.py"), os.path.join(tests, "test_pgd_numerics.py")],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout.splitlines()[-1]
