@@ -59,18 +59,17 @@ void pgd_l2_sample(const float* x_adv, const float* x, const float* grad, float*
   const L2Step<float> step = l2_step<float>(norm_of(grad_sq), alpha);
 
   const F vstep = Isa::splat(step.step), vscale = Isa::splat(step.scale);
+  // l2_delta on one vector of lanes from offset j, written to out.
+  const auto delta_at = [&](int64_t j) {
+    const F delta = Isa::fma(vstep, Isa::mul(Isa::load(grad + j), vscale),
+                             Isa::sub(Isa::load(x_adv + j), Isa::load(x + j)));
+    Isa::store(out + j, delta);
+    return delta;
+  };
   s0 = s1 = s2 = s3 = Isa::zero_d();
   for (i = 0; i + kStep <= n; i += kStep) {
-    for (int64_t k = 0; k < kStep; k += Isa::kLanes) {
-      const F d0 = Isa::sub(Isa::load(x_adv + i + k), Isa::load(x + i + k));
-      const F delta = Isa::fma(vstep, Isa::mul(Isa::load(grad + i + k), vscale), d0);  // l2_delta
-      Isa::store(out + i + k, delta);
-      if (k == 0) {
-        Isa::add_squares(delta, s0, s1);
-      } else {
-        Isa::add_squares(delta, s2, s3);
-      }
-    }
+    Isa::add_squares(delta_at(i), s0, s1);
+    Isa::add_squares(delta_at(i + Isa::kLanes), s2, s3);
   }
   SumSquares<float> delta_sq{};
   for (; i < n; ++i) {

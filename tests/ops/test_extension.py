@@ -124,7 +124,7 @@ def test_every_narrower_cpu_isa_passes_the_pgd_tests(isa):
                            capture_output=True, text=True, timeout=300, env=env)
     assert check.returncode == 0, check.stderr
     assert check.stdout.strip() == isa
-    tests = os.path.join(os.path.dirname(__file__))
+    tests = os.path.dirname(__file__)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          os.path.join(tests, "test_pgd.py"), os.path.join(tests, "test_pgd_numerics.py")],
