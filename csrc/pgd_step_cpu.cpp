@@ -1,8 +1,9 @@
 // CPU kernel of fastabsld::pgd_step: parallel over samples (at::parallel_for), each sample by one
 // thread in a fixed order, so results do not depend on the thread count. fp32 runs the vector
-// loops of pgd_step_cpu_loops.h for AVX-512 or AVX2 where the CPU has them; fp16/bf16 (and CPUs
-// without AVX2) run the scalar loops below in fp32, fp64 runs them in fp64. L-inf: one pass per
-// sample. L2: three passes over a sample that stays in cache: ||grad||, ||delta||, the output.
+// loops of pgd_step_cpu_loops.h for AVX-512 or AVX2 where the CPU has them, on each thread's
+// range of samples at once; fp16/bf16 (and CPUs without AVX2) run the scalar loops below in fp32,
+// fp64 runs them in fp64. L-inf: one pass per sample. L2: three passes over a sample that stays in
+// cache: ||grad||, ||delta||, the output.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -41,12 +42,11 @@ struct Radii {
 };
 
 struct LinfSample {
+  static PgdSamplesLoop vector_loop(const PgdCpuLoops& loops) { return loops.linf_samples; }
+
   template <typename scalar_t, typename acc_t>
   static void run(const scalar_t* xa, const scalar_t* x0, const scalar_t* g, scalar_t* o,
                   int64_t n, Radii<acc_t> r) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (kLoops != nullptr) return kLoops->linf_sample(xa, x0, g, o, n, r.alpha, r.eps, r.lo, r.hi);
-    }
     for (int64_t i = 0; i < n; ++i) {
       o[i] = static_cast<scalar_t>(pgd_linf_element(static_cast<acc_t>(xa[i]),
                                                     static_cast<acc_t>(x0[i]),
@@ -57,12 +57,11 @@ struct LinfSample {
 };
 
 struct L2Sample {
+  static PgdSamplesLoop vector_loop(const PgdCpuLoops& loops) { return loops.l2_samples; }
+
   template <typename scalar_t, typename acc_t>
   static void run(const scalar_t* xa, const scalar_t* x0, const scalar_t* g, scalar_t* o,
                   int64_t n, Radii<acc_t> r) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (kLoops != nullptr) return kLoops->l2_sample(xa, x0, g, o, n, r.alpha, r.eps, r.lo, r.hi);
-    }
     SumSquares<acc_t> grad_sq{};
     for (int64_t i = 0; i < n; ++i) add_square(grad_sq, static_cast<acc_t>(g[i]));
     const L2Step<acc_t> step = l2_step<acc_t>(norm_of(grad_sq), r.alpha);
@@ -81,7 +80,9 @@ struct L2Sample {
   }
 };
 
-// Runs Sample::run on every sample, samples split across threads.
+// Runs Sample's step on every sample, samples split across threads: fp32 by the vector loop of
+// kLoops on a thread's whole range (the L2 one pipelines consecutive samples), else Sample::run
+// on one sample at a time.
 template <typename Sample, typename scalar_t>
 void for_each_sample(const PgdStepArgs& a, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -96,6 +97,16 @@ void for_each_sample(const PgdStepArgs& a, at::Tensor& out) {
   const int64_t n = a.per_sample;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
   at::parallel_for(0, a.batch, grain, [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (kLoops != nullptr) {
+        const int64_t at = begin * n;
+        const PgdFp32Samples samples{xa + at, x0 + at, g + at, o + at, n, end - begin,
+                                     alpha_b ? alpha_b + begin : &alpha,
+                                     eps_b ? eps_b + begin : &eps, alpha_b ? 1 : 0,
+                                     eps_b ? 1 : 0, lo, hi};
+        return Sample::vector_loop(*kLoops)(samples);
+      }
+    }
     for (int64_t b = begin; b < end; ++b) {
       const Radii<acc_t> r{alpha_b ? alpha_b[b] : alpha, eps_b ? eps_b[b] : eps, lo, hi};
       const int64_t base = b * n;

@@ -46,7 +46,7 @@ struct Avx2 {
   }
 };
 
-const PgdCpuLoops kLoops{"avx2", &pgd_linf_sample<Avx2>, &pgd_l2_sample<Avx2>};
+const PgdCpuLoops kLoops{"avx2", &pgd_linf_samples<Avx2>, &pgd_l2_samples<Avx2>};
 
 }  // namespace
 

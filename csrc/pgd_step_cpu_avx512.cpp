@@ -49,7 +49,7 @@ struct Avx512 {
   }
 };
 
-const PgdCpuLoops kLoops{"avx512", &pgd_linf_sample<Avx512>, &pgd_l2_sample<Avx512>};
+const PgdCpuLoops kLoops{"avx512", &pgd_linf_samples<Avx512>, &pgd_l2_samples<Avx512>};
 
 }  // namespace
 

@@ -356,3 +356,27 @@ def test_views_and_sizes_take_every_kernel_path(device, norm, dtype, shape, offs
         out = pgd_step(x_adv, x, grad, alpha=alpha, eps=e, norm=norm)
         assert_sound(out.cpu(), x_adv.cpu(), x.cpu(), grad.cpu(), alpha, e.cpu() if torch.is_tensor(e) else e, norm)
         assert torch.equal(out, pgd_step(x_adv, x, grad, alpha=alpha, eps=e, norm=norm)), "not deterministic"
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+# 429 elements a sample: the CPU L2 loop pipelines consecutive samples, and leaves vector and
+# scalar tails; 50700: above its pipelining limit, the passes run one after the other.
+@pytest.mark.parametrize("shape", [(200, 3, 11, 13), (3, 3, 130, 130)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_l2_sample_does_not_depend_on_its_neighbours(shape, per_sample, threads):
+    """A sample stepped alone equals it stepped within the batch, whatever the thread split."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(shape, generator=gen)
+    x_adv = (x + 0.05 * torch.randn(shape, generator=gen)).clamp(0, 1)
+    grad = torch.randn(shape, generator=gen)
+    eps = torch.linspace(0.2, 2.0, shape[0]) if per_sample else 0.5
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = pgd_step(x_adv, x, grad, alpha=0.3, eps=eps, norm="l2")
+    finally:
+        torch.set_num_threads(previous)
+    for k in range(shape[0]):
+        eps_k = eps[k:k + 1] if per_sample else eps
+        alone = pgd_step(x_adv[k:k + 1], x[k:k + 1], grad[k:k + 1], alpha=0.3, eps=eps_k, norm="l2")
+        assert torch.equal(out[k:k + 1], alone), f"sample {k}"
