@@ -1,5 +1,6 @@
-# Two entry points for a fresh machine: `make test` and `make demo`. Each creates .venv,
-# installs the pinned requirements and builds fastabsld._C (C++ always, CUDA when nvcc exists).
+# Entry points for a fresh machine: `make test` and `make demo` create .venv, install the pinned
+# requirements and build fastabsld._C (C++ always, CUDA when nvcc exists). On a machine with an NVIDIA
+# GPU, `make gpu-check` does the same in timed phases after checking the driver, toolkit and Python.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -14,9 +15,10 @@ SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.
 CUDA_HOME ?= $(shell for d in /usr/local/cuda /usr/local/cuda-*; do [ -x $$d/bin/nvcc ] && echo $$d && break; done)
 export CUDA_HOME
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
-export MAX_JOBS ?= 2
+# One compile job per core (ninja's parallelism in the extension build).
+export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: test demo build bench gpu-check clean
+.PHONY: install build test demo bench gpu-check clean
 
 $(INSTALLED): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +34,8 @@ $(BUILT): $(INSTALLED) $(SOURCES)
 	$(PY) -c "import fastabsld, torch; assert fastabsld.HAS_EXTENSION, 'fastabsld._C did not build'; print('fastabsld._C loaded:', torch.ops.fastabsld)"
 	touch $@
 
+install: $(INSTALLED)
+
 build: $(BUILT)
 
 test: $(BUILT)
@@ -43,9 +47,10 @@ bench: $(BUILT)
 demo: $(BUILT)
 	$(PY) -m fastabsld demo
 
-# On a machine with an NVIDIA GPU: builds, runs the CUDA tests and the GPU report, writes gpu-check.json.
-gpu-check: $(BUILT)
-	$(PY) -m benchmarks.gpu_check --json gpu-check.json
+# On a machine with an NVIDIA GPU: preflight, install, build, the GPU tests and the GPU report, each
+# phase with a time limit (benchmarks/gpu_check.py); prints a summary and writes gpu-check.json.
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check --venv $(VENV) --json gpu-check.json
 
 clean:
 	rm -rf build $(BUILT) fastabsld/_C*.so
