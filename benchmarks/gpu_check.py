@@ -43,6 +43,7 @@ collect the suite as on a 1-GPU H100 and predict every test's skip without runni
 import argparse
 import ast
 import functools
+import importlib.util
 import inspect
 import json
 import os
@@ -74,9 +75,9 @@ MIN_FREE_GPU_GIB = 16.0
 # The venv with torch and its CUDA 13 libraries, plus the build.
 MIN_FREE_DISK_GIB = 12.0
 
-# Every test that skips on a GPU machine, with the reason it gives and why that is right there:
-# (node id pattern with * for any text, a fragment of the skip reason, why). The suite simulates a GPU run and fails when
-# a skip appears that is not here or an entry here no longer skips anything.
+# Every test that skips on a GPU machine, with the reason it gives and why that is right there: (node id
+# pattern with * for any text, a fragment of the skip reason, why). The suite simulates a GPU run and
+# fails when a skip appears that is not here or an entry here no longer skips anything.
 EXPECTED_SKIPS = (
     ("tests/cuda/test_nccl.py::test_two_gpus_over_nccl_with_sync_batchnorm", "needs 2 GPUs",
      "the 2-process nccl run needs a second GPU; it runs on a 2-GPU machine"),
@@ -200,7 +201,7 @@ def preflight_problems(facts, torch_cuda=PINNED_TORCH_CUDA):
     Args:
         facts: ``{"python": (major, minor, micro), "required_python": required_python's pair, "gpus": list of
             query_gpus dicts or None, "gpu_error": str, "nvcc": path or None, "nvcc_release": "13.0" or None,
-            "free_disk_gib": float}``.
+            "free_disk_gib": float, "venv_module": bool}``.
         torch_cuda: the CUDA build of the torch that will be installed.
 
     Returns:
@@ -213,6 +214,9 @@ def preflight_problems(facts, torch_cuda=PINNED_TORCH_CUDA):
         accepted = f">={low[0]}.{low[1]}" + (f",<{high[0]}.{high[1]}" if high else "")
         problems.append(f"python: {'.'.join(map(str, facts['python'][:3]))} is not the {accepted} that pyproject.toml "
                         f"requires; run `make gpu-check PYTHON=python{low[0]}.{low[1]}` (or a newer accepted one)")
+    elif not facts.get("venv_module", True):
+        problems.append(f"python: {sys.executable} cannot create a virtual environment (no ensurepip; on Debian "
+                        f"and Ubuntu install python{python[0]}.{python[1]}-venv)")
     gpus = facts["gpus"]
     if not gpus:
         problems.append(f"driver: no NVIDIA GPU or driver ({facts.get('gpu_error') or 'nvidia-smi lists none'}); "
@@ -251,7 +255,8 @@ def machine_facts():
     nvcc = find_nvcc()
     return {"python": tuple(sys.version_info[:3]), "required_python": required_python(), "gpus": gpus,
             "gpu_error": error, "nvcc": nvcc, "nvcc_release": nvcc_release(nvcc) if nvcc else None,
-            "free_disk_gib": shutil.disk_usage(ROOT).free / 2 ** 30, "cores": os.cpu_count()}
+            "free_disk_gib": shutil.disk_usage(ROOT).free / 2 ** 30, "cores": os.cpu_count(),
+            "venv_module": importlib.util.find_spec("ensurepip") is not None}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -715,8 +720,9 @@ def summary_lines(result):
     lines = []
     env = result.get("environment")
     if env:
-        lines.append(f"gpu-check on {env.get('device', '?')} (sm_{str(env.get('capability', '?')).replace('.', '')}, "
-                     f"{env.get('sms', '?')} SMs, {env.get('gpus')} GPU(s)); torch {env['torch']} (CUDA {env['cuda']}), "
+        capability = str(env.get("capability", "?")).replace(".", "")
+        lines.append(f"gpu-check on {env.get('device', '?')} (sm_{capability}, {env.get('sms', '?')} SMs, "
+                     f"{env.get('gpus')} GPU(s)); torch {env['torch']} (CUDA {env['cuda']}), "
                      f"triton {env.get('triton_version')}")
     for phase in result["phases"]:
         lines.append(f"{phase['name']:<13} {phase['status']:<8} {phase['seconds']:>6.0f} s of {phase['budget']:>4} s"
@@ -742,102 +748,110 @@ def summary_lines(result):
     return lines
 
 
-def _phase(name, limit, status, seconds, reasons=()):
-    return {"name": name, "status": status, "seconds": seconds, "budget": limit, "reasons": list(reasons)}
+def _phase(name, status, seconds, reasons=()):
+    return {"name": name, "status": status, "seconds": seconds, "budget": dict(PHASES)[name], "reasons": list(reasons)}
 
 
-def _command_phase(name, limit, command, env, logs):
-    """A phase that is one command: PASS when it exits 0, else its output's last lines as the reasons."""
-    done = run_phase(command, limit, env=env, log=logs / f"{name}.log")
+def _last_lines(output, count=3):
+    return [line for line in output.strip().splitlines() if line.strip()][-count:]
+
+
+def _command_phase(name, command, env, logs):
+    """A phase that is one command: PASS when it exits 0, else the end of its output as the reasons."""
+    limit, log = dict(PHASES)[name], logs / f"{name}.log"
+    done = run_phase(command, limit, env=env, log=log)
     if done["timed_out"]:
-        return _phase(name, limit, "TIMEOUT", done["seconds"], [f"ran out of its {limit} s (log: {logs}/{name}.log)"]), done
+        return _phase(name, "TIMEOUT", done["seconds"], [f"ran out of its {limit} s (log: {log})"])
     if done["returncode"] != 0:
-        tail = [line for line in done["output"].strip().splitlines() if line.strip()][-3:]
-        return _phase(name, limit, "FAIL", done["seconds"], [f"exit {done['returncode']} (log: {logs}/{name}.log)"]
-                      + tail), done
-    return _phase(name, limit, "PASS", done["seconds"]), done
+        return _phase(name, "FAIL", done["seconds"],
+                      [f"exit {done['returncode']} (log: {log})"] + _last_lines(done["output"]))
+    return _phase(name, "PASS", done["seconds"])
+
+
+def _preflight_phase(result):
+    began = time.perf_counter()
+    facts = machine_facts()
+    problems = preflight_problems(facts)
+    result["preflight"] = dict(facts, problems=problems)
+    return _phase("preflight", "FAIL" if problems else "PASS", time.perf_counter() - began, problems)
+
+
+def _environment_phase(result, python, env):
+    done = run_phase([python, "-m", "benchmarks.gpu_check", "--environment"], dict(PHASES)["environment"], env=env)
+    if done["returncode"] != 0:
+        return _phase("environment", "TIMEOUT" if done["timed_out"] else "FAIL", done["seconds"],
+                      _last_lines(done["output"]))
+    result["environment"] = json.loads(done["output"].strip().splitlines()[-1])
+    driver = (result["preflight"]["gpus"] or [{}])[0].get("driver")
+    problems = environment_problems(result["environment"], driver)
+    return _phase("environment", "FAIL" if problems else "PASS", done["seconds"], problems)
+
+
+def _tests_phase(result, python, env, logs):
+    limit, path = dict(PHASES)["tests"], logs / "tests.json"
+    path.unlink(missing_ok=True)
+    # pytest starts no test after the deadline, so the results so far are written; the process limit
+    # beyond it only catches a test that hangs.
+    command = [python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "benchmarks.gpu_check",
+               "--gpu-only", f"--gpu-results={path}", f"--gpu-deadline={time.time() + limit - 5}", "tests"]
+    done = run_phase(command, limit + 30, env=env, log=logs / "tests.log")
+    if not path.exists():
+        return _phase("tests", "TIMEOUT" if done["timed_out"] else "FAIL", done["seconds"],
+                      [f"pytest wrote no results (log: {logs / 'tests.log'})"] + _last_lines(done["output"]))
+    outcomes = json.loads(path.read_text())
+    result["tests"] = tests = judge_tests(outcomes)
+    reasons = [f"ran out of its {limit} s after {len(outcomes['tests'])} of {tests['collected']} tests"
+               ] if tests["out_of_time"] else []
+    if tests["problems"]:
+        reasons.append(f"{len(tests['problems'])} tests failed, errored or skipped unexpectedly")
+    status = "TIMEOUT" if tests["out_of_time"] else ("FAIL" if tests["problems"] else "PASS")
+    return _phase("tests", status, done["seconds"], reasons)
+
+
+def _report_phase(result, name, python, env, logs, iters):
+    path = logs / f"{name}.json"
+    path.unlink(missing_ok=True)
+    half = "--skip-train" if name == "report-ops" else "--skip-ops"
+    phase = _command_phase(name, [python, "-m", "benchmarks.gpu_report", half, "--iters", str(iters),
+                                  "--json", str(path)], env, logs)
+    if path.exists():
+        result["report"] = (result["report"] or []) + json.loads(path.read_text())["rows"]
+    return phase
 
 
 def check(args):
-    """Runs the phases in order.
+    """Runs the phases in order (see the module docstring).
 
     Args:
-        args: the parsed command line.
+        args: the parsed command line (``venv``, ``iters``, ``skip_report``, ``keep_going``, ``json``).
 
     Returns:
         dict: the result (see :func:`summary_lines`).
     """
     began = time.perf_counter()
-    limits = dict(PHASES)
     logs = ROOT / "build" / "gpu-check"
     logs.mkdir(parents=True, exist_ok=True)
-    venv_python = str((ROOT / args.venv / "bin" / "python").resolve())
+    python = str((ROOT / args.venv / "bin" / "python").resolve())
     make = ["make", "--no-print-directory", f"PYTHON={sys.executable}", f"VENV={args.venv}"]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = {"phases": [], "environment": None, "tests": None, "report": None, "json": args.json}
-
-    def stop(phase):
-        result["phases"].append(phase)
-        return phase["status"] != "PASS" and phase["name"] in STOPPING_PHASES and not args.keep_going
-
-    started = time.perf_counter()
-    facts = machine_facts()
-    problems = preflight_problems(facts)
-    result["preflight"] = dict(facts, problems=problems)
-    stopped = stop(_phase("preflight", limits["preflight"], "FAIL" if problems else "PASS",
-                          time.perf_counter() - started, problems))
-    steps = [("install", make + ["install"]), ("build", make + ["build"])]
-    for name, command in steps:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real compiler on a GPU
+    result = {"phases": [], "preflight": None, "environment": None, "tests": None, "report": None, "json": args.json}
+    runs = {"preflight": lambda: _preflight_phase(result),
+            "install": lambda: _command_phase("install", make + ["install"], env, logs),
+            "build": lambda: _command_phase("build", make + ["build"], env, logs),
+            "environment": lambda: _environment_phase(result, python, env),
+            "tests": lambda: _tests_phase(result, python, env, logs),
+            "report-ops": lambda: _report_phase(result, "report-ops", python, env, logs, args.iters),
+            "report-train": lambda: _report_phase(result, "report-train", python, env, logs, args.iters)}
+    stopped = False
+    for name, _ in PHASES:
         if stopped:
-            break
-        phase, _ = _command_phase(name, limits[name], command, env, logs)
-        stopped = stop(phase)
-    if not stopped:
-        done = run_phase([venv_python, "-m", "benchmarks.gpu_check", "--environment"], limits["environment"], env=env)
-        if done["returncode"] == 0:
-            result["environment"] = json.loads(done["output"].strip().splitlines()[-1])
-            driver = (facts["gpus"] or [{}])[0].get("driver")
-            problems = environment_problems(result["environment"], driver)
-            phase = _phase("environment", limits["environment"], "FAIL" if problems else "PASS", done["seconds"],
-                           problems)
+            phase = _phase(name, "NOT RUN", 0.0)
+        elif args.skip_report and name.startswith("report"):
+            phase = _phase(name, "SKIPPED", 0.0)
         else:
-            phase = _phase("environment", limits["environment"], "TIMEOUT" if done["timed_out"] else "FAIL",
-                           done["seconds"], done["output"].strip().splitlines()[-3:])
-        stopped = stop(phase)
-    if not stopped:
-        result_path = logs / "tests.json"
-        result_path.unlink(missing_ok=True)
-        limit = limits["tests"]
-        command = [venv_python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "benchmarks.gpu_check",
-                   "--gpu-only", f"--gpu-results={result_path}", f"--gpu-deadline={time.time() + limit - 5}", "tests"]
-        done = run_phase(command, limit + 30, env=env, log=logs / "tests.log")
-        if result_path.exists():
-            result["tests"] = tests = judge_tests(json.loads(result_path.read_text()))
-            reasons = [f"ran out of its {limit} s after {len(json.loads(result_path.read_text())['tests'])} of "
-                       f"{tests['collected']} tests"] if tests["out_of_time"] else []
-            reasons += [f"{len(tests['problems'])} failed, errored or skipped unexpectedly"] if tests["problems"] else []
-            status = "TIMEOUT" if tests["out_of_time"] else ("FAIL" if tests["problems"] else "PASS")
-            result["phases"].append(_phase("tests", limit, status, done["seconds"], reasons))
-        else:
-            tail = done["output"].strip().splitlines()[-3:]
-            result["phases"].append(_phase("tests", limit, "TIMEOUT" if done["timed_out"] else "FAIL", done["seconds"],
-                                           [f"pytest wrote no results (log: {logs}/tests.log)"] + tail))
-    for name, flag in (("report-ops", "--skip-train"), ("report-train", "--skip-ops")):
-        if stopped or args.skip_report:
-            result["phases"].append(_phase(name, limits[name], "SKIPPED" if args.skip_report and not stopped
-                                           else "NOT RUN", 0.0))
-            continue
-        report_json = logs / f"{name}.json"
-        report_json.unlink(missing_ok=True)
-        phase, _ = _command_phase(name, limits[name], [venv_python, "-m", "benchmarks.gpu_report", flag, "--iters",
-                                                       str(args.iters), "--json", str(report_json)], env, logs)
-        if report_json.exists():
-            result["report"] = (result["report"] or []) + json.loads(report_json.read_text())["rows"]
+            phase = runs[name]()
+            stopped = phase["status"] != "PASS" and name in STOPPING_PHASES and not args.keep_going
         result["phases"].append(phase)
-    names = [p["name"] for p in result["phases"]]
-    result["phases"] += [_phase(name, limit, "NOT RUN", 0.0) for name, limit in PHASES if name not in names]
-    order = [name for name, _ in PHASES]
-    result["phases"].sort(key=lambda p: order.index(p["name"]))
     result["seconds"] = time.perf_counter() - began
     return result
 

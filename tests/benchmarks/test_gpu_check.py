@@ -66,11 +66,12 @@ def test_simulated_gpu_run_leaves_no_skip_undecided(predictions):
     undecided = sorted({reason for entry in predictions["gpu"].values() if entry["gpu"]
                         for reason in entry["undecided"]
                         if not any(fragment in reason for fragment, _ in gpu_check.ENVIRONMENT_SKIPS)})
-    assert not undecided, f"run-time skips of GPU tests that neither the prediction nor the environment decide: {undecided}"
+    assert not undecided, f"run-time skips of GPU tests that the prediction and the environment leave open: {undecided}"
 
 
 def test_every_test_that_needs_a_gpu_is_run_by_the_check(predictions):
-    """A test that skips here but runs on a GPU is selected; the CPU-only bulk and the ahead-of-time compiles are not."""
+    """A test that skips here but runs on a GPU is selected; the CPU-only bulk and the ahead-of-time compiles
+    are not."""
     cpu, gpu = predictions["cpu"], predictions["gpu"]
     missed = sorted(nodeid for nodeid, entry in gpu.items() if cpu[nodeid]["skip"] and not entry["skip"]
                     and not entry["gpu"])
@@ -209,7 +210,8 @@ def test_judged_outcomes_name_what_fails_the_check():
             "seconds": 0.0},
         "tests/ops/test_x.py::test_setup": {"outcome": "error", "message": "RuntimeError: boom", "seconds": 0.0}}}
     tests = gpu_check.judge_tests(results)
-    assert (tests["passed"], tests["failed"], tests["errors"], tests["skipped"], tests["expected_skips"]) == (1, 1, 1, 4, 2)
+    counts = (tests["passed"], tests["failed"], tests["errors"], tests["skipped"], tests["expected_skips"])
+    assert counts == (1, 1, 1, 4, 2)
     assert [(p["test"], p["kind"]) for p in tests["problems"]] == [
         ("tests/cuda/test_a.py::test_bad", "failed"),
         ("tests/ops/test_kd_loss.py::test_bad_values_raise[tau_nan-triton]", "unexpected skip"),
@@ -217,7 +219,8 @@ def test_judged_outcomes_name_what_fails_the_check():
         ("tests/ops/test_x.py::test_setup", "error")]
 
 
-GOOD_MACHINE = {"python": (3, 11, 7), "required_python": ((3, 11), (3, 15)), "nvcc": "/usr/local/cuda/bin/nvcc",
+GOOD_MACHINE = {"python": (3, 11, 7), "required_python": ((3, 11), (3, 15)), "venv_module": True,
+                "nvcc": "/usr/local/cuda/bin/nvcc",
                 "nvcc_release": "13.0", "free_disk_gib": 200.0, "gpu_error": "",
                 "gpus": [{"name": "NVIDIA H100 80GB HBM3", "driver": "580.82.07", "free_mib": 80000.0,
                           "total_mib": 81559.0}]}
@@ -227,6 +230,7 @@ GOOD_MACHINE = {"python": (3, 11, 7), "required_python": ((3, 11), (3, 15)), "nv
     ({}, None),
     ({"python": (3, 10, 12)}, "python: 3.10.12 is not the >=3.11,<3.15"),
     ({"python": (3, 15, 0)}, "python: 3.15.0 is not the >=3.11,<3.15"),
+    ({"venv_module": False}, "python: "),
     ({"gpus": None, "gpu_error": "nvidia-smi not found"}, "driver: no NVIDIA GPU or driver (nvidia-smi not found)"),
     ({"gpus": [dict(GOOD_MACHINE["gpus"][0], driver="570.133.20")]}, "driver: 570.133.20 is too old for torch's "
                                                                       "CUDA 13.0 build (needs R580 or newer)"),
@@ -298,7 +302,8 @@ ENV = {"device": "NVIDIA H100", "capability": "9.0", "sms": 132, "gpus": 1, "tor
 
 def test_summary_names_the_phase_that_ran_out_of_time():
     phases = [dict(p) for p in PHASES_OK]
-    phases[4] = dict(phases[4], status="TIMEOUT", seconds=125.0, reasons=["ran out of its 120 s after 300 of 560 tests"])
+    phases[4] = dict(phases[4], status="TIMEOUT", seconds=125.0,
+                     reasons=["ran out of its 120 s after 300 of 560 tests"])
     tests = {"passed": 299, "failed": 1, "errors": 0, "skipped": 0, "expected_skips": 0, "out_of_time": True,
              "collected": 560, "problems": [{"test": "tests/cuda/t.py::test_x", "kind": "failed", "message": "boom"}]}
     lines = gpu_check.summary_lines({"phases": phases, "environment": ENV, "tests": tests, "report": None,
