@@ -55,7 +55,8 @@ def kl_loss(teacher_probs):
 
     Args:
         teacher_probs: (B, C) soft labels of the teacher: floating point, entries in [0, 1], rows
-            summing to 1 (to within C units in the last place of their dtype). Checked on CPU
+            summing to 1 (to within C units in the last place of fp32, or of their dtype where
+            it is coarser). Checked on CPU
             tensors (ValueError: logits passed for probabilities would make the loss NaN and the
             attack stand still); on a GPU that check would be a host sync, so it is not made.
 
@@ -89,11 +90,12 @@ def _check_probabilities(probs):
             f"teacher_probs must hold probabilities in [0, 1] (softmax of the teacher's logits, not the logits), "
             f"got values in [{values.min().item():.4g}, {values.max().item():.4g}]")
     sums = values.sum(dim=1, dtype=torch.float64)
-    tolerance = values.shape[1] * torch.finfo(values.dtype).eps
+    # fp64 soft labels are usually an fp32 softmax widened: fp32's rounding is the finest expected.
+    tolerance = values.shape[1] * max(torch.finfo(values.dtype).eps, torch.finfo(torch.float32).eps)
     worst = (sums - 1).abs().max().item()
     if not worst <= tolerance:
         raise ValueError(f"teacher_probs rows must sum to 1, got a row summing to 1 {'+' if sums[(sums - 1).abs().argmax()] > 1 else '-'} "
-                         f"{worst:.3g} (tolerance {tolerance:.2g} for {values.shape[1]} {values.dtype} entries)")
+                         f"{worst:.3g} (tolerance {tolerance:.2g} for {values.shape[1]} {values.dtype} entries; renormalise them)")
 
 
 def cw_loss(labels, confidence=50.0):

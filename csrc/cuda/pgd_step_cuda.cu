@@ -49,7 +49,10 @@ constexpr int kThreads = 256;           // block of the element, partial and app
 constexpr int kPacksPerThread = 4;      // packs per thread in one chunk of a sample
 constexpr int kFusedMaxThreads = 512;   // largest block of l2_fused_kernel
 constexpr int kFusedPacks = 4;          // packs per thread that l2_fused_kernel holds
-constexpr int kCooperativeMinBlocks = 2;  // resident blocks per SM of l2_cooperative_kernel
+// Resident blocks per SM that l2_cooperative_kernel's launch bounds ask for: 3 (at most 85
+// registers), 2 for fp64, whose scaled sums need more registers than that.
+constexpr int kCooperativeMinBlocks = 3;
+constexpr int kCooperativeMinBlocksFp64 = 2;
 constexpr int kFinalizeWarps = 8;       // samples per block of the finalize kernels
 constexpr int kPackBytes = 16;
 constexpr int64_t kMaxGridY = 65535;
@@ -372,7 +375,7 @@ __global__ void __launch_bounds__(kFusedMaxThreads)
 // slots holds [batch][2][chunks] partial sums, arrived [batch][2] zeroed counters. Needs every
 // block resident (a cooperative launch) and chunks <= gridDim.x.
 template <typename T, int W, int U>
-__global__ void __launch_bounds__(kThreads, kCooperativeMinBlocks)
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 8 ? kCooperativeMinBlocksFp64 : kCooperativeMinBlocks)
     l2_cooperative_kernel(const T* __restrict__ xa, const T* __restrict__ x0,
                           const T* __restrict__ g, T* __restrict__ out,
                           Radii<at::opmath_type<T>> radii, Box<at::opmath_type<T>> box,
