@@ -1,5 +1,9 @@
 """fastabsld.ops.pgd_step (torch.ops.fastabsld.pgd_step) against fastabsld.reference.pgd_step."""
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -292,3 +296,42 @@ def test_a_zero_dim_cpu_radius_is_a_number(device, norm, monkeypatch):
     for bad in (-0.1, float("nan")):
         with pytest.raises(ValueError, match="alpha must be a non-negative number"):
             pgd_step(x_adv, x, grad, alpha=torch.tensor(bad), eps=0.2, norm=norm)
+
+
+def test_the_fallback_raises_for_a_derivative_too():
+    """Without the extension the op's Python autograd kernel behaves as the C++ one."""
+    script = textwrap.dedent(
+        """
+        import sys, importlib.abc, warnings
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "fastabsld._C":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        warnings.simplefilter("ignore")
+        import torch, fastabsld
+        from fastabsld.ops import pgd_step
+        assert not fastabsld.HAS_EXTENSION
+        x = torch.rand(2, 5)
+        g = torch.randn(2, 5)
+        for norm in ("linf", "l2"):
+            xa = x.clone().requires_grad_(True)
+            out = pgd_step(xa, x, g, alpha=0.1, eps=0.05, norm=norm)
+            try:
+                (out + xa).sum().backward()
+                raise SystemExit("backward gave " + repr(xa.grad))
+            except RuntimeError as error:
+                assert "pgd_step has no derivative" in str(error), error
+            with torch.autograd.forward_ad.dual_level():
+                try:
+                    pgd_step(torch.autograd.forward_ad.make_dual(x, g), x, g, alpha=0.1, eps=0.05, norm=norm)
+                    raise SystemExit("forward mode gave a tangent")
+                except NotImplementedError as error:
+                    assert "forward mode" in str(error), error
+            assert pgd_step(x, x, g, alpha=0.1, eps=0.05, norm=norm).grad_fn is None
+        print("fallback ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "fallback ok" in result.stdout
