@@ -13,8 +13,8 @@ Bandwidth is reported two ways per row:
   plus the per-row label, temperature, loss and grad_output (``benchmarks.gpu_model.kd_kl_div``);
   for the PGD step one read of x_adv, x and grad and one write, for both norms.
 - ``kernel GB/s`` (fastabsld rows): the bytes fastabsld's own launches move according to
-  ``benchmarks.gpu_model`` (the split KD form reads its inputs twice; the multi-launch L2 step for
-  large samples moves 8 element passes) over the time: how close the kernels come to the DRAM peak.
+  ``benchmarks.gpu_model`` (the split KD form reads its inputs twice; the PGD step moves the
+  minimum plus its per-sample partial sums) over the time: how close the kernels come to the DRAM peak.
 
 The shapes and dtypes are those of ``benchmarks.gpu_model``: the KD benchmark's (B, C) plus
 (64, 262144) and (4096, 32000) in fp32 and bf16; PGD (128|512, 3, 32, 32) and (512, 3, 224, 224).

@@ -13,6 +13,7 @@ its steps then call the op directly.
 
 import contextlib
 import contextvars
+import math
 import numbers
 
 import torch
@@ -53,13 +54,18 @@ def kl_loss(teacher_probs):
     class ruled out (logit -inf).
 
     Args:
-        teacher_probs: (B, C) soft labels of the teacher (rows sum to 1).
+        teacher_probs: (B, C) soft labels of the teacher: floating point, entries in [0, 1], rows
+            summing to 1 (to within C units in the last place of fp32, or of their dtype where
+            it is coarser). Checked on CPU
+            tensors (ValueError: logits passed for probabilities would make the loss NaN and the
+            attack stand still); on a GPU that check would be a host sync, so it is not made.
 
     Returns:
         callable: ``loss_fn(logits) -> scalar`` to maximise.
     """
     if teacher_probs.dim() != 2:
         raise ValueError(f"teacher_probs must have shape (B, C), got {tuple(teacher_probs.shape)}")
+    _check_probabilities(teacher_probs)
     teacher_logits = torch.log(teacher_probs.detach())
 
     def loss_fn(logits):
@@ -70,6 +76,26 @@ def kl_loss(teacher_probs):
         return kd_kl_div(logits, teacher_logits, reduction="sum")
 
     return loss_fn
+
+
+def _check_probabilities(probs):
+    """Raises ValueError unless the CPU tensor ``probs`` (B, C) holds probability rows (see :func:`kl_loss`)."""
+    if not probs.dtype.is_floating_point:
+        raise ValueError(f"teacher_probs must be floating point probabilities, got {probs.dtype}")
+    if probs.device.type != "cpu" or probs.numel() == 0:
+        return
+    values = probs.detach()
+    if not bool(((values >= 0) & (values <= 1)).all()):
+        raise ValueError(
+            f"teacher_probs must hold probabilities in [0, 1] (softmax of the teacher's logits, not the logits), "
+            f"got values in [{values.min().item():.4g}, {values.max().item():.4g}]")
+    sums = values.sum(dim=1, dtype=torch.float64)
+    # fp64 soft labels are usually an fp32 softmax widened: fp32's rounding is the finest expected.
+    tolerance = values.shape[1] * max(torch.finfo(values.dtype).eps, torch.finfo(torch.float32).eps)
+    worst = (sums - 1).abs().max().item()
+    if not worst <= tolerance:
+        raise ValueError(f"teacher_probs rows must sum to 1, got a row summing to 1 {'+' if sums[(sums - 1).abs().argmax()] > 1 else '-'} "
+                         f"{worst:.3g} (tolerance {tolerance:.2g} for {values.shape[1]} {values.dtype} entries; renormalise them)")
 
 
 def cw_loss(labels, confidence=50.0):
@@ -155,7 +181,7 @@ def _start(x, eps, norm, random_start, clamp, generator):
     else:
         # torchattacks' PGDL2 start: a normal direction scaled to a U(0, 1) fraction of eps.
         direction = _noise("normal", x, generator)
-        norms = direction.reshape(x.shape[0], -1).norm(dim=1).reshape((-1,) + (1,) * (x.dim() - 1))
+        norms = direction.reshape(x.shape[0], math.prod(x.shape[1:])).norm(dim=1).reshape((-1,) + (1,) * (x.dim() - 1))
         fraction = _noise("uniform", norms, generator).abs()
         start = x + direction * (fraction / norms) * radius
     return start.clamp(clamp[0], clamp[1])
@@ -194,7 +220,8 @@ def pgd(model, x, loss_fn, *, eps, alpha, steps, norm="linf", random_start="unif
 
     Args:
         model: callable mapping inputs (B, ...) to logits.
-        x: clean inputs (B, ...), floating point, inside ``clamp``.
+        x: clean inputs (B, ...), floating point, inside ``clamp`` (checked on CPU tensors; on a GPU
+            that would be a host sync, so it is not); B may be 0.
         loss_fn: ``loss_fn(logits) -> scalar`` to maximise (see ``ce_loss``, ``kl_loss``,
             ``cw_loss``).
         eps: radius: a non-negative number or a (B,) tensor.
@@ -210,6 +237,10 @@ def pgd(model, x, loss_fn, *, eps, alpha, steps, norm="linf", random_start="unif
 
     Returns:
         Tensor: the adversarial inputs, detached, shaped like ``x``.
+
+    Raises:
+        ValueError: a bad argument, integer ``x``, or (CPU tensors) ``x`` outside ``clamp``.
+        RuntimeError: called inside ``torch.inference_mode()``, where no gradient can be taken.
     """
     check_choice(random_start, "random_start", RANDOM_STARTS)
     step = _check_attack(x, eps, alpha, steps, norm, clamp)  # also when steps = 0: the start uses eps and clamp
@@ -255,7 +286,18 @@ def _check_attack(x, eps, alpha, steps, norm, clamp):
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
         raise ValueError(f"x must be a batch tensor (B, ...), got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x must be floating point (images scaled to the clamp range, e.g. x.float() / 255 "
+                         f"for [0, 1]), got {x.dtype}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("an attack needs the gradient of its loss and cannot run inside torch.inference_mode(); "
+                           "run it outside (under torch.no_grad() if you like: the attack enables gradients itself)")
     alpha_t, alpha_f, eps_t, eps_f, lo, hi = check_step_arguments(alpha, eps, clamp, x.shape[0])
+    if x.device.type == "cpu" and x.numel() and not bool(((x >= lo) & (x <= hi)).all()):
+        raise ValueError(
+            f"x must lie inside clamp=({lo:g}, {hi:g}), got values in [{x.min().item():.4g}, {x.max().item():.4g}]: "
+            "the step clamps to that range, which would move such inputs far outside the eps-ball; pass the "
+            "range the inputs live in as clamp (e.g. clamp=(-inf, inf) for no clamping)")
     # The step's kernel checks per-sample values, but a 0-step attack (or the random start, which
     # uses eps before any step) never reaches it: check CPU tensors here. On CUDA that would be a
     # host sync per attack, so the kernel's check is the one that applies there.

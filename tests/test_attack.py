@@ -224,3 +224,79 @@ def test_pgd_rejects_bad_arguments(kwargs, match):
     args = {"eps": 8 / 255, "alpha": 2 / 255, "steps": 1, **kwargs}
     with pytest.raises(ValueError, match=match):
         attack.pgd(MODEL, x, attack.ce_loss(y), **args)
+
+
+# ---- inputs an attack cannot work on: clear errors, and the empty batch ---------------------
+
+
+@pytest.mark.parametrize("attack_fn", ["pgd", "pgd_loop", "fgsm"])
+def test_inputs_outside_the_clamp_range_are_an_error(attack_fn):
+    """Normalised images with the default [0, 1] clamp: the step's clamp would put the result far
+    outside the eps-ball (1.95 away at eps 0.03), so the attack refuses them."""
+    x, y = batch()
+    x = (x - 0.5) / 0.25  # a usual normalisation: values in [-2, 2]
+    kwargs = {"eps": 0.03}
+    if attack_fn != "fgsm":
+        kwargs.update(alpha=0.01, steps=2)
+    args = (MODEL, x, x.clone()) if attack_fn == "pgd_loop" else (MODEL, x)
+    with pytest.raises(ValueError, match=r"x must lie inside clamp=\(0, 1\), got values in \[-2"):
+        getattr(attack, attack_fn)(*args, attack.ce_loss(y), **kwargs)
+
+
+def test_inputs_in_another_range_attack_with_that_range_as_clamp():
+    x, y = batch()
+    x = (x - 0.5) / 0.25
+    out = attack.pgd(MODEL, x, attack.ce_loss(y), eps=0.03, alpha=0.01, steps=3, clamp=(-2.0, 2.0))
+    assert float((out - x).abs().max()) <= 0.03 + 1e-6
+    unclamped = attack.pgd(MODEL, x, attack.ce_loss(y), eps=0.03, alpha=0.01, steps=3,
+                           clamp=(-float("inf"), float("inf")))
+    assert float((unclamped - x).abs().max()) <= 0.03 + 1e-6
+
+
+@pytest.mark.parametrize("targets", ["logits", "log_probs", "unnormalised", "bf16_logits"])
+def test_kl_loss_rejects_targets_that_are_not_probabilities(targets):
+    """Logits as targets made the loss NaN and the attack silently return its start."""
+    logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(3))
+    value = {"logits": logits, "log_probs": logits.log_softmax(1), "unnormalised": logits.softmax(1) * 0.9,
+             "bf16_logits": logits.bfloat16()}[targets]
+    with pytest.raises(ValueError, match="teacher_probs"):
+        attack.kl_loss(value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("classes", [2, 10, 100, 1000])
+def test_kl_loss_accepts_softmax_rows_of_every_dtype(dtype, classes):
+    """The sum-to-1 tolerance (C units in the last place) admits every softmax the dtype rounds."""
+    gen = torch.Generator().manual_seed(classes)
+    probs = (4 * torch.randn(16, classes, generator=gen)).softmax(1).to(dtype)
+    attack.kl_loss(probs)
+    attack.kl_loss((4 * torch.randn(16, classes, generator=gen)).to(dtype).softmax(1))
+    attack.kl_loss(F.one_hot(torch.arange(16) % classes, classes).to(dtype))
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("start", attack.RANDOM_STARTS)
+def test_an_empty_batch_gives_an_empty_result(norm, start):
+    x, y = batch(size=0)
+    out = attack.pgd(MODEL, x, attack.ce_loss(y), eps=0.5, alpha=0.1, steps=2, norm=norm, random_start=start)
+    assert out.shape == x.shape and out.dtype == x.dtype
+
+
+@pytest.mark.parametrize("attack_fn", ["pgd", "pgd_loop", "fgsm"])
+def test_inference_mode_is_an_error(attack_fn):
+    x, y = batch()
+    kwargs = {"eps": 0.03}
+    if attack_fn != "fgsm":
+        kwargs.update(alpha=0.01, steps=2)
+    args = (MODEL, x, x.clone()) if attack_fn == "pgd_loop" else (MODEL, x)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inside torch.inference_mode"):
+        getattr(attack, attack_fn)(*args, attack.ce_loss(y), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool], ids=str)
+@pytest.mark.parametrize("start", attack.RANDOM_STARTS)
+def test_integer_images_are_an_error(dtype, start):
+    x, y = batch()
+    images = (x * 255).to(dtype)
+    with pytest.raises(ValueError, match=f"x must be floating point .*got {dtype}"):
+        attack.pgd(MODEL, images, attack.ce_loss(y), eps=0.03, alpha=0.01, steps=2, random_start=start)

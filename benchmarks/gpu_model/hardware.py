@@ -180,3 +180,40 @@ def format_rows(rows):
         if row.get("notes"):
             lines.append(f"  {row['notes']}")
     return "\n".join(lines)
+
+
+# ---- Achievable rates, instruction issue and host cost -------------------------------------
+# Streaming kernels reach about 90% of the HBM peak (the best row-wise softmax and cross-entropy
+# kernels do, from 4k to 262k columns); a model that divides bytes by the peak flatters.
+ACHIEVABLE_DRAM_FRACTION = 0.9
+# The instruction-issue bound: each SM's four schedulers issue one warp instruction per clock,
+# at the H100 SXM's (and H200's) 1.98 GHz boost clock.
+SM_CLOCK_HZ = 1.98e9
+ISSUE_PER_SM_PER_CLOCK = 4
+# Host (CPU) time of one launch call (cudaLaunchKernel, cudaMemsetAsync): assumed, not measured.
+HOST_LAUNCH_S = 2.5e-6
+
+
+def achievable_dram_bytes_per_s(gpu=H100):
+    """DRAM bytes per second a streaming kernel reaches: ``ACHIEVABLE_DRAM_FRACTION`` of the peak.
+
+    Args:
+        gpu: the GPU.
+
+    Returns:
+        float: bytes per second.
+    """
+    return gpu.dram_bytes_per_s * ACHIEVABLE_DRAM_FRACTION
+
+
+def issue_seconds(warp_instructions, gpu=H100):
+    """Time the SMs need to issue ``warp_instructions`` (one per scheduler and clock, all SMs busy).
+
+    Args:
+        warp_instructions: warp instructions executed by a kernel.
+        gpu: the GPU.
+
+    Returns:
+        float: seconds.
+    """
+    return warp_instructions / (gpu.sms * ISSUE_PER_SM_PER_CLOCK * SM_CLOCK_HZ)

@@ -11,10 +11,20 @@
 // - L2, a sample fits in one block's registers (n <= 512 threads * 4 packs): l2_fused_kernel,
 //   one block per sample: loads x_adv, x and grad once into registers, reduces ||grad|| and then
 //   ||delta|| over the block, writes the output. DRAM traffic is the minimum, one launch.
-// - L2, larger samples, on a (chunks, samples) grid: l2_grad_partial_kernel (partial ||grad||^2
-//   per chunk), l2_step_finalize_kernel (one warp per sample sums its partials, writes the step),
-//   l2_delta_partial_kernel, l2_factor_finalize_kernel (the projection factor), l2_apply_kernel.
-//   Five launches; 8 element passes of DRAM traffic (grad; x_adv, x, grad; x_adv, x, grad, out).
+// - L2, larger samples: l2_cooperative_kernel, a persistent grid of co-resident blocks (a
+//   cooperative launch) over (sample, chunk) tiles in sample order. A block holds its chunk in
+//   registers from load to store; the blocks of one sample exchange their partial sums of
+//   squares through global memory and wait for one another (a per-sample arrival counter) twice:
+//   for ||grad||, then for ||delta||. Each block sums the sample's partials in the same order,
+//   so all of them get the same step and factor. DRAM traffic is the minimum (4 element passes)
+//   plus the partials; two launches (the counters' memset and the kernel). Waiting is safe
+//   because every tile a block waits for is held by a resident block that reaches it without
+//   waiting on a later sample, as long as a sample has no more chunks than the grid has blocks.
+// - L2, samples with more chunks than the grid can hold at once (about 1.6M fp32 elements on an
+//   H100), or where a cooperative launch is not supported: on a (chunks, samples) grid,
+//   l2_grad_partial_kernel (partial ||grad||^2 per chunk), l2_finalize_kernel (one warp per
+//   sample sums its partials, writes the step), l2_delta_partial_kernel, l2_finalize_kernel (the
+//   projection factor), l2_apply_kernel. Five launches; 8 element passes of DRAM traffic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,7 +32,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cuda/atomic>
+
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "pgd_step_common.h"
 #include "pgd_step_math.h"
@@ -34,6 +49,10 @@ constexpr int kThreads = 256;           // block of the element, partial and app
 constexpr int kPacksPerThread = 4;      // packs per thread in one chunk of a sample
 constexpr int kFusedMaxThreads = 512;   // largest block of l2_fused_kernel
 constexpr int kFusedPacks = 4;          // packs per thread that l2_fused_kernel holds
+// Resident blocks per SM that l2_cooperative_kernel's launch bounds ask for: 3 (at most 85
+// registers), 2 for fp64, whose scaled sums need more registers than that.
+constexpr int kCooperativeMinBlocks = 3;
+constexpr int kCooperativeMinBlocksFp64 = 2;
 constexpr int kFinalizeWarps = 8;       // samples per block of the finalize kernels
 constexpr int kPackBytes = 16;
 constexpr int64_t kMaxGridY = 65535;
@@ -50,6 +69,14 @@ constexpr int pack_width() {
 template <typename scalar_t, int W>
 constexpr int fused_packs() {
   return W > 1 ? kFusedPacks : (sizeof(scalar_t) == 8 ? 4 : 8);
+}
+
+// Packs per thread of l2_cooperative_kernel: as l2_fused_kernel, but 2 of the 8-element packs
+// of fp16/bf16 (their fp32 values stay live across the phases), so that 2 or more of its blocks
+// fit on an SM and every chunk holds about 4096 elements.
+template <typename scalar_t, int W>
+constexpr int cooperative_packs() {
+  return W == 8 ? 2 : fused_packs<scalar_t, W>();
 }
 
 template <typename T, int W>
@@ -149,6 +176,15 @@ __device__ __forceinline__ S block_sum(S s, S* shared) {
   return shared[32];
 }
 
+// Reads a partial sum that another block wrote: through L2, never a stale L1 line.
+__device__ __forceinline__ SumSquares<float> load_global(const SumSquares<float>* p) {
+  return {__ldcg(&p->mid)};
+}
+
+__device__ __forceinline__ SumSquares<double> load_global(const SumSquares<double>* p) {
+  return {__ldcg(&p->big), __ldcg(&p->mid), __ldcg(&p->small)};
+}
+
 // ---- L-inf ----------------------------------------------------------------------------------
 
 template <int W, typename T, typename acc_t>
@@ -203,79 +239,155 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- L2, one block per sample ---------------------------------------------------------------
+// ---- L2, a sample held in registers --------------------------------------------------------
 
+// Sums over a whole sample, given one thread's part: the block's sum (one block per sample).
+template <typename S>
+struct BlockSampleSum {
+  S* shared;  // 33 values
+
+  __device__ __forceinline__ S operator()(const S& part, int /*stage*/) const {
+    return block_sum(part, shared);
+  }
+};
+
+// Sums over a whole sample whose chunks several resident blocks hold: each block publishes its
+// sum in slot `chunk` of the stage's row, arrives at the stage's counter and waits until every
+// chunk of the sample has arrived; then warp 0 adds the row in a fixed order (the same order in
+// every block of the sample, so they all get the same sum).
+template <typename S>
+struct GridSampleSum {
+  S* shared;         // 33 values
+  S* slots;          // [stage][chunks] of this sample
+  unsigned* arrived; // [stage] of this sample
+  int64_t chunk, chunks, stage_stride;
+
+  __device__ __forceinline__ S operator()(const S& part, int stage) const {
+    const S block = block_sum(part, shared);  // every thread of the block has it
+    S* row = slots + stage * stage_stride;
+    if (threadIdx.x == 0) {
+      row[chunk] = block;
+      cuda::atomic_ref<unsigned, cuda::thread_scope_device> counter(arrived[stage]);
+      counter.fetch_add(1u, cuda::memory_order_release);
+      while (counter.load(cuda::memory_order_acquire) < static_cast<unsigned>(chunks)) __nanosleep(32);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      S sum{};
+      for (int64_t c = threadIdx.x; c < chunks; c += 32) merge_into(sum, load_global(row + c));
+      sum = warp_sum(sum);
+      if (threadIdx.x == 0) shared[32] = sum;
+    }
+    __syncthreads();
+    return shared[32];  // the next block_sum writes shared only after a barrier
+  }
+};
+
+// One L2 step on packs [first, first + U * threads) of sample b (with the sample's head and tail
+// elements when first == 0), held in registers from load to store. sum(part, stage) turns one
+// thread's sum of squares into the sample's (stage 0: grad, stage 1: delta).
+template <typename T, int W, int U, typename SampleSum>
+__device__ __forceinline__ void l2_registers(const T* __restrict__ xa, const T* __restrict__ x0,
+                                             const T* __restrict__ g, T* __restrict__ out,
+                                             const Radii<at::opmath_type<T>>& radii,
+                                             Box<at::opmath_type<T>> box, int64_t b, int64_t n,
+                                             int64_t first, int threads, const SampleSum& sum) {
+  using acc_t = at::opmath_type<T>;
+  using S = SumSquares<acc_t>;
+  const int t = threadIdx.x;
+  const SampleSpan s = sample_span<W>(b, n);
+  const int64_t body = s.base + s.head;
+  Pack<T, W> pa[U], px[U], pg[U];
+#pragma unroll
+  for (int k = 0; k < U; ++k) {
+    const int64_t p = first + t + k * threads;
+    if (p < s.packs) {
+      pa[k] = load_pack<W>(xa + body + p * W);
+      px[k] = load_pack<W>(x0 + body + p * W);
+      pg[k] = load_pack<W>(g + body + p * W);
+    }
+  }
+  const int64_t e = first == 0 ? scalar_element(s, t) : -1;
+  acc_t ea = 0, ex = 0, eg = 0;
+  if (e >= 0) {
+    ea = static_cast<acc_t>(xa[e]);
+    ex = static_cast<acc_t>(x0[e]);
+    eg = static_cast<acc_t>(g[e]);
+  }
+
+  S sq{};
+#pragma unroll
+  for (int k = 0; k < U; ++k) {
+    if (first + t + k * threads < s.packs) {
+#pragma unroll
+      for (int j = 0; j < W; ++j) add_square(sq, static_cast<acc_t>(pg[k].v[j]));
+    }
+  }
+  if (e >= 0) add_square(sq, eg);
+  const L2Step<acc_t> step = l2_step<acc_t>(norm_of(sum(sq, 0)), radii.alpha_of(b));
+
+  sq = S{};
+#pragma unroll
+  for (int k = 0; k < U; ++k) {
+    if (first + t + k * threads < s.packs) {
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        add_square(sq, l2_delta(static_cast<acc_t>(pa[k].v[j]), static_cast<acc_t>(px[k].v[j]),
+                                static_cast<acc_t>(pg[k].v[j]), step));
+      }
+    }
+  }
+  if (e >= 0) add_square(sq, l2_delta(ea, ex, eg, step));
+  const acc_t factor = l2_factor<acc_t>(norm_of(sum(sq, 1)), radii.eps_of(b));
+
+#pragma unroll
+  for (int k = 0; k < U; ++k) {
+    const int64_t p = first + t + k * threads;
+    if (p < s.packs) {
+      Pack<T, W> o;
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        o.v[j] = static_cast<T>(pgd_l2_element(static_cast<acc_t>(pa[k].v[j]),
+                                               static_cast<acc_t>(px[k].v[j]),
+                                               static_cast<acc_t>(pg[k].v[j]), step, factor,
+                                               box.lo, box.hi));
+      }
+      store_pack<W>(out + body + p * W, o);
+    }
+  }
+  if (e >= 0) out[e] = static_cast<T>(pgd_l2_element(ea, ex, eg, step, factor, box.lo, box.hi));
+}
+
+// One block per sample.
 template <typename T, int W, int U>
 __global__ void __launch_bounds__(kFusedMaxThreads)
     l2_fused_kernel(const T* __restrict__ xa, const T* __restrict__ x0, const T* __restrict__ g,
                     T* __restrict__ out, Radii<at::opmath_type<T>> radii,
                     Box<at::opmath_type<T>> box, int64_t batch, int64_t n) {
-  using acc_t = at::opmath_type<T>;
-  using S = SumSquares<acc_t>;
+  using S = SumSquares<at::opmath_type<T>>;
   __shared__ S shared[33];
-  const int t = threadIdx.x, threads = blockDim.x;
   for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
-    const SampleSpan s = sample_span<W>(b, n);
-    const int64_t body = s.base + s.head;
-    Pack<T, W> pa[U], px[U], pg[U];
-#pragma unroll
-    for (int k = 0; k < U; ++k) {
-      const int64_t p = t + k * threads;
-      if (p < s.packs) {
-        pa[k] = load_pack<W>(xa + body + p * W);
-        px[k] = load_pack<W>(x0 + body + p * W);
-        pg[k] = load_pack<W>(g + body + p * W);
-      }
-    }
-    const int64_t e = scalar_element(s, t);
-    acc_t ea = 0, ex = 0, eg = 0;
-    if (e >= 0) {
-      ea = static_cast<acc_t>(xa[e]);
-      ex = static_cast<acc_t>(x0[e]);
-      eg = static_cast<acc_t>(g[e]);
-    }
+    l2_registers<T, W, U>(xa, x0, g, out, radii, box, b, n, 0, blockDim.x, BlockSampleSum<S>{shared});
+  }
+}
 
-    S sq{};
-#pragma unroll
-    for (int k = 0; k < U; ++k) {
-      if (t + k * threads < s.packs) {
-#pragma unroll
-        for (int j = 0; j < W; ++j) add_square(sq, static_cast<acc_t>(pg[k].v[j]));
-      }
-    }
-    if (e >= 0) add_square(sq, eg);
-    const L2Step<acc_t> step = l2_step<acc_t>(norm_of(block_sum(sq, shared)), radii.alpha_of(b));
-
-    sq = S{};
-#pragma unroll
-    for (int k = 0; k < U; ++k) {
-      if (t + k * threads < s.packs) {
-#pragma unroll
-        for (int j = 0; j < W; ++j) {
-          add_square(sq, l2_delta(static_cast<acc_t>(pa[k].v[j]), static_cast<acc_t>(px[k].v[j]),
-                                  static_cast<acc_t>(pg[k].v[j]), step));
-        }
-      }
-    }
-    if (e >= 0) add_square(sq, l2_delta(ea, ex, eg, step));
-    const acc_t factor = l2_factor<acc_t>(norm_of(block_sum(sq, shared)), radii.eps_of(b));
-
-#pragma unroll
-    for (int k = 0; k < U; ++k) {
-      const int64_t p = t + k * threads;
-      if (p < s.packs) {
-        Pack<T, W> o;
-#pragma unroll
-        for (int j = 0; j < W; ++j) {
-          o.v[j] = static_cast<T>(pgd_l2_element(static_cast<acc_t>(pa[k].v[j]),
-                                                 static_cast<acc_t>(px[k].v[j]),
-                                                 static_cast<acc_t>(pg[k].v[j]), step, factor,
-                                                 box.lo, box.hi));
-        }
-        store_pack<W>(out + body + p * W, o);
-      }
-    }
-    if (e >= 0) out[e] = static_cast<T>(pgd_l2_element(ea, ex, eg, step, factor, box.lo, box.hi));
+// Tiles (sample, chunk) of kThreads * U packs, block i taking tiles i, i + gridDim.x, ...;
+// slots holds [batch][2][chunks] partial sums, arrived [batch][2] zeroed counters. Needs every
+// block resident (a cooperative launch) and chunks <= gridDim.x.
+template <typename T, int W, int U>
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 8 ? kCooperativeMinBlocksFp64 : kCooperativeMinBlocks)
+    l2_cooperative_kernel(const T* __restrict__ xa, const T* __restrict__ x0,
+                          const T* __restrict__ g, T* __restrict__ out,
+                          Radii<at::opmath_type<T>> radii, Box<at::opmath_type<T>> box,
+                          int64_t batch, int64_t n, int64_t chunks,
+                          SumSquares<at::opmath_type<T>>* slots, unsigned* arrived) {
+  using S = SumSquares<at::opmath_type<T>>;
+  __shared__ S shared[33];
+  const int64_t tiles = batch * chunks;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t b = tile / chunks, chunk = tile - b * chunks;
+    const GridSampleSum<S> sum{shared, slots + b * 2 * chunks, arrived + 2 * b, chunk, chunks, chunks};
+    l2_registers<T, W, U>(xa, x0, g, out, radii, box, b, n, chunk * kThreads * U, kThreads, sum);
   }
 }
 
@@ -433,6 +545,22 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- launches -------------------------------------------------------------------------------
 
+// Blocks of a kThreads-thread kernel that the device holds at once (occupancy times SMs), or 0
+// where the device cannot launch cooperatively. Asked once per kernel and device.
+int resident_blocks(const void* kernel, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(kernel, device);
+  if (const auto found = cache.find(key); found != cache.end()) return found->second;
+  const cudaDeviceProp* props = at::cuda::getDeviceProperties(device);
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  const int blocks = props->cooperativeLaunch ? per_sm * props->multiProcessorCount : 0;
+  cache.emplace(key, blocks);
+  return blocks;
+}
+
 template <typename T>
 struct Launch {
   using acc_t = at::opmath_type<T>;
@@ -489,6 +617,41 @@ struct Launch {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
+    if (!l2_cooperative<W>(like)) l2_chunked<W>(like);
+  }
+
+  // The persistent L2 kernel over (sample, chunk) tiles; false where it cannot run (no
+  // cooperative launch, or a sample with more chunks than resident blocks).
+  template <int W>
+  bool l2_cooperative(const at::Tensor& like) const {
+    constexpr int U = cooperative_packs<T, W>();
+    auto* kernel = &l2_cooperative_kernel<T, W, U>;
+    const int resident = resident_blocks(reinterpret_cast<const void*>(kernel), like.get_device());
+    const int64_t chunks = std::max<int64_t>(1, (n / W + kThreads * U - 1) / (kThreads * U));
+    if (chunks > resident) return false;
+    using S = SumSquares<acc_t>;
+    // One buffer: the counters ([batch][2], zeroed), then the partial sums ([batch][2][chunks]).
+    const int64_t counter_bytes = (batch * 2 * static_cast<int64_t>(sizeof(unsigned)) + 15) / 16 * 16;
+    at::Tensor buffer = at::empty({counter_bytes + batch * 2 * chunks * static_cast<int64_t>(sizeof(S))},
+                                  like.options().dtype(at::kByte));
+    auto* arrived = reinterpret_cast<unsigned*>(buffer.mutable_data_ptr<uint8_t>());
+    auto* slots = reinterpret_cast<S*>(buffer.mutable_data_ptr<uint8_t>() + counter_bytes);
+    C10_CUDA_CHECK(cudaMemsetAsync(arrived, 0, batch * 2 * sizeof(unsigned), stream));
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(batch * chunks, resident));
+    int64_t batch_arg = batch, n_arg = n, chunks_arg = chunks;
+    auto radii_arg = radii;
+    auto box_arg = box;
+    const T *xa_arg = xa, *x0_arg = x0, *g_arg = g;
+    T* out_arg = out;
+    void* args[] = {&xa_arg, &x0_arg, &g_arg, &out_arg, &radii_arg, &box_arg,
+                    &batch_arg, &n_arg, &chunks_arg, &slots, &arrived};
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), blocks, kThreads,
+                                               args, 0, stream));
+    return true;
+  }
+
+  template <int W>
+  void l2_chunked(const at::Tensor& like) const {
     using S = SumSquares<acc_t>;
     const int64_t chunks = this->chunks<W>();
     constexpr int64_t kDoublesPerSum = sizeof(S) / sizeof(double);

@@ -7,7 +7,7 @@ norms per sample over all non-batch dimensions. alpha and eps are numbers, or (B
 that replace them per sample.
 
 The schema is defined in C++ (``csrc/library.cpp``) with CPU and CUDA kernels and an autograd
-kernel that marks the step non-differentiable. Without the extension, the same schema is defined
+kernel under which asking for the step's derivative raises. Without the extension, the same schema is defined
 here on the plain PyTorch fallback below, so the op, its fake kernel and ``torch.compile`` behave
 the same either way.
 
@@ -105,17 +105,46 @@ def fallback_step(x_adv, x, grad, alpha_per_sample, eps_per_sample, alpha, eps, 
 # Registrations: the schema and kernels (when the extension is missing) and the fake kernel.
 
 
-def _not_differentiable(*args):
-    """Autograd kernel: the step (sign, projection) is not differentiable; its output never requires grad."""
+NO_DERIVATIVE = (
+    "fastabsld::pgd_step has no derivative (its sign step, projection and clamp are not "
+    "differentiated); take the gradient of the attack loss at x_adv and pass the inputs detached"
+)
+
+
+class _NoDerivative(torch.autograd.Function):
+    """Carries the step's output into a graph whose backward raises (asking for a derivative of the step)."""
+
+    @staticmethod
+    def forward(ctx, out, *inputs):
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(NO_DERIVATIVE)
+
+
+def _no_derivative(*args):
+    """Autograd kernel: the step has no derivative, and asking for one is an error, never zeros.
+
+    With grad mode on and an input requiring grad, the output's backward raises; an input with a
+    forward-mode tangent raises at once (the C++ kernel of the extension does the same).
+    """
+    tensors = [t for t in args[:5] if isinstance(t, torch.Tensor)]
+    if any(torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(NO_DERIVATIVE + " (forward mode)")
     with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.fastabsld.pgd_step.default(*args)
+        out = torch.ops.fastabsld.pgd_step.default(*args)
+    differentiable = [t for t in tensors if t.requires_grad]
+    if torch.is_grad_enabled() and differentiable:
+        return _NoDerivative.apply(out, *differentiable)
+    return out
 
 
 if not HAS_EXTENSION:
     _LIB = torch.library.Library("fastabsld", "DEF")
     _LIB.define(SCHEMA)
     _LIB.impl("pgd_step", fallback_step, "CompositeExplicitAutograd")
-    _LIB.impl("pgd_step", _not_differentiable, "Autograd")
+    _LIB.impl("pgd_step", _no_derivative, "Autograd")
 
 
 @torch.library.register_fake("fastabsld::pgd_step")
@@ -131,18 +160,24 @@ def _check_radius(value, name, batch, device=None):
     """Splits alpha or eps into (per-sample tensor or None, number), checking what needs no sync.
 
     Per-sample values are checked by the CPU kernels; on CUDA that would need a host sync.
-    A 0-d tensor counts as a number: it moves to ``device`` (the inputs'), where one is given.
+    A 0-d CPU tensor is read as a Python number (a read of host memory: no copy to the inputs'
+    device on every call, nothing a CUDA graph could not capture); a 0-d tensor elsewhere stays
+    where it is, as a per-sample tensor, moved to ``device`` (the inputs') where one is given.
     """
     if isinstance(value, torch.Tensor):
         if not value.dtype.is_floating_point:  # bool and integer radii are mistakes, not step sizes
             raise ValueError(f"pgd_step: {name} must be a number or a floating-point tensor, got {value.dtype}")
         if value.dim() == 0:
-            return value.to(device or value.device).reshape(1).expand(batch), 0.0
-        if value.dim() != 1 or value.shape[0] != batch:
+            if value.device.type == "cpu":
+                value = float(value)
+            else:
+                return value.to(device or value.device).reshape(1).expand(batch), 0.0
+        elif value.dim() != 1 or value.shape[0] != batch:
             raise ValueError(
                 f"pgd_step: {name} must be a number or a tensor of shape ({batch},), got shape {tuple(value.shape)}"
             )
-        return value, 0.0
+        else:
+            return value, 0.0
     # +inf is allowed (no projection, or a step that leaves the ball); NaN and negatives are not.
     if not is_number(value) or math.isnan(value) or value < 0:
         raise ValueError(f"pgd_step: {name} must be a non-negative number, got {value!r}")
@@ -157,7 +192,8 @@ def check_step_arguments(alpha, eps, clamp, batch, device=None):
         eps: radius: a non-negative number or a tensor of shape (B,).
         clamp: (min, max) with min <= max.
         batch: B.
-        device: the inputs' device, where 0-d tensor radii go; None leaves them where they are.
+        device: the inputs' device, where 0-d tensor radii not on the CPU go; None leaves them
+            where they are (0-d CPU tensors become numbers).
 
     Returns:
         tuple: (alpha tensor or None, alpha number, eps tensor or None, eps number, clamp min, clamp max).
@@ -177,9 +213,12 @@ def pgd_step(x_adv, x, grad, *, alpha, eps, norm="linf", clamp=(0.0, 1.0)):
 
     L-inf and L2 as in the module docstring; the L2 norms are taken without overflow and from delta
     itself (no cancellation when the step nearly undoes x_adv - x). Computed in fp64 for fp64
-    inputs, else in fp32. The step is not differentiable: the output never requires grad.
+    inputs, else in fp32. The step has no derivative: where an input requires grad, a backward
+    through the output raises (as does forward mode), never giving zeros; attacks pass detached
+    inputs.
     Per-sample values of CUDA tensors are not checked (that would need a sync). Every tensor
-    argument must be on ``x_adv``'s device (a 0-d tensor radius moves there).
+    argument must be on ``x_adv``'s device, except a 0-d tensor radius: on the CPU it is read as
+    a number (no copy to the device on each call), on another device it moves to ``x_adv``'s.
 
     Args:
         x_adv: current adversarial inputs, shape (B, ...), fp32/fp64/fp16/bf16, any layout.

@@ -76,3 +76,46 @@ def test_compiled_attack_loop_fullgraph_matches_eager():
     compiled = torch.compile(attack, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=2 / 255 + 1e-6)  # a flipped sign moves one step
     assert (compiled - eager).abs().gt(1e-6).float().mean() < 0.01
+
+
+# The persistent L2 kernel: samples of several chunks, unaligned starts, fp64, the five-kernel
+# path past the resident grid, and capture in a CUDA graph.
+COOPERATIVE_SHAPES = [(7, 3, 97, 101), (3, 1, 12289), (33, 65536), (2, 3, 2048, 2048)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", COOPERATIVE_SHAPES, ids=str)
+def test_large_l2_samples_match_the_reference(shape, dtype):
+    x_adv, x, grad = _inputs(shape, dtype, "contiguous", seed=sum(shape))
+    eps = 0.5 * (0.5 + torch.rand(shape[0], device="cuda"))
+    out = pgd_step(x_adv, x, grad, alpha=0.1, eps=eps, norm="l2")
+    want = reference.pgd_step(x_adv, x, grad, 0.1, eps, "l2")
+    torch.testing.assert_close(out.double(), want.double(), rtol=0, atol=2 * torch.finfo(dtype).eps + 1e-6)
+    first = pgd_step(x_adv, x, grad, alpha=0.1, eps=eps, norm="l2")
+    assert torch.equal(first, out)  # every block of a sample sums the partials in one order
+
+
+def test_large_l2_samples_at_an_odd_offset():
+    base = _inputs((5, 3, 97, 101), torch.float32, "contiguous", seed=3)
+    x_adv, x, grad = (torch.cat([v.new_zeros(3), v.flatten()])[3:].view_as(v) for v in base)
+    out = pgd_step(x_adv, x, grad, alpha=0.1, eps=0.5, norm="l2")
+    torch.testing.assert_close(out, reference.pgd_step(x_adv, x, grad, 0.1, 0.5, "l2"), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(64, 3, 32, 32), (16, 3, 224, 224)], ids=str)
+def test_steps_with_0d_cpu_radii_capture_in_a_cuda_graph(shape):
+    """A 0-d CPU alpha or eps is a number: nothing is copied to the device during capture."""
+    x_adv, x, grad = _inputs(shape, torch.float32, "contiguous", seed=5)
+    alpha, eps = torch.tensor(0.1), torch.tensor(0.5)
+    want = pgd_step(x_adv, x, grad, alpha=0.1, eps=0.5, norm="l2")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        pgd_step(x_adv, x, grad, alpha=alpha, eps=eps, norm="l2")  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = pgd_step(x_adv, x, grad, alpha=alpha, eps=eps, norm="l2")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)

@@ -1,5 +1,9 @@
 """fastabsld.ops.pgd_step (torch.ops.fastabsld.pgd_step) against fastabsld.reference.pgd_step."""
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -104,12 +108,11 @@ def test_step_matches_reference_property(norm, batch, features, alpha, eps, spre
     assert out.min() >= 0 and out.max() <= 1
 
 
-def test_output_is_not_differentiable(device):
+def test_output_has_no_derivative(device):
     x_adv, x, grad = make_inputs((2, 6), device=device)
     x_adv.requires_grad_(True)
     out = pgd_step(x_adv, x, grad, alpha=0.1, eps=0.2)
-    assert not out.requires_grad and out.grad_fn is None
-    with pytest.raises(RuntimeError, match="does not require grad"):
+    with pytest.raises(RuntimeError, match="pgd_step has no derivative"):
         out.sum().backward()
 
 
@@ -228,3 +231,107 @@ def test_the_fallback_kernel_matches_the_reference(norm):
     out = pgd_op.fallback_step(x_adv, x, grad, alpha, None, 0.0, 0.3, norm, 0.0, 1.0)
     torch.testing.assert_close(out, reference.pgd_step(x_adv, x, grad, alpha, 0.3, norm), rtol=0, atol=1e-6)
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+# ---- the step has no derivative: asking for one raises ----------------------------------------
+
+
+def _step_of(x_adv, x, grad, norm):
+    return pgd_step(x_adv, x, grad, alpha=0.1, eps=0.2, norm=norm)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("wrt", ["x_adv", "x", "grad"])
+def test_a_backward_through_the_step_raises(device, norm, wrt):
+    """Mixed into a graph with a differentiable path, the step used to count as a constant."""
+    tensors = dict(zip(("x_adv", "x", "grad"), make_inputs((2, 6), device=device)))
+    tensors[wrt].requires_grad_(True)
+    out = _step_of(tensors["x_adv"], tensors["x"], tensors["grad"], norm)
+    with pytest.raises(RuntimeError, match="pgd_step has no derivative"):
+        (out + tensors[wrt]).sum().backward()
+    with pytest.raises(RuntimeError, match="pgd_step has no derivative"):
+        torch.autograd.grad(out.sum(), tensors[wrt])
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_torch_func_transforms_raise(device, norm):
+    x_adv, x, grad = make_inputs((2, 6), device=device)
+    with pytest.raises(RuntimeError, match="pgd_step has no derivative"):
+        torch.func.grad(lambda a: _step_of(a, x, grad, norm).sum())(x_adv)
+    with pytest.raises((RuntimeError, NotImplementedError), match="pgd_step has no derivative"):
+        torch.func.jvp(lambda a: _step_of(a, x, grad, norm), (x_adv,), (torch.ones_like(x_adv),))
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match="forward mode"):
+        _step_of(torch.autograd.forward_ad.make_dual(x_adv, torch.ones_like(x_adv)), x, grad, norm)
+
+
+def test_the_step_without_grad_mode_has_no_graph(device):
+    x_adv, x, grad = make_inputs((2, 6), device=device)
+    x_adv.requires_grad_(True)
+    with torch.no_grad():
+        out = pgd_step(x_adv, x, grad, alpha=0.1, eps=0.2)
+    assert not out.requires_grad and out.grad_fn is None
+    out = pgd_step(x_adv.detach(), x, grad, alpha=0.1, eps=0.2)
+    assert not out.requires_grad and out.grad_fn is None
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_a_zero_dim_cpu_radius_is_a_number(device, norm, monkeypatch):
+    """A 0-d CPU alpha or eps is read on the host, never copied to the inputs' device on a call."""
+    x_adv, x, grad = make_inputs((3, 5), device=device)
+    copies = []
+    original = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        copies.append(self.shape)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    out = pgd_step(x_adv, x, grad, alpha=torch.tensor(0.1), eps=torch.tensor(0.2, dtype=torch.float64), norm=norm)
+    monkeypatch.undo()
+    assert copies == []
+    assert torch.equal(out, pgd_step(x_adv, x, grad, alpha=0.1, eps=0.2, norm=norm))
+    from fastabsld.ops.pgd import check_step_arguments
+    assert check_step_arguments(torch.tensor(0.1), torch.tensor(0.2), (0, 1), 3, device)[:4] == (
+        None, pytest.approx(0.1), None, pytest.approx(0.2))
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="alpha must be a non-negative number"):
+            pgd_step(x_adv, x, grad, alpha=torch.tensor(bad), eps=0.2, norm=norm)
+
+
+def test_the_fallback_raises_for_a_derivative_too():
+    """Without the extension the op's Python autograd kernel behaves as the C++ one."""
+    script = textwrap.dedent(
+        """
+        import sys, importlib.abc, warnings
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "fastabsld._C":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        warnings.simplefilter("ignore")
+        import torch, fastabsld
+        from fastabsld.ops import pgd_step
+        assert not fastabsld.HAS_EXTENSION
+        x = torch.rand(2, 5)
+        g = torch.randn(2, 5)
+        for norm in ("linf", "l2"):
+            xa = x.clone().requires_grad_(True)
+            out = pgd_step(xa, x, g, alpha=0.1, eps=0.05, norm=norm)
+            try:
+                (out + xa).sum().backward()
+                raise SystemExit("backward gave " + repr(xa.grad))
+            except RuntimeError as error:
+                assert "pgd_step has no derivative" in str(error), error
+            with torch.autograd.forward_ad.dual_level():
+                try:
+                    pgd_step(torch.autograd.forward_ad.make_dual(x, g), x, g, alpha=0.1, eps=0.05, norm=norm)
+                    raise SystemExit("forward mode gave a tangent")
+                except NotImplementedError as error:
+                    assert "forward mode" in str(error), error
+            assert pgd_step(x, x, g, alpha=0.1, eps=0.05, norm=norm).grad_fn is None
+        print("fallback ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "fallback ok" in result.stdout
