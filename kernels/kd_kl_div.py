@@ -68,6 +68,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.compiler import CompiledKernel
+from triton.knobs import HookChain
 from triton.runtime import driver as triton_driver
 
 from .kd_kl_div_checks import check_values
@@ -103,6 +104,7 @@ MAX_VECTOR_BYTES = 16
 INT32_LIMIT = 2**31
 # Set to 1 to compile the device asserts in (see ``device_asserts``).
 DEVICE_ASSERTS_ENV = "FASTABSLD_DEVICE_ASSERTS"
+DEVICE_ASSERTS = os.environ.get(DEVICE_ASSERTS_ENV) == "1"
 
 # Integer arguments that Triton must not specialise on (value 1, divisibility by 16): sizes,
 # row strides (their alignment reaches the kernel through VEC instead), modes and flags. The
@@ -765,13 +767,14 @@ def device_asserts():
 
     Off by default: a bad label or temperature then gives its row a NaN loss and NaN gradients
     (the documented behaviour, and no dead CUDA context). Set the environment variable
-    ``FASTABSLD_DEVICE_ASSERTS=1`` to have a bad row fail the launch with the assert's message
-    instead (each kernel then compiles once more, with the asserts in).
+    ``FASTABSLD_DEVICE_ASSERTS=1`` before the first import to have a bad row fail the launch with
+    the assert's message instead (each kernel then compiles once more, with the asserts in), or
+    assign ``DEVICE_ASSERTS`` of this module at run time.
 
     Returns:
-        bool: True when ``FASTABSLD_DEVICE_ASSERTS`` is "1".
+        bool: ``DEVICE_ASSERTS``.
     """
-    return os.environ.get(DEVICE_ASSERTS_ENV) == "1"
+    return DEVICE_ASSERTS
 
 
 def _aligned16(tensor):
@@ -809,9 +812,19 @@ S, T, LABELS, TAU_T, TAU_S, WEIGHT, SAMPLE_WEIGHT, ROWS, GRAD_S, GRAD_T, PARTIAL
 _PLANS = {}
 _GRADIENT_PLANS = {}
 _LABEL_STAND_INS = {}
+_EMPTY = {}
 REDUCE_BLOCK = 1024
 SCALE_BLOCK = 1024
 SCALE_WARPS = 4
+
+
+def _nothing(device, dtype):
+    """An empty (0,) tensor, one per (device, dtype): the gradient not asked for (never written)."""
+    key = (device, dtype)
+    empty = _EMPTY.get(key)
+    if empty is None:
+        empty = _EMPTY[key] = torch.empty(0, dtype=dtype, device=device)
+    return empty
 
 
 def _label_stand_in(device):
@@ -900,12 +913,18 @@ def _static_plan(student_logits, teacher_logits, labels, tau_t, tau_s, ignore_in
     return _StaticPlan(form or "tile", steps, partials)
 
 
-def _run(step, args):
+def _no_launch_hooks():
+    """True when no launch hook (a profiler's) is installed: none, or an empty chain of them."""
+    hook = triton.knobs.runtime.launch_enter_hook
+    return hook is None or (isinstance(hook, HookChain) and not hook.calls)
+
+
+def _run(step, args, direct):
     """Launches one step: straight through the compiled kernel's launcher once it is known (the
-    host path of a GPU call), through ``kernel[grid]`` the first time, in the interpreter, or when
-    a launch hook (a profiler) wants Triton's own path."""
+    host path of a GPU call; ``direct``: no launch hook wants Triton's own path), else through
+    ``kernel[grid]`` (the first time, in the interpreter, or for a profiler's hooks)."""
     compiled = step.compiled
-    if compiled is not None and triton.knobs.runtime.launch_enter_hook is None:
+    if compiled is not None and direct:
         grid = step.grid
         compiled.run(grid[0], 1, 1, step.stream(), compiled.function, compiled.packed_metadata, None, None, None,
                      *args, *step.tail)
@@ -927,8 +946,9 @@ def _run_steps(steps, values, device):
             for step in steps:
                 step.kernel[step.grid](*step.bind(values), **step.constexprs, **step.options)
         return
+    direct = _no_launch_hooks()
     for step in steps:
-        _run(step, step.bind(values))
+        _run(step, step.bind(values), direct)
 
 
 def _plan_key(student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight, ignore_index,
@@ -979,8 +999,10 @@ def loss(student_logits, teacher_logits, labels, teacher_temperature, student_te
     device = student_logits.device
     batch, num_classes = student_logits.shape
     rows = torch.empty(batch, dtype=torch.float32, device=device)
-    grad_s = torch.empty((batch, num_classes) if student_grad else (0,), dtype=grad_dtypes[0], device=device)
-    grad_t = torch.empty((batch, num_classes) if teacher_grad else (0,), dtype=grad_dtypes[1], device=device)
+    grad_s = torch.empty((batch, num_classes), dtype=grad_dtypes[0], device=device) if student_grad else \
+        _nothing(device, grad_dtypes[0])
+    grad_t = torch.empty((batch, num_classes), dtype=grad_dtypes[1], device=device) if teacher_grad else \
+        _nothing(device, grad_dtypes[1])
     partials = None if static.partials is None else torch.empty(static.partials, dtype=torch.float32, device=device)
     out = scale = None
     if reduction != "none":
@@ -1056,7 +1078,9 @@ def launch(student_logits, teacher_logits, labels, teacher_temperature, student_
         checked = _checked(*args, weight, sample_weight, sample_weight_scalar)
         grad_dtypes = (student_logits.dtype, teacher_logits.dtype)
         rows, grad_s, grad_t, _ = loss(*checked, "none", grad_dtypes)
-        return rows, grad_s, grad_t
+        # The op's outputs are its own: not the shared empty tensor that stands for a gradient not asked for.
+        return (rows, grad_s if student_grad else student_logits.new_empty((0,)),
+                grad_t if teacher_grad else teacher_logits.new_empty((0,)))
     outputs, launches = plan(*args, form, config, weight, sample_weight, sample_weight_scalar)
     device = student_logits.device
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():

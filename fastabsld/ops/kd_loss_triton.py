@@ -68,12 +68,13 @@ def applies(student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample
     for tau in (tau_t, tau_s):  # per-row temperatures (B, 1) only without labels
         if tau is not None and tau.dim() == 2 and labels is not None:
             return False
-    if kernels() is None:
+    if kernels() is None or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active() \
+            or forward_ad._current_level >= 0:
         return False
-    return all(t is None or type(t) is torch.Tensor
-               for t in (student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight)) and \
-        torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active() and \
-        forward_ad._current_level < 0
+    for tensor in (student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight):
+        if tensor is not None and type(tensor) is not torch.Tensor:  # subclasses and wrappers trace instead
+            return False
+    return True
 
 
 def _launcher_tensor(value):
