@@ -45,9 +45,11 @@ class RecordingDriver:
 
     Attributes:
         launches: (kernel name, (grid x, y, z)) of every launch since ``clear``.
+        arguments: each launch's kernel arguments (constexprs included, as Triton passes them).
     """
 
     launches: list = dataclasses.field(default_factory=list)
+    arguments: list = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         self.utils = _Utils()
@@ -59,14 +61,17 @@ class RecordingDriver:
             def __init__(self, src, metadata):
                 self.name = getattr(src, "name", "kernel")
 
-            def __call__(self, grid_x, grid_y, grid_z, stream, function, *args):
+            def __call__(self, grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata,
+                         enter_hook, exit_hook, *args):
                 recorder.launches.append((self.name, (grid_x, grid_y, grid_z)))
+                recorder.arguments.append(args)
 
         self.launcher_cls = Launcher
 
     def clear(self):
         """Forgets the launches recorded so far."""
         self.launches.clear()
+        self.arguments.clear()
 
     def get_current_device(self):
         return 0
