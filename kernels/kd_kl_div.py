@@ -62,10 +62,14 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler import CompiledKernel
+from triton.knobs import HookChain
+from triton.runtime import driver as triton_driver
 
 from .kd_kl_div_checks import check_values
 
@@ -98,6 +102,9 @@ N_PARTIALS = 6
 # Bytes a vector access covers at most.
 MAX_VECTOR_BYTES = 16
 INT32_LIMIT = 2**31
+# Set to 1 to compile the device asserts in (see ``device_asserts``).
+DEVICE_ASSERTS_ENV = "FASTABSLD_DEVICE_ASSERTS"
+DEVICE_ASSERTS = os.environ.get(DEVICE_ASSERTS_ENV) == "1"
 
 # Integer arguments that Triton must not specialise on (value 1, divisibility by 16): sizes,
 # row strides (their alignment reaches the kernel through VEC instead), modes and flags. The
@@ -456,6 +463,53 @@ def _kd_split_finish_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weig
     _assert_rows(labels_fine, temperatures_fine)
 
 
+@triton.jit(do_not_specialize=("B", "stride_l", "has_labels", "ignore_index"))
+def _kd_reduce_kernel(loss_ptr, labels_ptr, out_ptr, scale_ptr, B, stride_l, has_labels, ignore_index, per_row,
+                      MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """The reduced loss from the row losses, in one program and a fixed order (the same bits every run).
+
+    Writes out = sum of the rows (MEAN: divided by kept rows * ``per_row``) and scale, the factor
+    the backward multiplies the stored gradients by: 1, or 1 / (kept rows * per_row). No rows
+    kept gives NaN (0 / 0) for a MEAN.
+    """
+    offsets = tl.arange(0, BLOCK)
+    total = tl.zeros([BLOCK], tl.float32)
+    kept = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, B, BLOCK):
+        rows = start + offsets
+        mask = rows < B
+        total += tl.load(loss_ptr + rows, mask=mask, other=0.0)
+        if MEAN:
+            label = tl.load(labels_ptr + rows.to(tl.int64) * stride_l, mask=mask & (has_labels != 0), other=0)
+            kept += (mask & ((has_labels == 0) | (label != ignore_index))).to(tl.int32)
+    total_sum = tl.sum(total, 0)
+    if MEAN:
+        denominator = tl.sum(kept, 0).to(tl.float32) * per_row
+        tl.store(out_ptr, total_sum / denominator)
+        tl.store(scale_ptr, 1.0 / denominator)
+    else:
+        tl.store(out_ptr, total_sum)
+        tl.store(scale_ptr, 1.0)
+
+
+@triton.jit(do_not_specialize=("n", "C", "stride_g"))
+def _kd_scale_kernel(grad_ptr, out_ptr, grad_output_ptr, scale_ptr, n, C, stride_g, PER_ROW: tl.constexpr,
+                     BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """out = stored gradient * grad_output (per row, or the reduced loss's times ``scale``), in fp32,
+    stored in out's dtype: the backward of the loss, one read and one write per element."""
+    start = tl.program_id(0)
+    if WIDE:
+        start = start.to(tl.int64)
+    offsets = start * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if PER_ROW:
+        factor = tl.load(grad_output_ptr + (offsets // C) * stride_g, mask=mask, other=0.0).to(tl.float32)
+    else:
+        factor = tl.load(grad_output_ptr).to(tl.float32) * tl.load(scale_ptr)
+    tl.store(out_ptr + offsets, (grad * factor).to(out_ptr.dtype.element_ty), mask=mask)
+
+
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """One kernel launch of a plan: ``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)``."""
@@ -466,10 +520,10 @@ class Launch:
     constexprs: dict
     num_warps: int
     num_stages: int = 1
-    debug: bool = True
+    debug: bool = False
 
     def options(self):
-        """The compile options the launch passes (device asserts on unless ``debug`` is False)."""
+        """The compile options the launch passes (device asserts compiled in when ``debug``)."""
         return {"num_warps": self.num_warps, "num_stages": self.num_stages, "debug": self.debug,
                 "sanitize_overflow": False}
 
@@ -499,6 +553,11 @@ def vector_width(num_classes, batch, tensors):
             common = math.gcd(common, t.stride(0))
     vec = common & -common
     return max(1, min(vec, MAX_VECTOR_BYTES // max(t.element_size() for t in tensors)))
+
+
+def _next_power_of_2(n):
+    """The smallest power of two >= n (n >= 1), in plain integer arithmetic."""
+    return 1 << (n - 1).bit_length()
 
 
 def programs_wanted(nbytes, sms=DEFAULT_SMS):
@@ -544,11 +603,11 @@ def tile_config(batch, num_classes, sms=DEFAULT_SMS, nbytes=None, vec=2):
     """
     nbytes = batch * num_classes * 4 if nbytes is None else nbytes
     want = programs_wanted(nbytes, sms)
-    block_n = triton.next_power_of_2(num_classes)
+    block_n = _next_power_of_2(num_classes)
     max_elements = ELEMENTS_PER_THREAD * 32 * MAX_WARPS
     block_m = 1
     while (2 * block_m <= TILE_MAX_ROWS and 2 * block_m * block_n <= max_elements
-           and triton.cdiv(batch, 2 * block_m) >= want):
+           and -(-batch // (2 * block_m)) >= want):
         block_m *= 2
     num_warps = min(MAX_WARPS, max(1, block_m * block_n // (32 * elements_per_thread(vec))))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
@@ -572,11 +631,9 @@ def split_config(batch, num_classes, sms=DEFAULT_SMS, nbytes=None, vec=2):
     """
     nbytes = batch * num_classes * 4 if nbytes is None else nbytes
     want = programs_wanted(nbytes, sms)
-    if batch >= want:
-        chunk = triton.next_power_of_2(num_classes)
-    else:
-        chunk = triton.next_power_of_2(num_classes)
-        while chunk > SPLIT_MIN_CHUNK and batch * triton.cdiv(num_classes, chunk) < want:
+    chunk = _next_power_of_2(num_classes)
+    if batch < want:
+        while chunk > SPLIT_MIN_CHUNK and batch * -(-num_classes // chunk) < want:
             chunk //= 2
     block_n = min(SPLIT_BLOCK_N, chunk)
     num_warps = max(1, block_n // (32 * elements_per_thread(vec)))
@@ -670,11 +727,6 @@ def _check_weight(tensor, labels, length, device, name):
     return tensor.to(torch.float32).contiguous()
 
 
-def _span(tensor, rows, cols):
-    """Largest element offset a (rows, cols) block of ``tensor`` spans from its first element."""
-    return (rows - 1) * abs(tensor.stride(0)) + (cols - 1) * abs(tensor.stride(1))
-
-
 def kd_kl_div_forward(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
                       teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad,
                       teacher_grad, weight=None, sample_weight=None, sample_weight_scalar=1.0):
@@ -710,6 +762,299 @@ def kd_kl_div_forward(student_logits, teacher_logits, labels, teacher_temperatur
                   weight=weight, sample_weight=sample_weight, sample_weight_scalar=sample_weight_scalar)
 
 
+def device_asserts():
+    """Whether launches compile the device asserts in (the opt-in debug mode).
+
+    Off by default: a bad label or temperature then gives its row a NaN loss and NaN gradients
+    (the documented behaviour, and no dead CUDA context). Set the environment variable
+    ``FASTABSLD_DEVICE_ASSERTS=1`` before the first import to have a bad row fail the launch with
+    the assert's message instead (each kernel then compiles once more, with the asserts in), or
+    assign ``DEVICE_ASSERTS`` of this module at run time.
+
+    Returns:
+        bool: ``DEVICE_ASSERTS``.
+    """
+    return DEVICE_ASSERTS
+
+
+def _aligned16(tensor):
+    return tensor.data_ptr() % 16 == 0
+
+
+@dataclasses.dataclass(eq=False)
+class _Step:
+    """One launch of a cached plan: the kernel, its grid and constexprs, how its arguments are bound
+    from a call's values, and (after the first launch on a GPU) the compiled kernel to launch directly."""
+
+    kernel: object
+    grid: tuple
+    constexprs: dict
+    options: dict
+    bind: object
+    compiled: object = None
+    tail: tuple = ()
+    stream: object = None
+
+
+@dataclasses.dataclass(eq=False)
+class _StaticPlan:
+    """What a call's metadata decides: the form, the launches, the partials' shape (split form)."""
+
+    form: str
+    steps: list
+    partials: tuple = None
+
+
+# Slots of the values a call binds into its launches' arguments (see ``_bind_values``).
+S, T, LABELS, TAU_T, TAU_S, WEIGHT, SAMPLE_WEIGHT, ROWS, GRAD_S, GRAD_T, PARTIALS, OUT, SCALE, \
+    TAU_T_SCALAR, TAU_S_SCALAR, WEIGHT_SCALAR = range(16)
+
+_PLANS = {}
+_GRADIENT_PLANS = {}
+_LABEL_STAND_INS = {}
+_EMPTY = {}
+REDUCE_BLOCK = 1024
+SCALE_BLOCK = 1024
+SCALE_WARPS = 4
+
+
+def _nothing(device, dtype):
+    """An empty (0,) tensor, one per (device, dtype): the gradient not asked for (never written)."""
+    key = (device, dtype)
+    empty = _EMPTY.get(key)
+    if empty is None:
+        empty = _EMPTY[key] = torch.empty(0, dtype=dtype, device=device)
+    return empty
+
+
+def _label_stand_in(device):
+    """An int64 tensor that stands in for labels not given (never read), one per device."""
+    stand_in = _LABEL_STAND_INS.get(device)
+    if stand_in is None:
+        stand_in = _LABEL_STAND_INS[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return stand_in
+
+
+def _static_plan(student_logits, teacher_logits, labels, tau_t, tau_s, ignore_index, student_grad, teacher_grad,
+                 has_weight, has_sample_weight, reduction, form=None, config=None, debug=False):
+    """The launches (without their tensors and scalars) of a call with this metadata."""
+    batch, num_classes = student_logits.shape
+    device = student_logits.device
+    logits = (student_logits, teacher_logits)
+    steps = []
+    partials = None
+    has_labels = labels is not None
+    modes = tuple(SCALAR if tau is None else (BY_LABEL if has_labels else BY_ROW) for tau in (tau_t, tau_s))
+    stride_l = labels.stride(0) if has_labels else 0
+    per_row = (*modes, int(has_labels), int(ignore_index))
+    weighting = (int(has_weight), int(has_sample_weight))
+    flags = (int(bool(student_grad)), int(bool(teacher_grad)))
+    strides = (*student_logits.stride(), *teacher_logits.stride(), stride_l)
+    options = {"num_warps": 4, "num_stages": 1, "debug": debug, "sanitize_overflow": False}
+    if batch > 0:
+        nbytes = batch * num_classes * max(t.element_size() for t in logits)
+        sms = multiprocessors(device)
+        form = form or choose_form(batch, num_classes, nbytes, sms)
+        vec = vector_width(num_classes, batch, logits)
+        sizes = (batch, num_classes, *strides)
+        if form == "tile":
+            config = config or tile_config(batch, num_classes, sms, nbytes, vec)
+            block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+            wide = max(_span(t, block_m, block_n) for t in logits) >= INT32_LIMIT or \
+                block_m * num_classes >= INT32_LIMIT
+
+            def bind(v):
+                return (v[S], v[T], v[LABELS], v[TAU_T], v[TAU_S], v[WEIGHT], v[SAMPLE_WEIGHT], v[ROWS], v[GRAD_S],
+                        v[GRAD_T], *sizes, v[TAU_T_SCALAR], v[TAU_S_SCALAR], *per_row, v[WEIGHT_SCALAR],
+                        *weighting, *flags)
+
+            steps.append(_Step(_kd_tile_kernel, (-(-batch // block_m),),
+                               {"BLOCK_M": block_m, "BLOCK_N": block_n, "VEC": vec, "WIDE": wide},
+                               dict(options, num_warps=config["num_warps"]), bind))
+        elif form == "split":
+            config = config or split_config(batch, num_classes, sms, nbytes, vec)
+            block_n, chunk = config["BLOCK_N"], config["CHUNK"]
+            blocks_per_chunk = chunk // block_n
+            n_chunks = -(-(-(-num_classes // block_n)) // blocks_per_chunk)
+            wide = max(_span(t, 1, n_chunks * chunk) for t in logits) >= INT32_LIMIT
+            # cp.async stages need loads of at least 4 bytes; narrower ones are prefetched in registers.
+            narrowest = min(t.element_size() * (vec if t.stride(1) == 1 else 1) for t in logits)
+            prefetch = config["num_stages"] > 1 and narrowest < 4
+            stages = 1 if prefetch else config["num_stages"]
+            partials = (N_PARTIALS, batch, n_chunks)
+            common = {"BLOCK_N": block_n, "VEC": vec, "WIDE": wide, "NUM_STAGES": stages, "PREFETCH": prefetch}
+            split_options = dict(options, num_warps=config["num_warps"], num_stages=stages)
+            grid_chunks = n_chunks if (student_grad or teacher_grad) else 1
+            chunking = (n_chunks, blocks_per_chunk)
+
+            def bind_stats(v):
+                return (v[S], v[T], v[LABELS], v[TAU_T], v[TAU_S], v[PARTIALS], *sizes, *chunking, v[TAU_T_SCALAR],
+                        v[TAU_S_SCALAR], *per_row)
+
+            def bind_finish(v):
+                return (v[S], v[T], v[LABELS], v[TAU_T], v[TAU_S], v[WEIGHT], v[SAMPLE_WEIGHT], v[PARTIALS], v[ROWS],
+                        v[GRAD_S], v[GRAD_T], *sizes, *chunking, grid_chunks, v[TAU_T_SCALAR], v[TAU_S_SCALAR],
+                        *per_row, v[WEIGHT_SCALAR], *weighting, *flags)
+
+            steps.append(_Step(_kd_split_stats_kernel, (batch * n_chunks,), common, split_options, bind_stats))
+            steps.append(_Step(_kd_split_finish_kernel, (batch * grid_chunks,), dict(common, PART_BLOCK=PARTIAL_BLOCK),
+                               split_options, bind_finish))
+        else:
+            raise ValueError(f"form must be 'tile' or 'split', got {form!r}")
+    if reduction is not None and reduction != "none":
+        mean = reduction in ("mean", "batchmean")
+        divisor = float(num_classes if reduction == "mean" else 1)
+        reduce_args = (batch, stride_l, int(has_labels), int(ignore_index), divisor)
+
+        def bind_reduce(v):
+            return (v[ROWS], v[LABELS], v[OUT], v[SCALE], *reduce_args)
+
+        steps.append(_Step(_kd_reduce_kernel, (1,), {"MEAN": mean, "BLOCK": REDUCE_BLOCK}, options, bind_reduce))
+    return _StaticPlan(form or "tile", steps, partials)
+
+
+def _no_launch_hooks():
+    """True when no launch hook (a profiler's) is installed: none, or an empty chain of them."""
+    hook = triton.knobs.runtime.launch_enter_hook
+    return hook is None or (isinstance(hook, HookChain) and not hook.calls)
+
+
+def _run(step, args, direct):
+    """Launches one step: straight through the compiled kernel's launcher once it is known (the
+    host path of a GPU call; ``direct``: no launch hook wants Triton's own path), else through
+    ``kernel[grid]`` (the first time, in the interpreter, or for a profiler's hooks)."""
+    compiled = step.compiled
+    if compiled is not None and direct:
+        grid = step.grid
+        compiled.run(grid[0], 1, 1, step.stream(), compiled.function, compiled.packed_metadata, None, None, None,
+                     *args, *step.tail)
+        return
+    result = step.kernel[step.grid](*args, **step.constexprs, **step.options)
+    if isinstance(result, CompiledKernel):
+        active = triton_driver.active
+        device = active.get_current_device()
+        get_stream = active.get_current_stream
+        step.stream = functools.partial(get_stream, device)
+        step.tail = tuple(step.constexprs[name] for name in step.kernel.arg_names[len(args):])
+        step.compiled = result
+
+
+def _run_steps(steps, values, device):
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        # Triton launches on the current CUDA device: make it the tensors' one.
+        with torch.cuda.device(device):
+            for step in steps:
+                step.kernel[step.grid](*step.bind(values), **step.constexprs, **step.options)
+        return
+    direct = _no_launch_hooks()
+    for step in steps:
+        _run(step, step.bind(values), direct)
+
+
+def _plan_key(student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight, ignore_index,
+              student_grad, teacher_grad, reduction, grad_dtypes, debug):
+    """Everything a plan and its compiled variants depend on: shapes, strides, dtypes, 16-byte
+    alignment of the inputs, the arguments' presence, flags, device."""
+    return (student_logits.device, student_logits.shape, student_logits.stride(), teacher_logits.stride(),
+            student_logits.dtype, teacher_logits.dtype, _aligned16(student_logits), _aligned16(teacher_logits),
+            None if labels is None else (labels.stride(0), _aligned16(labels)),
+            None if tau_t is None else _aligned16(tau_t), None if tau_s is None else _aligned16(tau_s),
+            None if weight is None else _aligned16(weight),
+            None if sample_weight is None else _aligned16(sample_weight),
+            ignore_index, student_grad, teacher_grad, reduction, grad_dtypes, debug)
+
+
+def loss(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
+         teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad,
+         weight, sample_weight, sample_weight_scalar, reduction, grad_dtypes):
+    """The eager loss: row losses and gradients, reduced on the device, from a cached plan.
+
+    Trusts its caller (the public function checked the arguments): fp32/fp16/bf16 (B, C) logits,
+    int64 labels or None, fp32 temperatures and weights in the launcher's terms (a temperature
+    (C,) with labels, (B,) without), number temperatures positive and finite. At most two
+    launches for a reduced loss (tile + reduce; split statistics and finish + reduce is three)
+    and nothing else on the device: scalars stay Python numbers.
+
+    Args:
+        student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
+        teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad,
+        teacher_grad, weight, sample_weight, sample_weight_scalar: as for ``kd_kl_div_forward``.
+        reduction: "none", "sum", "batchmean" or "mean".
+        grad_dtypes: (student, teacher) dtypes the stored gradients are kept in (fp32 for fp16
+            logits keeps what fp16 would flush towards 0 until ``scale_gradient`` scales it).
+
+    Returns:
+        tuple: (loss: 0-d fp32, or the (B,) row losses for "none"; grad_student; grad_teacher
+        (each (B, C) in its grad dtype or an empty (0,) tensor); scale: a (1,) fp32 tensor
+        holding the factor the backward applies, or None for "none").
+    """
+    debug = device_asserts()
+    key = _plan_key(student_logits, teacher_logits, labels, teacher_temperature, student_temperature, weight,
+                    sample_weight, ignore_index, student_grad, teacher_grad, reduction, grad_dtypes, debug)
+    static = _PLANS.get(key)
+    if static is None:
+        static = _PLANS[key] = _static_plan(student_logits, teacher_logits, labels, teacher_temperature,
+                                            student_temperature, ignore_index, student_grad, teacher_grad,
+                                            weight is not None, sample_weight is not None, reduction, debug=debug)
+    device = student_logits.device
+    batch, num_classes = student_logits.shape
+    rows = torch.empty(batch, dtype=torch.float32, device=device)
+    grad_s = torch.empty((batch, num_classes), dtype=grad_dtypes[0], device=device) if student_grad else \
+        _nothing(device, grad_dtypes[0])
+    grad_t = torch.empty((batch, num_classes), dtype=grad_dtypes[1], device=device) if teacher_grad else \
+        _nothing(device, grad_dtypes[1])
+    partials = None if static.partials is None else torch.empty(static.partials, dtype=torch.float32, device=device)
+    out = scale = None
+    if reduction != "none":
+        out = torch.empty((), dtype=torch.float32, device=device)
+        scale = torch.empty(1, dtype=torch.float32, device=device)
+    # A tensor not given is never read: the row losses stand in for its pointer.
+    values = (student_logits, teacher_logits, _label_stand_in(device) if labels is None else labels,
+              rows if teacher_temperature is None else teacher_temperature,
+              rows if student_temperature is None else student_temperature,
+              rows if weight is None else weight, rows if sample_weight is None else sample_weight, rows, grad_s,
+              grad_t, partials, out, scale, teacher_temperature_scalar, student_temperature_scalar,
+              sample_weight_scalar)
+    _run_steps(static.steps, values, device)
+    return (rows if out is None else out), grad_s, grad_t, scale
+
+
+def scale_gradient(grad, grad_output, scale, dtype):
+    """The backward of ``loss``: the stored gradient times grad_output, in one launch.
+
+    Args:
+        grad: a stored gradient (B, C), contiguous.
+        grad_output: the incoming gradient: 0-d for a reduced loss, (B,) (any stride) for "none".
+        scale: the (1,) factor ``loss`` returned, or None for "none".
+        dtype: the logits' dtype, the gradient's.
+
+    Returns:
+        Tensor: (B, C) in ``dtype``, computed in fp32.
+    """
+    device = grad.device
+    numel = grad.numel()
+    per_row = scale is None
+    stride = grad_output.stride(0) if per_row else 0
+    key = (device, numel, grad.shape[1] if grad.dim() == 2 else 1, grad.dtype, dtype, stride,
+           grad_output.dtype, _aligned16(grad_output))
+    step = _GRADIENT_PLANS.get(key)
+    if step is None:
+        wide = numel + SCALE_BLOCK >= INT32_LIMIT
+        fixed = (numel, key[2], stride)
+
+        def bind(v):
+            return (v[0], v[1], v[2], v[3], *fixed)
+
+        step = _GRADIENT_PLANS[key] = _Step(
+            _kd_scale_kernel, (max(1, -(-numel // SCALE_BLOCK)),),
+            {"PER_ROW": per_row, "BLOCK": SCALE_BLOCK, "WIDE": wide},
+            {"num_warps": SCALE_WARPS, "num_stages": 1, "debug": False, "sanitize_overflow": False}, bind)
+    out = torch.empty(grad.shape, dtype=dtype, device=device)
+    if numel:
+        _run_steps((step,), (grad, out, grad_output, grad_output if scale is None else scale), device)
+    return out
+
+
 def launch(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
            teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad,
            form=None, config=None, weight=None, sample_weight=None, sample_weight_scalar=1.0):
@@ -727,38 +1072,34 @@ def launch(student_logits, teacher_logits, labels, teacher_temperature, student_
     Returns:
         tuple: row_loss, grad_student, grad_teacher as for ``kd_kl_div_forward``.
     """
-    outputs, launches = plan(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
-                             teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad,
-                             teacher_grad, form, config, weight, sample_weight, sample_weight_scalar)
+    args = (student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
+            teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad)
+    if form is None and config is None:
+        checked = _checked(*args, weight, sample_weight, sample_weight_scalar)
+        grad_dtypes = (student_logits.dtype, teacher_logits.dtype)
+        rows, grad_s, grad_t, _ = loss(*checked, "none", grad_dtypes)
+        # The op's outputs are its own: not the shared empty tensor that stands for a gradient not asked for.
+        return (rows, grad_s if student_grad else student_logits.new_empty((0,)),
+                grad_t if teacher_grad else teacher_logits.new_empty((0,)))
+    outputs, launches = plan(*args, form, config, weight, sample_weight, sample_weight_scalar)
     device = student_logits.device
-    # Triton launches on the current CUDA device: make it the tensors' one.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for step in launches:
             step.run()
     return outputs
 
 
-def plan(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
-         teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad,
-         form=None, config=None, weight=None, sample_weight=None, sample_weight_scalar=1.0):
-    """Validates the arguments, allocates the outputs and returns the launches that compute them.
-
-    Runs nothing on the device (meta tensors give the launches a real call would make, for
-    ahead-of-time compiles and the performance model).
-
-    Args:
-        as for ``launch``.
-
-    Returns:
-        tuple: (row_loss, grad_student, grad_teacher) (not yet computed) and a list of ``Launch``.
-    """
+def _checked(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
+             teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad,
+             weight, sample_weight, sample_weight_scalar):
+    """The op's arguments checked (metadata only, values on CPU tensors) and in the launcher's terms."""
     _check_inputs(student_logits, teacher_logits, labels)
     batch, num_classes = student_logits.shape
     device = student_logits.device
-    tau_t, tau_t_mode = _check_temperature(teacher_temperature, teacher_temperature_scalar, labels, batch, num_classes,
-                                           device, "teacher_temperature")
-    tau_s, tau_s_mode = _check_temperature(student_temperature, student_temperature_scalar, labels, batch, num_classes,
-                                           device, "student_temperature")
+    tau_t, _ = _check_temperature(teacher_temperature, teacher_temperature_scalar, labels, batch, num_classes, device,
+                                  "teacher_temperature")
+    tau_s, _ = _check_temperature(student_temperature, student_temperature_scalar, labels, batch, num_classes, device,
+                                  "student_temperature")
     weight = _check_weight(weight, labels, num_classes, device, "weight")
     sample_weight = _check_weight(sample_weight, labels, batch, device, "sample_weight")
     if not (math.isfinite(sample_weight_scalar) and sample_weight_scalar >= 0):
@@ -767,61 +1108,53 @@ def plan(student_logits, teacher_logits, labels, teacher_temperature, student_te
     if device.type == "cpu":  # the interpreter has no device asserts
         check_values(labels, [("teacher_temperature", tau_t), ("student_temperature", tau_s)],
                      [("weight", weight), ("sample_weight", sample_weight)], ignore_index, num_classes)
+    return (student_logits, teacher_logits, labels, tau_t, tau_s, float(teacher_temperature_scalar),
+            float(student_temperature_scalar), int(ignore_index), bool(student_grad), bool(teacher_grad), weight,
+            sample_weight, float(sample_weight_scalar))
+
+
+def plan(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
+         teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad,
+         form=None, config=None, weight=None, sample_weight=None, sample_weight_scalar=1.0, reduction=None):
+    """Validates the arguments, allocates the outputs and returns the launches that compute them.
+
+    Runs nothing on the device (meta tensors give the launches a real call would make, for
+    ahead-of-time compiles and the performance model).
+
+    Args:
+        as for ``launch``; reduction: None (the op: row losses) or one of ``loss``'s reductions,
+        whose finishing launch is then included.
+
+    Returns:
+        tuple: (row_loss, grad_student, grad_teacher) (not yet computed) and a list of ``Launch``.
+    """
+    (student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index, student_grad,
+     teacher_grad, weight, sample_weight, sample_weight_scalar) = _checked(
+        student_logits, teacher_logits, labels, teacher_temperature, student_temperature, teacher_temperature_scalar,
+        student_temperature_scalar, ignore_index, student_grad, teacher_grad, weight, sample_weight,
+        sample_weight_scalar)
+    debug = device_asserts()
+    static = _static_plan(student_logits, teacher_logits, labels, tau_t, tau_s, ignore_index, student_grad,
+                          teacher_grad, weight is not None, sample_weight is not None, reduction, form, config, debug)
+    batch, num_classes = student_logits.shape
+    device = student_logits.device
     row_loss = torch.empty(batch, dtype=torch.float32, device=device)
     grad_student = torch.empty((batch, num_classes) if student_grad else (0,), dtype=student_logits.dtype,
                                device=device)
     grad_teacher = torch.empty((batch, num_classes) if teacher_grad else (0,), dtype=teacher_logits.dtype,
                                device=device)
-    outputs = (row_loss, grad_student, grad_teacher)
-    if batch == 0:
-        return outputs, []
-    logits = (student_logits, teacher_logits)
-    nbytes = batch * num_classes * max(t.element_size() for t in logits)
-    sms = multiprocessors(device)
-    form = form or choose_form(batch, num_classes, nbytes, sms)
-    if labels is None:
-        labels_arg, stride_l = torch.empty(1, dtype=torch.int64, device=device), 0
-    else:
-        labels_arg, stride_l = labels, labels.stride(0)
-    # A temperature or weight tensor not given is never read: the loss buffer stands in for its pointer.
-    tau_args = tuple(row_loss if x is None else x for x in (tau_t, tau_s))
-    weight_args = tuple(row_loss if x is None else x for x in (weight, sample_weight))
-    per_row = (float(teacher_temperature_scalar), float(student_temperature_scalar), tau_t_mode, tau_s_mode,
-               int(labels is not None), int(ignore_index))
-    # The row weight: only the kernels that write outputs read it (the statistics pass does not).
-    weighting = (float(sample_weight_scalar), int(weight is not None), int(sample_weight is not None))
-    flags = (int(bool(student_grad)), int(bool(teacher_grad)))
-    strides = (*student_logits.stride(), *teacher_logits.stride(), stride_l)
-    vec = vector_width(num_classes, batch, logits)
-    # A gradient not asked for passes its empty (0,) output: nothing is stored through it.
-    if form == "tile":
-        config = config or tile_config(batch, num_classes, sms, nbytes, vec)
-        block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
-        wide = max(_span(t, block_m, block_n) for t in logits) >= INT32_LIMIT or block_m * num_classes >= INT32_LIMIT
-        args = (student_logits, teacher_logits, labels_arg, *tau_args, *weight_args, row_loss, grad_student,
-                grad_teacher, batch, num_classes, *strides, *per_row, *weighting, *flags)
-        return outputs, [Launch(_kd_tile_kernel, (triton.cdiv(batch, block_m),), args,
-                                {"BLOCK_M": block_m, "BLOCK_N": block_n, "VEC": vec, "WIDE": wide},
-                                config["num_warps"])]
-    if form != "split":
-        raise ValueError(f"form must be 'tile' or 'split', got {form!r}")
-    config = config or split_config(batch, num_classes, sms, nbytes, vec)
-    block_n, chunk = config["BLOCK_N"], config["CHUNK"]
-    blocks_per_chunk = chunk // block_n
-    n_chunks = triton.cdiv(triton.cdiv(num_classes, block_n), blocks_per_chunk)
-    wide = max(_span(t, 1, n_chunks * chunk) for t in logits) >= INT32_LIMIT
-    # cp.async stages need loads of at least 4 bytes; narrower ones are prefetched in registers.
-    narrowest = min(t.element_size() * (vec if t.stride(1) == 1 else 1) for t in logits)
-    prefetch = config["num_stages"] > 1 and narrowest < 4
-    stages = 1 if prefetch else config["num_stages"]
-    partials = torch.empty((N_PARTIALS, batch, n_chunks), dtype=torch.float32, device=device)
-    common = {"BLOCK_N": block_n, "VEC": vec, "WIDE": wide, "NUM_STAGES": stages, "PREFETCH": prefetch}
-    grid_chunks = n_chunks if (student_grad or teacher_grad) else 1
-    stats = Launch(_kd_split_stats_kernel, (batch * n_chunks,),
-                   (student_logits, teacher_logits, labels_arg, *tau_args, partials, batch, num_classes, *strides,
-                    n_chunks, blocks_per_chunk, *per_row), common, config["num_warps"], stages)
-    finish = Launch(_kd_split_finish_kernel, (batch * grid_chunks,),
-                    (student_logits, teacher_logits, labels_arg, *tau_args, *weight_args, partials, row_loss,
-                     grad_student, grad_teacher, batch, num_classes, *strides, n_chunks, blocks_per_chunk,
-                     grid_chunks, *per_row, *weighting, *flags), dict(common, PART_BLOCK=PARTIAL_BLOCK), config["num_warps"], stages)
-    return outputs, [stats, finish]
+    partials = None if static.partials is None else torch.empty(static.partials, dtype=torch.float32, device=device)
+    labels_arg = torch.empty(1, dtype=torch.int64, device=device) if labels is None else labels
+    values = (student_logits, teacher_logits, labels_arg, row_loss if tau_t is None else tau_t,
+              row_loss if tau_s is None else tau_s, row_loss if weight is None else weight,
+              row_loss if sample_weight is None else sample_weight, row_loss, grad_student, grad_teacher, partials,
+              torch.empty((), device=device), torch.empty(1, device=device), tau_t_scalar, tau_s_scalar,
+              sample_weight_scalar)
+    launches = [Launch(step.kernel, step.grid, step.bind(values), step.constexprs, step.options["num_warps"],
+                       step.options["num_stages"], debug) for step in static.steps]
+    return (row_loss, grad_student, grad_teacher), launches
+
+
+def _span(tensor, rows, cols):
+    """Largest element offset a (rows, cols) block of ``tensor`` spans from its first element."""
+    return (rows - 1) * abs(tensor.stride(0)) + (cols - 1) * abs(tensor.stride(1))

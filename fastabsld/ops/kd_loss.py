@@ -44,6 +44,7 @@ import importlib
 import torch
 
 from fastabsld.ops._extension import HAS_EXTENSION
+from fastabsld.ops import kd_loss_triton
 from fastabsld.ops._kernels import HAS_TRITON, kd_kl_div_checks
 from fastabsld.ops.checks import check_int, check_real, compute_dtype, is_integer_tensor
 
@@ -103,6 +104,16 @@ def _check_float_tensor(value, name, device):
         raise ValueError(f"{name} ({value.device}) must be on the logits' device ({device})")
 
 
+def _host_number(value, device):
+    """True for a 0-d CPU tensor given with logits elsewhere, read as a number in eager mode.
+
+    Reading a CPU tensor waits for nothing on the GPU; copying it to the device would be a copy
+    per call and is not allowed under CUDA-graph capture. Under tracing it stays a tensor.
+    """
+    return value.dim() == 0 and value.device.type == "cpu" and device.type != "cpu" and \
+        not torch.compiler.is_compiling()
+
+
 def _check_temperature(value, name, labels, batch, num_classes, device, dtype):
     """Splits a temperature into the op's (tensor or None, scalar) pair.
 
@@ -113,6 +124,8 @@ def _check_temperature(value, name, labels, batch, num_classes, device, dtype):
     if not isinstance(value, torch.Tensor):
         return None, check_real(value, name, minimum=0.0, strict=True)
     _check_float_tensor(value, name, device)
+    if _host_number(value, device):  # a CPU scalar for device logits: a number, not a copy to the device
+        return None, check_real(value.item(), name, minimum=0.0, strict=True)
     if value.dim() == 0:
         value = value.to(device, dtype)
         return (value.expand(num_classes) if labels is not None else value.reshape(1, 1).expand(batch, 1)), 1.0
@@ -150,6 +163,8 @@ def _check_sample_weight(sample_weight, batch, device):
     if not isinstance(sample_weight, torch.Tensor):
         return None, check_real(sample_weight, "sample_weight", minimum=0.0)
     _check_float_tensor(sample_weight, "sample_weight", device)
+    if _host_number(sample_weight, device):
+        return None, check_real(sample_weight.item(), "sample_weight", minimum=0.0)
     if sample_weight.dim() == 0:
         return sample_weight.to(device).reshape(1).expand(batch), 1.0
     if sample_weight.shape != (batch,):
@@ -501,6 +516,8 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
     sample_weight, weight_scalar = _check_sample_weight(sample_weight, batch, device)
     args = (student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index)
     weights = (weight, sample_weight, weight_scalar)
+    if kd_loss_triton.applies(student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight):
+        return kd_loss_triton.kd_kl_div_loss(*args, reduction, *weights)  # CUDA, eager: the Triton host path
     if _eager_fast_path(student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight):
         return torch.ops.fastabsld.kd_kl_div_loss(*args, reduction, *weights)
     denominator = _row_denominator(reduction, labels, ignore_index, batch, num_classes)

@@ -1,0 +1,160 @@
+"""The KD loss on CUDA tensors in eager mode: the Triton kernels with a host path that keeps up.
+
+At ABSLD's shapes, (128, 10) and (128, 100), the kernels need a few microseconds of GPU time,
+so the host decides the speed. :func:`kd_kl_div_loss` is what :func:`fastabsld.ops.kd_loss.kd_kl_div`
+runs for plain CUDA tensors outside ``torch.compile``:
+
+* the launch plan is cached per (shape, strides, dtypes, 16-byte alignment, flags, device) in
+  ``fastabsld.kernels.kd_kl_div``, and after its first launch each kernel is launched straight
+  through its compiled launcher (no argument binding or specialisation per call);
+* numbers stay Python numbers (kernel arguments): nothing is copied to the device, nothing
+  waits for it, and a CUDA graph can capture the call;
+* the reduction runs on the device: the row kernel (tile form; statistics and finish kernels for
+  the split form) and one finishing kernel that sums the rows, counts the kept ones and divides,
+  and writes the factor the backward needs. The backward is one launch, the stored gradient
+  times grad_output times that factor.
+
+fp16 logits keep their stored gradient in fp32 until the backward has scaled it by grad_output
+(a loss scaler's factor, or 1 / (rows * C)): at C = 32000 most entries of q - p lie below
+fp16's smallest normal, and storing them in fp16 first would lose them.
+
+A backward run with grad enabled (``create_graph=True``) recomputes through the op's traced path
+(``torch.ops.fastabsld.kd_kl_div_forward`` and its registered autograd), so derivatives of a
+derivative are those of that op.
+"""
+
+import functools
+import importlib
+
+import torch
+from torch.autograd import forward_ad
+
+from fastabsld.ops._kernels import HAS_TRITON
+
+# Device types whose tensors take this path. ``benchmarks/kd_host_cost.py`` adds "cpu" to time
+# the path's host work on CPU tensors, with Triton's launches recorded instead of made.
+EAGER_DEVICES = {"cuda"}
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def kernels():
+    """The Triton kernel module ``fastabsld.kernels.kd_kl_div``, or None without triton.
+
+    Returns:
+        module or None.
+    """
+    if not HAS_TRITON:
+        return None
+    try:
+        return importlib.import_module("fastabsld.kernels.kd_kl_div")
+    except ImportError:
+        return None
+
+
+def applies(student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight):
+    """Whether a call of the public loss with these (checked) arguments takes this path.
+
+    Plain tensors on a device in ``EAGER_DEVICES``, outside tracing, dispatch modes, functorch
+    transforms and forward-mode AD; dtypes and temperature kinds the Triton kernels implement.
+
+    Returns:
+        bool.
+    """
+    if student_logits.device.type not in EAGER_DEVICES or torch.compiler.is_compiling():
+        return False
+    if student_logits.dtype not in TRITON_DTYPES or teacher_logits.dtype not in TRITON_DTYPES:
+        return False
+    for tau in (tau_t, tau_s):  # per-row temperatures (B, 1) only without labels
+        if tau is not None and tau.dim() == 2 and labels is not None:
+            return False
+    if kernels() is None or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active() \
+            or forward_ad._current_level >= 0:
+        return False
+    for tensor in (student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight):
+        if tensor is not None and type(tensor) is not torch.Tensor:  # subclasses and wrappers trace instead
+            return False
+    return True
+
+
+def _launcher_tensor(value):
+    """A checked temperature or weight tensor in the launcher's terms: (B, 1) -> (B,), fp32, contiguous
+    (a 0-d tensor on the device arrives as a stride-0 view of its value)."""
+    if value is None:
+        return None
+    if value.dim() == 2:
+        value = value.reshape(-1)
+    return value.to(torch.float32).contiguous()
+
+
+def _grad_dtype(dtype):
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+class _KdLoss(torch.autograd.Function):
+    """The eager loss: forward through the cached launch plan, backward one scaling launch."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
+                reduction, weight, sample_weight, sample_weight_scalar):
+        student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, grad_s, grad_t, scale = kernels().loss(
+            student_logits, teacher_logits, labels, _launcher_tensor(tau_t), _launcher_tensor(tau_s), tau_t_scalar,
+            tau_s_scalar, ignore_index, student_grad, teacher_grad, _launcher_tensor(weight),
+            _launcher_tensor(sample_weight), sample_weight_scalar, reduction,
+            (_grad_dtype(student_logits.dtype), _grad_dtype(teacher_logits.dtype)))
+        ctx.save_for_backward(grad_s, grad_t, scale, student_logits, teacher_logits)
+        ctx.arguments = (labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index, reduction, weight,
+                         sample_weight, sample_weight_scalar)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_s, grad_t, scale, student_logits, teacher_logits = ctx.saved_tensors
+        student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():
+            out_s, out_t = _differentiable_backward(student_logits, teacher_logits, ctx.arguments, grad,
+                                                    student_grad, teacher_grad)
+        else:
+            scale_gradient = kernels().scale_gradient
+            out_s = scale_gradient(grad_s, grad, scale, student_logits.dtype) if student_grad else None
+            out_t = scale_gradient(grad_t, grad, scale, teacher_logits.dtype) if teacher_grad else None
+        return (out_s, out_t) + (None,) * 10
+
+
+def _differentiable_backward(student_logits, teacher_logits, arguments, grad, student_grad, teacher_grad):
+    """The backward through the op's traced path, for a backward that is itself differentiated."""
+    from fastabsld.ops import kd_loss  # the op layer's module imports this one
+
+    labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index, reduction, weight, sample_weight, \
+        sample_weight_scalar = arguments
+    inputs = [x for x, wanted in ((student_logits, student_grad), (teacher_logits, teacher_grad)) if wanted]
+    rows, _, _ = torch.ops.fastabsld.kd_kl_div_forward(
+        student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
+        student_grad, teacher_grad, weight, sample_weight, sample_weight_scalar)
+    batch, num_classes = student_logits.shape
+    denominator = kd_loss._row_denominator(reduction, labels, ignore_index, batch, num_classes)
+    loss = kd_loss._reduce(rows, reduction, denominator)
+    grads = iter(torch.autograd.grad(loss, inputs, grad, create_graph=True))
+    return (next(grads) if student_grad else None), (next(grads) if teacher_grad else None)
+
+
+def kd_kl_div_loss(student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
+                   reduction, weight, sample_weight, sample_weight_scalar):
+    """The reduced KD loss through the Triton kernels, differentiable in the logits that require grad.
+
+    Args:
+        as ``torch.ops.fastabsld.kd_kl_div_loss``, checked by the public function, for which
+        :func:`applies` is true: (B, C) logits, int64 labels or None, temperatures (C,) with
+        labels or (B, 1) without, or None for the numbers; weights (C,), (B,) or None.
+
+    Returns:
+        Tensor: the loss, fp32: (B,) for "none", else 0-d.
+    """
+    if torch.is_grad_enabled() and (student_logits.requires_grad or teacher_logits.requires_grad):
+        return _KdLoss.apply(student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar,
+                             ignore_index, reduction, weight, sample_weight, sample_weight_scalar)
+    dtypes = (student_logits.dtype, teacher_logits.dtype)
+    return kernels().loss(student_logits, teacher_logits, labels, _launcher_tensor(tau_t), _launcher_tensor(tau_s),
+                          tau_t_scalar, tau_s_scalar, ignore_index, False, False, _launcher_tensor(weight),
+                          _launcher_tensor(sample_weight), sample_weight_scalar, reduction, dtypes)[0]
