@@ -7,6 +7,9 @@ any of them into an ``error:`` line without knowing which one it is.
 
 import errno
 
+# errno values of a full disk or an exhausted quota.
+DISK_FULL = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name))
+
 
 class RecipeError(Exception):
     """A failure of a run that the command line reports as one ``error:`` line.
@@ -93,15 +96,12 @@ class WriteError(RecipeError, OSError):
         self.path, self.reason, self.error = path, reason, error
 
     def __str__(self):
-        hint = "; free some space, then resume" if self.errno in _FULL else ""
+        hint = "; free some space, then resume" if self.errno in DISK_FULL else ""
         return f"cannot write {self.path}: {self.reason}; the files there before are untouched{hint}"
 
     def __reduce__(self):  # picklable (rank 0 hands errors to the other ranks under torchrun)
         return type(self), (self.path, self.error)
 
-
-# errno values of a full disk or an exhausted quota.
-_FULL = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name)}
 
 
 class TeacherChangedError(RecipeError):

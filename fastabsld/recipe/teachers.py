@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fastabsld.recipe import checkpoint
-from fastabsld.recipe.config import TrainConfig
+from fastabsld.recipe.config import TrainConfig, default_cache_dir
 from fastabsld.recipe.models import WideResNet, build_model
 
 # Keys under which training scripts commonly nest a state_dict.
@@ -302,7 +302,7 @@ def _robustbench(name, dataset, cache_dir):
     if dataset not in ("cifar10", "cifar100"):
         raise TeacherError(f"teacher {ROBUSTBENCH_PREFIX}{name}: RobustBench models are for cifar10/cifar100 here, "
                            f"the data set is {dataset!r}")
-    model_dir = os.path.join(cache_dir or ".", "robustbench")
+    model_dir = os.path.join(cache_dir or default_cache_dir(), "robustbench")
     try:
         return load_model(model_name=name, dataset=dataset, threat_model="Linf", model_dir=model_dir)
     except Exception as error:  # an unknown name, a failed download...
@@ -343,7 +343,8 @@ def load_teacher(source, *, model_name=None, num_classes, in_channels, example=N
         in_channels: input channels of the data set.
         example: a few images of the data set, to check the teacher's outputs (None: not checked).
         dataset: the data set's name (RobustBench needs it).
-        cache_dir: where RobustBench keeps downloaded weights (``<cache_dir>/robustbench``).
+        cache_dir: where RobustBench keeps downloaded weights (``<cache_dir>/robustbench``; None: the default
+            teacher cache).
         device: where to put the teacher.
 
     Returns:
