@@ -80,7 +80,13 @@ def accumulate_class_risk(risk, logits, labels):
 
     Returns:
         Tensor: ``risk``.
+
+    Raises:
+        ValueError: ``risk`` is not an fp32 or fp64 tensor (a 16-bit sum stops growing within an epoch).
     """
+    if not isinstance(risk, torch.Tensor) or risk.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"risk must be an fp32 or fp64 tensor (a 16-bit sum saturates within an epoch), got "
+                         f"{risk.dtype if isinstance(risk, torch.Tensor) else type(risk).__name__}")
     with torch.no_grad():
         losses = torch.nn.functional.cross_entropy(logits.detach().float(), labels, reduction="none")
         return risk.index_add_(0, labels, losses.to(risk.dtype))

@@ -142,3 +142,9 @@ def test_argument_errors():
         check_beta(-0.1)
     with pytest.raises(ValueError, match="beta"):
         check_beta(float("nan"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int64])
+def test_accumulate_class_risk_refuses_a_16_bit_or_integer_accumulator(dtype):
+    with pytest.raises(ValueError, match="risk must be an fp32 or fp64 tensor"):
+        accumulate_class_risk(torch.zeros(3, dtype=dtype), torch.zeros(2, 3), torch.tensor([0, 1]))

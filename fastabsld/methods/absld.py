@@ -23,6 +23,8 @@ from fastabsld.temperature import (
 
 TEMPERATURE_MODES = ("paper", "released")
 BRANCHES = ("adv", "nat")
+# The buffers that keep at least fp32 precision when the module is cast (see ``ABSLDLoss._apply``).
+STATE_BUFFERS = ("tau_adv", "tau_nat", "risk_adv", "risk_nat")
 # "mean" is the released reduction (per-element mean over B * C), the others are kd_kl_div's.
 REDUCTIONS = ("mean", "batchmean", "sum", "none")
 
@@ -57,7 +59,8 @@ class ABSLDLoss(nn.Module):
 
     ``beta`` is a plain attribute (scale it with the learning rate: :class:`BetaDecay` does it)
     and is saved in ``state_dict`` (as extra state) together with the buffers ``tau_adv``,
-    ``tau_nat``, ``risk_adv`` and ``risk_nat``.
+    ``tau_nat``, ``risk_adv`` and ``risk_nat``. Those four stay fp32 when the module is cast to a
+    16-bit dtype (``.to(torch.bfloat16)``, ``.half()``): risk sums over an epoch need fp32's mantissa.
 
     Args:
         num_classes: C >= 1.
@@ -93,6 +96,18 @@ class ABSLDLoss(nn.Module):
         self.register_buffer("tau_nat", torch.full((num_classes,), float(tau_init)))
         self.register_buffer("risk_adv", torch.zeros(num_classes))
         self.register_buffer("risk_nat", torch.zeros(num_classes))
+
+    def _apply(self, fn, recurse=True):
+        # The temperatures and the class risks stay fp32 (or wider) whatever dtype the module is cast to:
+        # a bf16 risk sum stops growing after a few hundred batches (8 mantissa bits), and bf16 temperatures
+        # would round every update. Device moves apply as usual.
+        kept = {name: self._buffers[name] for name in STATE_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype and torch.finfo(after.dtype).bits < 32:
+                self._buffers[name] = before.to(device=after.device, dtype=torch.float32)
+        return self
 
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, adv_weight={self.adv_weight:.4g}, "

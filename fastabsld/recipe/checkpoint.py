@@ -14,6 +14,7 @@ destination's current version is first kept as ``<name>.prev.pt`` (``last.prev.p
 damaged on disk costs one checkpoint interval, not the run.
 """
 
+import contextlib
 import hashlib
 import os
 import random
@@ -24,10 +25,10 @@ import struct
 import numpy as np
 import torch
 
-from fastabsld.recipe.errors import CheckpointError
+from fastabsld.recipe.errors import CheckpointError, WriteError
 
-__all__ = ["FORMAT", "CheckpointError", "atomic_save", "atomic_write_text", "previous_path", "read", "load",
-           "load_latest", "load_model", "remove_stale_temporaries", "rng_state", "set_rng_state"]
+__all__ = ["FORMAT", "CheckpointError", "WriteError", "atomic_save", "atomic_write_text", "previous_path", "read",
+           "load", "load_latest", "remove_stale_temporaries", "rng_state", "set_rng_state", "verify"]
 
 # Version of the checkpoint layout (written into every checkpoint and into the teacher cache's hash).
 FORMAT = 1
@@ -109,15 +110,23 @@ def _keep_as_previous(path):
 
 
 class _HashingWriter:
-    """A binary file wrapper that hashes and counts what ``torch.save`` writes through it."""
+    """A binary file wrapper that hashes and counts what ``torch.save`` writes through it.
+
+    ``torch.save`` turns a failed write into a RuntimeError of its zip writer ("unexpected pos");
+    the OSError behind it (a full disk, a quota) is kept in ``error`` so that the caller can report it.
+    """
 
     def __init__(self, f):
-        self.file, self.sha, self.size = f, hashlib.sha256(), 0
+        self.file, self.sha, self.size, self.error = f, hashlib.sha256(), 0, None
 
     def write(self, data):
         self.sha.update(data)
         self.size += len(data)
-        return self.file.write(data)
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
 
     def flush(self):
         self.file.flush()
@@ -126,8 +135,24 @@ class _HashingWriter:
 def _write_payload(obj, f):
     """Serialises ``obj`` into the open file ``f`` and appends its checksum trailer."""
     writer = _HashingWriter(f)
-    torch.save(obj, writer)
+    try:
+        torch.save(obj, writer)
+    except RuntimeError as error:
+        if writer.error is not None:  # the file system refused the data: report that, not the zip writer's symptom
+            raise writer.error from error
+        raise
     f.write(_TRAILER.pack(_MAGIC, writer.size, writer.sha.digest()))
+
+
+@contextlib.contextmanager
+def _writing(path):
+    """Turns an OSError of writing ``path`` (a full disk, a quota, a read-only folder) into a :class:`WriteError`."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as error:
+        raise WriteError(path, error) from error
 
 
 def atomic_save(obj, path, *, keep_previous=False):
@@ -142,21 +167,26 @@ def atomic_save(obj, path, *, keep_previous=False):
         path: destination file; its folder is created if needed.
         keep_previous: first keep the current ``path`` as :func:`previous_path` (only when the caller
             knows that file to be good: a damaged one must not replace a good previous version).
+
+    Raises:
+        WriteError: the file system refused the file (a full disk, a quota, no permission); ``path`` and
+            its previous version are untouched.
     """
-    fd, tmp = _temporary(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_payload(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _verify(tmp)
-        if keep_previous and os.path.exists(path):
-            _keep_as_previous(path)
-        _replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with _writing(path):
+        fd, tmp = _temporary(path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                _write_payload(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            verify(tmp)
+            if keep_previous and os.path.exists(path):
+                _keep_as_previous(path)
+            _replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
 
 def atomic_write_text(text, path):
@@ -165,18 +195,22 @@ def atomic_write_text(text, path):
     Args:
         text: the content.
         path: destination file.
+
+    Raises:
+        WriteError: the file system refused the file; ``path`` is untouched.
     """
-    fd, tmp = _temporary(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with _writing(path):
+        fd, tmp = _temporary(path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            _replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
 
 def remove_stale_temporaries(folder):
@@ -213,8 +247,11 @@ def _zip_end(f, size):
     return start + pos + 22 + comment
 
 
-def _verify(path):
-    """Checks ``path``'s checksum trailer.
+def verify(path):
+    """Checks ``path``'s checksum trailer (the one :func:`atomic_save` appends).
+
+    Args:
+        path: the file.
 
     Returns:
         bool: True when the file carries a trailer that matches, False when it carries none (a plain
@@ -274,7 +311,7 @@ def read(path, map_location="cpu"):
         CheckpointError: the file is empty, truncated, corrupt or not a torch checkpoint.
         OSError: the file is missing or unreadable.
     """
-    verified = _verify(path)
+    verified = verify(path)
     try:
         # Checkpoints hold numpy and python RNG states, which the weights-only unpickler refuses.
         obj = torch.load(path, map_location=map_location, weights_only=False)

@@ -14,7 +14,8 @@ Examples:
   torchrun --nproc_per_node=4 -m fastabsld train --dataset cifar10 --device cuda --batch-size 128 ...
                                                    # 4 GPUs, 32 images per GPU per step
 
-Every error is one line ``error: ...`` and exit status 2; Ctrl-C prints how to resume and exits 130.
+Every error is one line ``error: ...`` and exit status 2; Ctrl-C prints how to resume and exits 130, SIGTERM (a
+scheduler's stop) prints the same and exits 143.
 Set FASTABSLD_TRACEBACK=1 to see the traceback of an error.
 """
 
@@ -26,13 +27,16 @@ import math
 import os
 import platform
 import shlex
+import signal
 import sys
+import threading
 import time
 
 from fastabsld.evaluation import AUTOATTACK_BACKENDS, AUTOATTACK_VERSIONS
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
 EVAL_ATTACKS = ("clean", "fgsm", "pgd20", "cw20")
 
 
@@ -48,6 +52,27 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(EXIT_ERROR, f"error: {message} (see '{self.prog} --help')\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that the run unwinds (and its files stay whole) as on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _positive_int(text):
@@ -206,7 +231,7 @@ def _train_run(args, ctx, cfg, run_dir):
         if ctx.is_main:
             logs.info(f"resuming {run_dir} ({cfg.method}, {cfg.epochs} epochs)")
     resolve_device(cfg.device)
-    result = train(cfg, run_dir, resume=args.resume)
+    result = train(cfg, run_dir, resume=args.resume, accept_teacher_change=args.accept_teacher_change)
     if not ctx.is_main:
         return 0
     logs.info(_summary(result["test"]))
@@ -403,6 +428,9 @@ def build_parser():
                           "other changes")
     run.add_argument("--config", default=None, metavar="FILE",
                      help="JSON or TOML file of settings (keys: the flags below with _ for -)")
+    run.add_argument("--accept-teacher-change", action="store_true",
+                     help="with --resume: go on when the teacher's weights differ from those the run was distilled "
+                          "from (otherwise an error naming both hashes); metrics.json records the change")
     _add_runtime(run)
     add_config_arguments(t.add_argument_group("settings (TrainConfig)"))
     t.set_defaults(func=_train)
@@ -498,9 +526,9 @@ def _resume_command(args, argv):
     return f"{launcher} {shlex.join(words)}"
 
 
-def _interrupted(args, argv):
+def _interrupted(args, argv, status=EXIT_INTERRUPTED):
     if int(os.environ.get("RANK", "0")) != 0:
-        return EXIT_INTERRUPTED
+        return status
     if args.command == "train":
         run_dir = getattr(args, "resolved_run_dir", None) or args.run_dir
         kept = "; last.pt holds the last finished epoch" if run_dir and os.path.exists(
@@ -513,7 +541,7 @@ def _interrupted(args, argv):
               "last epoch: run the same command again to continue", file=sys.stderr)
     else:
         print("interrupted", file=sys.stderr)
-    return EXIT_INTERRUPTED
+    return status
 
 
 def main(argv=None):
@@ -523,7 +551,7 @@ def main(argv=None):
         argv: the arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        int: the exit status (0, 2 for an error, 130 when interrupted).
+        int: the exit status (0, 2 for an error, 130 when interrupted, 143 on SIGTERM).
     """
     from fastabsld.recipe.distributed import env_world_size
 
@@ -538,15 +566,20 @@ def main(argv=None):
         return _error(f"only 'train' runs under torchrun; run '{args.command}' as a single process")
     from fastabsld.recipe import logs
 
-    with logs.setup(args.log_file):  # error lines too reach the log file
+    with contextlib.ExitStack() as stack:
         try:
+            stack.enter_context(logs.setup(args.log_file))  # error lines too reach the log file
+        except (ValueError, OSError) as error:  # --log-file names a folder or an unwritable place
+            return _error(str(error))
+        try:
+            stack.enter_context(_sigterm_unwinds())
             if getattr(args, "device", None) is not None:
                 from fastabsld.recipe.runtime import resolve_device
 
                 resolve_device(args.device)
             return args.func(args)
-        except KeyboardInterrupt:
-            return _interrupted(args, argv)
+        except KeyboardInterrupt as interrupt:
+            return _interrupted(args, argv, EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED)
         except (ValueError, OSError, ImportError) as error:  # bad values, files, folders, missing packages
             if os.environ.get("FASTABSLD_TRACEBACK"):
                 raise

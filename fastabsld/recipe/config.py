@@ -26,6 +26,22 @@ from fastabsld.recipe.data import DATASETS
 from fastabsld.recipe.models import MODELS, is_factory
 from fastabsld.temperature import check_temperature_bounds
 
+CACHE_ENV = "FASTABSLD_CACHE"
+DEFAULT_CACHE_DIR = ".fastabsld_cache"
+
+
+def default_cache_dir():
+    """The teacher cache folder when none is given: ``$FASTABSLD_CACHE``, or ``.fastabsld_cache`` when it is unset.
+
+    A blank ``FASTABSLD_CACHE`` (``""``, as ``FASTABSLD_CACHE= cmd`` leaves it) counts as unset: an empty
+    folder name would otherwise put teacher files into the current folder.
+
+    Returns:
+        str: the folder.
+    """
+    return os.environ.get(CACHE_ENV, "").strip() or DEFAULT_CACHE_DIR
+
+
 METHODS = ("absld", "rslad", "pgd-at", "trades", "ard", "iad")
 # The methods that distil from a robust teacher (the others train a model on its own).
 DISTILLATION_METHODS = ("absld", "rslad", "ard", "iad")
@@ -150,7 +166,8 @@ class TrainConfig:
         teacher_lr_gamma: LR factor at each milestone of a teacher trained here.
         teacher_method: how a teacher trained here is trained: ``pgd-at`` or ``trades`` (with trades_beta).
         device: ``cpu``, ``cuda`` or ``auto``.
-        cache_dir: folder of cached teachers (default: $FASTABSLD_CACHE or .fastabsld_cache).
+        cache_dir: folder of cached teachers (default: $FASTABSLD_CACHE when set and not blank, else
+            .fastabsld_cache).
         progress: show progress bars (drawn only when standard error is a terminal).
         on_nonfinite: what a NaN or infinite training loss does: ``stop`` the run with an error (the
             last finite checkpoint stays) or ``warn`` and go on.
@@ -219,7 +236,7 @@ class TrainConfig:
     teacher_lr_gamma: float = 0.1
     teacher_method: str = field(default="pgd-at", metadata=_choices(*TEACHER_METHODS))
     device: str = "cpu"
-    cache_dir: str = field(default_factory=lambda: os.environ.get("FASTABSLD_CACHE", ".fastabsld_cache"))
+    cache_dir: str = field(default_factory=lambda: default_cache_dir())
     progress: bool = True
     on_nonfinite: str = field(default="stop", metadata=_choices(*NONFINITE_ACTIONS))
     sync_bn: bool = False
@@ -237,6 +254,9 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
+        if not self.cache_dir.strip():
+            raise ValueError(f"cache_dir must name a folder, got {self.cache_dir!r} (leave it out for "
+                             f"${CACHE_ENV} or {DEFAULT_CACHE_DIR})")
         for name in ("epochs", "batch_size", "eval_every", "teacher_epochs", "teacher_batch_size"):
             check_int(getattr(self, name), name, minimum=1)
         for name in ("steps", "seed", "split_seed", "teacher_seed", "in_memory_mb", "num_workers"):

@@ -18,7 +18,7 @@ try:
 except ImportError:  # not POSIX
     fcntl = None
 
-from fastabsld.recipe.errors import RunLockedError
+from fastabsld.recipe.errors import DISK_FULL, RunLockedError, WriteError
 
 LOCK_FILE = "run.lock"
 
@@ -75,13 +75,20 @@ def hold(run_dir, *, wait=False, log=None):
 
     Raises:
         RunLockedError: another live process holds the lock (and ``wait`` is False).
+        WriteError: the disk is too full to create the lock file or write its record.
     """
     key = os.path.realpath(run_dir)
     if fcntl is None or key in _held:  # no locking here, or an outer block of this process holds it
         yield
         return
-    os.makedirs(run_dir, exist_ok=True)
-    fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+    path = os.path.join(run_dir, LOCK_FILE)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        raise WriteError(path, error) from error
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -96,7 +103,10 @@ def hold(run_dir, *, wait=False, log=None):
         record = {"pid": os.getpid(), "host": socket.gethostname(),
                   "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        try:
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        except OSError as error:  # a full disk: say so before the run computes anything
+            raise WriteError(path, error) from error
         _held[key] = fd
         try:
             yield

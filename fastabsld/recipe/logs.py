@@ -58,6 +58,60 @@ class _BelowError(logging.Filter):
         return record.levelno < logging.ERROR
 
 
+class _LogFile(logging.FileHandler):
+    """A FileHandler that, when a line cannot be written (a full disk), says so once and falls silent.
+
+    ``logging``'s own handler prints a traceback for every line that fails.
+    """
+
+    failed = False
+
+    def handleError(self, record):
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            reason = getattr(error, "strerror", None) or error or "unknown error"
+            print(f"warning: cannot write the log file {self.baseFilename} ({reason}); its lines go to the "
+                  "console only from here on", file=sys.stderr, flush=True)
+
+    def emit(self, record):
+        if not self.failed:
+            super().emit(record)
+
+    def close(self):
+        try:
+            super().close()
+        except OSError:  # the last buffered bytes did not fit either
+            self.handleError(None)
+
+
+def open_log_file(path):
+    """A ``logging.FileHandler`` appending to ``path`` (its folder created), or a one-line error saying why not.
+
+    Args:
+        path: the log file.
+
+    Returns:
+        logging.FileHandler: the handler.
+
+    Raises:
+        ValueError: ``path`` names a folder.
+        OSError: the file cannot be created or opened (a read-only place, a file where a folder should be).
+    """
+    if os.path.isdir(path):
+        raise ValueError(f"log file {path} is a folder: name a file (e.g. {os.path.join(path, 'train.log')})")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return _LogFile(path, encoding="utf-8")
+    except OSError as error:
+        # makedirs says "File exists" when a file stands where a folder of the path should be.
+        reason = "a file stands where a folder of its path should be" \
+            if isinstance(error, (FileExistsError, NotADirectoryError)) else error.strerror or error
+        failure = OSError(f"cannot open the log file {path}: {reason}")
+        failure.errno = error.errno  # set after construction: the message stays one plain line
+        raise failure from None
+
+
 @contextlib.contextmanager
 def setup(log_file=None):
     """Attaches the command line's handlers to the ``fastabsld`` logger for the ``with`` block.
@@ -70,6 +124,10 @@ def setup(log_file=None):
 
     Yields:
         logging.Logger: the configured logger.
+
+    Raises:
+        ValueError: ``log_file`` names a folder.
+        OSError: ``log_file`` cannot be opened for appending (the message names it and why).
     """
     log = logger()
     out = logging.StreamHandler(sys.stdout)
@@ -78,9 +136,7 @@ def setup(log_file=None):
     err.setLevel(logging.ERROR)
     handlers = [out, err]
     if log_file and os.environ.get("RANK", "0") == "0":
-        folder = os.path.dirname(os.path.abspath(log_file))
-        os.makedirs(folder, exist_ok=True)
-        to_file = logging.FileHandler(log_file, encoding="utf-8")
+        to_file = open_log_file(log_file)
         to_file.setFormatter(logging.Formatter(FILE_FORMAT, DATE_FORMAT))
         handlers.append(to_file)
     level = log.level

@@ -12,6 +12,10 @@ What the loop guarantees about its run folder (rank 0 alone writes it, under its
   ``best.pt`` / ``best.prev.pt`` likewise, matched against the best epoch that the resumed state records.
 - A run killed at any point resumes to the state the uninterrupted run has (weights, temperatures,
   optimiser, RNG states), bit for bit on the same machine.
+- A resumed distillation run checks that its teacher's weights are those its checkpoint was distilled
+  from (:class:`TeacherChangedError` otherwise, unless accepted; an accepted change is recorded).
+- A file the disk refuses (full, over quota) is a :class:`WriteError`; the files before it stay, and
+  the run resumes once there is space.
 - A NaN or infinite loss (or model state) is counted on the device, read where the epoch already
   synchronises, and by default stops the run with :class:`NonFiniteLossError` before anything of the
   non-finite epoch is written (``on_nonfinite="warn"``: a warning line, and the run goes on).
@@ -31,14 +35,14 @@ import torch
 from fastabsld.evaluation import evaluate
 from fastabsld.recipe import checkpoint, distributed, lock, logs, report, speed
 from fastabsld.recipe.data import eval_loader, is_tensors, split_size, stream_loader, subset
-from fastabsld.recipe.errors import CheckpointError, NonFiniteLossError
+from fastabsld.recipe.errors import CheckpointError, NonFiniteLossError, TeacherChangedError
 from fastabsld.recipe.method_plans import plan_for, reweight as reweighting
 from fastabsld.recipe.models import build_model
 from fastabsld.recipe.runtime import resolve_device, seed_everything
 from fastabsld.recipe.schedule import milestone_epochs
 from fastabsld.recipe.steps import build_loss, train_step
 
-__all__ = ["NonFiniteLossError", "fit", "train_epoch"]
+__all__ = ["NonFiniteLossError", "TeacherChangedError", "fit", "train_epoch"]
 
 
 def _subset(data, n):
@@ -235,7 +239,38 @@ def _load_best(best_path, best, resumed_epoch, cfg, device, log):
     return None, {"epoch": None, "value": -math.inf}, False
 
 
-def fit(cfg, run_dir, data, *, teacher=None, resume=False, log=None, student=None, info=None, scalar_writer=None):
+# What a teacher change records of each teacher (the rest of a teacher's record, its validation, stays in "teacher").
+_TEACHER_IDENTITY = ("source", "path", "name", "hash", "sha256", "weights_sha256")
+
+
+def _identity(record):
+    return {key: record[key] for key in _TEACHER_IDENTITY if key in record}
+
+
+def _teacher_changes(state, info, run_dir, accept):
+    """The teacher changes of a resumed run: its checkpoint's, plus one when the teacher's weights differ now.
+
+    Returns:
+        list: ``{"epoch": first epoch with the new teacher, "from": ..., "to": ...}`` records.
+
+    Raises:
+        TeacherChangedError: the weights differ and ``accept`` is False.
+    """
+    changes = list(state.get("teacher_changes") or [])
+    recorded, current = state.get("teacher"), (info or {}).get("teacher")
+    if not isinstance(recorded, dict) or not isinstance(current, dict):
+        return changes
+    # Checkpoints written before the weights were hashed compare the files' hashes.
+    key = next((k for k in ("weights_sha256", "sha256") if recorded.get(k) and current.get(k)), None)
+    if key is None or recorded[key] == current[key]:
+        return changes
+    if not accept:
+        raise TeacherChangedError(run_dir, recorded, current)
+    return changes + [{"epoch": state["epoch"] + 1, "from": _identity(recorded), "to": _identity(current)}]
+
+
+def fit(cfg, run_dir, data, *, teacher=None, resume=False, log=None, student=None, info=None, scalar_writer=None,
+        accept_teacher_change=False):
     """Trains a student with ``cfg.method`` on ``data``, checkpointing every epoch; evaluates the kept weights on test.
 
     Writes to ``run_dir`` (holding its lock, see :mod:`fastabsld.recipe.lock`): ``last.pt`` (full state,
@@ -257,6 +292,9 @@ def fit(cfg, run_dir, data, *, teacher=None, resume=False, log=None, student=Non
         scalar_writer: a SummaryWriter-like object (``add_scalar``, ``flush``) receiving the epoch
             scalars; None: a ``torch.utils.tensorboard.SummaryWriter`` in ``run_dir`` when tensorboard
             is installed.
+        accept_teacher_change: resume even when ``info["teacher"]``'s weights differ from those the
+            checkpoint was distilled from; the change is recorded under ``"teacher_changes"`` in the
+            checkpoints and metrics.json.
 
     Returns:
         dict: ``{"config", "history", "best", "test", "model", ...}`` with the trained (selected) model.
@@ -264,17 +302,19 @@ def fit(cfg, run_dir, data, *, teacher=None, resume=False, log=None, student=Non
     Raises:
         RunLockedError: another process is running in ``run_dir``.
         CheckpointError: ``resume`` found checkpoints, none of them usable.
+        TeacherChangedError: ``resume`` with a teacher other than the checkpoint's, not accepted.
         NonFiniteLossError: the loss became NaN or infinite and ``cfg.on_nonfinite`` is ``"stop"``.
+        WriteError: the file system refused a run file (a full disk); the files before it are untouched.
     """
     log = log or logs.info
     ctx = distributed.current()
     writes = run_dir if ctx.is_main else None
     with lock.hold(writes) if writes else contextlib.nullcontext():
         return _fit(cfg, run_dir, data, teacher=teacher, resume=resume, log=log, student=student, info=info,
-                    scalar_writer=scalar_writer)
+                    scalar_writer=scalar_writer, accept_teacher_change=accept_teacher_change)
 
 
-def _fit(cfg, run_dir, data, *, teacher, resume, log, student, info, scalar_writer):
+def _fit(cfg, run_dir, data, *, teacher, resume, log, student, info, scalar_writer, accept_teacher_change):
     from tqdm.auto import tqdm
 
     ctx = distributed.current()
@@ -331,8 +371,15 @@ def _fit(cfg, run_dir, data, *, teacher, resume, log, student, info, scalar_writ
     if writes:
         checkpoint.remove_stale_temporaries(run_dir)
     restored = _load_resume_state(last_path, ctx, device, log) if resume and last_path else None
+    teacher_changes = []
     if restored:
         state, used = restored
+        teacher_changes = _teacher_changes(state, info, run_dir, accept_teacher_change)
+        if len(teacher_changes) > len(state.get("teacher_changes") or []):
+            change = teacher_changes[-1]
+            log(f"warning: the teacher changed (weights SHA-256 {change['from'].get('weights_sha256')} -> "
+                f"{change['to'].get('weights_sha256')}); distilling from the new one from epoch {change['epoch']} "
+                "on, as accepted")
         history, best, start = _restore(state, cfg, student, optimizer, scheduler, plan, loss_fn, reweight, generators,
                                         log)
         last_good = used == last_path
@@ -349,6 +396,8 @@ def _fit(cfg, run_dir, data, *, teacher, resume, log, student, info, scalar_writ
     names = getattr(data, "class_names", None)
     shapes = {"num_classes": data.num_classes, "in_channels": data.in_channels}
     extra = {**(info or {}), "world_size": ctx.world_size}
+    if teacher_changes:
+        extra["teacher_changes"] = teacher_changes
     if names:
         extra["class_names"] = list(names)
     own_writer = scalar_writer is None

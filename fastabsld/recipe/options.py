@@ -23,7 +23,7 @@ _MORE = re.compile(r"^ {12,}(\S.*)$")
 
 
 def parse_number(text):
-    """A float from a decimal or a fraction (``"0.1"``, ``"8/255"``, ``"1e-3"``).
+    """A float from a decimal or a fraction ``a/b`` (``"0.1"``, ``"8/255"``, ``"1e-3"``, ``"1.5/255"``).
 
     Args:
         text: the text (a number passes through as a float).
@@ -32,7 +32,7 @@ def parse_number(text):
         float: the value.
 
     Raises:
-        ValueError: not a number.
+        ValueError: not a number, or a fraction with other than one slash between two numbers (``"1/3/4"``).
     """
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return float(text)
@@ -41,11 +41,15 @@ def parse_number(text):
     value = text.strip()
     try:
         if "/" in value:
-            numerator, _, denominator = value.partition("/")
-            return float(fractions.Fraction(numerator.strip()) / fractions.Fraction(denominator.strip()))
+            # Exactly one slash with a plain number on each side: "1/3/4" is refused, never read as 1/(3/4).
+            numerator, denominator = (part.strip() for part in value.split("/", 1))
+            if "/" in denominator or not numerator or not denominator:
+                raise ValueError(value)
+            return float(fractions.Fraction(numerator) / fractions.Fraction(denominator))
         return float(value)
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"expected a number or a fraction such as 8/255, got {text!r}") from None
+        raise ValueError(f"expected a number or a fraction a/b such as 8/255 (one slash, a number on each side), "
+                         f"got {text!r}") from None
 
 
 def _number(text):

@@ -7,8 +7,10 @@ epochs, seed and optimiser settings, plus the content of a folder or custom data
 differ in student settings (beta, temperature mode, method, epochs, evaluation...) share one teacher.
 Its training runs in ``<cache_dir>/teacher-<dataset>-<model>-<hash>-run`` with the epoch loop's
 checkpoints, under that folder's lock: a training killed half-way resumes from its last epoch on the
-next call, and a second process that needs the same teacher waits for the first one to cache it. A
-teacher given by ``teacher_path`` (see ``fastabsld.recipe.teachers``) is loaded instead.
+next call, and a second process that needs the same teacher waits for the first one to cache it. The
+cached file carries the checkpoints' checksum trailer and is verified at every load: a damaged one is an
+error naming it, never a silently different teacher. A teacher given by ``teacher_path`` (see
+``fastabsld.recipe.teachers``) is loaded instead.
 """
 
 import contextlib
@@ -20,6 +22,7 @@ import re
 from fastabsld.recipe import checkpoint, distributed, lock, logs
 from fastabsld.recipe.config import TEACHER_FIELDS, TEACHER_METHOD_FIELDS, TrainConfig
 from fastabsld.recipe.data import folder_fingerprint, first_images, load_for_config
+from fastabsld.recipe.errors import CheckpointError
 from fastabsld.recipe.loop import fit
 from fastabsld.recipe.runtime import resolve_device
 from fastabsld.recipe.teachers import load_teacher
@@ -136,15 +139,21 @@ def teacher_and_info(cfg, *, data=None, log=None):
     tcfg = teacher_config(cfg)
     path = os.path.abspath(teacher_cache_path(cfg, data))
     ctx = distributed.current()
-    cached = ctx.from_main(os.path.exists(path))
-    if not cached:  # under torchrun all ranks train it together; rank 0 caches it
+    trained = False
+    if not ctx.from_main(os.path.exists(path)):  # under torchrun all ranks train it together; rank 0 caches it
         run_dir = os.path.splitext(path)[0] + "-run"
-        # Rank 0 holds the teacher's run folder; a process training the same teacher elsewhere is waited for.
+        # Rank 0 holds the teacher's run folder; a process training the same teacher elsewhere is waited for
+        # (and then finds the cached file: it trained nothing itself).
         with lock.hold(run_dir, wait=True, log=log) if ctx.is_main else contextlib.nullcontext():
             if not ctx.from_main(os.path.exists(path)):
                 _train_teacher(tcfg, path, run_dir, data, ctx, log)
-    teacher, info = load_teacher(path, **shape)
-    return teacher, {**info, "source": "cache", "hash": config_hash(cfg, data), "trained_now": not cached}
+                trained = True
+    try:
+        teacher, info = load_teacher(path, **shape)
+    except CheckpointError as error:
+        raise CheckpointError(path, f"{error.problem}; this cached teacher is damaged: delete it to train the "
+                                    "teacher again") from error
+    return teacher, {**info, "source": "cache", "hash": config_hash(cfg, data), "trained_now": trained}
 
 
 def _train_teacher(tcfg, path, run_dir, data, ctx, log):

@@ -2,7 +2,7 @@
 
 :func:`load_teacher` accepts
 
-- a fastabsld checkpoint (``best.pt``, a cached teacher): its own architecture is rebuilt;
+- a fastabsld checkpoint (``best.pt``, ``last.pt``, a cached teacher): its own architecture is rebuilt;
 - a plain ``state_dict`` of a named architecture (``--teacher-model``), also wrapped as
   ``{"state_dict": ...}`` (or ``"model"``, ``"model_state_dict"``, ``"net"``) and with the
   ``module.`` prefix of ``DataParallel``;
@@ -13,8 +13,12 @@
   weights once), converted the same way when the layout is the TRADES one, else used as it is;
 - an ``nn.Module`` (in Python).
 
-Files are read with ``torch.load(weights_only=True)``: they hold tensors and plain containers, never
-code. A pickled ``nn.Module`` is refused with a message saying to save its ``state_dict``. Every
+Files are read with ``torch.load(weights_only=True)``: they hold tensors and plain containers (and, in a
+run's ``last.pt``, numpy's RNG state), never code. A pickled ``nn.Module`` is refused with a message
+saying to save its ``state_dict``. A file that carries fastabsld's checksum trailer (its checkpoints,
+cached teachers) is verified first: a flipped byte is a
+:class:`~fastabsld.recipe.errors.CheckpointError` naming the file, never a silently different teacher;
+a file from elsewhere carries none and is identified by its SHA-256 in metrics.json. Every other
 failure is a :class:`TeacherError` naming the file and what was wrong.
 """
 
@@ -25,7 +29,8 @@ import re
 import torch
 from torch import nn
 
-from fastabsld.recipe.config import TrainConfig
+from fastabsld.recipe import checkpoint
+from fastabsld.recipe.config import TrainConfig, default_cache_dir
 from fastabsld.recipe.models import WideResNet, build_model
 
 # Keys under which training scripts commonly nest a state_dict.
@@ -165,16 +170,34 @@ def load_state(model, state, what):
     return model
 
 
+def _checkpoint_globals():
+    """What a fastabsld ``last.pt`` holds besides tensors and plain containers: numpy's RNG state (an array)."""
+    import numpy as np
+
+    return [np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
+
+
 def _read(path):
-    """``torch.load(path, weights_only=True)``, every failure a TeacherError naming the file."""
+    """``torch.load(path, weights_only=True)`` after checking the checksum trailer when the file carries one.
+
+    Returns:
+        tuple: (what the file holds, True when a checksum trailer was verified / False for a file without one).
+
+    Raises:
+        CheckpointError: a file whose trailer does not match its content (a flipped byte, a truncated copy).
+        TeacherError: any other unusable file, naming it.
+    """
     if os.path.isdir(path):
         raise TeacherError(f"teacher {path} is a folder, not a weights file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"teacher {path}: no such file")
     if os.path.getsize(path) == 0:
         raise TeacherError(f"teacher {path} is empty")
+    verified = checkpoint.verify(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # numpy's RNG state is allowed too, so that a run's own last.pt serves as a teacher.
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True), verified
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ValueError... for bad files
         text = str(error)
         if "Unsupported global" in text or "GLOBAL" in text:
@@ -200,6 +223,28 @@ def file_digest(path):
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def weights_digest(model):
+    """The first 16 hex digits of a SHA-256 over a model's state_dict: names, dtypes, shapes and values.
+
+    It identifies the teacher's weights whatever they came from (a file in any layout, the cache,
+    RobustBench, a module), so that a resumed run can tell whether it distils from the same teacher.
+
+    Args:
+        model: an ``nn.Module``.
+
+    Returns:
+        str: the digest.
+    """
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        value = value.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.view(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()[:16]
 
 
@@ -234,17 +279,30 @@ def _from_loaded(obj, where, *, model_name, num_classes, in_channels):
     return model, {"format": "state_dict", "architecture": model_name}
 
 
+def _robustbench_missing(error):
+    """Whether an import failure means that robustbench itself is not installed (not that it failed to import)."""
+    missing = getattr(error, "name", None)
+    return isinstance(error, ModuleNotFoundError) and (missing is None or missing == "robustbench"
+                                                       or missing.startswith("robustbench."))
+
+
 def _robustbench(name, dataset, cache_dir):
     try:
         from robustbench.utils import load_model
-    except ImportError as error:
-        raise ImportError(f"teacher {ROBUSTBENCH_PREFIX}{name} needs the robustbench package: `pip install "
-                          "git+https://github.com/RobustBench/robustbench` (it downloads the weights once), or "
-                          "download the weights yourself and pass the file") from error
+    except Exception as error:  # an installed package may fail with anything: a missing dependency, a version clash
+        if _robustbench_missing(error):
+            raise ImportError(f"teacher {ROBUSTBENCH_PREFIX}{name} needs the robustbench package: `pip install "
+                              "git+https://github.com/RobustBench/robustbench` (it downloads the weights once), or "
+                              "download the weights yourself and pass the file") from error
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ImportError(f"teacher {ROBUSTBENCH_PREFIX}{name}: the robustbench package is installed but fails to "
+                          f"import ({type(error).__name__}: {first}); repair its installation (`python -c 'import "
+                          "robustbench.utils'` shows the whole error), or download the weights and pass the file") \
+            from error
     if dataset not in ("cifar10", "cifar100"):
         raise TeacherError(f"teacher {ROBUSTBENCH_PREFIX}{name}: RobustBench models are for cifar10/cifar100 here, "
                            f"the data set is {dataset!r}")
-    model_dir = os.path.join(cache_dir or ".", "robustbench")
+    model_dir = os.path.join(cache_dir or default_cache_dir(), "robustbench")
     try:
         return load_model(model_name=name, dataset=dataset, threat_model="Linf", model_dir=model_dir)
     except Exception as error:  # an unknown name, a failed download...
@@ -285,17 +343,20 @@ def load_teacher(source, *, model_name=None, num_classes, in_channels, example=N
         in_channels: input channels of the data set.
         example: a few images of the data set, to check the teacher's outputs (None: not checked).
         dataset: the data set's name (RobustBench needs it).
-        cache_dir: where RobustBench keeps downloaded weights (``<cache_dir>/robustbench``).
+        cache_dir: where RobustBench keeps downloaded weights (``<cache_dir>/robustbench``; None: the default
+            teacher cache).
         device: where to put the teacher.
 
     Returns:
         tuple: (teacher: eval mode, no gradients, on ``device``; info dict for metrics.json: ``source``,
-        ``format``, ``architecture`` and, for files, ``path`` and ``sha256``).
+        ``format``, ``architecture``, ``weights_sha256`` (:func:`weights_digest`) and, for files, ``path``,
+        ``sha256`` (of the file) and ``checksum_verified`` (the file carried fastabsld's checksum trailer)).
 
     Raises:
+        CheckpointError: a file carrying fastabsld's checksum trailer that does not match its content.
         TeacherError: a file or module that cannot serve as the teacher, naming it and why.
         FileNotFoundError: no such file.
-        ImportError: ``robustbench:`` without the package.
+        ImportError: ``robustbench:`` without the package, or with one that fails to import (saying what failed).
     """
     if isinstance(source, nn.Module):
         model, info = source, {"source": "module", "format": "module", "architecture": type(source).__name__}
@@ -313,13 +374,16 @@ def load_teacher(source, *, model_name=None, num_classes, in_channels, example=N
         where = source
     elif isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        model, info = _from_loaded(_read(path), path, model_name=model_name, num_classes=num_classes,
+        loaded, verified = _read(path)
+        model, info = _from_loaded(loaded, path, model_name=model_name, num_classes=num_classes,
                                    in_channels=in_channels)
-        info = {"source": "file", "path": os.path.abspath(path), "sha256": file_digest(path), **info}
+        info = {"source": "file", "path": os.path.abspath(path), "sha256": file_digest(path),
+                "checksum_verified": verified, **info}
         where = path
     else:
         raise TeacherError(f"teacher must be a path, '{ROBUSTBENCH_PREFIX}<name>' or an nn.Module, got "
                            f"{type(source).__name__}")
+    info["weights_sha256"] = weights_digest(model)
     model = model.to(device).eval().requires_grad_(False)
     if example is not None:
         check_outputs(model, example, num_classes, where)

@@ -4,8 +4,10 @@ The recipe's methods are ``absld``, ``rslad``, ``ard``, ``iad`` (distillation), 
 (see ``fastabsld.recipe.method_plans``); the loop,
 checkpoints and resume are ``fastabsld.recipe.loop``'s, the teacher and its cache
 ``fastabsld.recipe.teacher``'s, teachers from elsewhere ``fastabsld.recipe.teachers``'. A run records
-its teacher in metrics.json (for a file, its absolute path), and a resumed run takes that teacher file
-again, whichever working directory or cache folder it resumes from.
+its teacher in its checkpoints and metrics.json (for a file, its absolute path and SHA-256; for every
+teacher, the hash of its weights), and a resumed run takes that teacher file again, whichever working
+directory or cache folder it resumes from, and refuses a teacher whose weights differ unless told to
+accept it.
 
 Your own data and models (the contract): images are float tensors (C, H, W) in [0, 1] (no
 normalisation: put it inside the model), labels integers in [0, num_classes); a model is any
@@ -111,7 +113,7 @@ def _teacher(cfg, data, teacher, log):
 
 
 def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, student=None, num_classes=None, log=None,
-          teacher_info=None, scalar_writer=None):
+          teacher_info=None, scalar_writer=None, accept_teacher_change=False):
     """Trains a student with ``cfg.method``, checkpointing every epoch; evaluates the kept weights on test.
 
     Writes to ``run_dir``: ``last.pt`` (full state, every epoch), ``best.pt`` (weights chosen on the
@@ -136,6 +138,9 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, student=N
         teacher_info: what metrics.json records about a ``teacher`` module given here (its source, and its
             ``"val"`` report, which is then not recomputed); ``None``: described and evaluated here.
         scalar_writer: passed to :func:`fastabsld.recipe.loop.fit` (TensorBoard scalars).
+        accept_teacher_change: with ``resume``, go on distilling when the teacher's weights differ from those
+            the run's checkpoint was distilled from (recorded under ``"teacher_changes"``); otherwise that is a
+            :class:`~fastabsld.recipe.errors.TeacherChangedError` naming both teachers' hashes.
 
     Returns:
         dict: ``{"config", "history", "best", "test", "model", "teacher"}`` with the trained (selected) model.
@@ -161,6 +166,6 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, student=N
                 f"{described['val']['clean']['average']:.3f}, PGD-20 {described['val']['pgd20']['average']:.3f}")
         info["teacher"] = described
     result = fit(cfg, run_dir, data, teacher=teacher, resume=resume, log=log, student=student, info=info,
-                 scalar_writer=scalar_writer)
+                 scalar_writer=scalar_writer, accept_teacher_change=accept_teacher_change)
     result.setdefault("teacher", info.get("teacher"))
     return result

@@ -277,6 +277,43 @@ def test_buffers_follow_module_to_dtype():
     assert loss.dtype == torch.float64 and loss_fn.risk_adv.dtype == torch.float64
 
 
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to(dtype=torch.bfloat16)])
+def test_temperatures_and_risks_stay_fp32_under_a_16_bit_module(cast):
+    loss_fn = cast(ABSLDLoss(3))
+    for name in ("tau_adv", "tau_nat", "risk_adv", "risk_nat"):
+        assert getattr(loss_fn, name).dtype == torch.float32, name
+
+
+def test_a_bf16_module_gives_the_fp32_temperatures_over_200_batches():
+    """The risk sums of an epoch reach thousands: bf16 (8 mantissa bits) stops adding 0.5-sized losses there."""
+    classes, batches = 10, 200
+    wide, narrow = ABSLDLoss(classes), ABSLDLoss(classes).to(torch.bfloat16)
+    expected = torch.zeros(2, classes, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(batches):
+        adv, nat, teacher = (2 * torch.randn(64, classes, generator=gen) for _ in range(3))
+        labels = torch.randint(0, classes, (64,), generator=gen)
+        # The risks differ per class: class k's logits are pushed away from k more, the larger k.
+        adv[torch.arange(64), labels] -= labels.to(adv.dtype) / classes
+        for module in (wide, narrow):
+            module(adv.to(torch.bfloat16), nat.to(torch.bfloat16), teacher.to(torch.bfloat16), labels)
+        for row, logits in enumerate((adv, nat)):
+            losses = F.cross_entropy(logits.to(torch.bfloat16).double(), labels, reduction="none")
+            expected[row].index_add_(0, labels, losses)
+    assert expected.min() > 1000  # far past where a bf16 sum of such losses saturates (256 * 0.5 .. 4)
+    tol = dict(rtol=1e-4, atol=0.0)  # fp32 sums of 1300 terms: relative error well below 1e-4
+    torch.testing.assert_close(narrow.risk_adv.double(), expected[0], **tol)
+    torch.testing.assert_close(narrow.risk_nat.double(), expected[1], **tol)
+    wide.update_temperatures()
+    narrow.update_temperatures()
+    assert narrow.tau_adv.dtype == torch.float32
+    torch.testing.assert_close(narrow.tau_adv, wide.tau_adv)
+    torch.testing.assert_close(narrow.tau_nat, wide.tau_nat)
+    reference = released_temperature_update(torch.ones(classes, dtype=torch.float64), expected[0], 0.1)
+    torch.testing.assert_close(narrow.tau_adv.double(), reference, rtol=1e-5, atol=1e-6)
+    assert narrow.tau_adv.argmin() == classes - 1  # the riskiest class gets the lowest temperature
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_classes=0), "num_classes"),
     (dict(num_classes=2.0), "num_classes"),

@@ -112,3 +112,36 @@ def run_process(context, target, *args, timeout=180):
         process.join()
         pytest.fail(f"{target.__name__} did not finish within {timeout} s")
     return process.exitcode
+
+
+def full_disk(monkeypatch, name, nth):
+    """From the ``nth`` run file called ``name`` on, every file the checkpoint writer creates sits on a full disk.
+
+    The temporary file is created as usual, then its descriptor is pointed at ``/dev/full``, where every
+    write fails with ENOSPC from the kernel, as on a file system without free blocks.
+
+    Args:
+        monkeypatch: pytest's monkeypatch.
+        name: the base name that counts (``last.pt``).
+        nth: the first such file that does not fit (1-based).
+
+    Returns:
+        dict: ``{"full": bool}``; set ``full`` to False to free the space again.
+    """
+    from fastabsld.recipe import checkpoint
+
+    real, seen, disk = checkpoint._temporary, [], {"full": False}
+
+    def temporary(path):
+        fd, tmp = real(path)
+        if os.path.basename(path) == name:
+            seen.append(path)
+            disk["full"] = disk["full"] or len(seen) == nth
+        if disk["full"]:
+            device = os.open("/dev/full", os.O_WRONLY)
+            os.dup2(device, fd)
+            os.close(device)
+        return fd, tmp
+
+    monkeypatch.setattr(checkpoint, "_temporary", temporary)
+    return disk

@@ -10,10 +10,12 @@ import sys
 import pytest
 import torch
 
-from fastabsld.recipe import cli, lock
+from fastabsld.recipe import checkpoint, cli, lock
 from fastabsld.recipe.config import DEFAULT_TEACHER_EPOCHS, TrainConfig
 from fastabsld.recipe.models import build_model
 from fastabsld.recipe.options import field_docs, flag, parse_number
+from fastabsld.recipe.teacher import teacher_cache_path
+from fastabsld.recipe.teachers import weights_digest
 from tests.recipe.conftest import png_folder
 from tests.recipe.test_teachers import trades_model
 
@@ -144,6 +146,29 @@ def test_config_file_then_flags(tmp_path, suffix):
     cfg = cli.train_config(cli.build_parser().parse_args(["train", "--config", str(path), "--beta", "0.05"]))
     assert (cfg.method, cfg.beta, cfg.milestones, cfg.teacher_epochs) == ("rslad", 0.05, (0.5,), 3)
     assert cfg.eps == pytest.approx(8 / 255)
+
+
+@pytest.mark.parametrize("text, value", [("8/255", 8 / 255), (" 1.5 / 255 ", 1.5 / 255), ("1e-3/2", 5e-4),
+                                         ("-1/4", -0.25), ("0.1", 0.1)])
+def test_a_fraction_is_one_slash_between_two_numbers(text, value):
+    assert parse_number(text) == pytest.approx(value, rel=1e-15)
+
+
+@pytest.mark.parametrize("text", ["1/3/4", "8/255/1", "1//3", "/3", "3/", "/", "a/b", "8/0", "1/inf", "1/2/"])
+def test_anything_else_with_a_slash_is_refused(text):
+    with pytest.raises(ValueError, match="fraction a/b"):
+        parse_number(text)
+
+
+def test_a_nested_fraction_is_one_error_line_on_the_command_line_and_in_a_config_file(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--eps", "1/3/4", "--run-dir", str(run)]) == 2
+    one_error(capsys, "--eps", "'1/3/4'", "fraction a/b")
+    path = tmp_path / "run.toml"
+    path.write_text('eps = "1/3/4"\n')
+    assert cli.main(["train", "--config", str(path), "--run-dir", str(run)]) == 2
+    one_error(capsys, str(path), "eps", "'1/3/4'", "fraction a/b")
+    assert not run.exists()
 
 
 @pytest.mark.parametrize("content, fragments", [
@@ -420,3 +445,114 @@ def test_a_trades_teacher_through_teacher_path(tmp_path, capsys):
     with torch.no_grad():
         expected = (reference(x).argmax(1) == y).double().mean().item()
     assert teacher["val"]["clean"]["average"] == pytest.approx(expected)
+
+
+def _unwritable_log_files(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    places = {"folder": (str(tmp_path), "is a folder"),
+              "under a file": (str(tmp_path / "a_file" / "train.log"), "a file stands where a folder")}
+    if not os.access("/sys", os.W_OK) or os.path.ismount("/sys"):
+        places["read-only"] = ("/sys/fastabsld-train.log", "cannot open the log file")
+    return places
+
+
+@pytest.mark.parametrize("place", ["folder", "under a file", "read-only"])
+def test_a_log_file_that_cannot_be_written_is_one_error_line(tmp_path, capsys, place):
+    places = _unwritable_log_files(tmp_path)
+    if place not in places:
+        pytest.skip("no read-only place here")
+    path, fragment = places[place]
+    run = tmp_path / "run"
+    assert cli.main(["train", "--log-file", path, "--run-dir", str(run)]) == 2
+    one_error(capsys, path, fragment)
+    assert not run.exists()
+
+
+def test_sigterm_exits_143_with_the_resume_command_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
+    import signal
+
+    from fastabsld.recipe import train as train_module
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, as a scheduler's stop sends it
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(train_module, "train", terminated)
+    run = tmp_path / "run"
+    argv = ["train", "--method", "pgd-at", "--epochs", "3", "--run-dir", str(run), "--no-progress"]
+    assert cli.main(argv) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("interrupted")
+    assert err[0].endswith(f"train --method pgd-at --epochs 3 --run-dir {run} --no-progress --resume")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handler is gone afterwards
+
+
+def test_a_real_sigterm_stops_a_training_process_with_the_resume_hint(tmp_path):
+    """The command in a process of its own, stopped by SIGTERM after its first epoch."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "fastabsld", "train", "--method", "pgd-at", "--epochs", "50", "--train-subset",
+               "64", "--steps", "1", "--no-progress", "--eval-every", "50", "--threads", "1", "--run-dir", str(run)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, process.communicate()
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("interrupted; last.pt holds the last finished epoch. Resume with: "), err
+    assert lines[-1].endswith(f"train {' '.join(command[4:])} --resume") and "Traceback" not in err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_is_one_error_line_and_the_run_resumes_after(tmp_path, capsys, monkeypatch):
+    from tests.recipe.conftest import full_disk
+
+    run = tmp_path / "run"
+    argv = ["train", "--method", "pgd-at", *QUICK, "--epochs", "2", "--test-attacks", "clean", "--run-dir", str(run)]
+    disk = full_disk(monkeypatch, "last.pt", 2)
+    assert cli.main(argv) == 2
+    line = one_error(capsys, f"cannot write {run / 'last.pt'}: No space left on device", "free some space, then resume")
+    assert "inline_container" not in line
+    assert checkpoint.load(str(run / "last.pt"))["epoch"] == 1
+    disk["full"] = False
+    assert cli.main([*argv, "--resume"]) == 0
+    assert checkpoint.load(str(run / "last.pt"))["epoch"] == 2
+
+
+def test_a_runs_own_last_and_best_checkpoints_serve_as_teacher(finished_run, tmp_path, capsys):
+    for name in ("last.pt", "best.pt"):
+        run = tmp_path / f"from-{name}"
+        assert cli.main(["train", "--method", "rslad", "--teacher-path", str(finished_run / name), *QUICK,
+                         "--run-dir", str(run), "--test-attacks", "clean"]) == 0, capsys.readouterr().err
+        teacher = json.loads((run / "metrics.json").read_text())["teacher"]
+        assert (teacher["format"], teacher["architecture"], teacher["checksum_verified"]) == ("fastabsld", "cnn-s",
+                                                                                               True)
+
+
+def test_a_resume_with_another_teacher_is_one_error_line_unless_accepted(tmp_path, capsys):
+    from tests.recipe.test_teacher import plant_teacher
+
+    argv = ["train", "--method", "rslad", "--teacher-model", "cnn-s", *QUICK, "--test-attacks", "clean",
+            "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run")]
+    cfg = cli.train_config(cli.build_parser().parse_args(argv))
+    path = teacher_cache_path(cfg)
+    first = weights_digest(plant_teacher(cfg, path, seed=7))
+    assert cli.main(argv) == 0
+    second = weights_digest(plant_teacher(cfg, path, seed=8))
+    capsys.readouterr()
+    assert cli.main([*argv, "--epochs", "2", "--resume"]) == 2
+    one_error(capsys, first, second, "--accept-teacher-change")
+    assert cli.main([*argv, "--epochs", "2", "--resume", "--accept-teacher-change"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [(c["from"]["weights_sha256"], c["to"]["weights_sha256"]) for c in metrics["teacher_changes"]] == \
+        [(first, second)]

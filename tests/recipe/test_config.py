@@ -19,3 +19,17 @@ def test_config_validation_and_defaults():
                 {"val_attacks": ("clean", "x")}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_a_blank_cache_environment_variable_counts_as_unset(monkeypatch, value):
+    monkeypatch.setenv("FASTABSLD_CACHE", value)
+    assert TrainConfig().cache_dir == ".fastabsld_cache"
+    monkeypatch.setenv("FASTABSLD_CACHE", "/somewhere/cache")
+    assert TrainConfig().cache_dir == "/somewhere/cache"
+
+
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_cache_dir_is_a_clear_error(value):
+    with pytest.raises(ValueError, match="cache_dir must name a folder"):
+        TrainConfig(cache_dir=value)

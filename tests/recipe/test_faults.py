@@ -5,6 +5,8 @@ replays one); each killed process is a real process (see ``fault_worker``) and t
 end bit for bit where the uninterrupted one does.
 """
 
+import errno
+import dataclasses
 import json
 import math
 import os
@@ -18,11 +20,13 @@ import torch
 from fastabsld.recipe import checkpoint, cli, loop, report
 from fastabsld.recipe import teacher as teacher_mod
 from fastabsld.recipe.config import TrainConfig
-from fastabsld.recipe.errors import CheckpointError, NonFiniteLossError
+from fastabsld.recipe.errors import CheckpointError, NonFiniteLossError, TeacherChangedError, WriteError
+from fastabsld.recipe.models import build_model
+from fastabsld.recipe.teachers import weights_digest
 from fastabsld.recipe.teacher import get_teacher, teacher_cache_path
 from fastabsld.recipe.train import train
 from tests.recipe import fault_worker
-from tests.recipe.conftest import run_process
+from tests.recipe.conftest import full_disk, run_process
 
 # 3 batches per epoch, a validation of 1 batch (clean + FGSM) after every epoch, a test of 3 batches.
 TINY = dict(method="absld", epochs=3, batch_size=32, steps=2, train_subset=96, progress=False, eval_every=1,
@@ -355,3 +359,62 @@ def test_cli_nonfinite_loss_is_an_error_line_and_a_failure_status(tmp_path, caps
     if (run_dir / "last.pt").exists():
         assert all(torch.isfinite(v).all() for v in checkpoint.load(str(run_dir / "last.pt"))["model"].values())
     assert cli.main(argv + ["--on-nonfinite", "warn", "--run-dir", str(tmp_path / "warned")]) == 0
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_is_a_write_error_and_the_run_resumes_bit_identically_after(tmp_path, straight, digits,
+                                                                                 monkeypatch):
+    straight_dir, _ = straight
+    run_dir = str(tmp_path / "run")
+    disk = full_disk(monkeypatch, "last.pt", 2)  # epoch 2's checkpoint does not fit
+    with pytest.raises(WriteError) as error:
+        train(TrainConfig(**TINY), run_dir, teacher=fault_worker.fixed_teacher(), data=digits, log=_quiet)
+    assert error.value.errno == errno.ENOSPC and isinstance(error.value, OSError)
+    assert str(error.value).startswith(f"cannot write {os.path.join(run_dir, 'last.pt')}: No space left on device")
+    # Nothing lost: epoch 1's checkpoint is whole, no temporary file is left.
+    assert checkpoint.verify(os.path.join(run_dir, "last.pt"))
+    assert checkpoint.load(os.path.join(run_dir, "last.pt"))["epoch"] == 1
+    assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")]
+    disk["full"] = False  # space freed
+    train(TrainConfig(**TINY), run_dir, resume=True, teacher=fault_worker.fixed_teacher(), data=digits, log=_quiet)
+    _same_final_state(straight_dir, run_dir)
+
+
+def _cache_teacher(cfg, seed):
+    """Caches an untrained cnn-s of ``seed`` as ``cfg``'s teacher; returns its weights' digest."""
+    torch.manual_seed(seed)
+    model = build_model("cnn-s", 10, 1).eval()
+    checkpoint.atomic_save({"format": checkpoint.FORMAT, "config": teacher_mod.teacher_config(cfg).to_dict(),
+                            "epoch": 1, "model": model.state_dict(), "num_classes": 10, "in_channels": 1},
+                           teacher_cache_path(cfg))
+    return weights_digest(model)
+
+
+def test_a_resume_with_another_teacher_is_an_error_naming_both_hashes_unless_accepted(tmp_path, digits):
+    cfg = TrainConfig(**dict(TINY, epochs=1, test_attacks=("clean",)), cache_dir=str(tmp_path / "cache"),
+                      teacher_model="cnn-s")
+    first = _cache_teacher(cfg, 7)
+    run_dir = str(tmp_path / "run")
+    train(cfg, run_dir, data=digits, log=_quiet)
+    assert checkpoint.load(os.path.join(run_dir, "last.pt"))["teacher"]["weights_sha256"] == first
+    # Another teacher where the run's was (a copy over the cached file): the resume must not distil from it silently.
+    second = _cache_teacher(cfg, 8)
+    assert second != first
+    longer = dataclasses.replace(cfg, epochs=2)
+    before = open(os.path.join(run_dir, "last.pt"), "rb").read()
+    with pytest.raises(TeacherChangedError) as error:
+        train(longer, run_dir, resume=True, data=digits, log=_quiet)
+    assert first in str(error.value) and second in str(error.value) and "--accept-teacher-change" in str(error.value)
+    assert open(os.path.join(run_dir, "last.pt"), "rb").read() == before
+    lines = []
+    result = train(longer, run_dir, resume=True, data=digits, log=lines.append, accept_teacher_change=True)
+    assert len(result["history"]) == 2 and any("the teacher changed" in line for line in lines)
+    for recorded in (json.loads(open(os.path.join(run_dir, "metrics.json")).read()),
+                     checkpoint.load(os.path.join(run_dir, "last.pt"))):
+        assert recorded["teacher"]["weights_sha256"] == second
+        (change,) = recorded["teacher_changes"]
+        assert (change["epoch"], change["from"]["weights_sha256"], change["to"]["weights_sha256"]) == (2, first, second)
+        assert change["from"]["path"] == change["to"]["path"] == os.path.abspath(teacher_cache_path(cfg))
+    # The change stays on record through later resumes with the (now accepted) teacher.
+    again = train(dataclasses.replace(cfg, epochs=3), run_dir, resume=True, data=digits, log=_quiet)
+    assert len(again["teacher_changes"]) == 1 and len(again["history"]) == 3

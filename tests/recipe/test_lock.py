@@ -1,5 +1,6 @@
 """The run folder's lock: a second run in a folder in use is an error naming the holder; every exit releases it."""
 
+import errno
 import os
 import signal
 import socket
@@ -11,7 +12,7 @@ import pytest
 from fastabsld.recipe import checkpoint, cli, lock, loop
 from fastabsld.recipe import teacher as teacher_mod
 from fastabsld.recipe.config import TrainConfig
-from fastabsld.recipe.errors import RunLockedError
+from fastabsld.recipe.errors import RunLockedError, WriteError
 from fastabsld.recipe.train import train
 from tests.recipe import fault_worker
 
@@ -118,3 +119,17 @@ def test_a_second_process_needing_the_same_teacher_waits_for_the_first(tmp_path,
     first.join(60)
     assert got and all(a.equal(b) for a, b in zip(got[0].state_dict().values(),
                                                   fault_worker.fixed_teacher().state_dict().values()))
+
+
+def test_a_disk_too_full_for_the_lock_record_is_a_write_error_before_anything_runs(tmp_path, monkeypatch):
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    run_dir = str(tmp_path / "run")
+    monkeypatch.setattr(lock.os, "pwrite", full)
+    with pytest.raises(WriteError, match=r"run.lock: No space left on device; .* free some space, then resume"):
+        with lock.hold(run_dir):
+            raise AssertionError("the run started without its lock record")
+    monkeypatch.undo()
+    with lock.hold(run_dir):  # the failed attempt left the folder free
+        assert lock.holder(run_dir)["pid"] == os.getpid()

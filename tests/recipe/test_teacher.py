@@ -1,5 +1,6 @@
 """The teacher's recipe, its cache key (teacher-defining fields only) and the cache."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -7,7 +8,10 @@ import os
 import pytest
 import torch
 
+from fastabsld.recipe import checkpoint, cli
 from fastabsld.recipe import teacher as teacher_mod
+from fastabsld.recipe.errors import CheckpointError
+from fastabsld.recipe.models import build_model
 from fastabsld.recipe.config import RUNTIME_FIELDS, TEACHER_FIELDS, TrainConfig
 from fastabsld.recipe.teacher import config_hash, get_teacher, teacher_cache_path, teacher_config
 from fastabsld.recipe.train import train
@@ -107,3 +111,79 @@ def test_teacher_is_trained_once_then_reused_by_other_student_settings(tmp_path,
         assert recorded["source"] == "cache" and recorded["trained_now"] is False
         assert recorded["path"] == os.path.abspath(tmp_path / files[0]) and recorded["hash"] in files[0]
         assert set(recorded["val"]) == {"clean", "pgd20"} and 0 <= recorded["val"]["pgd20"]["average"] <= 1
+
+
+def plant_teacher(cfg, path, seed=7):
+    """Caches a teacher for ``cfg`` at ``path`` as the recipe does (an untrained cnn-s of ``seed``); returns it."""
+    torch.manual_seed(seed)
+    model = build_model("cnn-s", 10, 1).eval()
+    checkpoint.atomic_save({"format": checkpoint.FORMAT, "config": teacher_config(cfg).to_dict(), "epoch": 1,
+                            "model": model.state_dict(), "num_classes": 10, "in_channels": 1}, str(path))
+    return model
+
+
+def flip_weight_bit(path, model):
+    """Flips one bit inside the stored bytes of ``model``'s head weight (torch.load reads the file as before)."""
+    data = bytearray(open(path, "rb").read())
+    offset = bytes(data).find(model.state_dict()["head.weight"].view(-1).view(torch.uint8).numpy().tobytes())
+    assert offset > 0
+    data[offset + 9] ^= 0x10
+    open(path, "wb").write(bytes(data))
+
+
+CACHED = dict(method="rslad", teacher_model="cnn-s", progress=False, batch_size=64, steps=1, epochs=1,
+              train_subset=64, test_attacks=("clean",), val_attacks=("clean",), select_metric="clean.average")
+
+
+def test_a_flipped_byte_in_the_cached_teacher_is_an_error_naming_it(tmp_path, digits, monkeypatch):
+    cfg = TrainConfig(**CACHED, cache_dir=str(tmp_path))
+    path = teacher_cache_path(cfg, digits)
+    model = plant_teacher(cfg, path)
+    assert torch.equal(get_teacher(cfg, data=digits).head.weight, model.head.weight)
+    flip_weight_bit(path, model)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a damaged cached teacher was trained over or used")
+
+    monkeypatch.setattr(teacher_mod, "fit", no_training)
+    with pytest.raises(CheckpointError, match="SHA-256 does not match .* delete it to train the teacher again") \
+            as error:
+        get_teacher(cfg, data=digits)
+    assert str(error.value).startswith(os.path.abspath(path))
+
+
+def test_the_cli_refuses_a_damaged_cached_teacher_with_one_error_line(tmp_path, digits, capsys):
+    argv = ["train", "--method", "rslad", "--teacher-model", "cnn-s", "--epochs", "1", "--train-subset", "64",
+            "--steps", "1", "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run")]
+    cfg = cli.train_config(cli.build_parser().parse_args(argv))
+    path = teacher_cache_path(cfg, digits)
+    flip_weight_bit(path, plant_teacher(cfg, path))
+    assert cli.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {os.path.abspath(path)} is corrupt"), lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_process_that_only_waited_for_the_teacher_records_trained_now_false(tmp_path, digits, monkeypatch):
+    cfg = TrainConfig(**CACHED, cache_dir=str(tmp_path))
+    path = teacher_cache_path(cfg, digits)
+
+    @contextlib.contextmanager
+    def another_process_caches_it(run_dir, **kwargs):  # the lock is free once the other process has cached it
+        plant_teacher(cfg, path)
+        yield
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the waiting process trained the teacher again")
+
+    monkeypatch.setattr(teacher_mod.lock, "hold", another_process_caches_it)
+    monkeypatch.setattr(teacher_mod, "fit", no_training)
+    _, info = teacher_mod.teacher_and_info(cfg, data=digits, log=lambda *_: None)
+    assert info["trained_now"] is False and info["checksum_verified"] is True
+
+
+def test_a_teacher_trained_here_is_cached_with_its_checksum_and_says_so(tmp_path, digits):
+    cfg = TrainConfig(**dict(CACHED, teacher_epochs=1), cache_dir=str(tmp_path))
+    _, info = teacher_mod.teacher_and_info(cfg, data=digits, log=lambda *_: None)
+    assert info["trained_now"] is True and info["checksum_verified"] is True
+    assert checkpoint.verify(teacher_cache_path(cfg, digits)) is True

@@ -1,6 +1,7 @@
 """Teachers from elsewhere: the TRADES / RobustBench WideResNet layout, plain state_dicts, wrappers, RobustBench,
 errors."""
 
+import hashlib
 import sys
 import types
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from fastabsld.recipe import checkpoint
 from fastabsld.recipe.config import TrainConfig
+from fastabsld.recipe.errors import CheckpointError
 from fastabsld.recipe.models import WideResNet, build_model
 from fastabsld.recipe.teachers import (
     TeacherError,
@@ -18,6 +20,7 @@ from fastabsld.recipe.teachers import (
     is_trades_wideresnet,
     load_teacher,
     unwrap_state_dict,
+    weights_digest,
 )
 
 
@@ -238,6 +241,109 @@ def test_a_module_teacher_is_frozen_and_checked():
     model = build_model("cnn-l", 10, 1).train()
     teacher, info = load_teacher(model, num_classes=10, in_channels=1, example=torch.rand(2, 1, 8, 8))
     assert teacher is model and not model.training and not any(p.requires_grad for p in model.parameters())
-    assert info == {"source": "module", "format": "module", "architecture": "SmallCNN"}
+    assert info == {"source": "module", "format": "module", "architecture": "SmallCNN",
+                    "weights_sha256": weights_digest(model)}
     with pytest.raises(TeacherError, match="fails on the data's images"):
         load_teacher(build_model("cnn-l", 10, 1), num_classes=10, in_channels=3, example=torch.rand(2, 3, 8, 8))
+
+
+def _flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _tensor_offset(path, tensor):
+    """Where ``tensor``'s bytes lie in a ``torch.save`` file (its storages are stored uncompressed)."""
+    offset = path.read_bytes().find(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    assert offset > 0
+    return offset
+
+
+def test_a_checksummed_teacher_file_is_verified_and_a_flipped_byte_is_an_error(tmp_path):
+    torch.manual_seed(1)
+    model = build_model("cnn-s", 10, 1).eval()
+    path = tmp_path / "best.pt"
+    checkpoint.atomic_save({"format": checkpoint.FORMAT, "config": TrainConfig(model="cnn-s").to_dict(), "epoch": 3,
+                            "model": model.state_dict(), "num_classes": 10, "in_channels": 1}, str(path))
+    _, info = load_teacher(str(path), num_classes=10, in_channels=1)
+    assert info["checksum_verified"] is True and info["weights_sha256"] == weights_digest(model)
+    # One bit of a weight: torch.load reads the file without complaint, so only the trailer can tell.
+    _flip_byte(path, _tensor_offset(path, model.state_dict()["head.weight"]) + 5)
+    with pytest.raises(CheckpointError, match="SHA-256 does not match") as error:
+        load_teacher(str(path), num_classes=10, in_channels=1)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_file_from_elsewhere_is_identified_by_its_sha256(tmp_path):
+    torch.manual_seed(1)
+    model = build_model("cnn-l", 10, 1)
+    path = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), path)
+    _, info = load_teacher(str(path), model_name="cnn-l", num_classes=10, in_channels=1)
+    assert info["checksum_verified"] is False
+    assert info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    assert info["weights_sha256"] == weights_digest(model)
+
+
+def test_weights_digest_tells_weights_apart_and_ignores_where_they_came_from(tmp_path):
+    torch.manual_seed(1)
+    model = build_model("cnn-s", 10, 1)
+    same = build_model("cnn-s", 10, 1)
+    same.load_state_dict(model.state_dict())
+    assert weights_digest(same) == weights_digest(model)
+    with torch.no_grad():
+        next(same.parameters()).view(-1)[0] += 1e-7 * max(1.0, abs(next(same.parameters()).view(-1)[0].item()))
+    assert weights_digest(same) != weights_digest(model)
+    assert weights_digest(model.double()) != weights_digest(model.float())  # dtypes count
+    # The same weights from a TRADES-layout file and from the converted module: one digest.
+    reference = trades_model(10, 1)
+    torch.save(reference.state_dict(), tmp_path / "trades.pt")
+    converted, _ = load_teacher(str(tmp_path / "trades.pt"), num_classes=10, in_channels=3)
+    _, info = load_teacher(converted, num_classes=10, in_channels=3)
+    assert info["weights_sha256"] == weights_digest(converted)
+
+
+def test_a_runs_own_last_checkpoint_is_a_teacher(tmp_path):
+    """A full checkpoint (optimiser, numpy and torch RNG states) is read for its weights, not refused as code."""
+    torch.manual_seed(1)
+    model = build_model("cnn-s", 10, 1).eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.rand(4, 1, 8, 8)).sum().backward()
+    optimizer.step()
+    checkpoint.atomic_save({"format": checkpoint.FORMAT, "config": TrainConfig(model="cnn-s").to_dict(), "epoch": 2,
+                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "rng": checkpoint.rng_state({"data": torch.Generator().manual_seed(3)}),
+                            "history": [{"epoch": 1, "train_loss": float("nan")}], "num_classes": 10,
+                            "in_channels": 1}, str(tmp_path / "last.pt"))
+    teacher, info = load_teacher(str(tmp_path / "last.pt"), model_name="cnn-l", num_classes=10, in_channels=1)
+    assert (info["format"], info["architecture"], info["checksum_verified"]) == ("fastabsld", "cnn-s", True)
+    x = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), model(x))
+    # Still no code: a pickled module inside a checkpoint is refused.
+    checkpoint.atomic_save({"config": TrainConfig(model="cnn-s").to_dict(), "model": model}, str(tmp_path / "m.pt"))
+    with pytest.raises(TeacherError, match="pickled object"):
+        load_teacher(str(tmp_path / "m.pt"), num_classes=10, in_channels=1)
+
+
+@pytest.mark.parametrize("init, fragments", [
+    ("import a_dependency_robustbench_lacks\n", ["fails to import", "ModuleNotFoundError",
+                                                 "a_dependency_robustbench_lacks"]),
+    ("raise AttributeError('module torch has no attribute xyz')\n", ["fails to import", "AttributeError",
+                                                                     "has no attribute xyz"]),
+])
+def test_an_installed_robustbench_that_fails_to_import_says_what_failed(monkeypatch, tmp_path, init, fragments):
+    package = tmp_path / "site" / "robustbench"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(init)
+    (package / "utils.py").write_text("def load_model(**kwargs):\n    raise AssertionError\n")
+    for name in ("robustbench", "robustbench.utils"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(ImportError) as error:
+        load_teacher("robustbench:Zhang2019Theoretically", num_classes=10, in_channels=3, dataset="cifar10")
+    message = str(error.value)
+    assert "needs the robustbench package" not in message and "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
