@@ -285,8 +285,8 @@ def _eval(args):
     import numpy as np
 
     from fastabsld.evaluation import evaluate
-    from fastabsld.recipe import logs
-    from fastabsld.recipe.data import balanced_subset, eval_loader, is_tensors, load_for_config, split_size
+    from fastabsld.recipe import logs, predictions
+    from fastabsld.recipe.data import balanced_indices, balanced_subset, eval_loader, load_for_config, split_size
     from fastabsld.recipe.runfiles import load_run_model
     from fastabsld.recipe.runtime import resolve_device
 
@@ -300,9 +300,11 @@ def _eval(args):
         cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
     data = load_for_config(cfg)
     split = getattr(data, args.split)
+    whole = split_size(split)
+    indices = None
     if args.n_examples is not None:
+        indices = balanced_indices(split, args.n_examples, seed=args.seed)
         split = balanced_subset(split, args.n_examples, seed=args.seed)
-    labels = split[1].numpy() if is_tensors(split) else None
     eps = cfg.eps if args.eps is None else args.eps
     alpha = cfg.alpha if args.alpha is None else args.alpha
     began = time.perf_counter()
@@ -314,13 +316,18 @@ def _eval(args):
     logs.info(f"{args.checkpoint}: {cfg.model} on the {cfg.dataset} {args.split} split ({split_size(split)} images), "
               f"eps={eps:.6g}, alpha={alpha:.6g}, seed {args.seed}")
     logs.info(_summary(results))
-    if labels is None and args.json:
-        labels = np.concatenate([y.numpy() for _, y in eval_loader(split, args.batch_size)])
     from fastabsld.recipe.report import plot_per_class, write_metrics
 
-    # The per-class plot goes beside the JSON, or else beside the checkpoint (--plot chooses).
+    # The per-class plot and the predictions go beside the JSON, or else beside the checkpoint.
     stem = os.path.splitext(args.json or args.checkpoint)[0]
-    plot_path = args.plot or (f"{stem}_per_class.png" if args.json else f"{stem}_{args.split}_per_class.png")
+    stem = stem if args.json else f"{stem}_{args.split}"
+    plot_path = args.plot or f"{stem}_per_class.png"
+    predictions_path = args.predictions or f"{stem}_{predictions.FILE}"
+    predictions.save(predictions_path, results, predictions.identity(
+        cfg, data, split=args.split, split_size=whole, checkpoint=os.path.abspath(args.checkpoint), eps=eps,
+        alpha=alpha, seed=args.seed), indices=indices)
+    logs.info(f"written: {predictions_path}")
+    labels = results.labels
     if args.json:
         payload = {
             "checkpoint": os.path.abspath(args.checkpoint), "model": cfg.model, "dataset": cfg.dataset,
@@ -329,6 +336,7 @@ def _eval(args):
             "class_names": list(data.class_names) if data.class_names else None,
             "class_counts": np.bincount(labels, minlength=data.num_classes).tolist(), "results": results,
             "versions": _versions("autoattack" in names), "device": str(device), "plot": os.path.abspath(plot_path),
+            "predictions": os.path.abspath(predictions_path),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
         }
         folder, filename = os.path.split(os.path.abspath(args.json))
@@ -421,6 +429,11 @@ def build_parser(commands=()):
     e.add_argument("--plot", default=None,
                    help="the per-class accuracy plot (default: beside the --json file as *_per_class.png, else "
                         "beside the checkpoint as <checkpoint>_<split>_per_class.png)")
+    e.add_argument("--predictions", default=None, metavar="FILE",
+                   help="the per-example results (each example's predicted class under each attack, the labels, "
+                        "the split's identity; numpy .npz, read with fastabsld.recipe.predictions.load) (default: "
+                        "beside the --json file as *_predictions.npz, else beside the checkpoint as "
+                        "<checkpoint>_<split>_predictions.npz)")
     e.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     add_runtime(e)

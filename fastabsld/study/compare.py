@@ -181,6 +181,11 @@ def _evaluate_missing(run_dir, test, attacks, data, device):
         model, cfg, _ = load_run_model(os.path.join(run_dir, "best.pt"), device)
         results = evaluate(model, eval_loader(data.test, max(cfg.batch_size, 256), cfg.num_workers), missing,
                            eps=cfg.eps, alpha=cfg.alpha, num_classes=data.num_classes, device=device, progress=False)
+        from fastabsld.recipe import predictions
+        from fastabsld.recipe.data import split_size
+
+        predictions.save(os.path.join(run_dir, predictions.FILE), results, predictions.identity(
+            cfg, data, split="test", split_size=split_size(data.test), checkpoint="best.pt"), keep_existing=True)
         extra.update(results)
         report.write_metrics(run_dir, extra, name=EXTRA_EVAL_FILE)
     merged = {**extra, **test}
