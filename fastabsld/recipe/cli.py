@@ -1,4 +1,5 @@
-"""The ``fastabsld`` command line: ``train``, ``eval``, ``demo`` and ``compare``.
+"""The ``fastabsld`` command line: ``train`` and ``eval`` here; ``demo`` and ``compare`` join them from
+``fastabsld.study.cli``, whose ``main`` is the ``fastabsld`` program.
 
 Examples:
   fastabsld demo                                   # RSLAD vs ABSLD on digits, CPU, a few minutes
@@ -21,7 +22,6 @@ Set FASTABSLD_TRACEBACK=1 to see the traceback of an error.
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import math
 import os
@@ -75,7 +75,18 @@ def _sigterm_unwinds():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _positive_int(text):
+def positive_int(text):
+    """An argparse type: an integer >= 1.
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        int: the value.
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer, or below 1.
+    """
     try:
         value = int(text)
     except ValueError:
@@ -94,7 +105,12 @@ def _number(text):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _set_threads(threads):
+def set_threads(threads):
+    """Sets torch's CPU threads for a command (``--threads``).
+
+    Args:
+        threads: the number of threads, or None / 0 to keep torch's choice.
+    """
     import torch
 
     if threads:
@@ -114,7 +130,7 @@ def _error(message):
 def _train(args):
     from fastabsld.recipe import distributed
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     with distributed.session(_requested_device(args)) as ctx:
         return _train_in(args, ctx)
 
@@ -404,7 +420,7 @@ def _eval(args):
     if checkpoint != args.checkpoint:
         logs.info(f"evaluating {checkpoint}")
     outputs = eval_outputs(args, checkpoint)
-    _set_threads(args.threads)
+    set_threads(args.threads)
     device = resolve_device(args.device)
     model, cfg, state = load_run_model(checkpoint, device)
     if args.data_dir:
@@ -468,55 +484,26 @@ def _eval(args):
     return 0
 
 
-def _demo(args):
-    from fastabsld.recipe.demo import run_demo
-    from fastabsld.recipe.options import given_settings
+def add_runtime(p):
+    """Adds the flags every command shares, ``--threads`` and ``--log-file``.
 
-    _set_threads(args.threads)
-    speed = {k: v for k, v in given_settings(args).items() if k in ("amp", "channels_last", "compile", "fold_bn")}
-    run_demo(args.out, seeds=tuple(args.seeds), epochs=args.epochs, teacher_epochs=args.teacher_epochs,
-             cache_dir=args.cache_dir, device=args.device, progress=args.progress, speed=speed)
-    return 0
-
-
-def _compare(args):
-    from fastabsld.recipe.compare import compare
-    from fastabsld.recipe.options import requested_settings
-
-    _set_threads(args.threads)
-    config = {**requested_settings(args), "progress": False}  # each run's epoch lines go to its train.log
-    compare(args.out, methods=args.methods, seeds=args.seeds, attacks=args.attacks, reference=args.reference,
-            config=config, jobs=args.jobs, threads=args.threads)
-    return 0
-
-
-# The settings compare sets per run (the specs, seeds and attacks) or itself (no progress bars in the workers).
-COMPARE_OWN_FIELDS = ("method", "reweight", "seed", "test_attacks", "progress")
-
-
-COMPARE_HELP = ("Trains every method spec with every seed under one budget on one data set, distilling from one "
-                "cached robust teacher, each run in its own folder of --out (a run finished there is reused, an "
-                "interrupted one resumed); evaluates the kept weights on the test split and prints, per method and "
-                "attack, the average and worst-class accuracy and NSD as mean +- std over the seeds, with each "
-                "method's paired difference (same seed) from --reference, judged against the seed spread as the "
-                "demo judges it. Writes compare.json and compare.png into --out. A spec is a method, or a "
-                "distillation method followed by +reweight (Fair-ARD's per-class re-weighting), e.g. "
-                "absld+reweight. The defaults (6 methods x 3 seeds of 30 epochs on digits, --jobs 2, the teacher "
-                "included) took 6.0, 6.7 and 6.0 min in three measurements on 2 CPU cores; with --jobs 1 about "
-                "twice that. AutoAttack "
-                "(--attacks ... autoattack) adds about 2.5 min per run on digits (its Square attack's 5000 "
-                "queries), so it is not among the defaults.")
-
-
-def _add_runtime(p):
-    p.add_argument("--threads", type=_positive_int, default=None,
+    Args:
+        p: an argparse parser or argument group.
+    """
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; the demo uses 1, which is fastest for its "
                         "tiny models on a shared machine)")
     p.add_argument("--log-file", default=None, metavar="FILE", help="also append every line (time-stamped) to FILE")
 
 
-def build_parser():
+def build_parser(commands=()):
     """Builds the argument parser of the command line.
+
+    Args:
+        commands: functions that each add a sub-command to the sub-parsers they are given (the study's
+            ``demo`` and ``compare``, from ``fastabsld.study.cli``, which builds on this module). A command sets
+            ``func`` (the handler) and may set ``interrupted`` (a function of the parsed arguments returning
+            the line printed on Ctrl-C) as parser defaults.
 
     Returns:
         argparse.ArgumentParser: the parser with its sub-commands.
@@ -524,8 +511,7 @@ def build_parser():
     import torch
 
     import fastabsld
-    from fastabsld.recipe.config import DEFAULT_TEACHER_EPOCHS, METHODS, TrainConfig
-    from fastabsld.recipe.options import add_config_arguments, flag
+    from fastabsld.recipe.options import add_config_arguments
 
     parser = Parser(prog="fastabsld", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version",
@@ -550,7 +536,7 @@ def build_parser():
     run.add_argument("--accept-teacher-change", action="store_true",
                      help="with --resume: go on when the teacher's weights differ from those the run was distilled "
                           "from (otherwise an error naming both hashes); metrics.json records the change")
-    _add_runtime(run)
+    add_runtime(run)
     add_config_arguments(t.add_argument_group("settings (TrainConfig)"))
     t.set_defaults(func=_train)
 
@@ -562,10 +548,10 @@ def build_parser():
     e.add_argument("--attacks", nargs="+", default=list(EVAL_ATTACKS),
                    help="clean, fgsm, pgd<N>, cw<N> (N steps; bare pgd / cw take --steps) and autoattack "
                         f"(default: {' '.join(EVAL_ATTACKS)})")
-    e.add_argument("--steps", type=_positive_int, default=None,
+    e.add_argument("--steps", type=positive_int, default=None,
                    help="steps of bare pgd / cw names (default: 20); names such as pgd50 carry their own")
     e.add_argument("--split", choices=("test", "val", "train"), default="test", help="(default: test)")
-    e.add_argument("--n-examples", type=_positive_int, default=None,
+    e.add_argument("--n-examples", type=positive_int, default=None,
                    help="evaluate a class-stratified subset of this many images (as RobustBench's n_ex) "
                         "(default: the whole split)")
     e.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default: 0)")
@@ -576,7 +562,7 @@ def build_parser():
     e.add_argument("--autoattack-backend", choices=AUTOATTACK_BACKENDS, default="auto",
                    help="the official autoattack package, torchattacks' port, or auto: the official one when it is "
                         "installed (default: auto; the JSON names the one used)")
-    e.add_argument("--batch-size", type=_positive_int, default=256, help="(default: 256)")
+    e.add_argument("--batch-size", type=positive_int, default=256, help="(default: 256)")
     e.add_argument("--data-dir", default=None, help="the data set's folder, if it moved since training")
     e.add_argument("--json", default=None,
                    help="write the results, sanity warnings, versions and class counts to this JSON file (never over "
@@ -596,50 +582,11 @@ def build_parser():
                         "AutoAttack is lower) run on every evaluation, paired on the same examples")
     e.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    _add_runtime(e)
+    add_runtime(e)
     e.set_defaults(func=_eval)
 
-    d = sub.add_parser("demo", help="RSLAD vs ABSLD on digits on the CPU (a few minutes)",
-                       description="Trains (or reuses) a robust digits teacher, distils RSLAD and ABSLD students "
-                                   "with the same budget and seeds, and prints a side-by-side table of clean and "
-                                   "PGD-20 accuracy, worst-class accuracy and NSD with mean +- std over seeds.")
-    d.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                   help="student seeds (default: 0 1 2 3 4; about 20 s per seed for both methods on 2 cores)")
-    d.add_argument("--epochs", type=_positive_int, default=30, help="student epochs (default: 30)")
-    d.add_argument("--teacher-epochs", type=_positive_int, default=DEFAULT_TEACHER_EPOCHS,
-                   help=f"(default: {DEFAULT_TEACHER_EPOCHS}, as for train: both share the cached teacher)")
-    d.add_argument("--out", default=os.path.join("runs", "demo"), help="report folder (default: runs/demo)")
-    d.add_argument("--cache-dir", default=None, help="teacher cache (default: $FASTABSLD_CACHE or .fastabsld_cache)")
-    d.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
-    d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    add_config_arguments(d, ("amp", "channels_last", "compile", "fold_bn"))
-    _add_runtime(d)
-    d.set_defaults(func=_demo, threads=1)
-
-    from fastabsld.recipe import compare as compare_mod
-
-    c = sub.add_parser("compare", help="several methods x seeds on one data set and teacher, one table",
-                       description=COMPARE_HELP)
-    c.add_argument("methods", nargs="*", default=list(compare_mod.DEFAULT_METHODS), metavar="METHOD",
-                   help=f"method specs (default: {' '.join(compare_mod.DEFAULT_METHODS)}); methods: "
-                        f"{', '.join(METHODS)}")
-    c.add_argument("--seeds", type=int, nargs="+", default=list(compare_mod.DEFAULT_SEEDS),
-                   help="seeds of every method (default: 0 1 2)")
-    c.add_argument("--attacks", nargs="+", default=list(compare_mod.DEFAULT_ATTACKS),
-                   help="test attacks: clean, fgsm, pgd<N>, cw<N>, autoattack "
-                        f"(default: {' '.join(compare_mod.DEFAULT_ATTACKS)})")
-    c.add_argument("--reference", default=compare_mod.DEFAULT_REFERENCE,
-                   help=f"the spec the paired differences are taken from (default: {compare_mod.DEFAULT_REFERENCE})")
-    c.add_argument("--out", default=os.path.join("runs", "compare"), help="report folder (default: runs/compare)")
-    c.add_argument("--jobs", type=_positive_int, default=2, help="runs trained at once, one process each (default: 2)")
-    c.add_argument("--config", default=None, metavar="FILE",
-                   help="JSON or TOML file of the runs' settings, as for train (flags override it)")
-    _add_runtime(c)
-    shared = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in COMPARE_OWN_FIELDS]
-    add_config_arguments(c.add_argument_group(
-        "settings of every run (TrainConfig; compare's defaults: "
-        f"{', '.join(f'{flag(k)} {v}' for k, v in compare_mod.DEFAULTS.items())})"), shared)
-    c.set_defaults(func=_compare, threads=1)
+    for add in commands:
+        add(sub)
     return parser
 
 
@@ -665,21 +612,19 @@ def _interrupted(args, argv, status=EXIT_INTERRUPTED):
         kept = "; last.pt holds the last finished epoch" if run_dir and os.path.exists(
             os.path.join(run_dir, "last.pt")) else ""
         print(f"interrupted{kept}. Resume with: {_resume_command(args, argv)}", file=sys.stderr)
-    elif args.command == "demo":
-        print("interrupted; the cached teacher is kept, run the same command again to redo the demo", file=sys.stderr)
-    elif args.command == "compare":
-        print(f"interrupted; the finished runs in {args.out} are kept and the interrupted ones resume from their "
-              "last epoch: run the same command again to continue", file=sys.stderr)
+    elif getattr(args, "interrupted", None):
+        print(args.interrupted(args), file=sys.stderr)
     else:
         print("interrupted", file=sys.stderr)
     return status
 
 
-def main(argv=None):
+def main(argv=None, commands=()):
     """Runs the command line.
 
     Args:
         argv: the arguments (default: ``sys.argv[1:]``).
+        commands: further sub-commands (see :func:`build_parser`).
 
     Returns:
         int: the exit status (0, 2 for an error, 130 when interrupted, 143 on SIGTERM).
@@ -688,7 +633,7 @@ def main(argv=None):
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(commands).parse_args(argv)
     except SystemExit as done:  # --help, --version, or a bad argument (one error line printed already)
         return done.code if isinstance(done.code, int) else EXIT_ERROR
     except KeyboardInterrupt:

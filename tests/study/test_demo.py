@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from fastabsld.recipe import cli
-from fastabsld.recipe.demo import format_table, verdict
+from fastabsld.study import cli
+from fastabsld.study.demo import format_table, verdict
 
 
 def test_verdict_against_seed_spread():

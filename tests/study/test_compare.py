@@ -6,10 +6,11 @@ import os
 
 import pytest
 
-from fastabsld.recipe import checkpoint, compare as compare_mod, loop, report
+from fastabsld.recipe import checkpoint, loop, report
 from fastabsld.recipe import teacher as teacher_mod
-from fastabsld.recipe.compare import MethodSpec, aggregate, compare, format_table, parse_method
 from fastabsld.recipe.config import TrainConfig
+from fastabsld.study import compare as compare_mod
+from fastabsld.study.compare import MethodSpec, aggregate, compare, format_table, parse_method
 from tests.recipe import fault_worker
 
 

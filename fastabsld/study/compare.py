@@ -12,7 +12,7 @@ chosen attacks (the run's own final test covers them; attacks it lacks are evalu
 and kept in ``compare_eval.json`` beside it). Per method and attack the table gives the average accuracy,
 the worst-class accuracy and NSD as mean +- population std over the seeds, and each method's paired
 difference from a reference method (same seed), judged as the demo judges it
-(:func:`fastabsld.recipe.demo.verdict`: a difference counts only beyond the larger seed std of the two).
+(:func:`fastabsld.study.demo.verdict`: a difference counts only beyond the larger seed std of the two).
 ``compare.json`` and ``compare.png`` go into ``<out>``.
 """
 
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from fastabsld.recipe import logs, report
 from fastabsld.recipe.config import DEFAULT_TEACHER_EPOCHS, DISTILLATION_METHODS, METHODS, RUNTIME_FIELDS, TrainConfig
-from fastabsld.recipe.demo import mean_std, verdict
+from fastabsld.study import report as study_report
+from fastabsld.study.demo import mean_std, verdict
 
 REWEIGHT = "+reweight"
 DEFAULT_METHODS = ("pgd-at", "trades", "ard", "rslad", "absld", "absld+reweight")
@@ -232,7 +233,7 @@ def aggregate(results, seeds, attacks, reference):
         dict: ``{spec: {attack: {metric: {"values", "mean", "std", "diff", "diff_std", "verdict"}}}}`` where
         ``diff`` is the mean over seeds of ``method - reference`` on the same seed, ``diff_std`` its population
         std, and ``verdict`` ``"better"`` / ``"worse"`` / ``"within noise"`` as
-        :func:`fastabsld.recipe.demo.verdict` judges it (``"reference"`` for the reference itself, ``"n/a"``
+        :func:`fastabsld.study.demo.verdict` judges it (``"reference"`` for the reference itself, ``"n/a"``
         when a value is undefined, e.g. NSD with every class at 0).
     """
     if reference not in results:
@@ -431,7 +432,7 @@ def _compare(out_dir, specs, seeds, attacks, reference, base, configs, jobs, thr
                                      data, device) for seed in seeds] for name in names}
     summary = aggregate(runs, seeds, attacks, reference)
     table = format_table(summary, attacks, reference, seeds, test_size=split_size(data.test))
-    plot = report.plot_comparison(summary, attacks, os.path.join(out_dir, PLOT_FILE),
+    plot = study_report.plot_comparison(summary, attacks, os.path.join(out_dir, PLOT_FILE),
                                   f"{base.dataset} test split: {len(names)} methods x {len(seeds)} seeds "
                                   f"({base.epochs} epochs)", seeds=len(seeds))
     result = {"methods": names, "seeds": seeds, "attacks": attacks, "reference": reference, "config": base.to_dict(),
