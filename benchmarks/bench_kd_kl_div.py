@@ -24,10 +24,12 @@ import time
 import pytest
 import torch
 
+from benchmarks import summary
 from fastabsld.loss import kd_kl_div
 from tests.released import released_kl_mean
 
 SHAPES = [(128, 10), (1024, 100), (256, 1000), (8, 32000)]
+OP = "kd_kl_div forward+backward, per-class temperatures (fp32)"
 IMPLS = ["fastabsld", "fastabsld_weighted", "eager", "eager_weighted", "compile"]
 
 
@@ -105,6 +107,10 @@ def test_kd_kl_div_forward_backward(benchmark, shape, impl):
     if impl != "compile":
         benchmark.extra_info["saved_bytes"] = saved_bytes(loss_fn, args)
         benchmark.extra_info["gradient_buffer_bytes"] = batch * num_classes * student.element_size()
+    # At least: read both logits and write the gradient (forward), read and scale it (backward).
+    summary.record(benchmark, op=OP, case=f"{batch}x{num_classes}" + (" weighted" if impl.endswith("_weighted") else ""),
+                   impl=impl.removesuffix("_weighted"), nbytes=5 * batch * num_classes * student.element_size(),
+                   saved_bytes=benchmark.extra_info.get("saved_bytes"))
     if impl.startswith("fastabsld"):
         # The released formulation's 1e-5 changes the value only; the gradients agree.
         grad = student.grad
@@ -159,6 +165,7 @@ def test_weighted_over_unweighted(benchmark, shape):
         rounds = max(50, min(2000, int(2e7 // (batch * num_classes))))
         ratio = interleaved_ratio(plain_step, weighted_step, rounds)
         benchmark.extra_info["weighted_over_unweighted"] = ratio
+        summary.record(benchmark, op=OP, case=f"{batch}x{num_classes}", impl=None, weighted_over_unweighted=ratio)
         print(f"\nkd_kl_div fwd+bwd B={batch} C={num_classes}: weighted / unweighted = {ratio:.3f} ({rounds} pairs)")
 
     def pair():

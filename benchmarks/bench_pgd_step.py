@@ -15,6 +15,7 @@ import pytest
 import torch
 import torchattacks
 
+from benchmarks import summary
 from fastabsld import attack
 from fastabsld.ops import pgd_step
 
@@ -72,6 +73,9 @@ def test_step(benchmark, norm, batch, impl):
     alpha, eps = ALPHA[norm], EPS[norm]
     if not benchmark.disabled:
         fn(x_adv, x, grad, alpha, eps)  # compile / warm up outside the timing
+    # At least: read x_adv, x and grad, write the result.
+    summary.record(benchmark, op=f"pgd_step {norm} (B, 3, 32, 32)", case=f"B={batch}",
+                   impl={"fused": "fastabsld", "compiled": "compile"}.get(impl, impl), nbytes=4 * x.numel() * 4)
     out = benchmark(fn, x_adv, x, grad, alpha, eps)
     expected = EAGER[norm](x_adv, x, grad, alpha, eps)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
@@ -103,5 +107,6 @@ def test_attack(benchmark, impl):
         def run():
             return torchattack(x, y)
 
+    summary.record(benchmark, op="PGD-10 attack, small CNN", case=f"B={batch} (3, 32, 32)", impl=impl)
     out = benchmark(run)
     assert (out - x).abs().max() <= 8 / 255 + 1e-6

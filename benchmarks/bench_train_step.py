@@ -26,6 +26,7 @@ With ``--benchmark-disable`` every case runs once at batch 16 with 2 PGD steps.
 import pytest
 import torch
 
+from benchmarks import summary
 from fastabsld.recipe import speed
 from fastabsld.recipe.config import TrainConfig
 from fastabsld.recipe.loop import train_epoch
@@ -92,5 +93,8 @@ def test_train_step(benchmark, impl):
     run = _released_runner(batch, steps) if impl == "released" else _fastabsld_runner(batch, steps, VARIANTS[impl])
     if not benchmark.disabled:
         run()  # warm up (and compile) outside the timing
+    # Each fastabsld variant is a row; the released loop is the baseline of all of them.
+    summary.record(benchmark, op=f"ABSLD training step (cnn-s from cnn-l, digits, batch {batch}, {steps} PGD steps)",
+                   case=None if impl == "released" else impl, impl="released" if impl == "released" else "fastabsld")
     loss = benchmark(run)
     assert torch.isfinite(loss)

@@ -70,3 +70,48 @@ def test_fused_kd_loss_snippet_runs_and_matches_the_reference():
     assert namespace["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert s.grad is not None and s.grad.shape == s.shape
     assert isinstance(namespace["criterion"], torch.nn.Module)
+
+
+def section_blocks(heading):
+    """Every ```python block of a ``## heading`` section of the README, in order."""
+    text = README.read_text()
+    start = text.index(f"## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return re.compile(r"```python\n(.*?)```", re.S).findall(text[start:end if end > 0 else None])
+
+
+def test_robust_teacher_snippet_trains_a_robust_frozen_teacher(one_thread):
+    from fastabsld.attack import ce_loss, pgd
+
+    code = next(block for block in section_blocks("ABSLD in your own training loop") if "ce_loss(y)" in block)
+    torch.manual_seed(0)
+    data = load_digits(0)
+    x, y = data.train
+    x, y = x[:256], y[:256]
+    teacher = build_model("cnn-l", 10, 1)
+    namespace = {"teacher": teacher, "train_loader": TensorLoader(x, y, 32, shuffle=True), "epochs": 4}
+    exec(compile(code, str(README), "exec"), namespace)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        clean = (teacher(x).argmax(1) == y).float().mean().item()
+    x_adv = pgd(teacher, x, ce_loss(y), eps=8 / 255, alpha=2 / 255, steps=10, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        robust = (teacher(x_adv).argmax(1) == y).float().mean().item()
+    assert robust > 0.5 and clean >= robust  # chance is 0.1
+
+
+def test_the_loops_facts_hold():
+    import inspect
+
+    from fastabsld import ABSLDLoss
+    from fastabsld.evaluation import ATTACKS, evaluate
+
+    assert set(ABSLDLoss(10).state_dict()) == {"tau_adv", "tau_nat", "risk_adv", "risk_nat", "_extra_state"}
+    defaults = inspect.signature(evaluate).parameters
+    assert defaults["eps"].default == 8 / 255 and defaults["alpha"].default == 2 / 255
+    assert defaults["attacks"].default == ATTACKS == ("clean", "fgsm", "pgd20", "cw20", "autoattack")
+    assert "tensorboard --logdir" in README.read_text()
+    from fastabsld.recipe.cli import build_parser
+
+    train_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "TensorBoard" in train_help and "--log-file" in train_help

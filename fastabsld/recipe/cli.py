@@ -523,7 +523,10 @@ def build_parser(commands=()):
                        description="Train with the released ABSLD recipe (SGD, LR and beta x0.1 at 215/260/285 of "
                                    "300 epochs scaled to --epochs); checkpoints every epoch, weights chosen on the "
                                    "validation split, test evaluation at the end. Every TrainConfig field is a flag "
-                                   "below; --config FILE sets them from a JSON or TOML file (flags override it).")
+                                   "below; --config FILE sets them from a JSON or TOML file (flags override it). "
+                                   "Each epoch's line is printed (and appended to --log-file FILE); with the "
+                                   "tensorboard package installed the run folder also gets TensorBoard scalars "
+                                   "(tensorboard --logdir RUN_DIR).")
     run = t.add_argument_group("the run")
     run.add_argument("--run-dir", default=None,
                      help="output folder (default: runs/<method>-<dataset>-<model>-seed<N>)")

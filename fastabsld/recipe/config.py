@@ -22,7 +22,7 @@ from typing import Optional
 from fastabsld.evaluation import attack_names, parse_attack
 from fastabsld.methods.absld import TEMPERATURE_MODES
 from fastabsld.ops.checks import check_int, check_real
-from fastabsld.recipe.data import DATASETS
+from fastabsld.recipe.data import DATASETS, folder_image_side
 from fastabsld.recipe.models import MODELS, is_factory
 from fastabsld.temperature import check_temperature_bounds
 
@@ -61,6 +61,14 @@ THREAT = {"digits": (0.1, 0.025), "cifar10": (8 / 255, 2 / 255), "cifar100": (8 
 DEFAULT_MODELS = {"digits": ("cnn-s", "cnn-l"), "cifar10": ("resnet18", "wrn-34-10"),
                   "cifar100": ("resnet18", "wrn-34-10"), "folder": ("resnet18", "wrn-34-10"),
                   "custom": ("resnet18", "wrn-34-10")}
+# An image folder's defaults follow its images' side (pixels) and the device, (student, teacher, eps, alpha):
+# tiny images (<= 16 px, as the 8x8 digits) take the small CNNs and the digits' eps 0.1; CIFAR-scale
+# images (<= 64 px) the CIFAR recipe's 8/255 and, on a GPU, its networks; larger images RobustBench's
+# ImageNet L-inf radius 4/255. On the CPU the small CNNs at every size: a WRN-34-10 teacher there takes
+# hours per epoch even on 32x32 images.
+FOLDER_TINY_SIDE, FOLDER_CIFAR_SIDE = 16, 64
+FOLDER_THREAT = ((FOLDER_TINY_SIDE, (0.1, 0.025)), (FOLDER_CIFAR_SIDE, (8 / 255, 2 / 255)), (None, (4 / 255, 1 / 255)))
+SMALL_MODELS = DEFAULT_MODELS["digits"]
 SELECT_KEYS = ("average", "worst")
 NONFINITE_ACTIONS = ("stop", "warn")
 # One default for every entry point (train, demo, Python): the teacher cache then serves them all.
@@ -78,6 +86,32 @@ TEACHER_FIELDS = ("dataset", "image_size", "folder_split", "augment", "in_memory
                   "teacher_method")
 # A teacher field that counts only for one teacher method (a PGD-AT teacher does not read trades_beta).
 TEACHER_METHOD_FIELDS = {"trades": ("trades_beta",)}
+
+
+def folder_defaults(side, device_type):
+    """The default (student, teacher, eps, alpha) of an image folder whose images are ``side`` pixels.
+
+    Args:
+        side: the images' larger side in pixels (None when unknown: CIFAR-scale is assumed).
+        device_type: ``"cpu"`` or ``"cuda"``, where the run trains.
+
+    Returns:
+        tuple: (student model name, teacher model name, eps, alpha).
+    """
+    side = FOLDER_CIFAR_SIDE if side is None else side
+    eps, alpha = next(threat for limit, threat in FOLDER_THREAT if limit is None or side <= limit)
+    small = side <= FOLDER_TINY_SIDE or device_type != "cuda"
+    student, teacher = SMALL_MODELS if small else DEFAULT_MODELS["folder"]
+    return student, teacher, eps, alpha
+
+
+def _device_type(name):
+    """``"cuda"`` or ``"cpu"`` for a device name (``auto`` follows torch.cuda.is_available())."""
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if str(name).startswith("cuda") else "cpu"
 
 
 def _choices(*values):
@@ -107,7 +141,8 @@ class TrainConfig:
         num_workers: DataLoader worker processes that read images (folder data, streamed data sets).
         model: student architecture: a registered name (cnn-s, cnn-l, resnet18, mobilenetv2, wrn-34-10) or
             ``pkg.module:factory`` (called with num_classes and in_channels) (default: the data set's,
-            cnn-s on digits, resnet18 otherwise).
+            cnn-s on digits, resnet18 on CIFAR; for an image folder, cnn-s for images of at most 16 px or on
+            the CPU, resnet18 otherwise).
         epochs: training epochs.
         batch_size: batch size; under torchrun the global batch, split evenly over the processes.
         lr: SGD learning rate.
@@ -115,13 +150,15 @@ class TrainConfig:
         weight_decay: SGD weight decay.
         milestones: LR milestones as fractions of epochs (released: 215, 260 and 285 of 300 epochs).
         lr_gamma: LR (and ABSLD beta) factor at each milestone.
-        eps: L-inf radius of the attacks (default: 0.1 on digits, 8/255 otherwise; fractions such as 8/255
-            are accepted). The digits images are 8x8 with 17 grey levels (steps of 1/16 = 0.0625); eps = 0.1
+        eps: L-inf radius of the attacks (default: 0.1 on digits, 8/255 on CIFAR; for an image folder by
+            the images' side: 0.1 up to 16 px, 8/255 up to 64 px, 4/255 (RobustBench's ImageNet radius) above;
+            fractions such as 8/255 are accepted). The digits images are 8x8 with 17 grey levels (steps of 1/16 = 0.0625); eps = 0.1
             moves each pixel by at most 1.6 grey levels, which keeps the digit legible to a person, yet it is
             a real threat: the cnn-s student trained without defence falls from 99.6% clean to 30% under
             PGD-20 (its worst class to 4%). 8/255, the CIFAR value, is half a grey level on digits and leaves
             that model at 95%: too little to defend against.
-        alpha: PGD step size of training and evaluation (default: 0.025 on digits, 2/255 otherwise).
+        alpha: PGD step size of training and evaluation (default: a quarter of the default eps: 0.025 on
+            digits, 2/255 on CIFAR).
         steps: PGD steps of the inner maximisation in training (a teacher trained here too).
         beta: ABSLD temperature learning rate (decayed with the LR at the milestones).
         tau_min: lower clamp of the ABSLD class temperatures.
@@ -155,7 +192,9 @@ class TrainConfig:
         teacher_path: the teacher to distil from instead of training (or reusing the cached) one: a
             fastabsld checkpoint, a state_dict of teacher_model, a TRADES/RobustBench WideResNet state_dict,
             or ``robustbench:<model name>`` (needs the robustbench package).
-        teacher_model: teacher architecture, as for model (default: cnn-l on digits, wrn-34-10 otherwise).
+        teacher_model: teacher architecture, as for model (default: cnn-l on digits, wrn-34-10 on CIFAR; for
+            an image folder, cnn-l for images of at most 16 px or on the CPU, wrn-34-10 otherwise). Training a
+            large teacher on the CPU is announced with an estimate of its time before it starts.
         teacher_epochs: epochs of a teacher trained here (by PGD-AT or TRADES, see teacher_method).
         teacher_seed: seed of a teacher trained here.
         teacher_lr: SGD learning rate of a teacher trained here.
@@ -265,13 +304,16 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 check_int(getattr(self, name), name, minimum=1)
         student, teacher = DEFAULT_MODELS[self.dataset]
+        eps, alpha = THREAT[self.dataset]
+        if self.dataset == "folder" and None in (self.model, self.teacher_model, self.eps, self.alpha):
+            side = self.image_size or folder_image_side(self.data_dir)
+            student, teacher, eps, alpha = folder_defaults(side, _device_type(self.device))
         self.model = self.model or student
         self.teacher_model = self.teacher_model or teacher
         for name in ("model", "teacher_model"):
             value = getattr(self, name)
             if value not in MODELS and not is_factory(value):
                 raise ValueError(f"{name} must be one of {sorted(MODELS)} or 'pkg.module:factory', got {value!r}")
-        eps, alpha = THREAT[self.dataset]
         self.eps = eps if self.eps is None else float(self.eps)
         self.alpha = alpha if self.alpha is None else float(self.alpha)
         # Checked here, not at the first attack step or the final test: a bad value must not cost a run.

@@ -46,6 +46,8 @@ CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python
 CIFAR_ARCHIVES = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
 DATASETS = ("digits", "cifar10", "cifar100", "folder", "custom")
 FOLDER_SPLITS = ("train", "val", "test")
+# What torchvision's ImageFolder reads.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
 
 
@@ -384,6 +386,35 @@ def split_dataset(dataset, fractions, seed):
 def _folder_empty(root):
     return FileNotFoundError(f"{root} holds no images: expected {root}/<class>/<image> (PNG, JPEG, ... one folder per "
                              f"class), or {root}/train/<class>/<image> with optional {root}/val and {root}/test")
+
+
+def folder_image_side(root):
+    """The larger side, in pixels, of the first image of an image folder (sorted walk), or None.
+
+    Reads one image header, so the defaults that follow the image size (see
+    ``fastabsld.recipe.config.folder_defaults``) cost nothing noticeable.
+
+    Args:
+        root: the folder.
+
+    Returns:
+        int or None: the side, or None when the folder is missing, holds no image or Pillow is missing.
+    """
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                with Image.open(os.path.join(folder, name)) as image:
+                    return max(image.size)
+            except OSError:
+                continue
+    return None
 
 
 def folder_fingerprint(root, image_size=None):

@@ -23,6 +23,7 @@ from fastabsld.recipe import checkpoint, distributed, lock, logs
 from fastabsld.recipe.config import TEACHER_FIELDS, TEACHER_METHOD_FIELDS, TrainConfig
 from fastabsld.recipe.data import folder_fingerprint, first_images, load_for_config
 from fastabsld.recipe.errors import CheckpointError
+from fastabsld.recipe.estimate import announce_cpu_training
 from fastabsld.recipe.loop import fit
 from fastabsld.recipe.runtime import resolve_device
 from fastabsld.recipe.teachers import load_teacher
@@ -162,6 +163,8 @@ def _train_teacher(tcfg, path, run_dir, data, ctx, log):
     resume = ctx.from_main(os.path.exists(last) or os.path.exists(checkpoint.previous_path(last)))
     log(f"{'resuming the training of' if resume else 'training'} the robust teacher ({tcfg.model}, {tcfg.method}, "
         f"{tcfg.epochs} epochs) in {run_dir}; cached at {path}")
+    if ctx.is_main and not resume:
+        announce_cpu_training(tcfg, data, "the robust teacher", log)
     result = fit(tcfg, run_dir, data, resume=resume, log=log)
     if ctx.is_main:
         best = os.path.join(run_dir, "best.pt")

@@ -104,6 +104,22 @@ def prepare_data(cfg, data=None, *, num_classes=None):
     return with_augment(data, cfg.augment)
 
 
+def folder_settings_line(cfg, data):
+    """The line that states an image folder run's threat model and models (their defaults follow the image size).
+
+    Args:
+        cfg: TrainConfig of a ``folder`` run.
+        data: its Splits.
+
+    Returns:
+        str: one line for the log.
+    """
+    shape = tuple(first_images(data.val).shape[1:])
+    return (f"image folder: {data.num_classes} classes of {shape[0]}x{shape[1]}x{shape[2]} images; threat model "
+            f"L-inf eps {cfg.eps:.4g} ({cfg.eps * 255:.3g}/255), alpha {cfg.alpha:.4g}, {cfg.steps} steps; student "
+            f"{cfg.model}, teacher {cfg.teacher_model} (--eps, --alpha, --model, --teacher-model choose others)")
+
+
 def _teacher(cfg, data, teacher, log):
     if teacher is None:
         return teacher_and_info(cfg, data=data, log=log)
@@ -151,6 +167,8 @@ def train(cfg, run_dir=None, *, resume=False, teacher=None, data=None, student=N
     if teacher is None and not cfg.teacher_path and cfg.method in DISTILLATION_METHODS:
         check_model_name(cfg.teacher_model, "teacher_model")
     data = prepare_data(cfg, data, num_classes=num_classes)
+    if cfg.dataset == "folder":
+        log(folder_settings_line(cfg, data))
     info = {}
     if student is not None:
         if not isinstance(student, nn.Module):
