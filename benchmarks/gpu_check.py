@@ -707,6 +707,10 @@ def report_lines(rows):
     return lines
 
 
+# The summary's longest line: reasons and test messages are cut there (the JSON keeps them whole).
+LINE = 150
+
+
 def summary_lines(result):
     """The one-screen summary of a check's result.
 
@@ -725,15 +729,15 @@ def summary_lines(result):
                      f"{env.get('gpus')} GPU(s)); torch {env['torch']} (CUDA {env['cuda']}), "
                      f"triton {env.get('triton_version')}")
     for phase in result["phases"]:
-        lines.append(f"{phase['name']:<13} {phase['status']:<8} {phase['seconds']:>6.0f} s of {phase['budget']:>4} s"
-                     + (f"  {phase['reasons'][0]}" if phase["reasons"] else ""))
-        lines += [f"{'':<13}   {reason}" for reason in phase["reasons"][1:]]
+        head = f"{phase['name']:<13} {phase['status']:<8} {phase['seconds']:>6.0f} s of {phase['budget']:>4} s"
+        lines.append((head + (f"  {phase['reasons'][0]}" if phase["reasons"] else ""))[:LINE])
+        lines += [f"{'':<16}{reason}"[:LINE] for reason in phase["reasons"][1:]]
     tests = result.get("tests")
     if tests:
         lines.append(f"tests: {tests['passed']} passed, {tests['failed']} failed, {tests['errors']} errors, "
                      f"{tests['skipped']} skipped ({tests['expected_skips']} expected, see EXPECTED_SKIPS)")
         shown = tests["problems"][:15]
-        lines += [f"  {p['kind']:<15} {p['test']}: {p['message']}"[:160] for p in shown]
+        lines += [f"  {p['kind']:<15} {p['test']}: {p['message']}"[:LINE] for p in shown]
         if len(tests["problems"]) > len(shown):
             lines.append(f"  ... {len(tests['problems']) - len(shown)} more in {result['json']}")
     if result.get("report"):
@@ -831,7 +835,7 @@ def check(args):
     began = time.perf_counter()
     logs = ROOT / "build" / "gpu-check"
     logs.mkdir(parents=True, exist_ok=True)
-    python = str((ROOT / args.venv / "bin" / "python").resolve())
+    python = os.path.abspath(ROOT / args.venv / "bin" / "python")  # not resolved: the link is the venv
     make = ["make", "--no-print-directory", f"PYTHON={sys.executable}", f"VENV={args.venv}"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real compiler on a GPU
     result = {"phases": [], "preflight": None, "environment": None, "tests": None, "report": None, "json": args.json}

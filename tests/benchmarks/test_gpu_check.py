@@ -354,3 +354,42 @@ def test_full_report_fits_one_screen():
     assert len(lines) <= 70 and all(len(line) <= 120 for line in lines)
     assert sum("vs eager 2.50x, compile 1.50x" in line for line in lines) == len(cases)
     assert any("vs released 2.00x" in line for line in lines) and lines[-1].startswith("PASS")
+
+
+def test_phases_run_in_order_with_the_venv_s_python(tmp_path, monkeypatch, capsys):
+    """Each phase's command, with the venv's own python (its bin/python link, not the interpreter it points to)."""
+    commands = []
+    env_facts = dict(ENV, python="3.11.7", fastabsld="0.1.0", extension=True, extension_cuda_kernels=True,
+                     triton=True, cuda_available=True)
+
+    def fake_run(command, limit, env=None, log=None):
+        commands.append((command, limit))
+        output = json.dumps(env_facts) if "--environment" in command else ""
+        for argument in command:
+            if argument.startswith("--gpu-results="):
+                Path(argument.split("=", 1)[1]).write_text(json.dumps({"collected": 2, "out_of_time": False, "tests": {
+                    "tests/cuda/test_a.py::test_ok": {"outcome": "passed", "message": "", "seconds": 1.0},
+                    "tests/cuda/test_nccl.py::test_two_gpus_over_nccl_with_sync_batchnorm": {
+                        "outcome": "skipped", "message": "needs 2 GPUs for a 2-process nccl run", "seconds": 0.0}}}))
+        if "benchmarks.gpu_report" in command:
+            Path(command[command.index("--json") + 1]).write_text(json.dumps({"rows": [
+                {"case": f"case of {command[3]}", "impl": "fastabsld", "us": 10.0, "GB/s": 100.0, "peak%": 3.0}]}))
+        return {"returncode": 0, "timed_out": False, "seconds": 1.0, "output": output}
+
+    monkeypatch.setattr(gpu_check, "machine_facts", lambda: dict(GOOD_MACHINE))
+    monkeypatch.setattr(gpu_check, "run_phase", fake_run)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    out = tmp_path / "g.json"
+    assert gpu_check.main(["--json", str(out), "--venv", str(venv)]) == 0, capsys.readouterr().out
+    python = str(venv / "bin" / "python")
+    assert [c[0][-1] for c in commands[:2]] == ["install", "build"]
+    assert [c[0][0] for c in commands[2:]] == [python] * 4
+    assert [c[0][2] for c in commands[2:]] == ["benchmarks.gpu_check", "pytest", "benchmarks.gpu_report",
+                                                "benchmarks.gpu_report"]
+    tests_command, tests_limit = commands[3]
+    assert "--gpu-only" in tests_command and tests_limit > dict(gpu_check.PHASES)["tests"]
+    result = json.loads(out.read_text())
+    assert [p["status"] for p in result["phases"]] == ["PASS"] * 7
+    assert result["tests"]["expected_skips"] == 1 and len(result["report"]) == 2
