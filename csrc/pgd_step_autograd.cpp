@@ -6,7 +6,6 @@
 // step.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <c10/core/GradMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -19,10 +18,6 @@ constexpr const char* kNoDerivative =
     "fastabsld::pgd_step has no derivative (its sign step, projection and clamp are not "
     "differentiated); take the gradient of the attack loss at x_adv and pass the inputs detached";
 
-bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
-
-bool needs_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
-
 at::Tensor pgd_step_no_derivative(const at::Tensor& x_adv, const at::Tensor& x,
                                   const at::Tensor& grad,
                                   const std::optional<at::Tensor>& alpha_per_sample,
@@ -34,8 +29,9 @@ at::Tensor pgd_step_no_derivative(const at::Tensor& x_adv, const at::Tensor& x,
                              .typed<decltype(pgd_step_no_derivative)>();
   const at::Tensor alpha_t = alpha_per_sample.value_or(at::Tensor());
   const at::Tensor eps_t = eps_per_sample.value_or(at::Tensor());
-  TORCH_CHECK_NOT_IMPLEMENTED(!(has_tangent(x_adv) || has_tangent(x) || has_tangent(grad) ||
-                                has_tangent(alpha_t) || has_tangent(eps_t)),
+  using torch::autograd::isFwGradDefined;
+  TORCH_CHECK_NOT_IMPLEMENTED(!(isFwGradDefined(x_adv) || isFwGradDefined(x) || isFwGradDefined(grad) ||
+                                isFwGradDefined(alpha_t) || isFwGradDefined(eps_t)),
                               kNoDerivative, " (forward mode)");
   at::Tensor out;
   {
@@ -43,10 +39,8 @@ at::Tensor pgd_step_no_derivative(const at::Tensor& x_adv, const at::Tensor& x,
     out = op.call(x_adv, x, grad, alpha_per_sample, eps_per_sample, alpha, eps, norm, clamp_min,
                   clamp_max);
   }
-  if (c10::GradMode::is_enabled() && (needs_grad(x_adv) || needs_grad(x) || needs_grad(grad) ||
-                                      needs_grad(alpha_t) || needs_grad(eps_t))) {
-    auto node = std::shared_ptr<torch::autograd::Error>(new torch::autograd::Error(kNoDerivative),
-                                                        torch::autograd::deleteNode);
+  if (torch::autograd::compute_requires_grad(x_adv, x, grad, alpha_t, eps_t)) {
+    auto node = c10::make_intrusive<torch::autograd::Error>(kNoDerivative);
     node->set_next_edges(torch::autograd::collect_next_edges(x_adv, x, grad, alpha_t, eps_t));
     torch::autograd::set_history(out, node);
   }

@@ -51,7 +51,7 @@ constexpr int kFusedMaxThreads = 512;   // largest block of l2_fused_kernel
 constexpr int kFusedPacks = 4;          // packs per thread that l2_fused_kernel holds
 // Resident blocks per SM that l2_cooperative_kernel's launch bounds ask for: 3 (at most 85
 // registers), 2 for fp64, whose scaled sums need more registers than that.
-constexpr int kCooperativeMinBlocks = 3;
+constexpr int kCooperativeMinBlocks = 2;
 constexpr int kCooperativeMinBlocksFp64 = 2;
 constexpr int kFinalizeWarps = 8;       // samples per block of the finalize kernels
 constexpr int kPackBytes = 16;

@@ -99,7 +99,7 @@ def test_every_planned_kernel_is_compiled(resources):
             for dtype in ("float32", "bfloat16", "float16", "float64"):
                 for norm in model.NORMS:
                     for launch in model.launch_plan(shape, dtype, norm):
-                        assert launch["kernel"] in kernels, (arch, launch["kernel"])
+                        assert launch["kernel"] in kernels or launch["kernel"] == model.MEMSET, (arch, launch)
 
 
 @needs_cubin
