@@ -1032,27 +1032,47 @@ def scale_gradient(grad, grad_output, scale, dtype):
         Tensor: (B, C) in ``dtype``, computed in fp32.
     """
     device = grad.device
-    numel = grad.numel()
     per_row = scale is None
     stride = grad_output.stride(0) if per_row else 0
-    key = (device, numel, grad.shape[1] if grad.dim() == 2 else 1, grad.dtype, dtype, stride,
-           grad_output.dtype, _aligned16(grad_output))
+    key = (device, grad.shape, grad.dtype, dtype, stride, grad_output.dtype, _aligned16(grad_output))
     step = _GRADIENT_PLANS.get(key)
     if step is None:
-        wide = numel + SCALE_BLOCK >= INT32_LIMIT
-        fixed = (numel, key[2], stride)
-
-        def bind(v):
-            return (v[0], v[1], v[2], v[3], *fixed)
-
-        step = _GRADIENT_PLANS[key] = _Step(
-            _kd_scale_kernel, (max(1, -(-numel // SCALE_BLOCK)),),
-            {"PER_ROW": per_row, "BLOCK": SCALE_BLOCK, "WIDE": wide},
-            {"num_warps": SCALE_WARPS, "num_stages": 1, "debug": False, "sanitize_overflow": False}, bind)
+        step = _GRADIENT_PLANS[key] = _scale_step(grad, per_row, stride)
     out = torch.empty(grad.shape, dtype=dtype, device=device)
-    if numel:
+    if grad.numel():
         _run_steps((step,), (grad, out, grad_output, grad_output if scale is None else scale), device)
     return out
+
+
+def _scale_step(grad, per_row, stride):
+    """The backward's launch for a stored gradient of this shape (``per_row``: grad_output is (B,))."""
+    numel = grad.numel()
+    fixed = (numel, grad.shape[1] if grad.dim() == 2 else 1, stride)
+
+    def bind(v):
+        return (v[0], v[1], v[2], v[3], *fixed)
+
+    return _Step(_kd_scale_kernel, (max(1, -(-numel // SCALE_BLOCK)),),
+                 {"PER_ROW": per_row, "BLOCK": SCALE_BLOCK, "WIDE": numel + SCALE_BLOCK >= INT32_LIMIT},
+                 {"num_warps": SCALE_WARPS, "num_stages": 1, "debug": False, "sanitize_overflow": False}, bind)
+
+
+def scale_plan(grad, grad_output, scale, dtype):
+    """The launch ``scale_gradient`` makes, as a ``Launch`` (for ahead-of-time compiles and the model).
+
+    Args:
+        as ``scale_gradient``.
+
+    Returns:
+        list: one ``Launch`` (none for an empty gradient).
+    """
+    per_row = scale is None
+    step = _scale_step(grad, per_row, grad_output.stride(0) if per_row else 0)
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    if not grad.numel():
+        return []
+    return [Launch(step.kernel, step.grid, step.bind((grad, out, grad_output, grad_output if per_row else scale)),
+                   step.constexprs, step.options["num_warps"], step.options["num_stages"], False)]
 
 
 def launch(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
