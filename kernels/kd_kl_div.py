@@ -47,10 +47,17 @@ class weight, the sample weight): once per row in the tile form, once per (row, 
 of the split form's finish kernel (its statistics pass reads no weight). A number weight is a
 kernel argument and moves nothing.
 
-Device asserts (bad labels and temperatures; compiled in, as every launch here passes debug=True)
-run last in each kernel, so that nothing is live across the assert's call.
+Bad labels and temperatures give their rows NaN. Device asserts on them are compiled in only in
+the debug mode (``FASTABSLD_DEVICE_ASSERTS=1``, see ``device_asserts``); they run last in each
+kernel, so that nothing is live across the assert's call.
 
-Math is fp32 whatever the input dtype; gradients are stored in their logits' dtype. The
+The eager path (``loss``) caches each call's plan by its metadata and, after a kernel's first
+launch, launches the compiled kernel through its launcher directly; a finishing kernel
+(``_kd_reduce_kernel``) reduces the rows on the device and ``scale_gradient``
+(``_kd_scale_kernel``) is the backward, one launch.
+
+Math is fp32 whatever the input dtype; gradients are stored in the dtype of their output buffer
+(the logits' dtype for the op; fp32 for fp16 logits on the eager path). The
 temperature modes, the labels' and weights' presence, the gradient flags and the sizes are
 runtime arguments (uniform branches and per-row scalar work), excluded from Triton's value
 specialisation; the compiled variants are the launch form x (student, teacher) dtypes x the constexprs ``plan``
