@@ -1132,7 +1132,7 @@ def _checked(student_logits, teacher_logits, labels, teacher_temperature, studen
     if not (math.isfinite(sample_weight_scalar) and sample_weight_scalar >= 0):
         raise ValueError(f"kd_kl_div_forward: sample_weight_scalar must be non-negative and finite, "
                          f"got {sample_weight_scalar}")
-    if device.type == "cpu":  # the interpreter has no device asserts
+    if device.type == "cpu" and not torch.compiler.is_compiling():  # the interpreter's stand-in for asserts
         check_values(labels, [("teacher_temperature", tau_t), ("student_temperature", tau_s)],
                      [("weight", weight), ("sample_weight", sample_weight)], ignore_index, num_classes)
     return (student_logits, teacher_logits, labels, tau_t, tau_s, float(teacher_temperature_scalar),
@@ -1142,7 +1142,8 @@ def _checked(student_logits, teacher_logits, labels, teacher_temperature, studen
 
 def plan(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
          teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad,
-         form=None, config=None, weight=None, sample_weight=None, sample_weight_scalar=1.0, reduction=None):
+         form=None, config=None, weight=None, sample_weight=None, sample_weight_scalar=1.0, reduction=None,
+         grad_dtypes=None):
     """Validates the arguments, allocates the outputs and returns the launches that compute them.
 
     Runs nothing on the device (meta tensors give the launches a real call would make, for
@@ -1150,7 +1151,8 @@ def plan(student_logits, teacher_logits, labels, teacher_temperature, student_te
 
     Args:
         as for ``launch``; reduction: None (the op: row losses) or one of ``loss``'s reductions,
-        whose finishing launch is then included.
+        whose finishing launch is then included; grad_dtypes: the stored gradients' (student,
+        teacher) dtypes, None for the logits'.
 
     Returns:
         tuple: (row_loss, grad_student, grad_teacher) (not yet computed) and a list of ``Launch``.
@@ -1165,18 +1167,18 @@ def plan(student_logits, teacher_logits, labels, teacher_temperature, student_te
                           teacher_grad, weight is not None, sample_weight is not None, reduction, form, config, debug)
     batch, num_classes = student_logits.shape
     device = student_logits.device
+    grad_dtypes = grad_dtypes or (student_logits.dtype, teacher_logits.dtype)
     row_loss = torch.empty(batch, dtype=torch.float32, device=device)
-    grad_student = torch.empty((batch, num_classes) if student_grad else (0,), dtype=student_logits.dtype,
-                               device=device)
-    grad_teacher = torch.empty((batch, num_classes) if teacher_grad else (0,), dtype=teacher_logits.dtype,
-                               device=device)
+    grad_student = torch.empty((batch, num_classes) if student_grad else (0,), dtype=grad_dtypes[0], device=device)
+    grad_teacher = torch.empty((batch, num_classes) if teacher_grad else (0,), dtype=grad_dtypes[1], device=device)
     partials = None if static.partials is None else torch.empty(static.partials, dtype=torch.float32, device=device)
-    labels_arg = torch.empty(1, dtype=torch.int64, device=device) if labels is None else labels
+    labels_arg = torch.zeros(1, dtype=torch.int64, device=device) if labels is None else labels
+    reduced = (None, None) if reduction in (None, "none") else \
+        (torch.empty((), device=device), torch.empty(1, device=device))
     values = (student_logits, teacher_logits, labels_arg, row_loss if tau_t is None else tau_t,
               row_loss if tau_s is None else tau_s, row_loss if weight is None else weight,
               row_loss if sample_weight is None else sample_weight, row_loss, grad_student, grad_teacher, partials,
-              torch.empty((), device=device), torch.empty(1, device=device), tau_t_scalar, tau_s_scalar,
-              sample_weight_scalar)
+              *reduced, tau_t_scalar, tau_s_scalar, sample_weight_scalar)
     launches = [Launch(step.kernel, step.grid, step.bind(values), step.constexprs, step.options["num_warps"],
                        step.options["num_stages"], debug) for step in static.steps]
     return (row_loss, grad_student, grad_teacher), launches

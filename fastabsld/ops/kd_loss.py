@@ -386,6 +386,8 @@ def _backward(ctx, grad_rows, _grad_gs, _grad_gt):
 
 
 torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
+if HAS_TRITON:  # the Triton op torch.compile traces on CUDA: kd_kl_div_forward's schema and autograd
+    torch.library.register_autograd(kd_loss_triton.TRITON_OP, _backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,6 +531,7 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
         return torch.ops.fastabsld.kd_kl_div_loss(*args, reduction, *weights)
     denominator = _row_denominator(reduction, labels, ignore_index, batch, num_classes)
     grad_on = torch.is_grad_enabled()
-    rows, _, _ = torch.ops.fastabsld.kd_kl_div_forward(
+    forward = kd_loss_triton.traced_op(student_logits, teacher_logits, labels, tau_t, tau_s)  # CUDA: the Triton op
+    rows, _, _ = forward(
         *args, grad_on and student_logits.requires_grad, grad_on and teacher_logits.requires_grad, *weights)
     return _reduce(rows, reduction, denominator)

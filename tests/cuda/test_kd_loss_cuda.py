@@ -176,3 +176,21 @@ def test_fp16_student_gradient_at_32000_columns():
     (ref,) = torch.autograd.grad(reference.kd_kl_div(s64, t.double(), reduction="sum") * 2.0 ** 16, s64)
     relative = ((grad.double() - ref).abs() / ref.abs().clamp_min(1e-300)).flatten()
     assert torch.quantile(relative, 0.9).item() <= 2.0 ** -11
+
+
+def test_reduce_overhead_compile_captures_the_triton_kernels():
+    """mode="reduce-overhead": Inductor launches the Triton kernels from its code inside a CUDA graph."""
+    s, t, kwargs = _case(128, 100, (torch.float32, torch.float32), "class", seed=9)
+    s.requires_grad_(True)
+
+    def loss(a, b, labels, tau):
+        return kd_kl_div(a, b, labels=labels, teacher_temperature=tau, reduction="mean", ignore_index=IGNORE)
+
+    compiled = torch.compile(loss, mode="reduce-overhead", fullgraph=True)
+    want = loss(s, t, kwargs["labels"], kwargs["teacher_temperature"])
+    (want_grad,) = torch.autograd.grad(want, s)
+    for _ in range(3):  # warm-up runs, then replays of the captured graph
+        got = compiled(s, t, kwargs["labels"], kwargs["teacher_temperature"])
+        (got_grad,) = torch.autograd.grad(got, s)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-9)
