@@ -822,7 +822,7 @@ _LABEL_STAND_INS = {}
 _EMPTY = {}
 REDUCE_BLOCK = 1024
 SCALE_BLOCK = 1024
-SCALE_WARPS = 4
+SCALE_MIN_BLOCK = 256
 
 
 def _nothing(device, dtype):
@@ -1055,13 +1055,19 @@ def _scale_step(grad, per_row, stride):
     """The backward's launch for a stored gradient of this shape (``per_row``: grad_output is (B,))."""
     numel = grad.numel()
     fixed = (numel, grad.shape[1] if grad.dim() == 2 else 1, stride)
+    # SCALE_BLOCK elements a program, fewer (down to SCALE_MIN_BLOCK) where that leaves under two
+    # programs per multiprocessor; 8 elements a thread.
+    block = SCALE_BLOCK
+    while block > SCALE_MIN_BLOCK and numel < 2 * multiprocessors(grad.device) * block:
+        block //= 2
 
     def bind(v):
         return (v[0], v[1], v[2], v[3], *fixed)
 
-    return _Step(_kd_scale_kernel, (max(1, -(-numel // SCALE_BLOCK)),),
-                 {"PER_ROW": per_row, "BLOCK": SCALE_BLOCK, "WIDE": numel + SCALE_BLOCK >= INT32_LIMIT},
-                 {"num_warps": SCALE_WARPS, "num_stages": 1, "debug": False, "sanitize_overflow": False}, bind)
+    return _Step(_kd_scale_kernel, (max(1, -(-numel // block)),),
+                 {"PER_ROW": per_row, "BLOCK": block, "WIDE": numel + block >= INT32_LIMIT},
+                 {"num_warps": max(1, block // 256), "num_stages": 1, "debug": False, "sanitize_overflow": False},
+                 bind)
 
 
 def scale_plan(grad, grad_output, scale, dtype):
