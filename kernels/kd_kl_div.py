@@ -47,10 +47,17 @@ class weight, the sample weight): once per row in the tile form, once per (row, 
 of the split form's finish kernel (its statistics pass reads no weight). A number weight is a
 kernel argument and moves nothing.
 
-Device asserts (bad labels and temperatures; compiled in, as every launch here passes debug=True)
-run last in each kernel, so that nothing is live across the assert's call.
+Bad labels and temperatures give their rows NaN. Device asserts on them are compiled in only in
+the debug mode (``FASTABSLD_DEVICE_ASSERTS=1``, see ``device_asserts``); they run last in each
+kernel, so that nothing is live across the assert's call.
 
-Math is fp32 whatever the input dtype; gradients are stored in their logits' dtype. The
+The eager path (``loss``) caches each call's plan by its metadata and, after a kernel's first
+launch, launches the compiled kernel through its launcher directly; a finishing kernel
+(``_kd_reduce_kernel``) reduces the rows on the device and ``scale_gradient``
+(``_kd_scale_kernel``) is the backward, one launch.
+
+Math is fp32 whatever the input dtype; gradients are stored in the dtype of their output buffer
+(the logits' dtype for the op; fp32 for fp16 logits on the eager path). The
 temperature modes, the labels' and weights' presence, the gradient flags and the sizes are
 runtime arguments (uniform branches and per-row scalar work), excluded from Triton's value
 specialisation; the compiled variants are the launch form x (student, teacher) dtypes x the constexprs ``plan``
@@ -815,7 +822,7 @@ _LABEL_STAND_INS = {}
 _EMPTY = {}
 REDUCE_BLOCK = 1024
 SCALE_BLOCK = 1024
-SCALE_WARPS = 4
+SCALE_MIN_BLOCK = 256
 
 
 def _nothing(device, dtype):
@@ -1032,27 +1039,53 @@ def scale_gradient(grad, grad_output, scale, dtype):
         Tensor: (B, C) in ``dtype``, computed in fp32.
     """
     device = grad.device
-    numel = grad.numel()
     per_row = scale is None
     stride = grad_output.stride(0) if per_row else 0
-    key = (device, numel, grad.shape[1] if grad.dim() == 2 else 1, grad.dtype, dtype, stride,
-           grad_output.dtype, _aligned16(grad_output))
+    key = (device, grad.shape, grad.dtype, dtype, stride, grad_output.dtype, _aligned16(grad_output))
     step = _GRADIENT_PLANS.get(key)
     if step is None:
-        wide = numel + SCALE_BLOCK >= INT32_LIMIT
-        fixed = (numel, key[2], stride)
-
-        def bind(v):
-            return (v[0], v[1], v[2], v[3], *fixed)
-
-        step = _GRADIENT_PLANS[key] = _Step(
-            _kd_scale_kernel, (max(1, -(-numel // SCALE_BLOCK)),),
-            {"PER_ROW": per_row, "BLOCK": SCALE_BLOCK, "WIDE": wide},
-            {"num_warps": SCALE_WARPS, "num_stages": 1, "debug": False, "sanitize_overflow": False}, bind)
+        step = _GRADIENT_PLANS[key] = _scale_step(grad, per_row, stride)
     out = torch.empty(grad.shape, dtype=dtype, device=device)
-    if numel:
+    if grad.numel():
         _run_steps((step,), (grad, out, grad_output, grad_output if scale is None else scale), device)
     return out
+
+
+def _scale_step(grad, per_row, stride):
+    """The backward's launch for a stored gradient of this shape (``per_row``: grad_output is (B,))."""
+    numel = grad.numel()
+    fixed = (numel, grad.shape[1] if grad.dim() == 2 else 1, stride)
+    # SCALE_BLOCK elements a program, fewer (down to SCALE_MIN_BLOCK) where that leaves under two
+    # programs per multiprocessor; 8 elements a thread.
+    block = SCALE_BLOCK
+    while block > SCALE_MIN_BLOCK and numel < 2 * multiprocessors(grad.device) * block:
+        block //= 2
+
+    def bind(v):
+        return (v[0], v[1], v[2], v[3], *fixed)
+
+    return _Step(_kd_scale_kernel, (max(1, -(-numel // block)),),
+                 {"PER_ROW": per_row, "BLOCK": block, "WIDE": numel + block >= INT32_LIMIT},
+                 {"num_warps": max(1, block // 256), "num_stages": 1, "debug": False, "sanitize_overflow": False},
+                 bind)
+
+
+def scale_plan(grad, grad_output, scale, dtype):
+    """The launch ``scale_gradient`` makes, as a ``Launch`` (for ahead-of-time compiles and the model).
+
+    Args:
+        as ``scale_gradient``.
+
+    Returns:
+        list: one ``Launch`` (none for an empty gradient).
+    """
+    per_row = scale is None
+    step = _scale_step(grad, per_row, grad_output.stride(0) if per_row else 0)
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    if not grad.numel():
+        return []
+    return [Launch(step.kernel, step.grid, step.bind((grad, out, grad_output, grad_output if per_row else scale)),
+                   step.constexprs, step.options["num_warps"], step.options["num_stages"], False)]
 
 
 def launch(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
@@ -1105,7 +1138,7 @@ def _checked(student_logits, teacher_logits, labels, teacher_temperature, studen
     if not (math.isfinite(sample_weight_scalar) and sample_weight_scalar >= 0):
         raise ValueError(f"kd_kl_div_forward: sample_weight_scalar must be non-negative and finite, "
                          f"got {sample_weight_scalar}")
-    if device.type == "cpu":  # the interpreter has no device asserts
+    if device.type == "cpu" and not torch.compiler.is_compiling():  # the interpreter's stand-in for asserts
         check_values(labels, [("teacher_temperature", tau_t), ("student_temperature", tau_s)],
                      [("weight", weight), ("sample_weight", sample_weight)], ignore_index, num_classes)
     return (student_logits, teacher_logits, labels, tau_t, tau_s, float(teacher_temperature_scalar),
@@ -1115,7 +1148,8 @@ def _checked(student_logits, teacher_logits, labels, teacher_temperature, studen
 
 def plan(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
          teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad,
-         form=None, config=None, weight=None, sample_weight=None, sample_weight_scalar=1.0, reduction=None):
+         form=None, config=None, weight=None, sample_weight=None, sample_weight_scalar=1.0, reduction=None,
+         grad_dtypes=None):
     """Validates the arguments, allocates the outputs and returns the launches that compute them.
 
     Runs nothing on the device (meta tensors give the launches a real call would make, for
@@ -1123,7 +1157,8 @@ def plan(student_logits, teacher_logits, labels, teacher_temperature, student_te
 
     Args:
         as for ``launch``; reduction: None (the op: row losses) or one of ``loss``'s reductions,
-        whose finishing launch is then included.
+        whose finishing launch is then included; grad_dtypes: the stored gradients' (student,
+        teacher) dtypes, None for the logits'.
 
     Returns:
         tuple: (row_loss, grad_student, grad_teacher) (not yet computed) and a list of ``Launch``.
@@ -1138,18 +1173,18 @@ def plan(student_logits, teacher_logits, labels, teacher_temperature, student_te
                           teacher_grad, weight is not None, sample_weight is not None, reduction, form, config, debug)
     batch, num_classes = student_logits.shape
     device = student_logits.device
+    grad_dtypes = grad_dtypes or (student_logits.dtype, teacher_logits.dtype)
     row_loss = torch.empty(batch, dtype=torch.float32, device=device)
-    grad_student = torch.empty((batch, num_classes) if student_grad else (0,), dtype=student_logits.dtype,
-                               device=device)
-    grad_teacher = torch.empty((batch, num_classes) if teacher_grad else (0,), dtype=teacher_logits.dtype,
-                               device=device)
+    grad_student = torch.empty((batch, num_classes) if student_grad else (0,), dtype=grad_dtypes[0], device=device)
+    grad_teacher = torch.empty((batch, num_classes) if teacher_grad else (0,), dtype=grad_dtypes[1], device=device)
     partials = None if static.partials is None else torch.empty(static.partials, dtype=torch.float32, device=device)
-    labels_arg = torch.empty(1, dtype=torch.int64, device=device) if labels is None else labels
+    labels_arg = torch.zeros(1, dtype=torch.int64, device=device) if labels is None else labels
+    reduced = (None, None) if reduction in (None, "none") else \
+        (torch.empty((), device=device), torch.empty(1, device=device))
     values = (student_logits, teacher_logits, labels_arg, row_loss if tau_t is None else tau_t,
               row_loss if tau_s is None else tau_s, row_loss if weight is None else weight,
               row_loss if sample_weight is None else sample_weight, row_loss, grad_student, grad_teacher, partials,
-              torch.empty((), device=device), torch.empty(1, device=device), tau_t_scalar, tau_s_scalar,
-              sample_weight_scalar)
+              *reduced, tau_t_scalar, tau_s_scalar, sample_weight_scalar)
     launches = [Launch(step.kernel, step.grid, step.bind(values), step.constexprs, step.options["num_warps"],
                        step.options["num_stages"], debug) for step in static.steps]
     return (row_loss, grad_student, grad_teacher), launches

@@ -8,6 +8,12 @@ HBM3 and 50 MB of L2. The H200 is the same chip with 4.8 TB/s of HBM3e.
 
 import dataclasses
 import math
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
 
 from tests.triton_aot import compile_launches
 
@@ -16,6 +22,13 @@ MIB = 1024 * 1024
 # What one kernel launch costs beyond its memory traffic (launch latency, tail and ramp-up):
 # a round figure for small back-to-back launches, assumed, not measured.
 LAUNCH_OVERHEAD_S = 4e-6
+# The share of peak DRAM bandwidth a well-made streaming kernel reaches (the best row-wise
+# softmax and cross-entropy kernels reach ~90% of HBM on an H100).
+ACHIEVABLE_FRACTION = 0.9
+# Warp instructions an SM issues per clock (4 schedulers, one each), and the H100 SXM's boost
+# clock: the issue bound these give is a lower bound on a kernel's time.
+ISSUE_PER_SM_PER_CLOCK = 4
+CLOCK_HZ = 1.98e9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +104,72 @@ def roofline_seconds(nbytes, launches, gpu=H100, launch_overhead_s=LAUNCH_OVERHE
     return nbytes / gpu.dram_bytes_per_s + launches * launch_overhead_s
 
 
+def achievable_seconds(nbytes, gpu=H100):
+    """Time that moving ``nbytes`` at ACHIEVABLE_FRACTION of the DRAM peak takes.
+
+    Args:
+        nbytes: DRAM bytes.
+        gpu: the GPU.
+
+    Returns:
+        float: seconds.
+    """
+    return nbytes / (ACHIEVABLE_FRACTION * gpu.dram_bytes_per_s)
+
+
+def issue_seconds(thread_instructions, gpu=H100):
+    """The instruction-issue bound: time to issue ``thread_instructions`` (32 a warp instruction).
+
+    Args:
+        thread_instructions: instructions executed, summed over threads.
+        gpu: the GPU.
+
+    Returns:
+        float: seconds.
+    """
+    return thread_instructions / 32 / (ISSUE_PER_SM_PER_CLOCK * gpu.sms * CLOCK_HZ)
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRANCH = re.compile(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)")
+
+
+def sass_instructions(cubin):
+    """The SASS instructions of a cubin (``cuobjdump -sass``, the one Triton ships): (address, text) pairs.
+
+    Args:
+        cubin: the cubin's bytes.
+
+    Returns:
+        list: (int address, str instruction) in address order.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as file:
+            file.write(cubin)
+        done = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True, text=True,
+                              check=True)
+    return [(int(m.group(1), 16), m.group(2)) for m in map(_SASS_LINE.search, done.stdout.splitlines()) if m]
+
+
+def loop_instructions(instructions):
+    """Instructions of the innermost-to-outermost hot loop: the longest span a backward branch closes.
+
+    Args:
+        instructions: ``sass_instructions``'s list.
+
+    Returns:
+        tuple: (instructions in the loop body or 0 when there is no loop, instructions in all).
+    """
+    step = 16  # bytes per sm_90 instruction
+    longest = 0
+    for address, text in instructions:
+        found = _BRANCH.search(text)
+        if found and int(found.group(1), 16) < address:  # a backward branch (not the final self-branch)
+            longest = max(longest, (address - int(found.group(1), 16)) // step + 1)
+    return longest, len(instructions)
+
+
 def compile_for_sm90(launches):
     """The sm_90 variant each launch compiles (``tests.triton_aot``): registers, spills, shared memory.
 
@@ -108,7 +187,7 @@ def compile_for_sm90(launches):
         compiled.append({"registers": resources["registers"], "spills": resources["stack"] + resources["local"],
                          "shared": resources["shared"] + kernel.metadata["shared"],
                          "num_warps": kernel.metadata["num_warps"], "num_stages": kernel.metadata["num_stages"],
-                         "ptx": kernel.asm["ptx"]})
+                         "ptx": kernel.asm["ptx"], "cubin": kernel.asm["cubin"]})
     return compiled
 
 
@@ -161,6 +240,7 @@ def format_rows(rows):
     lines = [f"assumed: {H100.name} {H100.sms} SMs {H100.dram_bytes_per_s / 1e12:.2f} TB/s, "
              f"{H200.name} {H200.dram_bytes_per_s / 1e12:.2f} TB/s, "
              f"{LAUNCH_OVERHEAD_S * 1e6:.0f} us per launch; waves = programs / {H100.sms} SMs; "
+             "times: a row's own times (see its model) where it gives them, else DRAM at the peak; "
              "registers and spills of the sm_90 cubin; CTAs/SM from registers, threads, CTAs and shared memory"]
     for row in rows:
         lines.append("")
@@ -171,7 +251,7 @@ def format_rows(rows):
                          f"regs {launch['registers']:>3} spills {launch['spills']:>2}B  "
                          f"smem {launch['shared'] / KIB:5.1f}KiB  CTAs/SM {launch['ctas_per_sm']:>2} "
                          f"({launch['limiter']})  waves {launch['waves']:6.2f}")
-        times = time_columns(row)
+        times = row.get("times") or time_columns(row)
         per_element = row["bytes"] / row["elements"]
         lines.append(f"  DRAM {per_element:5.2f} B/elem (elements {row['element_bytes']:.0f}, minimum "
                      f"{row['min_element_bytes']:.0f}; x{row['bytes'] / row['min_bytes']:.2f} of the minimum "

@@ -15,7 +15,9 @@ by ``labels`` (it needs labels), or (B, 1), one value per row; the scalar is use
 tensor is None. ``weight`` (C,) needs labels; ``sample_weight`` is (B,). Rows labelled
 ``ignore_index`` give 0 and zero gradients whatever their weight. B = 0 gives empty outputs.
 Bad weight values (negative, NaN, inf) raise ValueError on the CPU kernels and are not checked
-on CUDA (no host sync); bad labels and temperatures raise RuntimeError (on CUDA, a device assert).
+on CUDA (no host sync); bad labels and temperatures raise RuntimeError on the CPU kernels and give
+their rows a NaN loss and NaN gradients on CUDA (no host sync; ``FASTABSLD_DEVICE_ASSERTS=1`` makes
+them device asserts instead, a debug mode: an assert ends the CUDA context).
 
 Backends: the C++ kernel (``csrc/kd_kl_div_cpu.cpp``) on CPU tensors; on CUDA tensors the Triton
 kernels (``fastabsld.kernels.kd_kl_div``) when triton is installed and the call is one they
@@ -27,7 +29,9 @@ The op's autograd only scales the stored gradients by the incoming gradient of `
 the same op plus the reduction, with its autograd in C++. Two paths give the same numbers: under
 ``torch.compile`` (and without the extension) :func:`kd_kl_div` is ``kd_kl_div_forward`` with the
 autograd registered here plus a traced reduction; in eager mode it is one call of
-``kd_kl_div_loss``. At small shapes the cost is dispatch, and that path has the fewest dispatches.
+``kd_kl_div_loss``, except on CUDA tensors, where the Triton kernels run through their own host
+path (``fastabsld.ops.kd_loss_triton``: cached plans, the reduction on the device, one launch for
+the backward). At small shapes the cost is dispatch, and that path has the fewest dispatches.
 Measured at (B, C) = (128, 10), forward + backward, CPU time on one thread: ~37 us through it,
 ~45 us for a Python ``torch.autograd.Function`` calling the kernel below autograd, ~100 us through
 the custom op's Python autograd, ~92 us for the eager formulation of the released ABSLD code;
@@ -382,6 +386,8 @@ def _backward(ctx, grad_rows, _grad_gs, _grad_gt):
 
 
 torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
+if HAS_TRITON:  # the Triton op torch.compile traces on CUDA: kd_kl_div_forward's schema and autograd
+    torch.library.register_autograd(kd_loss_triton.TRITON_OP, _backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,7 +504,10 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
             temperature; a (C,) temperature or a weight without labels; a temperature or weight
             tensor that requires grad; a negative, NaN or infinite weight (tensor values checked
             on CPU tensors only: no host sync on CUDA). A label outside [0, C) or a bad value inside
-            a temperature tensor is a RuntimeError from the kernel (on CUDA, a device-side assert).
+            a temperature tensor is a RuntimeError from the kernel on CPU tensors; on CUDA the row's
+            loss and gradients are NaN (with ``FASTABSLD_DEVICE_ASSERTS=1``, a device-side assert).
+            A 0-d CPU temperature or sample weight with CUDA logits is read as a number (a
+            ValueError when it is not positive, or non-negative, and finite) and never copied.
     """
     _check_logits(student_logits, teacher_logits)
     if reduction not in REDUCTIONS:
@@ -522,6 +531,7 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
         return torch.ops.fastabsld.kd_kl_div_loss(*args, reduction, *weights)
     denominator = _row_denominator(reduction, labels, ignore_index, batch, num_classes)
     grad_on = torch.is_grad_enabled()
-    rows, _, _ = torch.ops.fastabsld.kd_kl_div_forward(
+    forward = kd_loss_triton.traced_op(student_logits, teacher_logits, labels, tau_t, tau_s)  # CUDA: the Triton op
+    rows, _, _ = forward(
         *args, grad_on and student_logits.requires_grad, grad_on and teacher_logits.requires_grad, *weights)
     return _reduce(rows, reduction, denominator)

@@ -1,4 +1,5 @@
-"""The KD loss on CUDA tensors in eager mode: the Triton kernels with a host path that keeps up.
+"""The KD loss on CUDA tensors through the Triton kernels: an eager host path that keeps up, and an
+op that ``torch.compile`` sees into.
 
 At ABSLD's shapes, (128, 10) and (128, 100), the kernels need a few microseconds of GPU time,
 so the host decides the speed. :func:`kd_kl_div_loss` is what :func:`fastabsld.ops.kd_loss.kd_kl_div`
@@ -21,10 +22,17 @@ fp16's smallest normal, and storing them in fp16 first would lose them.
 A backward run with grad enabled (``create_graph=True``) recomputes through the op's traced path
 (``torch.ops.fastabsld.kd_kl_div_forward`` and its registered autograd), so derivatives of a
 derivative are those of that op.
+
+Under ``torch.compile`` the loss on CUDA tensors traces ``torch.ops.fastabsld.kd_kl_div_forward_triton``
+(:func:`traced_op`): the same schema as ``kd_kl_div_forward``, defined with
+``torch.library.triton_op`` and launching its kernels through ``torch.library.wrap_triton``, so
+that AOTAutograd decomposes it into the Triton kernel calls themselves. Inductor then launches
+the kernels from its generated code (no Python planner per call) and ``mode="reduce-overhead"``
+captures them in a CUDA graph. Its autograd is the forward op's (registered in ``kd_loss``).
 """
 
-import functools
 import importlib
+from typing import Optional
 
 import torch
 from torch.autograd import forward_ad
@@ -34,22 +42,32 @@ from fastabsld.ops._kernels import HAS_TRITON
 # Device types whose tensors take this path. ``benchmarks/kd_host_cost.py`` adds "cpu" to time
 # the path's host work on CPU tensors, with Triton's launches recorded instead of made.
 EAGER_DEVICES = {"cuda"}
+# Device types whose tensors trace the Triton op under torch.compile (a test adds "cpu").
+TRACED_DEVICES = {"cuda"}
+TRITON_OP = "fastabsld::kd_kl_div_forward_triton"
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.cache
-def kernels():
-    """The Triton kernel module ``fastabsld.kernels.kd_kl_div``, or None without triton.
-
-    Returns:
-        module or None.
-    """
+def _import_kernels():
     if not HAS_TRITON:
         return None
     try:
         return importlib.import_module("fastabsld.kernels.kd_kl_div")
     except ImportError:
         return None
+
+
+# Imported once here, not on first use: torch.compile traces the functions that read it.
+_KERNELS = _import_kernels()
+
+
+def kernels():
+    """The Triton kernel module ``fastabsld.kernels.kd_kl_div``, or None without triton.
+
+    Returns:
+        module or None.
+    """
+    return _KERNELS
 
 
 def applies(student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight):
@@ -158,3 +176,56 @@ def kd_kl_div_loss(student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_s
     return kernels().loss(student_logits, teacher_logits, labels, _launcher_tensor(tau_t), _launcher_tensor(tau_s),
                           tau_t_scalar, tau_s_scalar, ignore_index, False, False, _launcher_tensor(weight),
                           _launcher_tensor(sample_weight), sample_weight_scalar, reduction, dtypes)[0]
+
+
+def _launch_traceable(launch):
+    """Runs one planned launch through ``wrap_triton``: a plain launch in eager mode, a kernel call
+    that AOTAutograd records (and Inductor launches) under tracing."""
+    options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
+    if launch.debug:
+        options["debug"] = True
+    torch.library.wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.constexprs, **options)
+
+
+if HAS_TRITON:  # triton_op and wrap_triton need triton
+    @torch.library.triton_op(TRITON_OP, mutates_args=())
+    def kd_kl_div_forward_triton(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],
+                                 teacher_temperature: Optional[torch.Tensor], student_temperature: Optional[torch.Tensor],
+                                 teacher_temperature_scalar: float, student_temperature_scalar: float, ignore_index: int,
+                                 student_grad: bool, teacher_grad: bool, weight: Optional[torch.Tensor] = None,
+                                 sample_weight: Optional[torch.Tensor] = None,
+                                 sample_weight_scalar: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``kd_kl_div_forward`` as a Triton op: the same arguments and outputs, for tracing.
+
+        The calls :func:`traced_op` picks it for are those :func:`applies` allows (Triton dtypes,
+        per-row temperatures only without labels). fp16 logits get their stored gradient in fp32 (the
+        registered backward scales it by grad_output in fp32; autograd rounds the result to fp16).
+
+        Args and Returns: as ``torch.ops.fastabsld.kd_kl_div_forward``.
+        """
+        kd = kernels()
+        outputs, launches = kd.plan(
+            student_logits, teacher_logits, labels, _launcher_tensor(teacher_temperature),
+            _launcher_tensor(student_temperature), teacher_temperature_scalar, student_temperature_scalar, ignore_index,
+            student_grad, teacher_grad, weight=_launcher_tensor(weight), sample_weight=_launcher_tensor(sample_weight),
+            sample_weight_scalar=sample_weight_scalar,
+            grad_dtypes=(_grad_dtype(student_logits.dtype), _grad_dtype(teacher_logits.dtype)))
+        for launch in launches:
+            _launch_traceable(launch)
+        return outputs
+
+
+def traced_op(student_logits, teacher_logits, labels, tau_t, tau_s):
+    """The forward op the traced path of the public loss calls.
+
+    Under ``torch.compile``, for tensors on a device in ``TRACED_DEVICES`` and a call the Triton
+    kernels implement: ``kd_kl_div_forward_triton``; otherwise ``kd_kl_div_forward``.
+
+    Returns:
+        an OpOverloadPacket with ``kd_kl_div_forward``'s schema.
+    """
+    if student_logits.device.type in TRACED_DEVICES and torch.compiler.is_compiling() and kernels() is not None \
+            and student_logits.dtype in TRITON_DTYPES and teacher_logits.dtype in TRITON_DTYPES \
+            and not any(tau is not None and tau.dim() == 2 and labels is not None for tau in (tau_t, tau_s)):
+        return torch.ops.fastabsld.kd_kl_div_forward_triton
+    return torch.ops.fastabsld.kd_kl_div_forward

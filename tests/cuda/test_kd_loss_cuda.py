@@ -107,3 +107,90 @@ def test_second_backward_with_retain_graph():
     (g1,) = torch.autograd.grad(loss, s, retain_graph=True)
     (g2,) = torch.autograd.grad(loss * 3, s)
     torch.testing.assert_close(g2, 3 * g1)
+
+
+def _kernels_of(fn):
+    """Names of the CUDA kernels and memory copies ``fn`` runs (torch's profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        fn()
+        torch.cuda.synchronize()
+    return [event.name for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("batch,num_classes", [(128, 10), (128, 100)])
+def test_eager_call_is_two_launches_forward_and_one_backward(batch, num_classes):
+    s, t, kwargs = _case(batch, num_classes, (torch.float32, torch.float32), "class", seed=5)
+    s.requires_grad_(True)
+    kd_kl_div(s, t, reduction="mean", **kwargs)  # compile
+    losses = []
+    forward = _kernels_of(lambda: losses.append(kd_kl_div(s, t, reduction="mean", **kwargs)))
+    backward = _kernels_of(lambda: torch.autograd.grad(losses[0], s, torch.ones((), device="cuda")))
+    assert len(forward) == 2 and "_kd_tile_kernel" in forward[0] and "_kd_reduce_kernel" in forward[1], forward
+    assert len(backward) == 1 and "_kd_scale_kernel" in backward[0], backward
+
+
+def test_eager_call_with_cpu_scalars_is_captured_by_a_cuda_graph():
+    """0-d CPU temperature and sample weight are numbers: no copy to the device, so capture works."""
+    s, t, kwargs = _case(128, 100, (torch.float32, torch.float32), "class", seed=6)
+    kwargs["student_temperature"] = torch.tensor(0.7)
+    kwargs["sample_weight"] = torch.tensor(0.5)
+    s.requires_grad_(True)
+
+    def step():
+        loss = kd_kl_div(s, t, reduction="mean", **kwargs)
+        return loss, torch.autograd.grad(loss, s)[0]
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            want_loss, want_grad = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got_loss, got_grad = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got_loss, want_loss) and torch.equal(got_grad, want_grad)
+
+
+def test_bad_rows_are_nan_without_device_asserts():
+    s, t, kwargs = _case(16, 10, (torch.float32, torch.float32), "class", seed=7)
+    kwargs["labels"][3] = 10  # out of range
+    kwargs["teacher_temperature"][kwargs["labels"][5]] = -1.0
+    rows = kd_kl_div(s, t, reduction="none", **kwargs)
+    torch.cuda.synchronize()
+    assert rows[3].isnan() and rows[5].isnan()
+    kept = torch.ones(16, dtype=torch.bool, device="cuda")
+    kept[[3, 5]] = False
+    assert torch.isfinite(rows[kept]).all()
+
+
+def test_fp16_student_gradient_at_32000_columns():
+    """Kept in fp32 until grad_output (a loss scaler's 2**16) has scaled it: within fp16 rounding of fp64."""
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    s = (2 * torch.randn(8, 32000, device="cuda", generator=gen)).half().requires_grad_(True)
+    t = (2 * torch.randn(8, 32000, device="cuda", generator=gen)).half()
+    (grad,) = torch.autograd.grad(kd_kl_div(s, t, reduction="sum"), s, torch.tensor(2.0 ** 16, device="cuda"))
+    s64 = s.detach().double().requires_grad_(True)
+    (ref,) = torch.autograd.grad(reference.kd_kl_div(s64, t.double(), reduction="sum") * 2.0 ** 16, s64)
+    relative = ((grad.double() - ref).abs() / ref.abs().clamp_min(1e-300)).flatten()
+    assert torch.quantile(relative, 0.9).item() <= 2.0 ** -11
+
+
+def test_reduce_overhead_compile_captures_the_triton_kernels():
+    """mode="reduce-overhead": Inductor launches the Triton kernels from its code inside a CUDA graph."""
+    s, t, kwargs = _case(128, 100, (torch.float32, torch.float32), "class", seed=9)
+    s.requires_grad_(True)
+
+    def loss(a, b, labels, tau):
+        return kd_kl_div(a, b, labels=labels, teacher_temperature=tau, reduction="mean", ignore_index=IGNORE)
+
+    compiled = torch.compile(loss, mode="reduce-overhead", fullgraph=True)
+    want = loss(s, t, kwargs["labels"], kwargs["teacher_temperature"])
+    (want_grad,) = torch.autograd.grad(want, s)
+    for _ in range(3):  # warm-up runs, then replays of the captured graph
+        got = compiled(s, t, kwargs["labels"], kwargs["teacher_temperature"])
+        (got_grad,) = torch.autograd.grad(got, s)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-9)

@@ -10,9 +10,11 @@ shapes the performance model reports. The block sizes ``plan`` can pick range fu
 per power of two of C and rows), but each keeps ELEMENTS_PER_THREAD elements a thread or fewer,
 which is what sets the registers; the extremes of that range are here.
 
-Checked per variant and capability: a cubin with device asserts in it, at most 128 registers a
-thread and no spills; vector loads (or 16-byte cp.async) where the rows allow them; and a
-software-pipelined column loop (cp.async stages or the register prefetch) in the split kernels.
+The eager path's finishing (reduce) and backward (scale) kernels are here too, and launches of
+the debug mode (``FASTABSLD_DEVICE_ASSERTS=1``). Checked per variant and capability: device
+asserts in the code exactly in the debug mode, at most 128 registers a thread and no spills;
+vector loads (or 16-byte cp.async) where the rows allow them; and a software-pipelined column
+loop (cp.async stages or the register prefetch) in the split kernels.
 """
 
 import re
@@ -52,7 +54,7 @@ def _weights(length, misaligned, device):
 
 
 def _launches(name, batch, num_classes, student, teacher, layout="contiguous", teacher_layout=None, grads=(True, True),
-              weights=None):
+              weights=None, reduction=None):
     s = _logits(batch, num_classes, DTYPES[student], layout)
     t = _logits(batch, num_classes, DTYPES[teacher], teacher_layout or layout)
     device = s.device
@@ -63,8 +65,28 @@ def _launches(name, batch, num_classes, student, teacher, layout="contiguous", t
         misaligned = weights == "misaligned"
         weighting = {"weight": _weights(num_classes, misaligned, device),
                      "sample_weight": _weights(batch, misaligned, device), "sample_weight_scalar": 0.5}
-    _, launches = kd.plan(s, t, labels, tau, None, 1.0, 1.0, -100, *grads, **weighting)
+    _, launches = kd.plan(s, t, labels, tau, None, 1.0, 1.0, -100, *grads, reduction=reduction, **weighting)
     return [(f"{name} {launch.kernel.__name__.strip('_')}", launch) for launch in launches]
+
+
+def _backward_launches(name, batch, num_classes, stored, logits, per_row, grad_output_stride=1):
+    """The backward's scaling launch of a stored gradient (fp32 for fp16 logits) into the logits' dtype."""
+    grad = torch.empty(batch, num_classes, dtype=DTYPES[stored], device="meta")
+    if per_row:
+        grad_output, scale = torch.empty_strided((batch,), (grad_output_stride,), device="meta"), None
+    else:
+        grad_output, scale = torch.empty((), device="meta"), torch.empty(1, device="meta")
+    launches = kd.scale_plan(grad, grad_output, scale, DTYPES[logits])
+    return [(f"{name} {launch.kernel.__name__.strip('_')}", launch) for launch in launches]
+
+
+def _debug_launches(name, *args, **kwargs):
+    """Launches with the device asserts compiled in (``FASTABSLD_DEVICE_ASSERTS=1``)."""
+    previous, kd.DEVICE_ASSERTS = kd.DEVICE_ASSERTS, True
+    try:
+        return _launches(name, *args, **kwargs)
+    finally:
+        kd.DEVICE_ASSERTS = previous
 
 
 def _real_launches():
@@ -99,6 +121,18 @@ def _real_launches():
     cases += _launches("tile weighted", 1024, 96, "bf16", "bf16", weights="aligned")
     cases += _launches("tile misaligned weights", 1000, 40, "fp32", "bf16", "offset", weights="misaligned")
     cases += _launches("split misaligned weights", 2, 20000, "fp32", "bf16", "offset", weights="misaligned")
+    # The eager path's finishing and backward kernels; the debug mode's asserts.
+    cases += [case for case in _launches("tile mean", 128, 10, "fp32", "fp32", reduction="mean")
+              if "reduce" in case[0]]
+    cases += [case for case in _launches("tile sum no labels", 128, 10, "fp32", "fp32", reduction="sum")
+              if "reduce" in case[0]]
+    cases += _backward_launches("backward fp16", 128, 100, "fp32", "fp16", per_row=False)
+    cases += _backward_launches("backward bf16 per row", 8, 32000, "bf16", "bf16", per_row=True)
+    cases += _backward_launches("backward stride-0 rows", 128, 10, "fp32", "fp32", per_row=True, grad_output_stride=0)
+    cases += _backward_launches("backward 64-bit", 65536, 65536, "fp32", "fp32", per_row=False)
+    cases += _debug_launches("debug tile", 1024, 96, "fp32", "fp32")
+    cases += _debug_launches("debug split", 4, 40000, "bf16", "bf16")
+    cases += _debug_launches("debug split prefetch", 2, 50257, "fp16", "fp32")
     return cases
 
 
@@ -112,13 +146,19 @@ def compiled():
 
 def test_the_variants_cover_every_code_path():
     forms = {(launch.kernel.__name__, launch.constexprs.get("PREFETCH"), launch.constexprs["WIDE"],
-              launch.constexprs["VEC"]) for _, launch in REAL_LAUNCHES}
+              launch.constexprs["VEC"]) for _, launch in REAL_LAUNCHES if "VEC" in launch.constexprs}
+    kernels = {launch.kernel.__name__ for _, launch in REAL_LAUNCHES}
+    assert {"_kd_reduce_kernel", "_kd_scale_kernel"} <= kernels
+    for kernel in ("_kd_tile_kernel", "_kd_split_stats_kernel", "_kd_split_finish_kernel"):
+        debug = {launch.debug for _, launch in REAL_LAUNCHES if launch.kernel.__name__ == kernel}
+        assert debug == {False, True}, f"{kernel} with and without device asserts"
     for kernel in ("_kd_tile_kernel", "_kd_split_stats_kernel", "_kd_split_finish_kernel"):
         for vec in (1, 2, 4, 8) if kernel == "_kd_tile_kernel" else (1, 4, 8):
             assert any(f[0] == kernel and f[3] == vec for f in forms), (kernel, vec)
         assert any(f[0] == kernel and f[2] for f in forms), f"{kernel} with 64-bit offsets"
     assert any(f[1] for f in forms) and any(f[1] is False for f in forms)
-    strides = [launch.args[launch.kernel.arg_names.index("stride_sb")] for _, launch in REAL_LAUNCHES]
+    strides = [launch.args[launch.kernel.arg_names.index("stride_sb")] for _, launch in REAL_LAUNCHES
+               if "stride_sb" in launch.kernel.arg_names]
     assert max(strides) >= 2**31, "a launch with 64-bit integer arguments"
     for kernel in ("_kd_tile_kernel", "_kd_split_finish_kernel"):
         weighted = [dict(zip(launch.kernel.arg_names, launch.args)) for _, launch in REAL_LAUNCHES
@@ -135,11 +175,13 @@ def test_variant_compiles_for_sm80_and_sm90_without_spills(compiled, index):
         kernel = compiled[index][capability]
         assert kernel.asm["cubin"]
         ptx = kernel.asm["ptx"]
-        assert "__assertfail" in ptx, "device asserts were compiled out"
+        assert ("__assertfail" in ptx) == launch.debug, "device asserts compiled in exactly in the debug mode"
         usage = kernel.resources
         assert usage["registers"] <= MAX_REGISTERS, usage
         assert usage["stack"] == 0 and usage["local"] == 0, f"spills: {usage}"
         assert kernel.metadata["num_warps"] == launch.num_warps
+        if "s_ptr" not in args:  # the finishing and backward kernels: no logits
+            continue
         logits = [args["s_ptr"], args["t_ptr"]]
         aligned = all(t.data_ptr() % 16 == 0 for t in logits) and all(t.stride(1) == 1 for t in logits)
         vector_bytes = launch.constexprs["VEC"] * min(t.element_size() for t in logits)
