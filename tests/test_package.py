@@ -13,7 +13,7 @@ import fastabsld
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = ("fastabsld.loss", "fastabsld.methods", "fastabsld.temperature", "fastabsld.attack", "fastabsld.metrics",
-           "fastabsld.evaluation")
+           "fastabsld.evaluation", "fastabsld.sanity")
 
 
 def _modules():

@@ -236,13 +236,15 @@ def _silent(*args, **kwargs):
     pass
 
 
-def _summary(test):
+def _summary(test, nonfinite=False):
+    """The table of an evaluation; ``nonfinite``: with the count of examples whose logits were NaN or infinite."""
     def cell(value):
         return f"{'n/a':>8}" if value is None or math.isnan(value) else f"{value:>8.4f}"
 
-    lines = [f"{'attack':<12} {'average':>8} {'worst':>8} {'NSD':>8}"]
+    lines = [f"{'attack':<12} {'average':>8} {'worst':>8} {'NSD':>8}" + (f" {'nonfinite':>9}" if nonfinite else "")]
     for attack, m in test.items():
-        lines.append(f"{attack:<12} {cell(m['average'])} {cell(m['worst'])} {cell(m['nsd'])}")
+        lines.append(f"{attack:<12} {cell(m['average'])} {cell(m['worst'])} {cell(m['nsd'])}"
+                     + (f" {m.get('nonfinite', 0):>9d}" if nonfinite else ""))
     return "\n".join(lines)
 
 
@@ -281,28 +283,134 @@ def eval_arguments(args):
     return names
 
 
+def eval_checkpoint(path):
+    """The checkpoint ``fastabsld eval PATH`` evaluates: PATH itself, or a run folder's ``best.pt`` (else ``last.pt``).
+
+    Args:
+        path: a checkpoint file or a run folder.
+
+    Returns:
+        str: the checkpoint file.
+
+    Raises:
+        FileNotFoundError: no such file or folder, or a folder without ``best.pt`` / ``last.pt``.
+    """
+    if not os.path.isdir(path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file or folder (give a checkpoint such as best.pt, or a run "
+                                    "folder)")
+        return path
+    for name in ("best.pt", "last.pt"):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise FileNotFoundError(f"{path} is a folder without best.pt or last.pt: give a run folder or a checkpoint file")
+
+
+def eval_outputs(args, checkpoint):
+    """The files ``fastabsld eval`` writes, checked before anything runs.
+
+    The per-class plot and the predictions go beside the ``--json`` file, or else beside the checkpoint
+    (``<checkpoint>_<split>_per_class.png``, ``..._predictions.npz``); ``--plot`` and ``--predictions`` choose.
+
+    Args:
+        args: the parsed ``eval`` namespace.
+        checkpoint: the evaluated checkpoint.
+
+    Returns:
+        dict: ``json`` (or None), ``plot`` and ``predictions`` paths.
+
+    Raises:
+        ValueError: an output that would replace a checkpoint or a run file (:func:`check_output_path`), or
+            two outputs that are one file.
+    """
+    from fastabsld.recipe.predictions import FILE
+    from fastabsld.recipe.runfiles import check_output_path
+
+    stem = os.path.splitext(args.json)[0] if args.json else f"{os.path.splitext(checkpoint)[0]}_{args.split}"
+    outputs = {"json": args.json, "plot": args.plot or f"{stem}_per_class.png",
+               "predictions": args.predictions or f"{stem}_{FILE}"}
+    for name, path in outputs.items():
+        if path is not None:
+            check_output_path(path, f"--{name}")
+    named = [os.path.abspath(p) for p in outputs.values() if p is not None]
+    if len(set(named)) != len(named) or os.path.abspath(checkpoint) in named:
+        raise ValueError(f"--json, --plot and --predictions must name different files, none of them the checkpoint: "
+                         f"{', '.join(f'{k} {v}' for k, v in outputs.items() if v)}")
+    return outputs
+
+
+def check_classes(state, checkpoint, data, where):
+    """Refuses data whose classes differ from the checkpoint's (count or names).
+
+    Args:
+        state: the checkpoint dict (``num_classes``, and ``class_names`` when the run's data had names).
+        checkpoint: its path (for the message).
+        data: the Splits to evaluate on.
+        where: the data's description (for the message).
+
+    Raises:
+        ValueError: naming both class lists.
+    """
+    theirs = list(state.get("class_names") or []) or None
+    ours = list(data.class_names) if data.class_names else None
+
+    def describe(count, names):
+        return f"{count} classes" + (f" ({', '.join(map(str, names))})" if names else "")
+
+    if state["num_classes"] != data.num_classes or (theirs and ours and theirs != ours):
+        raise ValueError(f"{checkpoint} was trained on {describe(state['num_classes'], theirs)}, but {where} has "
+                         f"{describe(data.num_classes, ours)}: evaluate it on data with its own classes")
+
+
+def _unbounded(model, split, args, cfg, data, device):
+    """The unbounded sanity attack (eps the whole input range): its figures, and the warning when it fails."""
+    from fastabsld import sanity
+    from fastabsld.evaluation import evaluate
+    from fastabsld.recipe.data import eval_loader
+
+    eps = 1.0  # images lie in [0, 1]
+    attack = f"pgd{sanity.UNBOUNDED_STEPS}"
+    result = evaluate(model, eval_loader(split, args.batch_size, cfg.num_workers), (attack,), eps=eps,
+                      alpha=sanity.UNBOUNDED_STEP * eps, num_classes=data.num_classes, device=device,
+                      progress=args.progress, seed=args.seed)
+    warning = sanity.unbounded_warning(result.correct(attack), data.num_classes, eps)
+    figures = {"attack": attack, "eps": eps, "alpha": sanity.UNBOUNDED_STEP * eps, "average": result[attack]["average"],
+               "chance": 1.0 / data.num_classes, "nonfinite": result[attack]["nonfinite"]}
+    return figures, warning
+
+
 def _eval(args):
     import numpy as np
 
+    from fastabsld import sanity
     from fastabsld.evaluation import evaluate
     from fastabsld.recipe import logs, predictions
     from fastabsld.recipe.data import balanced_indices, balanced_subset, eval_loader, load_for_config, split_size
+    from fastabsld.recipe.report import plot_per_class, write_metrics
     from fastabsld.recipe.runfiles import load_run_model
     from fastabsld.recipe.runtime import resolve_device
 
     names = eval_arguments(args)
+    checkpoint = eval_checkpoint(args.checkpoint)
+    if checkpoint != args.checkpoint:
+        logs.info(f"evaluating {checkpoint}")
+    outputs = eval_outputs(args, checkpoint)
     set_threads(args.threads)
     device = resolve_device(args.device)
-    model, cfg, _ = load_run_model(args.checkpoint, device)
+    model, cfg, state = load_run_model(checkpoint, device)
     if args.data_dir:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
     data = load_for_config(cfg)
+    check_classes(state, checkpoint, data, f"the {cfg.dataset} data" + (f" in {cfg.data_dir}" if cfg.data_dir else ""))
     split = getattr(data, args.split)
     whole = split_size(split)
     indices = None
     if args.n_examples is not None:
+        if args.n_examples > whole:
+            raise ValueError(f"--n-examples {args.n_examples} is larger than the {args.split} split ({whole} images): "
+                             f"give at most {whole}, or leave it out to evaluate the whole split")
         indices = balanced_indices(split, args.n_examples, seed=args.seed)
         split = balanced_subset(split, args.n_examples, seed=args.seed)
     eps = cfg.eps if args.eps is None else args.eps
@@ -312,39 +420,42 @@ def _eval(args):
                        num_classes=data.num_classes, device=device, progress=args.progress, steps=args.steps,
                        seed=args.seed, autoattack_version=args.autoattack_version,
                        autoattack_backend=args.autoattack_backend)
+    warnings = sanity.check({attack: results.correct(attack) for attack in names})
+    unbounded = None
+    if args.sanity:
+        unbounded, warning = _unbounded(model, split, args, cfg, data, device)
+        warnings += [warning] if warning else []
     seconds = time.perf_counter() - began
-    logs.info(f"{args.checkpoint}: {cfg.model} on the {cfg.dataset} {args.split} split ({split_size(split)} images), "
+    logs.info(f"{checkpoint}: {cfg.model} on the {cfg.dataset} {args.split} split ({split_size(split)} images), "
               f"eps={eps:.6g}, alpha={alpha:.6g}, seed {args.seed}")
-    logs.info(_summary(results))
-    from fastabsld.recipe.report import plot_per_class, write_metrics
-
-    # The per-class plot and the predictions go beside the JSON, or else beside the checkpoint.
-    stem = os.path.splitext(args.json or args.checkpoint)[0]
-    stem = stem if args.json else f"{stem}_{args.split}"
-    plot_path = args.plot or f"{stem}_per_class.png"
-    predictions_path = args.predictions or f"{stem}_{predictions.FILE}"
-    predictions.save(predictions_path, results, predictions.identity(
-        cfg, data, split=args.split, split_size=whole, checkpoint=os.path.abspath(args.checkpoint), eps=eps,
+    logs.info(_summary(results, nonfinite=True))
+    if unbounded:
+        logs.info(f"unbounded check: {unbounded['attack']} at eps={unbounded['eps']:g}: accuracy "
+                  f"{unbounded['average']:.4f} (chance {unbounded['chance']:.4f})")
+    for warning in warnings:
+        logs.info(f"warning: {warning.message}")
+    predictions.save(outputs["predictions"], results, predictions.identity(
+        cfg, data, split=args.split, split_size=whole, checkpoint=os.path.abspath(checkpoint), eps=eps,
         alpha=alpha, seed=args.seed), indices=indices)
-    logs.info(f"written: {predictions_path}")
-    labels = results.labels
+    logs.info(f"written: {outputs['predictions']}")
     if args.json:
         payload = {
-            "checkpoint": os.path.abspath(args.checkpoint), "model": cfg.model, "dataset": cfg.dataset,
+            "checkpoint": os.path.abspath(checkpoint), "model": cfg.model, "dataset": cfg.dataset,
             "split": args.split, "n_examples": split_size(split), "eps": eps, "alpha": alpha, "steps": args.steps,
             "seed": args.seed, "attacks": list(names), "autoattack_version": args.autoattack_version,
             "class_names": list(data.class_names) if data.class_names else None,
-            "class_counts": np.bincount(labels, minlength=data.num_classes).tolist(), "results": results,
-            "versions": _versions("autoattack" in names), "device": str(device), "plot": os.path.abspath(plot_path),
-            "predictions": os.path.abspath(predictions_path),
+            "class_counts": np.bincount(results.labels, minlength=data.num_classes).tolist(), "results": results,
+            "sanity": {"warnings": [w.to_dict() for w in warnings], "unbounded": unbounded},
+            "versions": _versions("autoattack" in names), "device": str(device),
+            "plot": os.path.abspath(outputs["plot"]), "predictions": os.path.abspath(outputs["predictions"]),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
         }
         folder, filename = os.path.split(os.path.abspath(args.json))
         write_metrics(folder, payload, name=filename)
         logs.info(f"written: {args.json}")
-    plot_per_class({attack: results[attack]["per_class"] for attack in names}, plot_path,
-                   f"per-class {args.split} accuracy ({cfg.model}, eps={eps:.4g})")
-    logs.info(f"written: {plot_path}")
+    plot_per_class({attack: results[attack]["per_class"] for attack in names}, outputs["plot"],
+                   f"per-class {args.split} accuracy ({cfg.model}, eps={eps:.4g})", class_names=data.class_names)
+    logs.info(f"written: {outputs['plot']}")
     return 0
 
 
@@ -405,7 +516,7 @@ def build_parser(commands=()):
                        description="Evaluate a checkpoint on a split of its data set. Every attack draws its random "
                                    "starts from its own generator, seeded from (--seed, attack name): a figure does "
                                    "not depend on which other attacks run.")
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", help="a checkpoint (best.pt, last.pt, a cached teacher) or a run folder (its best.pt)")
     e.add_argument("--attacks", nargs="+", default=list(EVAL_ATTACKS),
                    help="clean, fgsm, pgd<N>, cw<N> (N steps; bare pgd / cw take --steps) and autoattack "
                         f"(default: {' '.join(EVAL_ATTACKS)})")
@@ -425,7 +536,9 @@ def build_parser(commands=()):
                         "installed (default: auto; the JSON names the one used)")
     e.add_argument("--batch-size", type=positive_int, default=256, help="(default: 256)")
     e.add_argument("--data-dir", default=None, help="the data set's folder, if it moved since training")
-    e.add_argument("--json", default=None, help="write the results, versions and class counts to this JSON file")
+    e.add_argument("--json", default=None,
+                   help="write the results, sanity warnings, versions and class counts to this JSON file (never over "
+                        "a checkpoint or a file of a run folder)")
     e.add_argument("--plot", default=None,
                    help="the per-class accuracy plot (default: beside the --json file as *_per_class.png, else "
                         "beside the checkpoint as <checkpoint>_<split>_per_class.png)")
@@ -434,6 +547,11 @@ def build_parser(commands=()):
                         "the split's identity; numpy .npz, read with fastabsld.recipe.predictions.load) (default: "
                         "beside the --json file as *_predictions.npz, else beside the checkpoint as "
                         "<checkpoint>_<split>_predictions.npz)")
+    e.add_argument("--sanity", action="store_true",
+                   help="also run the unbounded check: PGD with eps the whole input range must bring the accuracy "
+                        "down towards 0; above chance, the attack or the model's gradients are broken (a warning). "
+                        "The other checks (a stronger attack above a weaker one, PGD equal to FGSM while CW or "
+                        "AutoAttack is lower) run on every evaluation, paired on the same examples")
     e.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     add_runtime(e)

@@ -12,7 +12,7 @@ import json
 import math
 import os
 
-from fastabsld.recipe.checkpoint import atomic_write_text
+from fastabsld.recipe.checkpoint import atomic_write, atomic_write_text
 
 METRICS_FILE = "metrics.json"
 DPI = 110
@@ -113,8 +113,11 @@ def save_figure(fig, path, caption=None):
         fig.tight_layout(rect=(0, 0.05, 1, 1))
     else:
         fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    try:  # a full disk leaves no empty or partial image behind
+        format_ = os.path.splitext(str(path))[1][1:].lower() or "png"
+        atomic_write(lambda f: fig.savefig(f, dpi=DPI, format=format_), path)
+    finally:
+        plt.close(fig)
     return path
 
 
