@@ -450,7 +450,7 @@ def _compare(out_dir, specs, seeds, attacks, reference, base, configs, jobs, thr
         if robust:
             attack = report.robust_attack({a: None for a in robust})
             result = tests[key][attack]
-            figure = (f"; test {report.ATTACK_LABELS.get(attack, attack)} avg {result['average']:.3f}, worst "
+            figure = (f"; test {study_report.attack_title(attack)} avg {result['average']:.3f}, worst "
                       f"{_nan(result['worst']):.3f}")
         log(f"  [{index}/{len(pending)}] {key[0]} seed {key[1]}: trained in {seconds:.0f} s{figure}")
 

@@ -2,6 +2,8 @@
 ``fastabsld.recipe.report``'s."""
 
 import math
+import re
+import textwrap
 
 from fastabsld.recipe import report as run_report
 
@@ -9,6 +11,21 @@ from fastabsld.recipe import report as run_report
 METRICS = (("average", "average"), ("worst", "worst class"), ("nsd", "NSD (lower=fairer)"))
 LABEL_WIDTH = 22
 CELL_WIDTH = 26
+
+
+def attack_title(name):
+    """An attack's name as tables and plots show it: ``PGD-20``, ``CW-20``, ``FGSM``, ``AutoAttack``.
+
+    Args:
+        name: a canonical attack name (``pgd20``, ``cw30``, ``fgsm``, ...).
+
+    Returns:
+        str: its title.
+    """
+    steps = re.fullmatch(r"(pgd|cw)(\d+)", name)
+    if steps:
+        return f"{steps[1].upper()}-{steps[2]}"
+    return run_report.ATTACK_LABELS.get(name, name)
 
 
 def selection(cfg):
@@ -76,17 +93,17 @@ def format_table(stats, attacks, reference, seeds, *, class_counts, teacher=None
              f"{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))})"]
     if selection:
         lines.append(selection)
-    lines += [f"cells: mean over the seeds [{level} interval]; '- {reference}': the paired difference (same seeds, "
-              f"same images) [{level} interval] and its verdict,",
-              f"'better'/'worse' only when significant after Holm's correction over the table's "
-              f"{stats['comparisons']} comparisons (family-wise {stats['alpha']:.0%}); hierarchical bootstrap of "
-              f"{stats['resamples']} resamples ({'seeds, then ' if stats['seeds_resampled'] else ''}test images "
-              f"within each class)"]
+    legend = (f"cells: mean over the seeds [{level} interval]; '- {reference}': the paired difference (same seeds, "
+              f"same images) [{level} interval] and its verdict: 'better'/'worse' only when significant after Holm's "
+              f"correction over the table's {stats['comparisons']} comparisons (family-wise {stats['alpha']:.0%}); "
+              f"hierarchical bootstrap of {stats['resamples']} resamples "
+              f"({'seeds, then ' if stats['seeds_resampled'] else ''}test images within each class)")
+    lines += textwrap.wrap(legend, width=LABEL_WIDTH + CELL_WIDTH * len(METRICS))
     if stats.get("warning"):
         lines.append(f"WARNING: {stats['warning']}")
     order = [reference] + [name for name in summary if name != reference]
     for attack in attacks:
-        title = run_report.ATTACK_LABELS.get(attack, attack)
+        title = attack_title(attack)
         head = _row(title, [column for _, column in METRICS])
         lines += ["", head, "-" * max(len(head), LABEL_WIDTH + CELL_WIDTH * len(METRICS))]
         if teacher is not None:
@@ -102,7 +119,7 @@ def format_table(stats, attacks, reference, seeds, *, class_counts, teacher=None
     robust = [a for a in attacks if a != "clean"]
     if robust and len(summary) > 1:
         attack = run_report.robust_attack({a: None for a in robust})
-        title = run_report.ATTACK_LABELS.get(attack, attack)
+        title = attack_title(attack)
         lines.append("")
         for key, column in METRICS:
             groups = {word: [n for n in order if summary[n][attack][key]["verdict"] == word]
@@ -151,7 +168,7 @@ def plot_comparison(summary, attacks, path, title, *, seeds, confidence=0.95):
             ax.scatter(xs + xs, run_report.floats(lows) + run_report.floats(highs), marker="_", color="black",
                        s=40, zorder=3, label="_nolegend_")
         ax.set_xticks(range(len(attacks)))
-        ax.set_xticklabels([run_report.ATTACK_LABELS.get(a, a) for a in attacks], fontsize="small")
+        ax.set_xticklabels([attack_title(a) for a in attacks], fontsize="small")
         ax.set_title(label)
         if key != "nsd":
             ax.set_ylim(0, 1.05)
