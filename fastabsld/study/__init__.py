@@ -2,7 +2,9 @@
 
 Imports the recipe and the library, never imported by them. Modules:
 
-- ``compare`` (methods x seeds on one data set and one cached teacher, one table), ``demo`` (RSLAD
-  against ABSLD on digits), ``report`` (the tables and plots of many runs) and ``cli`` (the
-  ``fastabsld`` program: the recipe's ``train`` and ``eval`` with ``demo`` and ``compare``).
+- ``statistics`` (means, paired differences, bootstrap intervals and Holm-corrected verdicts from the
+  runs' per-example results), ``compare`` (methods x seeds on one data set and one cached teacher, one
+  table), ``demo`` (RSLAD against ABSLD on digits), ``report`` (the tables and plots of many runs)
+  and ``cli`` (the ``fastabsld`` program: the recipe's ``train`` and ``eval`` with ``demo`` and
+  ``compare``).
 """

@@ -2,14 +2,16 @@
 
 One robust teacher (PGD-AT, cached) distils the same student architecture with RSLAD and with
 ABSLD under the same budget (epochs, batch size, threat model) and the same seeds; both are
-evaluated on the test split. The table reports each metric as mean +- population std over the
-seeds and the paired ABSLD - RSLAD difference, and says plainly whether ABSLD improved the
-worst-class robust accuracy and the NSD beyond the seed spread.
+evaluated on the test split, and so is the teacher. The table (:func:`fastabsld.study.report.format_table`)
+gives each metric as the mean over seeds with a 95% interval and the paired ABSLD - RSLAD difference
+(same seeds, same test images) with its interval and a verdict that survives Holm's correction
+(:mod:`fastabsld.study.statistics`), and says plainly whether ABSLD improved the worst-class robust
+accuracy and the NSD. Weights are selected on validation every epoch, as ``train`` does by default.
 """
 
 import dataclasses
 import os
-import statistics
+import statistics as stats_lib
 import time
 
 from fastabsld.recipe import logs, report
@@ -17,86 +19,37 @@ from fastabsld.recipe.config import DEFAULT_TEACHER_EPOCHS, TrainConfig
 from fastabsld.recipe.data import load_dataset
 from fastabsld.recipe.teacher import teacher_and_info, teacher_cache_path
 from fastabsld.recipe.train import teacher_report, train
+from fastabsld.study import compare, statistics
+from fastabsld.study import report as study_report
 
 METHODS = ("rslad", "absld")
+REFERENCE = "rslad"
 ATTACK = "pgd20"
-# (label, attack, key, higher is better)
-ROWS = (("clean accuracy (avg)", "clean", "average", True),
-        ("PGD-20 accuracy (avg)", ATTACK, "average", True),
-        ("PGD-20 worst-class acc.", ATTACK, "worst", True),
-        ("PGD-20 NSD (lower=fairer)", ATTACK, "nsd", False))
+ATTACKS = ("clean", "fgsm", ATTACK)
 
 
-def mean_std(values):
-    """The mean and the population standard deviation of per-seed values (std 0 for one value).
+def verdict_lines(summary):
+    """The demo's two sentences: did ABSLD improve PGD-20 worst-class accuracy and NSD over RSLAD?
 
     Args:
-        values: the values (one per seed).
+        summary: :func:`fastabsld.study.statistics.summarise`'s ``summary`` with RSLAD as the reference.
 
     Returns:
-        tuple: (mean, std).
+        list of str: one sentence per question.
     """
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
-
-
-def verdict(rslad, absld, higher_is_better):
-    """Whether ABSLD beat RSLAD on one metric, judged against the spread across seeds.
-
-    The paired mean difference counts only when its size exceeds the larger of the two methods'
-    standard deviations over seeds; otherwise the difference is reported as inside the noise.
-
-    Args:
-        rslad: per-seed values of RSLAD.
-        absld: per-seed values of ABSLD (same seeds, same order).
-        higher_is_better: direction of the metric.
-
-    Returns:
-        tuple: (word, mean difference absld - rslad) with word ``"better"``, ``"worse"`` or ``"within noise"``.
-    """
-    diff = statistics.fmean(a - r for a, r in zip(absld, rslad))
-    spread = max(mean_std(rslad)[1], mean_std(absld)[1])
-    if len(rslad) < 2 or abs(diff) <= spread:
-        return "within noise", diff
-    return ("better" if (diff > 0) == higher_is_better else "worse"), diff
-
-
-def format_table(results, seeds):
-    """The side-by-side table of the demo.
-
-    Args:
-        results: dict method -> list (per seed) of test evaluations ``{attack: {...}}``.
-        seeds: the seeds, in the order of the lists.
-
-    Returns:
-        str: the table and the verdict lines.
-    """
-    head = (f"{'test split, ' + str(len(seeds)) + ' seeds':<27} {'RSLAD':>15} {'ABSLD':>15} "
-            f"{'ABSLD-RSLAD (paired)':>20}  verdict")
-    lines = [head, "-" * len(head)]
-    verdicts = {}
-    for label, attack, key, higher in ROWS:
-        cols = []
-        for method in METHODS:
-            mean, std = mean_std([r[attack][key] for r in results[method]])
-            cols.append(f"{mean:.3f} +- {std:.3f}")
-        rslad, absld = ([r[attack][key] for r in results[m]] for m in METHODS)
-        word, diff = verdict(rslad, absld, higher)
-        paired_std = mean_std([a - r for a, r in zip(absld, rslad)])[1]
-        verdicts[key if attack == ATTACK else "clean"] = word
-        lines.append(f"{label:<27} {cols[0]:>15} {cols[1]:>15} {f'{diff:+.3f} +- {paired_std:.3f}':>20}  {word}")
-    lines.append("")
-    lines.append(_sentence("worst-class robust accuracy", verdicts["worst"]))
-    lines.append(_sentence("robust fairness (NSD)", verdicts["nsd"]))
-    lines.append("(a difference counts only when it exceeds the larger std over seeds; mean +- population std)")
-    return "\n".join(lines)
-
-
-def _sentence(what, word):
-    if word == "better":
-        return f"ABSLD improved {what} over RSLAD beyond the seed spread."
-    if word == "worse":
-        return f"ABSLD did NOT improve {what}: it was worse than RSLAD beyond the seed spread."
-    return f"ABSLD did NOT clearly improve {what} over RSLAD: the difference is inside the seed spread."
+    lines = []
+    for key, what in (("worst", "worst-class robust accuracy"), ("nsd", "robust fairness (NSD)")):
+        cell = summary["absld"][ATTACK][key]
+        low, high = cell["diff_interval"]
+        shown = f"ABSLD - RSLAD {cell['diff']:+.3f}, 95% interval [{low:+.3f}, {high:+.3f}]"
+        if cell["verdict"] == "better":
+            lines.append(f"ABSLD improved {what} over RSLAD ({shown}; significant after Holm's correction).")
+        elif cell["verdict"] == "worse":
+            lines.append(f"ABSLD did NOT improve {what}: it was worse than RSLAD ({shown}; significant after "
+                         "Holm's correction).")
+        else:
+            lines.append(f"ABSLD did NOT detectably improve {what} over RSLAD ({shown}): {cell['verdict']}.")
+    return lines
 
 
 def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_epochs=DEFAULT_TEACHER_EPOCHS,
@@ -105,7 +58,7 @@ def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_e
 
     Args:
         out_dir: folder of the report (one run folder per method and seed, demo.json, PNG plots).
-        seeds: student seeds (the same for both methods).
+        seeds: student seeds (the same for both methods; distinct).
         epochs: student epochs.
         teacher_epochs: PGD-AT epochs of the teacher (when not cached).
         cache_dir: teacher cache folder (``None``: the TrainConfig default).
@@ -115,12 +68,18 @@ def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_e
         speed: TrainConfig speed options (``amp``, ``channels_last``, ``compile``, ``fold_bn``), or None.
 
     Returns:
-        dict: the demo's summary (also written to ``out_dir/demo.json``).
+        dict: the demo's summary (also written to ``out_dir/demo.json``): ``seeds``, ``config``, ``teacher``,
+        ``teacher_test``, ``results`` (per method, the per-seed test figures), ``summary`` and ``statistics``
+        (see :func:`fastabsld.study.statistics.summarise`), ``flags``, ``table``, ``plots``, ``seconds``.
+
+    Raises:
+        ValueError: no seed or a repeated seed (before anything trains).
     """
     log = log or logs.info
     began = time.perf_counter()
+    seeds = statistics.check_seeds(seeds)
     base = TrainConfig(method="absld", dataset="digits", epochs=epochs, teacher_epochs=teacher_epochs, device=device,
-                       eval_every=5, progress=progress, test_attacks=("clean", "fgsm", ATTACK),
+                       progress=progress, test_attacks=ATTACKS,
                        **({"cache_dir": cache_dir} if cache_dir else {}), **(speed or {}))
     data = load_dataset("digits", seed=base.split_seed)
     cached = os.path.exists(teacher_cache_path(base))
@@ -134,34 +93,51 @@ def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_e
         "validation images")
     results = {m: [] for m in METHODS}
     histories = {m: [] for m in METHODS}
+    per_example, kept = {}, {m: [] for m in METHODS}
     for seed in seeds:
         for method in METHODS:
             t = time.perf_counter()
             cfg = dataclasses.replace(base, method=method, seed=seed)
-            result = train(cfg, os.path.join(out_dir, f"{method}-seed{seed}"), teacher=teacher, data=data, log=log,
-                           teacher_info=teacher_info)
+            run_dir = os.path.join(out_dir, f"{method}-seed{seed}")
+            result = train(cfg, run_dir, teacher=teacher, data=data, log=log, teacher_info=teacher_info)
             results[method].append(result["test"])
             histories[method].append(result["history"])
-            test = result["test"][ATTACK]
+            kept[method].append(result["best"]["epoch"])
+            figures, per_example[(method, seed)] = compare.run_results(run_dir, result["test"], ATTACKS, data,
+                                                                       teacher_device(teacher))
+            test = figures[ATTACK]
             log(f"  {method} seed {seed}: PGD-20 avg {test['average']:.3f}, worst {test['worst']:.3f}, "
                 f"NSD {test['nsd']:.3f} ({time.perf_counter() - t:.0f} s)")
-    table = format_table(results, list(seeds))
+    study = compare.study_of(per_example, list(METHODS), seeds, ATTACKS, data.num_classes)
+    outcome = statistics.summarise(study, REFERENCE)
+    teacher_figures = compare.teacher_test(out_dir, teacher, teacher_info, ATTACKS, data, base,
+                                           teacher_device(teacher))
+    flags = compare.student_flags(outcome["summary"], kept, epochs, teacher_figures)
+    table = "\n".join([study_report.format_table(outcome, ATTACKS, REFERENCE, seeds, class_counts=study.class_counts,
+                                                 teacher=teacher_figures, flags=flags,
+                                                 selection=study_report.selection(base)), ""]
+                      + verdict_lines(outcome["summary"]))
+    num_classes = len(results["rslad"][0][ATTACK]["per_class"])
     plots = [
+        study_report.plot_comparison(outcome["summary"], ATTACKS, os.path.join(out_dir, "demo.png"),
+                                     f"RSLAD vs ABSLD on digits: {len(seeds)} seeds ({epochs} epochs)",
+                                     seeds=len(seeds), confidence=outcome["confidence"]),
         report.plot_per_class(
-            {m.upper(): [statistics.fmean(r[ATTACK]["per_class"][k] for r in results[m])
-                         for k in range(len(results[m][0][ATTACK]["per_class"]))] for m in METHODS},
+            {m.upper(): [stats_lib.fmean(r[ATTACK]["per_class"][k] for r in results[m]) for k in range(num_classes)]
+             for m in METHODS},
             os.path.join(out_dir, "per_class_robust_accuracy.png"),
             f"per-class PGD-20 test accuracy, mean over {len(seeds)} seeds",
             ylabel="PGD-20 test accuracy of the class", sort_by="RSLAD",
-            errors={m.upper(): [mean_std([r[ATTACK]["per_class"][k] for r in results[m]])[1]
-                                for k in range(len(results[m][0][ATTACK]["per_class"]))] for m in METHODS},
-            error_label=f"error bars: population std over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"),
+            errors={m.upper(): [stats_lib.pstdev([r[ATTACK]["per_class"][k] for r in results[m]])
+                                for k in range(num_classes)] for m in METHODS} if len(seeds) > 1 else None,
+            error_label=f"error bars: population std over {len(seeds)} seeds"),
         report.plot_temperatures(histories["absld"][0], os.path.join(out_dir, "absld_temperatures.png"),
                                  f"ABSLD class temperatures (seed {seeds[0]})"),
     ]
-    summary = {"seeds": list(seeds), "config": base.to_dict(), "teacher": teacher_info, "results": results,
-               "table": table,
-               "seconds": time.perf_counter() - began}
+    summary = {"seeds": seeds, "config": base.to_dict(), "teacher": teacher_info, "teacher_test": teacher_figures,
+               "results": results, "class_counts": study.class_counts.tolist(), "summary": outcome["summary"],
+               "statistics": {k: v for k, v in outcome.items() if k != "summary"}, "flags": flags, "table": table,
+               "plots": [p for p in plots if p], "seconds": time.perf_counter() - began}
     report.write_metrics(out_dir, summary, name="demo.json")
     log("")
     log(table)
@@ -169,3 +145,17 @@ def run_demo(out_dir="runs/demo", *, seeds=(0, 1, 2, 3, 4), epochs=30, teacher_e
     log(f"report: {os.path.join(out_dir, 'demo.json')}; plots: {', '.join(p for p in plots if p)}; "
         f"per-run folders under {out_dir}; total {summary['seconds']:.0f} s")
     return summary
+
+
+def teacher_device(teacher):
+    """The device the teacher's weights are on (where the demo evaluates).
+
+    Args:
+        teacher: a torch module.
+
+    Returns:
+        torch.device: its device (the CPU for a module without parameters).
+    """
+    import torch
+
+    return next((p.device for p in teacher.parameters()), torch.device("cpu"))

@@ -184,17 +184,20 @@ def _resampled_counts(study, columns, drawn_seeds, rng):
     of its test images, drawn as a multinomial over the class's distinct right/wrong patterns.
     """
     resamples, slots = drawn_seeds.shape
-    counts = np.zeros((resamples, slots, columns.shape[-1], study.num_classes))
+    counts = np.zeros((resamples, slots, study.num_classes, columns.shape[-1]))
     class_counts = study.class_counts
     for s in range(len(study.seeds)):
         chosen = drawn_seeds == s
         draws = int(chosen.sum())
         if not draws:
             continue
+        block = np.zeros((draws, study.num_classes, columns.shape[-1]))
         for k in np.flatnonzero(class_counts):
             patterns, frequency = np.unique(columns[s, study.labels == k], axis=0, return_counts=True)
             times = rng.multinomial(class_counts[k], frequency / class_counts[k], size=draws)  # (draws, P)
-            counts[chosen, :, k] = times @ patterns.astype(np.float64)
+            block[:, k] = times.astype(np.float64) @ patterns.astype(np.float64)
+        counts[chosen] = block
+    counts = counts.transpose(0, 1, 3, 2)
     return counts
 
 
