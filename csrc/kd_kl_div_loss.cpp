@@ -2,12 +2,17 @@
 // It runs kd_kl_div_forward (any backend) below autograd, reduces the row losses, and keeps the
 // gradient(s) of that one pass; the backward only scales them. torch.compile traces
 // kd_kl_div_forward (autograd registered in Python) instead: this op is the eager fast path.
+// A backward that is itself differentiated (create_graph) runs kd_kl_div_forward with autograd
+// and differentiates it: that op's Python backward then computes through differentiable
+// operations, so the gradient has the derivatives of every order the composite formula has.
+#include <torch/csrc/autograd/autograd.h>
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -29,15 +34,18 @@ Reduction parse_reduction(c10::string_view name) {
   return Reduction::kMean;
 }
 
-// What the sum of row losses is divided by: undefined for none/sum; counted rows (x C for mean).
+// What the sum of row losses is divided by: undefined for none/sum; counted rows (x C for mean),
+// with at least one row counted: no counted row gives a loss of 0 (the sum of no rows) and zero
+// gradients, never 0 / 0.
 at::Tensor row_denominator(Reduction reduction, const std::optional<at::Tensor>& labels,
                            int64_t ignore_index, const at::Tensor& rows, int64_t cols) {
   if (reduction == Reduction::kNone || reduction == Reduction::kSum) return at::Tensor();
   const int64_t per_row = reduction == Reduction::kMean ? cols : 1;
   if (!labels.has_value()) {
-    return at::scalar_tensor(static_cast<double>(rows.size(0) * per_row), rows.options());
+    return at::scalar_tensor(static_cast<double>(std::max<int64_t>(rows.size(0), 1) * per_row),
+                             rows.options());
   }
-  at::Tensor count = labels->ne(ignore_index).sum();
+  at::Tensor count = labels->ne(ignore_index).sum().clamp_min(1);
   return per_row == 1 ? count : count * per_row;
 }
 
@@ -60,7 +68,7 @@ std::pair<at::Tensor, double> cpu_reduce(Reduction reduction, const std::optiona
       counted = 0;
       for (int64_t i = 0; i < batch; ++i) counted += l[i] != ignore_index;
     }
-    denominator = static_cast<double>(counted) * (reduction == Reduction::kMean ? cols : 1);
+    denominator = static_cast<double>(std::max<int64_t>(counted, 1)) * (reduction == Reduction::kMean ? cols : 1);
   }
   return {at::scalar_tensor(total / denominator, rows.options()), 1.0 / denominator};
 }
@@ -72,6 +80,18 @@ bool is_plain_cpu(const at::Tensor& tensor) {
                                              c10::DispatchKey::FuncTorchGradWrapper});
   return tensor.device().is_cpu() && tensor.layout() == at::kStrided && tensor.has_storage() &&
          !tensor.key_set().has_any(wrappers);
+}
+
+// fastabsld::kd_kl_div_forward's signature, and its typed handle.
+using ForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, double, double, int64_t, bool, bool, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, double);
+
+c10::TypedOperatorHandle<ForwardSignature> forward_op() {
+  return c10::Dispatcher::singleton()
+      .findSchemaOrThrow("fastabsld::kd_kl_div_forward", "")
+      .typed<ForwardSignature>();
 }
 
 struct KdLoss {
@@ -94,13 +114,7 @@ struct KdOptions {
 
 KdLoss kd_loss(const at::Tensor& s, const at::Tensor& t, const KdOptions& o, Reduction reduction,
                bool student_grad, bool teacher_grad) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastabsld::kd_kl_div_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                           double, double, int64_t, bool, bool, const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&, double)>();
+  static const auto op = forward_op();
   // The gradients are computed here, so the forward op runs below autograd: without the guard, the
   // call would pass through the op's Python autograd kernel (registered for torch.compile), one
   // Python round trip per loss.
@@ -140,6 +154,11 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
                             weight, sample_weight, sample_weight_scalar};
     KdLoss out = kd_loss(s, t, options, kind, student_grad, teacher_grad);
     ctx->save_for_backward({out.grad_s, out.grad_t, out.denominator});
+    // The inputs, for a differentiated backward only (kept out of the saved variables, which
+    // the first-order backward unpacks).
+    ctx->saved_data["inputs"] = c10::ivalue::Tuple::create(
+        {s, t, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index, weight, sample_weight,
+         sample_weight_scalar});
     ctx->saved_data["flags"] = static_cast<int64_t>(kind) * 4 + student_grad * 2 + teacher_grad;
     ctx->saved_data["scale"] = out.scale;
     return out.loss;
@@ -159,9 +178,45 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
       return factor == 1.0 ? g * grad : g * (grad * factor);
     };
     variable_list out(12);
+    if (at::GradMode::is_enabled()) {
+      const at::Tensor& denominator = saved[2];
+      const int64_t batch = saved[student_grad ? 0 : 1].size(0);
+      at::Tensor grad_rows = grad;
+      if (kind != Reduction::kNone) {
+        grad_rows = denominator.defined() ? grad / denominator : (factor == 1.0 ? grad : grad * factor);
+        grad_rows = grad_rows.expand({batch});
+      }
+      auto [grad_s, grad_t] = differentiable_backward(ctx->saved_data["inputs"].toTupleRef().elements(),
+                                                      grad_rows, student_grad, teacher_grad);
+      out[0] = grad_s;
+      out[1] = grad_t;
+      return out;
+    }
     if (student_grad) out[0] = scale(saved[0]);
     if (teacher_grad) out[1] = scale(saved[1]);
     return out;
+  }
+
+  // The gradients as functions of the logits that autograd can differentiate again: the row losses
+  // of kd_kl_div_forward, called with autograd, differentiated with create_graph.
+  static std::pair<at::Tensor, at::Tensor> differentiable_backward(const std::vector<c10::IValue>& in,
+                                                                   const at::Tensor& grad_rows,
+                                                                   bool student_grad, bool teacher_grad) {
+    static const auto op = forward_op();
+    const at::Tensor s = in[0].toTensor(), t = in[1].toTensor();
+    const at::Tensor rows = std::get<0>(op.call(
+        s, t, in[2].toOptional<at::Tensor>(), in[3].toOptional<at::Tensor>(), in[4].toOptional<at::Tensor>(),
+        in[5].toDouble(), in[6].toDouble(), in[7].toInt(), student_grad, teacher_grad,
+        in[8].toOptional<at::Tensor>(), in[9].toOptional<at::Tensor>(), in[10].toDouble()));
+    variable_list wrt;
+    if (student_grad) wrt.push_back(s);
+    if (teacher_grad) wrt.push_back(t);
+    variable_list grads = torch::autograd::grad({rows}, wrt, {grad_rows.to(rows.scalar_type())},
+                                                /*retain_graph=*/true, /*create_graph=*/true,
+                                                /*allow_unused=*/true);
+    at::Tensor grad_s = student_grad ? grads[0] : at::Tensor();
+    at::Tensor grad_t = teacher_grad ? grads[student_grad ? 1 : 0] : at::Tensor();
+    return {grad_s, grad_t};
   }
 };
 

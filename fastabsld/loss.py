@@ -14,14 +14,14 @@ __all__ = ["ABSLDLoss", "KDLoss", "kd_kl_div"]
 
 
 def _check_temperature_argument(value, name):
-    """A temperature of the module: a positive finite number, or a 0-d, (C,) or (B, 1) floating-point tensor."""
+    """A temperature of the module: a positive finite number, or a 0-d, (C,) or (..., 1) floating-point tensor."""
     if not isinstance(value, torch.Tensor):
         return check_real(value, name, minimum=0.0, strict=True)
     if value.dtype.is_complex or not value.dtype.is_floating_point:
         raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
-    if not (value.dim() in (0, 1) or (value.dim() == 2 and value.shape[1] == 1)):
-        raise ValueError(f"{name} must be a number or a 0-d, (C,) (per class) or (B, 1) (per row) tensor, "
-                         f"got shape {tuple(value.shape)}")
+    if not (value.dim() in (0, 1) or value.shape[-1] == 1):
+        raise ValueError(f"{name} must be a number or a 0-d, (C,) (per class) or (..., 1) (per row, the logits' "
+                         f"leading shape) tensor, got shape {tuple(value.shape)}")
     if not bool(((value > 0) & torch.isfinite(value)).all()):
         raise ValueError(f"{name} must hold positive finite values")
     return value.detach().clone()
@@ -50,7 +50,8 @@ class KDLoss(torch.nn.Module):
 
     Args:
         teacher_temperature: a positive finite number, a 0-d tensor, a (C,) tensor (per class,
-            needs labels) or a (B, 1) tensor (per row); tensors floating-point.
+            needs labels) or a (..., 1) tensor (per row: the logits' leading shape and a trailing
+            1, (B, 1) for (B, C) logits); tensors floating-point.
         student_temperature: likewise.
         reduction: "none", "sum", "batchmean" or "mean".
         ignore_index: label of rows to leave out.
@@ -75,10 +76,11 @@ class KDLoss(torch.nn.Module):
         """Computes the loss.
 
         Args:
-            student_logits: (B, C) student logits.
-            teacher_logits: (B, C) teacher logits.
-            labels: (B,) integer labels or None.
-            sample_weight: None, a non-negative number, or a 0-d or (B,) tensor of per-row weights.
+            student_logits: (..., C) student logits; the leading dimensions are rows.
+            teacher_logits: (..., C) teacher logits.
+            labels: integer labels of the leading shape, or None.
+            sample_weight: None, a non-negative number, or a 0-d tensor or one of the leading
+                shape, of per-row weights.
 
         Returns:
             Tensor: the loss (see :func:`kd_kl_div`).

@@ -137,7 +137,8 @@ def kd_kl_div(student_logits, teacher_logits, labels=None, teacher_temperature=1
     The exact KL with 0 log 0 = 0: a teacher logit of -inf is a class ruled out. Computed in
     fp64 for fp64 inputs, else fp32; differentiable in both logits through autograd. Row i's
     weight is ``w_i = weight[labels[i]] * sample_weight[i]``; the reductions count rows, not
-    weights.
+    weights. With no counted row (B = 0 or every row ignored) every reduction gives 0 (zeros for
+    "none") and zero gradients.
 
     Args:
         student_logits: (B, C) logits of the student.
@@ -175,6 +176,7 @@ def kd_kl_div(student_logits, teacher_logits, labels=None, teacher_temperature=1
         count = counted.sum().to(compute)
     else:
         count = torch.tensor(float(batch), dtype=compute, device=s.device)
+    count = count.clamp(min=1)  # no counted row: the sum of no rows, 0, and zero gradients
     if reduction == "none":
         return rows
     if reduction == "sum":

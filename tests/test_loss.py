@@ -220,8 +220,8 @@ EMPTY_CASES = {
     "everything": {"labels": True, "teacher_temperature": torch.ones(5), "student_temperature": torch.ones(0, 1),
                    "weight": torch.ones(5), "sample_weight": 2.0},
 }
-EMPTY_RESULTS = {"none": torch.zeros(0), "sum": torch.tensor(0.0), "batchmean": torch.tensor(math.nan),
-                 "mean": torch.tensor(math.nan)}
+EMPTY_RESULTS = {"none": torch.zeros(0), "sum": torch.tensor(0.0), "batchmean": torch.tensor(0.0),
+                 "mean": torch.tensor(0.0)}
 
 
 def empty_kwargs(case):
@@ -234,7 +234,7 @@ def empty_kwargs(case):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", list(EMPTY_CASES))
 def test_empty_batch(path, case, reduction):
-    """B = 0: "none" -> (0,), "sum" -> 0, "batchmean"/"mean" -> NaN, zero-size gradients, on every path."""
+    """B = 0: "none" -> (0,), every other reduction -> 0, zero-size gradients, on every path."""
     s = torch.randn(0, 5, requires_grad=True)
     t = torch.randn(0, 5, requires_grad=True)
     out = kd_kl_div(s, t, reduction=reduction, **empty_kwargs(case))
@@ -407,7 +407,7 @@ def test_kdloss_module_buffers_and_state():
     (dict(student_temperature=float("inf")), "student_temperature must be positive"),
     (dict(teacher_temperature="2"), "teacher_temperature must be a number"),
     (dict(teacher_temperature=torch.ones(3, dtype=torch.long)), "floating-point"),
-    (dict(student_temperature=torch.ones(2, 3)), r"\(B, 1\)"),
+    (dict(student_temperature=torch.ones(2, 3)), r"\(\.\.\., 1\) \(per row"),
     (dict(teacher_temperature=torch.tensor([1.0, -1.0])), "positive finite"),
     (dict(weight=torch.ones(3, dtype=torch.long)), "weight must be a floating-point"),
     (dict(weight=torch.ones(3, 1)), r"weight must have shape \(C,\)"),
@@ -422,10 +422,10 @@ def test_kdloss_checks_its_arguments_at_construction(kwargs, message):
 META = torch.device("meta")  # a device other than the logits'
 BAD_CALLS = [
     (dict(s=(4, 5), t=(4, 6)), "same shape"),
-    (dict(s=(4, 5, 1), t=(4, 5, 1)), r"shape \(B, C\)"),
+    (dict(s=(5,), t=(5,)), r"shape \(\.\.\., C\) with at least one leading"),
     (dict(s=(4, 0), t=(4, 0)), "at least one class"),
     (dict(labels=torch.zeros(4)), "integer"),
-    (dict(labels=torch.zeros(3, dtype=torch.long)), r"labels must have shape \(4,\)"),
+    (dict(labels=torch.zeros(3, dtype=torch.long)), r"labels must have the logits' leading shape \(B,\) = \(4,\)"),
     (dict(labels=torch.zeros(4, dtype=torch.long, device=META)), r"labels \(meta\) must be on"),
     (dict(teacher_temperature=0.0), "teacher_temperature must be positive"),
     (dict(student_temperature=float("nan")), "student_temperature must be positive"),
@@ -453,8 +453,9 @@ BAD_CALLS = [
     (dict(sample_weight=-1.0), "sample_weight must be non-negative and finite"),
     (dict(sample_weight=float("nan")), "sample_weight must be non-negative and finite"),
     (dict(sample_weight="1"), "sample_weight must be a number"),
-    (dict(sample_weight=torch.ones(5)), r"sample_weight must be a number or a \(B,\) = \(4,\) tensor"),
-    (dict(sample_weight=torch.ones(4, 1)), r"sample_weight must be a number or a \(B,\)"),
+    (dict(sample_weight=torch.ones(5)), r"sample_weight must be a number or a tensor of the logits' leading shape "
+                                        r"\(B,\) = \(4,\)"),
+    (dict(sample_weight=torch.ones(4, 1)), r"sample_weight must be .* leading shape \(B,\) = \(4,\), got shape \(4, 1\)"),
     (dict(sample_weight=torch.ones(4, dtype=torch.long)), "sample_weight must be a floating-point"),
     (dict(sample_weight=torch.ones(4, requires_grad=True)), "sample_weight must not require grad"),
     (dict(sample_weight=torch.ones(4, device=META)), r"sample_weight \(meta\) must be on"),
@@ -502,3 +503,156 @@ def test_bad_values_in_tensors_raise(path, bad, batch):
     error, message = (ValueError, "weight") if "weight" in bad else (RuntimeError, "labels|temperature")
     with pytest.raises(error, match=message):
         kd_kl_div(s, t, labels=labels, teacher_temperature=tau, weight=weight, sample_weight=sample_weight)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighting", ["unweighted", "class", "sample", "both"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_row_ignored_gives_zero_loss_and_zero_gradients(path, reduction, weighting, dtype):
+    """A padding-only micro-batch adds nothing: loss 0 (zeros for "none"), gradients 0, no NaN."""
+    s, t, _ = make(4, 3, dtype)
+    labels = torch.full((4,), -100)
+    weight, sample_weight = weights_of(weighting, 4, 3)
+    kwargs = dict(labels=labels, reduction=reduction, weight=weight, sample_weight=sample_weight,
+                  teacher_temperature=torch.tensor([0.5, 1.0, 2.0]))
+    got = loss_and_grads(kd_kl_div, s, t, lambda out: torch.ones_like(out), **kwargs)
+    want = loss_and_grads(reference_fn(**{k: v for k, v in kwargs.items() if k != "reduction"}), s, t,
+                          lambda out: torch.ones_like(out), reduction=reduction)
+    for g, w in zip(got, want):
+        assert torch.equal(g.double(), torch.zeros_like(g).double())
+        torch.testing.assert_close(g.double(), w.double())
+
+
+def test_padding_micro_batch_leaves_accumulated_gradient_unchanged(path):
+    """Gradient accumulation over a real micro-batch and a padding-only one: the real one's gradient."""
+    s, t, labels = make(6, 4)
+    s.requires_grad_(True)
+    kd_kl_div(s[:3], t[:3], labels=labels[:3]).backward()
+    first = s.grad.clone()
+    kd_kl_div(s[3:], t[3:], labels=torch.full((3,), -100)).backward()
+    assert torch.equal(s.grad[:3], first[:3]) and torch.equal(s.grad[3:], torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_compile_dynamic_fullgraph(dynamic):
+    """torch.compile(dynamic=True, fullgraph=True) traces the argument checks (numbers included)."""
+    torch._dynamo.reset()
+
+    def loss(student, teacher, labels, tau):
+        return (kd_kl_div(student, teacher, labels=labels, teacher_temperature=tau)
+                + kd_kl_div(student, teacher, student_temperature=2.0, sample_weight=0.5, reduction="mean"))
+
+    compiled = torch.compile(loss, dynamic=dynamic, fullgraph=True, backend="aot_eager")
+    for batch in (5, 7):
+        s, t, labels = make(batch, 4)
+        labels[0] = -100
+        tau = torch.tensor([0.5, 1.0, 2.0, 4.0])
+        got = loss_and_grads(lambda a, b: compiled(a, b, labels, tau), s, t, lambda out: torch.ones_like(out))
+        want = loss_and_grads(lambda a, b: loss(a, b, labels, tau), s, t, lambda out: torch.ones_like(out))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("name", ["teacher_temperature", "student_temperature"])
+@pytest.mark.parametrize("value,message", [(1e-300, "underflows fp32 to 0"), (1e39, "overflows fp32"),
+                                           (2e-46, "underflows fp32 to 0")])
+def test_number_temperature_outside_fp32_names_the_problem(name, value, message):
+    s, t, _ = make(3, 4)
+    with pytest.raises(ValueError, match=f"{name} = .* {message}"):
+        kd_kl_div(s, t, **{name: value})
+    for dtype in (torch.float16, torch.bfloat16):  # computed in fp32 as well
+        with pytest.raises(ValueError, match=message):
+            kd_kl_div(s.to(dtype), t.to(dtype), **{name: value})
+    torch.testing.assert_close(  # fp64 logits hold it
+        kd_kl_div(s.double(), t.double(), **{name: value}),
+        reference.kd_kl_div(s.double(), t.double(), **{name: value}))
+
+
+def test_sample_weight_number_outside_fp32_names_the_problem():
+    s, t, _ = make(3, 4)
+    with pytest.raises(ValueError, match="sample_weight = .* overflows fp32"):
+        kd_kl_div(s, t, sample_weight=1e39)
+
+
+def nd_case(lead, num_classes=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    s = 3 * torch.randn(*lead, num_classes, generator=gen)
+    t = 3 * torch.randn(*lead, num_classes, generator=gen)
+    labels = torch.randint(0, num_classes, lead, generator=gen)
+    labels.view(-1)[1] = -100
+    return s, t, labels
+
+
+@pytest.mark.parametrize("lead", [(2, 3), (2, 1, 3), (1, 4), (0, 3)])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["number", "per_class", "per_row", "weights"])
+def test_leading_dimensions_are_rows(path, lead, reduction, kind):
+    """(..., C) logits give the (N, C) flattened call's loss (the leading shape for "none") and gradients."""
+    s, t, labels = nd_case(lead) if math.prod(lead) > 1 else (None, None, None)
+    if s is None:
+        gen = torch.Generator().manual_seed(1)
+        s, t = (torch.randn(*lead, 5, generator=gen) for _ in range(2))
+        labels = torch.randint(0, 5, lead, generator=gen)
+    rows = math.prod(lead)
+    gen = torch.Generator().manual_seed(2)
+    nd, flat = {}, {}
+    if kind == "per_class":
+        nd["teacher_temperature"] = flat["teacher_temperature"] = 0.5 + torch.rand(5, generator=gen)
+    elif kind == "per_row":
+        tau = 0.5 + torch.rand(*lead, 1, generator=gen)
+        nd["student_temperature"], flat["student_temperature"] = tau, tau.reshape(rows, 1)
+    elif kind == "weights":
+        sample = torch.rand(*lead, generator=gen)
+        nd["sample_weight"], flat["sample_weight"] = sample, sample.reshape(rows)
+        nd["weight"] = flat["weight"] = torch.rand(5, generator=gen)
+    else:
+        nd["teacher_temperature"] = flat["teacher_temperature"] = 2.0
+
+    def flattened(a, b, **kwargs):
+        out = kd_kl_div(a.reshape(rows, 5), b.reshape(rows, 5), labels=labels.reshape(rows), **flat, **kwargs)
+        return out.reshape(lead) if kwargs["reduction"] == "none" else out
+
+    got = loss_and_grads(lambda a, b, **kw: kd_kl_div(a, b, labels=labels, **nd, **kw), s, t,
+                         lambda out: torch.full_like(out, 1.5), reduction=reduction)
+    want = loss_and_grads(flattened, s, t, lambda out: torch.full_like(out, 1.5), reduction=reduction)
+    assert got[0].shape == (lead if reduction == "none" else ())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    want_ref = reference.kd_kl_div(s.reshape(rows, 5), t.reshape(rows, 5), labels.reshape(rows),
+                                   flat.get("teacher_temperature", 1.0), flat.get("student_temperature", 1.0),
+                                   reduction=reduction, weight=flat.get("weight"),
+                                   sample_weight=flat.get("sample_weight"))
+    torch.testing.assert_close(got[0], want_ref.reshape(got[0].shape))
+
+
+def test_leading_dimensions_batchmean_counts_every_row_unlike_f_kl_div():
+    """For (B, T, C), "batchmean" divides by B * T counted rows; F.kl_div's by B."""
+    s, t, _ = nd_case((2, 3))
+    ours = kd_kl_div(s, t)
+    theirs = torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1), reduction="batchmean",
+                                        log_target=True)
+    torch.testing.assert_close(ours * 3, theirs)
+
+
+def test_kdloss_takes_leading_dimensions(path):
+    s, t, labels = nd_case((2, 3))
+    tau = torch.rand(2, 3, 1, generator=torch.Generator().manual_seed(3)) + 0.5
+    sample_weight = torch.rand(2, 3, generator=torch.Generator().manual_seed(4))
+    got = KDLoss(teacher_temperature=tau, reduction="none")(s, t, labels, sample_weight=sample_weight)
+    want = reference.kd_kl_div(s.reshape(6, 5), t.reshape(6, 5), labels.reshape(6), tau.reshape(6, 1),
+                               reduction="none", sample_weight=sample_weight.reshape(6))
+    assert got.shape == (2, 3)
+    torch.testing.assert_close(got, want.reshape(2, 3))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(labels=torch.zeros(6, dtype=torch.long)), r"labels must have the logits' leading shape \(\.\.\.\) = "
+                                                    r"\(2, 3\), got shape \(6,\)"),
+    (dict(student_temperature=torch.ones(6, 1)), r"\(\.\.\., 1\) = \(2, 3, 1\) tensor \(per row\), got shape \(6, 1\)"),
+    (dict(sample_weight=torch.ones(6)), r"sample_weight must be a number or a tensor of the logits' leading shape "
+                                        r"\(\.\.\.\) = \(2, 3\)"),
+])
+def test_leading_dimensions_shape_errors(kwargs, message):
+    s, t, _ = nd_case((2, 3))
+    with pytest.raises(ValueError, match=message):
+        kd_kl_div(s, t, **kwargs)

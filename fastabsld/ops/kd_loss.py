@@ -23,7 +23,12 @@ Backends: the C++ kernel (``csrc/kd_kl_div_cpu.cpp``) on CPU tensors; on CUDA te
 kernels (``fastabsld.kernels.kd_kl_div``) when triton is installed and the call is one they
 implement (no fp64, per-row temperatures only without labels), the plain PyTorch
 fallback of this module otherwise (also for every device when ``fastabsld._C`` is not built).
-The op's autograd only scales the stored gradients by the incoming gradient of ``row_loss``.
+The op's autograd scales the stored gradients by the incoming gradient of ``row_loss``; a
+backward run with grad enabled (``create_graph=True``, or one that ``torch.func`` differentiates)
+recomputes them through differentiable operations (:func:`forward_math`), so that the op has
+reverse-mode derivatives of every order. The op has no forward-mode rule (``register_autograd``
+gives none): :func:`kd_kl_div` computes through :func:`forward_math` in forward mode and under
+``torch.func`` transforms.
 
 ``torch.ops.fastabsld.kd_kl_div_loss`` (``csrc/kd_kl_div_loss.cpp``, only with the extension) is
 the same op plus the reduction, with its autograd in C++. Two paths give the same numbers: under
@@ -44,13 +49,15 @@ autograd), the reduction, and the public functions.
 
 import functools
 import importlib
+import math
 
 import torch
+from torch.autograd import forward_ad
 
 from fastabsld.ops._extension import HAS_EXTENSION
-from fastabsld.ops import kd_loss_triton
+import fastabsld.ops.kd_loss_triton as kd_loss_triton
 from fastabsld.ops._kernels import HAS_TRITON, kd_kl_div_checks
-from fastabsld.ops.checks import check_int, check_real, compute_dtype, is_integer_tensor
+from fastabsld.ops.checks import check_int, compute_dtype, is_integer_tensor, is_number, short_repr
 
 SCHEMA = (
     "kd_kl_div_forward(Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
@@ -62,6 +69,8 @@ SCHEMA = (
 OP = "fastabsld::kd_kl_div_forward"
 REDUCTIONS = ("none", "sum", "batchmean", "mean")
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64"}
+_SMALLEST_SUBNORMAL = {torch.float32: 2.0 ** -149, torch.float64: 2.0 ** -1074}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,30 +81,41 @@ def _check_logits(student_logits, teacher_logits):
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} must have shape (B, C), got shape {tuple(x.shape)}")
+        if x.dim() < 2:
+            raise ValueError(f"{name} must have shape (..., C) with at least one leading (row) dimension, "
+                             f"got shape {tuple(x.shape)}")
         if x.dtype not in LOGIT_DTYPES:
             raise ValueError(f"{name} must be fp32, fp16, bf16 or fp64, got {x.dtype}")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape")
-    if student_logits.shape[1] < 1:
+    if student_logits.shape[-1] < 1:
         raise ValueError(f"the logits need at least one class, got shape {tuple(student_logits.shape)}")
     if student_logits.device != teacher_logits.device:
         raise ValueError(f"student_logits ({student_logits.device}) and teacher_logits "
                          f"({teacher_logits.device}) must be on one device")
 
 
-def _check_labels(labels, batch, device):
+def _shape_text(lead, trailing=()):
+    """How a shape of the logits' leading dimensions reads in a message: (B,) or (...) with sizes."""
+    names = "(B" + (", 1)" if trailing else ",)") if len(lead) == 1 else \
+        "(" + ", ".join(["..."] + ["1"] * len(trailing)) + ")"
+    return f"{names} = {tuple(lead) + tuple(trailing)}"
+
+
+def _check_labels(labels, lead, device):
+    """Labels of the logits' leading shape, as (rows,) int64."""
     if labels is None:
         return None
     if not is_integer_tensor(labels):
         raise ValueError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
-    if labels.shape != (batch,):
-        raise ValueError(f"labels must have shape ({batch},), got shape {tuple(labels.shape)}")
+    if labels.shape != lead:
+        raise ValueError(f"labels must have the logits' leading shape {_shape_text(lead)}, got shape "
+                         f"{tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels ({labels.device}) must be on the logits' device ({device})")
-    return labels if labels.dtype == torch.int64 else labels.long()
+    labels = labels if labels.dtype == torch.int64 else labels.long()
+    return labels if len(lead) == 1 else labels.reshape(-1)
 
 
 def _check_float_tensor(value, name, device):
@@ -118,30 +138,65 @@ def _host_number(value, device):
         not torch.compiler.is_compiling()
 
 
-def _check_temperature(value, name, labels, batch, num_classes, device, dtype):
-    """Splits a temperature into the op's (tensor or None, scalar) pair.
+def _check_number(value, name, dtype, *, strict):
+    """A number temperature or weight, as a float that ``dtype`` holds (it is used in ``dtype``).
 
-    A (C,) tensor is per class and needs labels; a (B, 1) tensor is per row; a 0-d tensor
-    becomes a stride-0 view of its value, per class with labels (the form every backend takes)
-    and per row without.
+    Written with comparisons only (no ``math.isfinite``), so that ``torch.compile`` with dynamic
+    shapes traces it when the number is symbolic.
+    """
+    if not is_number(value) and not isinstance(value, torch.SymFloat):
+        wanted = "positive and finite" if strict else "non-negative and finite"
+        raise ValueError(f"{name} must be a number ({wanted}), got {type(value).__name__} {value!r}")
+    if isinstance(value, torch.SymFloat):
+        number = value
+    else:
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+    if not ((number > 0 if strict else number >= 0) and number < math.inf):
+        raise ValueError(f"{name} must be {'positive' if strict else 'non-negative'} and finite, "
+                         f"got {short_repr(value)}")
+    if dtype != torch.float64 and not isinstance(number, torch.SymFloat):
+        info = torch.finfo(dtype)
+        if number > info.max:
+            raise ValueError(f"{name} = {number:.6g} overflows {_DTYPE_NAMES[dtype]} (largest {info.max:.6g}), "
+                             f"the dtype the loss computes in for these logits; pass fp64 logits for it")
+        if 0 < number < _SMALLEST_SUBNORMAL[dtype] / 2:
+            raise ValueError(f"{name} = {number:.6g} underflows {_DTYPE_NAMES[dtype]} to 0 (smallest positive "
+                             f"{_SMALLEST_SUBNORMAL[dtype]:.6g}), the dtype the loss computes in for these "
+                             "logits; pass fp64 logits for it")
+    return number
+
+
+def _check_temperature(value, name, labels, lead, num_classes, device, dtype):
+    """Splits a temperature into the op's (tensor or None, scalar) pair; rows = prod(lead).
+
+    A (C,) tensor is per class and needs labels; a (*lead, 1) tensor is per row (flattened to
+    (rows, 1)); a 0-d tensor becomes a stride-0 view of its value, per class with labels (the
+    form every backend takes) and per row without.
     """
     if not isinstance(value, torch.Tensor):
-        return None, check_real(value, name, minimum=0.0, strict=True)
+        return None, _check_number(value, name, dtype, strict=True)
     _check_float_tensor(value, name, device)
     if _host_number(value, device):  # a CPU scalar for device logits: a number, not a copy to the device
-        return None, check_real(value.item(), name, minimum=0.0, strict=True)
+        return None, _check_number(value.item(), name, dtype, strict=True)
+    rows_shape = tuple(lead) + (1,)
     if value.dim() == 0:
         value = value.to(device, dtype)
-        return (value.expand(num_classes) if labels is not None else value.reshape(1, 1).expand(batch, 1)), 1.0
+        return (value.expand(num_classes) if labels is not None else value.reshape(1, 1).expand(math.prod(lead), 1)), 1.0
     if value.dim() == 1:
         if labels is None:
             raise ValueError(f"{name} of shape {tuple(value.shape)} is per class and needs labels; for one "
-                             f"temperature per row pass a (B, 1) = ({batch}, 1) tensor, e.g. tau[:, None]")
+                             f"temperature per row pass a {_shape_text(lead, (1,))} tensor, e.g. tau[..., None]")
         if value.shape[0] != num_classes:
             raise ValueError(f"{name} per class must have shape (C,) = ({num_classes},), got {tuple(value.shape)}")
-    elif value.dim() != 2 or tuple(value.shape) != (batch, 1):
+    elif tuple(value.shape) != rows_shape:
         raise ValueError(f"{name} must be a number, a 0-d tensor, a (C,) = ({num_classes},) tensor (per class, "
-                         f"with labels) or a (B, 1) = ({batch}, 1) tensor (per row), got shape {tuple(value.shape)}")
+                         f"with labels) or a {_shape_text(lead, (1,))} tensor (per row), got shape "
+                         f"{tuple(value.shape)}")
+    elif len(lead) != 1:
+        value = value.reshape(-1, 1)
     return (value if value.dtype == dtype else value.to(dtype)), 1.0
 
 
@@ -160,21 +215,21 @@ def _check_weight(weight, labels, num_classes, device):
     return weight
 
 
-def _check_sample_weight(sample_weight, batch, device):
-    """Splits the per-row weight into the op's (tensor or None, scalar) pair."""
+def _check_sample_weight(sample_weight, lead, device, dtype):
+    """Splits the per-row weight into the op's (tensor or None, scalar) pair; a tensor flattened to (rows,)."""
     if sample_weight is None:
         return None, 1.0
     if not isinstance(sample_weight, torch.Tensor):
-        return None, check_real(sample_weight, "sample_weight", minimum=0.0)
+        return None, _check_number(sample_weight, "sample_weight", dtype, strict=False)
     _check_float_tensor(sample_weight, "sample_weight", device)
     if _host_number(sample_weight, device):
-        return None, check_real(sample_weight.item(), "sample_weight", minimum=0.0)
+        return None, _check_number(sample_weight.item(), "sample_weight", dtype, strict=False)
     if sample_weight.dim() == 0:
-        return sample_weight.to(device).reshape(1).expand(batch), 1.0
-    if sample_weight.shape != (batch,):
-        raise ValueError(f"sample_weight must be a number or a (B,) = ({batch},) tensor, got shape "
-                         f"{tuple(sample_weight.shape)}")
-    return sample_weight, 1.0
+        return sample_weight.to(device).reshape(1).expand(math.prod(lead)), 1.0
+    if sample_weight.shape != lead:
+        raise ValueError(f"sample_weight must be a number or a tensor of the logits' leading shape "
+                         f"{_shape_text(lead)}, got shape {tuple(sample_weight.shape)}")
+    return (sample_weight if len(lead) == 1 else sample_weight.reshape(-1)), 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,6 +304,21 @@ def fallback_forward(student_logits, teacher_logits, labels, teacher_temperature
     if not (0 <= sample_weight_scalar < float("inf")):
         raise ValueError(f"kd_kl_div_forward: sample_weight_scalar must be non-negative and finite, "
                          f"got {sample_weight_scalar:.6g}")
+    return forward_math(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
+                        teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad,
+                        teacher_grad, weight, sample_weight, sample_weight_scalar)
+
+
+def forward_math(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
+                 teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad,
+                 teacher_grad, weight=None, sample_weight=None, sample_weight_scalar=1.0):
+    """The op's formulas in differentiable PyTorch operations, on arguments already checked.
+
+    The fallback kernel runs it; the op's autograd runs it again when a derivative of a derivative
+    is asked for (its outputs are differentiable to any order, in reverse and forward mode).
+
+    Args and Returns: as ``torch.ops.fastabsld.kd_kl_div_forward`` (module docstring).
+    """
     compute = accumulation_dtype(student_logits, teacher_logits)
     device = student_logits.device
     tau_t = _row_temperatures(teacher_temperature, teacher_temperature_scalar, labels, compute, device)
@@ -374,12 +444,36 @@ def scale_rows(grad, grad_rows):
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[2])
     ctx.student_grad, ctx.teacher_grad = inputs[8], inputs[9]
+    ctx.inputs = inputs  # for a backward that is itself differentiated (read only then)
+
+
+def differentiable_backward(inputs, grad_rows, student_grad, teacher_grad):
+    """The op's backward in differentiable operations, for a backward that is itself differentiated.
+
+    Recomputes the gradients from the op's inputs with :func:`forward_math`, so that autograd
+    records how they depend on the logits (the stored gradients of the fused pass are constants to
+    it). Used when the backward runs with grad enabled (``create_graph=True``, ``torch.func``).
+
+    Args:
+        inputs: the op's 13 arguments.
+        grad_rows: the incoming gradient of ``row_loss``, shape (B,).
+        student_grad: whether to return the student's gradient.
+        teacher_grad: whether to return the teacher's gradient.
+
+    Returns:
+        tuple: (gradient of the student's logits or None, of the teacher's logits or None).
+    """
+    _, grad_s, grad_t = forward_math(*inputs[:8], student_grad, teacher_grad, *inputs[10:])
+    return (scale_rows(grad_s, grad_rows) if student_grad else None,
+            scale_rows(grad_t, grad_rows) if teacher_grad else None)
 
 
 def _backward(ctx, grad_rows, _grad_gs, _grad_gt):
-    grad_s, grad_t = ctx.saved_tensors
     if grad_rows is None:
         return (None,) * 13
+    if torch.is_grad_enabled():
+        return differentiable_backward(ctx.inputs, grad_rows, ctx.student_grad, ctx.teacher_grad) + (None,) * 11
+    grad_s, grad_t = ctx.saved_tensors
     out_s = scale_rows(grad_s, grad_rows) if ctx.student_grad else None
     out_t = scale_rows(grad_t, grad_rows) if ctx.teacher_grad else None
     return (out_s, out_t) + (None,) * 11
@@ -395,13 +489,16 @@ if HAS_TRITON:  # the Triton op torch.compile traces on CUDA: kd_kl_div_forward'
 
 
 def _row_denominator(reduction, labels, ignore_index, batch, num_classes):
-    """What the sum of row losses is divided by: None, a number, or a 0-d tensor (no host sync)."""
+    """What the sum of row losses is divided by: None, a number, or a 0-d tensor (no host sync).
+
+    At least one row is counted: with none, the sum (0) stays 0 and its gradients zero.
+    """
     if reduction in ("none", "sum"):
         return None
     per_row = num_classes if reduction == "mean" else 1
     if labels is None:
-        return float(batch * per_row)
-    count = (labels != ignore_index).sum()
+        return float(torch.sym_max(batch, 1) * per_row)
+    count = (labels != ignore_index).sum().clamp_min(1)
     return count * per_row if per_row != 1 else count
 
 
@@ -417,7 +514,17 @@ def _eager_fast_path(*tensors):
     if not HAS_EXTENSION or torch.compiler.is_compiling():
         return False
     return all(t is None or type(t) is torch.Tensor for t in tensors) and \
-        torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active()
+        torch._C._len_torch_dispatch_stack() == 0 and not _forward_mode_or_functorch()
+
+
+def _forward_mode_or_functorch():
+    """True where the loss runs as :func:`forward_math`: forward-mode AD or a ``torch.func`` transform.
+
+    The op's registered autograd has reverse mode only (a custom op gets no forward-mode rule and
+    no ``torch.func`` support from ``register_autograd``), so there the loss is computed through
+    differentiable PyTorch operations, whose derivatives of every order and mode torch knows.
+    """
+    return forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,41 +574,65 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
     accumulation; fp64 for fp64 logits). Gradients flow to the logits that require grad, in their
     dtypes; temperatures and weights receive none.
 
-    Reductions: "none" gives ``loss_i`` (shape (B,)); "sum" their sum; "batchmean" the sum divided
-    by the number of counted rows (not by the sum of the weights: a reweighting scheme normalises
-    its weights itself); "mean" the sum divided by counted rows * C (the per-element mean of the
-    released ABSLD code). Rows labelled ``ignore_index`` give 0 and are not counted. An empty
-    batch (B = 0, or every row ignored) gives shape (0,) for "none", 0 for "sum" and NaN for
-    "batchmean" and "mean" (as torch's mean-reduced losses do), with zero-size gradients.
+    Shapes: the logits are (..., C); every leading dimension indexes rows, and the loss is that of
+    the (N, C) flattened logits, N the product of the leading sizes. ``labels`` and a tensor
+    ``sample_weight`` have the leading shape; a per-row temperature has the leading shape and a
+    trailing 1; "none" returns the leading shape.
+
+    Reductions: "none" gives ``loss_i``; "sum" their sum; "batchmean" the sum divided by the
+    number of counted rows, N for (..., C) logits (not by the sum of the weights: a reweighting
+    scheme normalises its weights itself); "mean" the sum divided by counted rows * C (the
+    per-element mean of the released ABSLD code). For N-d logits "batchmean" thus differs from
+    ``F.kl_div``'s, which divides by the first dimension only: for (B, T, C) sequence logits this
+    is the mean over all B * T tokens, which is the flattened (B * T, C) loss. Rows labelled
+    ``ignore_index`` give 0 and are not counted.
+
+    No counted row (B = 0, or every row ignored): the loss is 0 for every reduction ("none": zeros
+    of the leading shape) and the gradients are zero. The loss is a sum over counted rows divided
+    by a count; with no rows the sum is 0, and the count is taken as at least 1, so that a
+    micro-batch of padding only adds nothing to an accumulated loss or gradient, where 0 / 0 (NaN)
+    would poison every weight it reaches. (torch's mean-reduced losses give NaN there.)
+
+    Derivatives: of every order in reverse mode (a backward run with ``create_graph=True``, as in
+    gradient penalties, ``torch.autograd.functional.hessian``), in forward mode
+    (``torch.autograd.forward_ad``, ``torch.func.jvp``/``jacfwd``) and under ``torch.func``
+    transforms (``grad``, ``vmap``, ``jacrev``). A first-order backward scales the gradient stored
+    by the fused pass; a backward that is itself differentiated recomputes the gradient through
+    differentiable operations. In forward mode and under ``torch.func`` the loss is computed
+    through differentiable PyTorch operations (the same formulas; under ``torch.func`` transforms
+    the values inside tensor arguments are not checked, as that needs a data-dependent branch).
 
     Temperatures come in three kinds, told apart by shape, so that a missing ``labels`` cannot
     silently turn per-class values into per-row ones (as it would when B == C): a number or 0-d
     tensor for every row; a (C,) tensor, one value per class, used as ``temperature[labels[i]]``
-    (it needs labels); a (B, 1) column, one value per row (``tau[:, None]``), which reads as the
-    broadcast of ``logits / tau`` over each row's C columns.
+    (it needs labels); a (..., 1) tensor of the leading shape and a trailing 1, one value per row
+    (``tau[..., None]``; (B, 1) for (B, C) logits), which reads as the broadcast of ``logits / tau``
+    over each row's C columns.
 
     Args:
-        student_logits: (B, C) logits, fp32/fp16/bf16 (fp64 on the CPU), any strides.
-        teacher_logits: (B, C) logits; its dtype may differ from the student's.
-        labels: (B,) integer labels or None. They select per-class temperatures and weights, and
+        student_logits: (..., C) logits, fp32/fp16/bf16/fp64, any strides.
+        teacher_logits: (..., C) logits; its dtype may differ from the student's.
+        labels: integer labels of the logits' leading shape, or None. They select per-class temperatures and weights, and
             rows labelled ``ignore_index`` are left out. Other labels must lie in [0, C).
-        teacher_temperature: a positive finite number, a 0-d tensor, a (C,) tensor (per class,
-            needs labels) or a (B, 1) tensor (per row); floating-point, on the logits' device
-            (a 0-d tensor may be on the CPU).
+        teacher_temperature: a positive finite number (that the compute dtype holds: fp32
+            underflows below 1.4e-45 and overflows above 3.4e38), a 0-d tensor, a (C,) tensor (per
+            class, needs labels) or a (..., 1) tensor (per row); floating-point, on the logits'
+            device (a 0-d tensor may be on the CPU).
         student_temperature: likewise.
         reduction: "none", "sum", "batchmean" or "mean" (see above).
         ignore_index: label of rows that contribute nothing and are not counted.
         weight: None or a (C,) floating-point tensor of non-negative per-class weights, as the
             ``weight`` of ``F.cross_entropy``; needs labels.
-        sample_weight: None, a non-negative finite number, or a 0-d or (B,) floating-point
-            tensor of non-negative per-row weights.
+        sample_weight: None, a non-negative finite number, or a 0-d floating-point tensor or one
+            of the logits' leading shape, of non-negative per-row weights.
 
     Returns:
-        Tensor: the loss, fp32 (fp64 for fp64 logits); shape (B,) for "none", else 0-d.
+        Tensor: the loss, fp32 (fp64 for fp64 logits); the logits' leading shape for "none",
+        else 0-d.
 
     Raises:
         ValueError: bad shapes, dtypes, devices, reduction; a non-positive/non-finite number
-            temperature; a (C,) temperature or a weight without labels; a temperature or weight
+            temperature, or one the compute dtype cannot hold; a (C,) temperature or a weight without labels; a temperature or weight
             tensor that requires grad; a negative, NaN or infinite weight (tensor values checked
             on CPU tensors only: no host sync on CUDA). A label outside [0, C) or a bad value inside
             a temperature tensor is a RuntimeError from the kernel on CPU tensors; on CUDA the row's
@@ -513,25 +644,36 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     ignore_index = check_int(ignore_index, "ignore_index")
-    batch, num_classes = student_logits.shape
+    lead, num_classes = student_logits.shape[:-1], student_logits.shape[-1]
+    if len(lead) != 1:  # leading dimensions are rows
+        student_logits = student_logits.reshape(-1, num_classes)
+        teacher_logits = teacher_logits.reshape(-1, num_classes)
+    batch = student_logits.shape[0]
     device = student_logits.device
-    labels = _check_labels(labels, batch, device)
+    labels = _check_labels(labels, lead, device)
     tau_dtype = accumulation_dtype(student_logits, teacher_logits)
-    tau_t, tau_t_scalar = _check_temperature(teacher_temperature, "teacher_temperature", labels, batch,
+    tau_t, tau_t_scalar = _check_temperature(teacher_temperature, "teacher_temperature", labels, lead,
                                              num_classes, device, tau_dtype)
-    tau_s, tau_s_scalar = _check_temperature(student_temperature, "student_temperature", labels, batch,
+    tau_s, tau_s_scalar = _check_temperature(student_temperature, "student_temperature", labels, lead,
                                              num_classes, device, tau_dtype)
     weight = _check_weight(weight, labels, num_classes, device)
-    sample_weight, weight_scalar = _check_sample_weight(sample_weight, batch, device)
+    sample_weight, weight_scalar = _check_sample_weight(sample_weight, lead, device, tau_dtype)
     args = (student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index)
     weights = (weight, sample_weight, weight_scalar)
     if kd_loss_triton.applies(student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight):
-        return kd_loss_triton.kd_kl_div_loss(*args, reduction, *weights)  # CUDA, eager: the Triton host path
-    if _eager_fast_path(student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight):
-        return torch.ops.fastabsld.kd_kl_div_loss(*args, reduction, *weights)
-    denominator = _row_denominator(reduction, labels, ignore_index, batch, num_classes)
-    grad_on = torch.is_grad_enabled()
-    forward = kd_loss_triton.traced_op(student_logits, teacher_logits, labels, tau_t, tau_s)  # CUDA: the Triton op
-    rows, _, _ = forward(
-        *args, grad_on and student_logits.requires_grad, grad_on and teacher_logits.requires_grad, *weights)
-    return _reduce(rows, reduction, denominator)
+        loss = kd_loss_triton.kd_kl_div_loss(*args, reduction, *weights)  # CUDA, eager: the Triton host path
+    elif _eager_fast_path(student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight):
+        loss = torch.ops.fastabsld.kd_kl_div_loss(*args, reduction, *weights)
+    else:
+        denominator = _row_denominator(reduction, labels, ignore_index, batch, num_classes)
+        if _forward_mode_or_functorch():
+            # Value checks need a data-dependent branch, which torch.func transforms do not allow.
+            math_of = forward_math if torch._C._are_functorch_transforms_active() else fallback_forward
+            rows = math_of(*args, False, False, *weights)[0]
+        else:
+            grad_on = torch.is_grad_enabled()
+            forward = kd_loss_triton.traced_op(student_logits, teacher_logits, labels, tau_t, tau_s)  # CUDA: Triton
+            rows = forward(*args, grad_on and student_logits.requires_grad,
+                           grad_on and teacher_logits.requires_grad, *weights)[0]
+        loss = _reduce(rows, reduction, denominator)
+    return loss if len(lead) == 1 or reduction != "none" else loss.reshape(lead)
