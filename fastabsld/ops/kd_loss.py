@@ -47,8 +47,8 @@ import importlib
 
 import torch
 
+import fastabsld.ops.kd_loss_triton as kd_loss_triton
 from fastabsld.ops._extension import HAS_EXTENSION
-from fastabsld.ops import kd_loss_triton
 from fastabsld.ops._kernels import HAS_TRITON, kd_kl_div_checks
 from fastabsld.ops.checks import check_int, check_real, compute_dtype, is_integer_tensor
 
@@ -526,12 +526,21 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
     args = (student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index)
     weights = (weight, sample_weight, weight_scalar)
     if kd_loss_triton.applies(student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight):
-        return kd_loss_triton.kd_kl_div_loss(*args, reduction, *weights)  # CUDA, eager: the Triton host path
+        # CUDA, eager: the Triton host path (a backward with create_graph goes through the traced path)
+        return kd_loss_triton.kd_kl_div_loss(*args, reduction, *weights, traced=_traced_loss)
     if _eager_fast_path(student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight):
         return torch.ops.fastabsld.kd_kl_div_loss(*args, reduction, *weights)
+    return _traced_loss(*args, reduction, *weights)
+
+
+def _traced_loss(student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
+                 reduction, weight, sample_weight, weight_scalar):
+    """The loss through the forward op (its registered autograd) and a traced reduction; checked arguments."""
+    batch, num_classes = student_logits.shape
     denominator = _row_denominator(reduction, labels, ignore_index, batch, num_classes)
     grad_on = torch.is_grad_enabled()
     forward = kd_loss_triton.traced_op(student_logits, teacher_logits, labels, tau_t, tau_s)  # CUDA: the Triton op
-    rows, _, _ = forward(
-        *args, grad_on and student_logits.requires_grad, grad_on and teacher_logits.requires_grad, *weights)
+    rows, _, _ = forward(student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar,
+                         ignore_index, grad_on and student_logits.requires_grad,
+                         grad_on and teacher_logits.requires_grad, weight, sample_weight, weight_scalar)
     return _reduce(rows, reduction, denominator)
