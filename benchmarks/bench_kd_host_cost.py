@@ -5,7 +5,9 @@ a Triton driver that compiles for sm_90 and records the driver's launch call). E
 the Triton launches of a forward and a backward in ``extra_info``; ``python -m
 benchmarks.kd_host_cost`` prints the same as a table.
 
-    python -m pytest benchmarks/bench_kd_host_cost.py --benchmark-only
+    python -m pytest benchmarks/bench_kd_host_cost.py --benchmark-only --benchmark-timer=time.process_time
+
+(``time.process_time``: on a shared machine, the time a call waits for a core is not its cost.)
 """
 
 import pytest

@@ -100,18 +100,20 @@ def launches(recorder, batch, num_classes):
 
 
 def _per_call_us(fn, calls, repeats):
-    """The fastest of ``repeats`` means over ``calls`` calls, in microseconds (the least disturbed run)."""
+    """The fastest of ``repeats`` means over ``calls`` calls, in microseconds of this process's CPU
+    time (``time.process_time``: on a shared machine, time spent waiting for a core is not the
+    call's), and the median of the runs."""
     best = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         for _ in range(calls):
             fn()
-        best.append((time.perf_counter() - start) / calls * 1e6)
+        best.append((time.process_time() - start) / calls * 1e6)
     return min(best), statistics.median(best)
 
 
 def measure(batch, num_classes, calls=500, repeats=7):
-    """Host time of the forward call and of the backward at (B, C), launches recorded.
+    """Host CPU time of the forward call and of the backward at (B, C), launches recorded.
 
     Returns:
         dict: forward_us and backward_us (fastest run's mean), their medians over runs, and the
@@ -142,8 +144,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if interpreted():
         parser.error("TRITON_INTERPRET=1 is set: this needs Triton's compiler (run it without the interpreter)")
-    print("KD loss, eager CUDA path, host time per call on this CPU: Triton's driver launch is RECORDED, "
-          "not made (no GPU); CPU tensors stand in for CUDA ones.")
+    print("KD loss, eager CUDA path, host CPU time per call on this machine: Triton's driver launch is "
+          "RECORDED, not made (no GPU); CPU tensors stand in for CUDA ones.")
     print(f"{'shape':>12} {'forward us':>11} {'(median)':>9} {'backward us':>12} {'(median)':>9}  launches fwd / bwd")
     for batch, num_classes in SHAPES:
         result = measure(batch, num_classes, args.calls, args.repeats)

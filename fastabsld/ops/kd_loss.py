@@ -54,8 +54,8 @@ import math
 import torch
 from torch.autograd import forward_ad
 
-from fastabsld.ops._extension import HAS_EXTENSION
 import fastabsld.ops.kd_loss_triton as kd_loss_triton
+from fastabsld.ops._extension import HAS_EXTENSION
 from fastabsld.ops._kernels import HAS_TRITON, kd_kl_div_checks
 from fastabsld.ops.checks import check_int, compute_dtype, is_integer_tensor, is_number, short_repr
 
@@ -661,19 +661,28 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
     args = (student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index)
     weights = (weight, sample_weight, weight_scalar)
     if kd_loss_triton.applies(student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight):
-        loss = kd_loss_triton.kd_kl_div_loss(*args, reduction, *weights)  # CUDA, eager: the Triton host path
+        # CUDA, eager: the Triton host path (a backward with create_graph goes through the traced path)
+        loss = kd_loss_triton.kd_kl_div_loss(*args, reduction, *weights, traced=_traced_loss)
     elif _eager_fast_path(student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight):
         loss = torch.ops.fastabsld.kd_kl_div_loss(*args, reduction, *weights)
-    else:
+    elif _forward_mode_or_functorch():
+        # Value checks need a data-dependent branch, which torch.func transforms do not allow.
         denominator = _row_denominator(reduction, labels, ignore_index, batch, num_classes)
-        if _forward_mode_or_functorch():
-            # Value checks need a data-dependent branch, which torch.func transforms do not allow.
-            math_of = forward_math if torch._C._are_functorch_transforms_active() else fallback_forward
-            rows = math_of(*args, False, False, *weights)[0]
-        else:
-            grad_on = torch.is_grad_enabled()
-            forward = kd_loss_triton.traced_op(student_logits, teacher_logits, labels, tau_t, tau_s)  # CUDA: Triton
-            rows = forward(*args, grad_on and student_logits.requires_grad,
-                           grad_on and teacher_logits.requires_grad, *weights)[0]
-        loss = _reduce(rows, reduction, denominator)
+        math_of = forward_math if torch._C._are_functorch_transforms_active() else fallback_forward
+        loss = _reduce(math_of(*args, False, False, *weights)[0], reduction, denominator)
+    else:
+        loss = _traced_loss(*args, reduction, *weights)
     return loss if len(lead) == 1 or reduction != "none" else loss.reshape(lead)
+
+
+def _traced_loss(student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
+                 reduction, weight, sample_weight, weight_scalar):
+    """The loss through the forward op (its registered autograd) and a traced reduction; checked arguments."""
+    batch, num_classes = student_logits.shape
+    denominator = _row_denominator(reduction, labels, ignore_index, batch, num_classes)
+    grad_on = torch.is_grad_enabled()
+    forward = kd_loss_triton.traced_op(student_logits, teacher_logits, labels, tau_t, tau_s)  # CUDA: the Triton op
+    rows, _, _ = forward(student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar,
+                         ignore_index, grad_on and student_logits.requires_grad,
+                         grad_on and teacher_logits.requires_grad, weight, sample_weight, weight_scalar)
+    return _reduce(rows, reduction, denominator)

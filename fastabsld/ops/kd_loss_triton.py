@@ -114,7 +114,7 @@ class _KdLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
-                reduction, weight, sample_weight, sample_weight_scalar):
+                reduction, weight, sample_weight, sample_weight_scalar, traced):
         student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss, grad_s, grad_t, scale = kernels().loss(
             student_logits, teacher_logits, labels, _launcher_tensor(tau_t), _launcher_tensor(tau_s), tau_t_scalar,
@@ -124,6 +124,7 @@ class _KdLoss(torch.autograd.Function):
         ctx.save_for_backward(grad_s, grad_t, scale, student_logits, teacher_logits)
         ctx.arguments = (labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index, reduction, weight,
                          sample_weight, sample_weight_scalar)
+        ctx.traced = traced
         return loss
 
     @staticmethod
@@ -131,47 +132,41 @@ class _KdLoss(torch.autograd.Function):
         grad_s, grad_t, scale, student_logits, teacher_logits = ctx.saved_tensors
         student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if torch.is_grad_enabled():
-            out_s, out_t = _differentiable_backward(student_logits, teacher_logits, ctx.arguments, grad,
+            out_s, out_t = _differentiable_backward(student_logits, teacher_logits, ctx.arguments, ctx.traced, grad,
                                                     student_grad, teacher_grad)
         else:
             scale_gradient = kernels().scale_gradient
             out_s = scale_gradient(grad_s, grad, scale, student_logits.dtype) if student_grad else None
             out_t = scale_gradient(grad_t, grad, scale, teacher_logits.dtype) if teacher_grad else None
-        return (out_s, out_t) + (None,) * 10
+        return (out_s, out_t) + (None,) * 11
 
 
-def _differentiable_backward(student_logits, teacher_logits, arguments, grad, student_grad, teacher_grad):
-    """The backward through the op's traced path, for a backward that is itself differentiated."""
-    from fastabsld.ops import kd_loss  # the op layer's module imports this one
-
-    labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index, reduction, weight, sample_weight, \
-        sample_weight_scalar = arguments
+def _differentiable_backward(student_logits, teacher_logits, arguments, traced, grad, student_grad, teacher_grad):
+    """The backward through ``traced`` (the public loss's traced path: the forward op and its
+    registered autograd), for a backward that is itself differentiated."""
     inputs = [x for x, wanted in ((student_logits, student_grad), (teacher_logits, teacher_grad)) if wanted]
-    rows, _, _ = torch.ops.fastabsld.kd_kl_div_forward(
-        student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
-        student_grad, teacher_grad, weight, sample_weight, sample_weight_scalar)
-    batch, num_classes = student_logits.shape
-    denominator = kd_loss._row_denominator(reduction, labels, ignore_index, batch, num_classes)
-    loss = kd_loss._reduce(rows, reduction, denominator)
+    loss = traced(student_logits, teacher_logits, *arguments)
     grads = iter(torch.autograd.grad(loss, inputs, grad, create_graph=True))
     return (next(grads) if student_grad else None), (next(grads) if teacher_grad else None)
 
 
 def kd_kl_div_loss(student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
-                   reduction, weight, sample_weight, sample_weight_scalar):
+                   reduction, weight, sample_weight, sample_weight_scalar, traced):
     """The reduced KD loss through the Triton kernels, differentiable in the logits that require grad.
 
     Args:
         as ``torch.ops.fastabsld.kd_kl_div_loss``, checked by the public function, for which
         :func:`applies` is true: (B, C) logits, int64 labels or None, temperatures (C,) with
         labels or (B, 1) without, or None for the numbers; weights (C,), (B,) or None.
+        traced: the same loss through the traced path (same arguments), which a backward run
+            with ``create_graph`` differentiates instead.
 
     Returns:
         Tensor: the loss, fp32: (B,) for "none", else 0-d.
     """
     if torch.is_grad_enabled() and (student_logits.requires_grad or teacher_logits.requires_grad):
         return _KdLoss.apply(student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar,
-                             ignore_index, reduction, weight, sample_weight, sample_weight_scalar)
+                             ignore_index, reduction, weight, sample_weight, sample_weight_scalar, traced)
     dtypes = (student_logits.dtype, teacher_logits.dtype)
     return kernels().loss(student_logits, teacher_logits, labels, _launcher_tensor(tau_t), _launcher_tensor(tau_s),
                           tau_t_scalar, tau_s_scalar, ignore_index, False, False, _launcher_tensor(weight),

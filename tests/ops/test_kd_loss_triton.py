@@ -1,8 +1,7 @@
 """The eager CUDA path of the KD loss (``fastabsld.ops.kd_loss_triton``) against the reference.
 
-Here the Triton kernels run in the interpreter on CPU tensors, routed down the CUDA path by
-adding "cpu" to ``EAGER_DEVICES`` (on a GPU machine ``tests/cuda/test_kd_loss_cuda.py`` runs the
-same path compiled). Checked: values and gradients of every reduction, dtype and temperature
+Without a GPU the Triton kernels run in the interpreter on CPU tensors, routed down the CUDA
+path by adding "cpu" to ``EAGER_DEVICES``; on a GPU the same tests run on CUDA tensors, compiled. Checked: values and gradients of every reduction, dtype and temperature
 kind against ``fastabsld.reference`` in fp64; the launches (at most two forward for the tile
 form, one backward, no other device work); the plan cache; numbers kept on the host; fp16
 gradients that survive C = 20000 columns; device asserts off unless asked for.
@@ -14,10 +13,11 @@ import torch
 from fastabsld import reference
 from fastabsld.loss import kd_kl_div
 from fastabsld.ops import kd_loss, kd_loss_triton
-from tests.conftest import INTERPRETED
+from tests.conftest import HAS_GPU, INTERPRETED
 
-pytestmark = pytest.mark.skipif(kd_loss_triton.kernels() is None or not INTERPRETED,
-                                reason="routes CPU tensors through the Triton kernels: needs the interpreter")
+pytestmark = pytest.mark.skipif(kd_loss_triton.kernels() is None or not (HAS_GPU or INTERPRETED),
+                                reason="needs triton, and a GPU or the interpreter")
+DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
 IGNORE = -100
 REDUCTIONS = ("none", "sum", "batchmean", "mean")
 
@@ -26,7 +26,7 @@ REDUCTIONS = ("none", "sum", "batchmean", "mean")
 def cuda_path(monkeypatch):
     """CPU tensors take the eager CUDA path; yields the list of launched kernels' names."""
     kd = kd_loss_triton.kernels()
-    monkeypatch.setattr(kd_loss_triton, "EAGER_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setattr(kd_loss_triton, "EAGER_DEVICES", {"cuda", DEVICE.type})
     launched = []
     run = kd._run
 
@@ -50,17 +50,20 @@ def _case(batch, num_classes, dtype, kind, seed=0):
     t = (3 * torch.randn(batch, num_classes, generator=gen)).to(dtype).requires_grad_(True)
     labels = torch.randint(0, num_classes, (batch,), generator=gen)
     labels[1::4] = IGNORE
+    s, t, labels = (s.detach().to(DEVICE).requires_grad_(True), t.detach().to(DEVICE).requires_grad_(True),
+                    labels.to(DEVICE))
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
     kwargs = {"labels": labels, "ignore_index": IGNORE}
     if kind == "class":
-        kwargs["teacher_temperature"] = 0.5 + 4 * torch.rand(num_classes, generator=gen)
-        kwargs["student_temperature"] = torch.tensor(0.8)  # 0-d: a stride-0 view of its value
+        kwargs["teacher_temperature"] = 0.5 + 4 * torch.rand(num_classes, generator=gen, device=DEVICE)
+        kwargs["student_temperature"] = torch.tensor(0.8, device=DEVICE)  # 0-d: a stride-0 view of its value
     elif kind == "row":
         kwargs.pop("labels")
-        kwargs["teacher_temperature"] = 0.5 + 2 * torch.rand(batch, 1, generator=gen)
+        kwargs["teacher_temperature"] = 0.5 + 2 * torch.rand(batch, 1, generator=gen, device=DEVICE)
     elif kind == "weighted":
-        kwargs["teacher_temperature"] = 0.5 + 4 * torch.rand(num_classes, generator=gen)
-        kwargs["weight"] = 2 * torch.rand(num_classes, generator=gen)
-        kwargs["sample_weight"] = 0.5 + torch.rand(batch, generator=gen)
+        kwargs["teacher_temperature"] = 0.5 + 4 * torch.rand(num_classes, generator=gen, device=DEVICE)
+        kwargs["weight"] = 2 * torch.rand(num_classes, generator=gen, device=DEVICE)
+        kwargs["sample_weight"] = 0.5 + torch.rand(batch, generator=gen, device=DEVICE)
     else:
         kwargs["teacher_temperature"], kwargs["student_temperature"] = 2.0, 0.7
     return s, t, kwargs
@@ -97,10 +100,10 @@ def test_values_and_gradients_match_the_reference(cuda_path, shape, kind, dtype,
 def test_split_form_and_strided_logits_match_the_reference(cuda_path):
     """Rows wider than a tile (the split form) and logits that are views, not contiguous rows."""
     gen = torch.Generator().manual_seed(1)
-    s = (2 * torch.randn(3, 2 * 9000, generator=gen))[:, ::2].requires_grad_(True)
-    t = 2 * torch.randn(9000, 3, generator=gen).t()
-    labels = torch.tensor([1, IGNORE, 8999])
-    tau = 0.5 + torch.rand(9000, generator=gen)
+    s = (2 * torch.randn(3, 2 * 9000, generator=gen)).to(DEVICE)[:, ::2].requires_grad_(True)
+    t = (2 * torch.randn(9000, 3, generator=gen)).to(DEVICE).t()
+    labels = torch.tensor([1, IGNORE, 8999], device=DEVICE)
+    tau = (0.5 + torch.rand(9000, generator=gen)).to(DEVICE)
     loss = kd_kl_div(s, t, labels=labels, teacher_temperature=tau, reduction="mean")
     assert cuda_path[:2] == ["kd_split_stats_kernel", "kd_split_finish_kernel"]
     (grad,) = torch.autograd.grad(loss, s)
@@ -168,10 +171,10 @@ def test_fp16_student_gradient_survives_many_columns(cuda_path):
     until grad_output (here a loss scaler's 2**16) has scaled it, so the fp16 result is within
     fp16's rounding of the fp64 gradient (stored in fp16 first, the 90th percentile error was ~1e-2)."""
     gen = torch.Generator().manual_seed(3)
-    s = (2 * torch.randn(2, 20000, generator=gen)).half().requires_grad_(True)
-    t = (2 * torch.randn(2, 20000, generator=gen)).half()
+    s = (2 * torch.randn(2, 20000, generator=gen)).half().to(DEVICE).requires_grad_(True)
+    t = (2 * torch.randn(2, 20000, generator=gen)).half().to(DEVICE)
     loss = kd_kl_div(s, t, reduction="sum")
-    (grad,) = torch.autograd.grad(loss, s, torch.tensor(2.0 ** 16))
+    (grad,) = torch.autograd.grad(loss, s, torch.tensor(2.0 ** 16, device=DEVICE))
     s64 = s.detach().double().requires_grad_(True)
     (ref,) = torch.autograd.grad(reference.kd_kl_div(s64, t.double(), reduction="sum") * 2.0 ** 16, s64)
     relative = ((grad.double() - ref).abs() / ref.abs().clamp_min(1e-300)).flatten()
