@@ -388,6 +388,7 @@ def test_phases_run_in_order_with_the_venv_s_python(tmp_path, monkeypatch, capsy
     assert [c[0][0] for c in commands[2:]] == [python] * 4
     assert [c[0][2] for c in commands[2:]] == ["benchmarks.gpu_check", "pytest", "benchmarks.gpu_report",
                                                 "benchmarks.gpu_report"]
+    assert "--skip-compile" in commands[-1][0] and "--skip-compile" not in commands[-2][0]
     tests_command, tests_limit = commands[3]
     assert "--gpu-only" in tests_command and tests_limit > dict(gpu_check.PHASES)["tests"]
     result = json.loads(out.read_text())
