@@ -17,7 +17,7 @@ preflight           10  one line per failed prerequisite: Python against ``requi
 install            150  ``make install``: the virtual environment and the pinned requirements
                         (~3.5 GB of torch and CUDA 13 wheels)
 build               90  ``make build``: fastabsld._C with its CUDA kernels, MAX_JOBS = the cores
-environment         15  in the new environment: torch sees the GPU, torch's CUDA against the driver,
+environment         15  in the new environment: torch is a CUDA build and sees the GPU,
                         fastabsld._C holds its CUDA kernels, the Triton kernels import
 tests              120  the tests only a GPU can show (:func:`is_gpu_test`): the ``cuda``-marked ones
                         (torch.compile, CUDA graphs, nccl, the CUDA tensors of the op tests) and the
@@ -174,8 +174,8 @@ def query_gpus():
     """The GPUs as ``nvidia-smi`` sees them.
 
     Returns:
-        tuple: (list of dicts with ``name``, ``driver``, ``free_mib``, ``total_mib``; or None, and the
-        error text when nvidia-smi is missing or fails).
+        tuple: (list of dicts with ``name``, ``driver``, ``free_mib``, ``total_mib`` (None where the
+        driver does not say); or None, and the error text when nvidia-smi is missing or fails).
     """
     if shutil.which("nvidia-smi") is None:
         return None, "nvidia-smi not found"
@@ -183,10 +183,16 @@ def query_gpus():
                           "--format=csv,noheader,nounits"])
     if out is None:
         return None, err.splitlines()[0] if err else "nvidia-smi failed"
+    def mib(field):  # "[N/A]" where the driver does not say (a MIG instance, for one)
+        try:
+            return float(field)
+        except ValueError:
+            return None
+
     gpus = []
     for line in out.strip().splitlines():
         name, driver, free, total = (field.strip() for field in line.split(","))
-        gpus.append({"name": name, "driver": driver, "free_mib": float(free), "total_mib": float(total)})
+        gpus.append({"name": name, "driver": driver, "free_mib": mib(free), "total_mib": mib(total)})
     return gpus, ""
 
 
@@ -229,8 +235,8 @@ def preflight_problems(facts, torch_cuda=PINNED_TORCH_CUDA):
         if minimum is not None and int(driver.split(".")[0]) < minimum:
             problems.append(f"driver: {driver} is too old for torch's CUDA {torch_cuda} build "
                             f"(needs R{minimum} or newer)")
-        free_gib = gpus[0]["free_mib"] / 1024
-        if free_gib < MIN_FREE_GPU_GIB:
+        free_gib = None if gpus[0]["free_mib"] is None else gpus[0]["free_mib"] / 1024
+        if free_gib is not None and free_gib < MIN_FREE_GPU_GIB:
             problems.append(f"gpu memory: {free_gib:.1f} GiB free on {gpus[0]['name']}, the check needs "
                             f"{MIN_FREE_GPU_GIB:.0f} GiB (other processes hold the rest)")
     if facts["nvcc"] is None:

@@ -396,3 +396,16 @@ def test_phases_run_in_order_with_the_venv_s_python(tmp_path, monkeypatch, capsy
     result = json.loads(out.read_text())
     assert [p["status"] for p in result["phases"]] == ["PASS"] * 7
     assert result["tests"]["expected_skips"] == 1 and len(result["report"]) == 2
+
+
+def test_gpus_are_read_from_nvidia_smi(tmp_path, monkeypatch):
+    """nvidia-smi's CSV, with "[N/A]" memory (as on a MIG instance) read as unknown and not judged."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 580.82.07, 80000, 81559'\n"
+                    "echo 'NVIDIA H100 80GB HBM3 MIG 1g.10gb, 580.82.07, [N/A], [N/A]'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    gpus, error = gpu_check.query_gpus()
+    assert error == "" and [g["driver"] for g in gpus] == ["580.82.07"] * 2
+    assert (gpus[0]["free_mib"], gpus[1]["free_mib"], gpus[1]["total_mib"]) == (80000.0, None, None)
+    assert gpu_check.preflight_problems(dict(GOOD_MACHINE, gpus=gpus[1:])) == []
