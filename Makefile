@@ -15,8 +15,10 @@ SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.
 CUDA_HOME ?= $(shell for d in /usr/local/cuda /usr/local/cuda-*; do [ -x $$d/bin/nvcc ] && echo $$d && break; done)
 export CUDA_HOME
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
-# One compile job per core (ninja's parallelism in the extension build).
+# One compile job per core (ninja's parallelism in the extension build), and nvcc compiles a CUDA
+# unit's architectures in parallel threads (the longest unit of the build is the CUDA one).
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+export NVCC_APPEND_FLAGS ?= --threads 0
 
 .PHONY: install build test demo bench gpu-check clean
 

@@ -326,10 +326,12 @@ def test_the_phases_fit_eight_minutes_as_documented():
 
 
 def test_the_build_uses_every_core():
-    done = subprocess.run(["make", "--no-print-directory", "--eval", "print-jobs: ; @echo $(MAX_JOBS)", "print-jobs"],
-                          cwd=ROOT, capture_output=True, text=True, env={k: v for k, v in os.environ.items()
-                                                                         if k not in ("MAX_JOBS", "MAKEFLAGS")})
-    assert done.stdout.strip() == str(len(os.sched_getaffinity(0))), done.stdout + done.stderr
+    """One compile job per core, and nvcc's architectures of a unit in parallel."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAX_JOBS", "MAKEFLAGS", "NVCC_APPEND_FLAGS")}
+    done = subprocess.run(["make", "--no-print-directory", "--eval",
+                           "print-jobs: ; @echo $$MAX_JOBS; echo $$NVCC_APPEND_FLAGS", "print-jobs"],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
+    assert done.stdout.split("\n")[:2] == [str(len(os.sched_getaffinity(0))), "--threads 0"], done.stdout + done.stderr
 
 
 def test_full_report_fits_one_screen():
@@ -388,8 +390,22 @@ def test_phases_run_in_order_with_the_venv_s_python(tmp_path, monkeypatch, capsy
     assert [c[0][0] for c in commands[2:]] == [python] * 4
     assert [c[0][2] for c in commands[2:]] == ["benchmarks.gpu_check", "pytest", "benchmarks.gpu_report",
                                                 "benchmarks.gpu_report"]
+    assert "--skip-compile" in commands[-1][0] and "--skip-compile" not in commands[-2][0]
     tests_command, tests_limit = commands[3]
     assert "--gpu-only" in tests_command and tests_limit > dict(gpu_check.PHASES)["tests"]
     result = json.loads(out.read_text())
     assert [p["status"] for p in result["phases"]] == ["PASS"] * 7
     assert result["tests"]["expected_skips"] == 1 and len(result["report"]) == 2
+
+
+def test_gpus_are_read_from_nvidia_smi(tmp_path, monkeypatch):
+    """nvidia-smi's CSV, with "[N/A]" memory (as on a MIG instance) read as unknown and not judged."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 580.82.07, 80000, 81559'\n"
+                    "echo 'NVIDIA H100 80GB HBM3 MIG 1g.10gb, 580.82.07, [N/A], [N/A]'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    gpus, error = gpu_check.query_gpus()
+    assert error == "" and [g["driver"] for g in gpus] == ["580.82.07"] * 2
+    assert (gpus[0]["free_mib"], gpus[1]["free_mib"], gpus[1]["total_mib"]) == (80000.0, None, None)
+    assert gpu_check.preflight_problems(dict(GOOD_MACHINE, gpus=gpus[1:])) == []
