@@ -62,8 +62,7 @@ THREADS = 256
 PACKS_PER_THREAD = 4
 FUSED_MAX_THREADS = 512
 FUSED_PACKS = 4
-COOPERATIVE_MIN_BLOCKS = 3
-COOPERATIVE_MIN_BLOCKS_FP64 = 2
+COOPERATIVE_MIN_BLOCKS = 2
 FINALIZE_WARPS = 8
 PACK_BYTES = 16
 MAX_GRID_Y = 65535
@@ -123,9 +122,7 @@ def launch_plan(shape, dtype, norm, resident_blocks=None):
     if fused_threads <= FUSED_MAX_THREADS:
         return [{"kernel": f"l2_fused_kernel<{cpp}, {width}, {FUSED_PACKS}>", "grid": (batch, 1),
                  "block": fused_threads, "tiles": batch, "dram_bytes": 4 * numel * size}]
-    if resident_blocks is None:
-        resident_blocks = (COOPERATIVE_MIN_BLOCKS_FP64 if dtype == "float64" else COOPERATIVE_MIN_BLOCKS) * SMS
-    resident = resident_blocks
+    resident = COOPERATIVE_MIN_BLOCKS * SMS if resident_blocks is None else resident_blocks
     packs = cooperative_packs(dtype, width)
     chunks = max(1, _ceil_div(n // width, THREADS * packs))
     if chunks <= resident:

@@ -20,7 +20,7 @@
 //   plus the partials; two launches (the counters' memset and the kernel). Waiting is safe
 //   because every tile a block waits for is held by a resident block that reaches it without
 //   waiting on a later sample, as long as a sample has no more chunks than the grid has blocks.
-// - L2, samples with more chunks than the grid can hold at once (about 1.6M fp32 elements on an
+// - L2, samples with more chunks than the grid can hold at once (about 1.1M fp32 elements on an
 //   H100), or where a cooperative launch is not supported: on a (chunks, samples) grid,
 //   l2_grad_partial_kernel (partial ||grad||^2 per chunk), l2_finalize_kernel (one warp per
 //   sample sums its partials, writes the step), l2_delta_partial_kernel, l2_finalize_kernel (the
@@ -49,10 +49,9 @@ constexpr int kThreads = 256;           // block of the element, partial and app
 constexpr int kPacksPerThread = 4;      // packs per thread in one chunk of a sample
 constexpr int kFusedMaxThreads = 512;   // largest block of l2_fused_kernel
 constexpr int kFusedPacks = 4;          // packs per thread that l2_fused_kernel holds
-// Resident blocks per SM that l2_cooperative_kernel's launch bounds ask for: 3 (at most 85
-// registers), 2 for fp64, whose scaled sums need more registers than that.
+// Resident blocks per SM that l2_cooperative_kernel's launch bounds ask for (at most 128
+// registers a thread): 3 would cap it at 85, which spills the fp32 and fp64 kernels.
 constexpr int kCooperativeMinBlocks = 2;
-constexpr int kCooperativeMinBlocksFp64 = 2;
 constexpr int kFinalizeWarps = 8;       // samples per block of the finalize kernels
 constexpr int kPackBytes = 16;
 constexpr int64_t kMaxGridY = 65535;
@@ -89,9 +88,17 @@ __device__ __forceinline__ Pack<T, W> load_pack(const T* p) {
   return *reinterpret_cast<const Pack<T, W>*>(p);
 }
 
+// A 16-byte pack is stored through a vector intrinsic: with the values of a pack computed apart,
+// the compiler would otherwise split the store into four (seen in l2_cooperative_kernel's SASS).
 template <int W, typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, W>& v) {
-  *reinterpret_cast<Pack<T, W>*>(p) = v;
+  if constexpr (sizeof(Pack<T, W>) == kPackBytes) {
+    int4 bits;
+    memcpy(&bits, &v, kPackBytes);
+    __stwb(reinterpret_cast<int4*>(p), bits);
+  } else {
+    *reinterpret_cast<Pack<T, W>*>(p) = v;
+  }
 }
 
 template <typename acc_t>
@@ -375,7 +382,7 @@ __global__ void __launch_bounds__(kFusedMaxThreads)
 // slots holds [batch][2][chunks] partial sums, arrived [batch][2] zeroed counters. Needs every
 // block resident (a cooperative launch) and chunks <= gridDim.x.
 template <typename T, int W, int U>
-__global__ void __launch_bounds__(kThreads, sizeof(T) == 8 ? kCooperativeMinBlocksFp64 : kCooperativeMinBlocks)
+__global__ void __launch_bounds__(kThreads, kCooperativeMinBlocks)
     l2_cooperative_kernel(const T* __restrict__ xa, const T* __restrict__ x0,
                           const T* __restrict__ g, T* __restrict__ out,
                           Radii<at::opmath_type<T>> radii, Box<at::opmath_type<T>> box,
