@@ -205,7 +205,7 @@ def test_nonfinite_logits_count_as_wrong_and_are_reported(tmp_path, nets, capsys
                      "--no-progress"]) == 0
     out = capsys.readouterr().out
     size = len(load_digits(0).test[1])
-    assert "nonfinite" in out and f"clean          0.0000" in out and f"{size:>9d}" in out
+    assert "nonfinite" in out and "clean          0.0000" in out and f"{size:>9d}" in out
     results = json.loads((tmp_path / "e.json").read_text())["results"]
     assert results["clean"]["average"] == 0.0 and results["clean"]["nonfinite"] == size  # never "class 0"
     assert results["fgsm"]["nonfinite"] == size

@@ -56,6 +56,14 @@ def test_evaluate_keeps_each_examples_prediction(toy_evaluation):
     json.dumps(toy_evaluation, allow_nan=False)  # still a plain dict of figures
 
 
+def test_pickled_evaluation_is_its_figures(tmp_path, toy_evaluation):
+    """A checkpoint that records an evaluation (best.pt's "val", the history) loads with weights_only=True."""
+    torch.save({"val": toy_evaluation}, tmp_path / "c.pt")
+    loaded = torch.load(tmp_path / "c.pt", weights_only=True)["val"]
+    assert loaded == dict(toy_evaluation) and not hasattr(loaded, "predictions")
+    json.dumps(loaded, allow_nan=False)
+
+
 def test_round_trip_recomputes_the_table(tmp_path, toy_evaluation):
     path = predictions.save(tmp_path / predictions.FILE, toy_evaluation, identity())
     loaded = predictions.load(path)
