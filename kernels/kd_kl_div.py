@@ -477,7 +477,7 @@ def _kd_reduce_kernel(loss_ptr, labels_ptr, out_ptr, scale_ptr, B, stride_l, has
 
     Writes out = sum of the rows (MEAN: divided by kept rows * ``per_row``) and scale, the factor
     the backward multiplies the stored gradients by: 1, or 1 / (kept rows * per_row). No rows
-    kept gives NaN (0 / 0) for a MEAN.
+    kept counts as one (a loss of 0 and zero gradients, not 0 / 0).
     """
     offsets = tl.arange(0, BLOCK)
     total = tl.zeros([BLOCK], tl.float32)
@@ -491,7 +491,8 @@ def _kd_reduce_kernel(loss_ptr, labels_ptr, out_ptr, scale_ptr, B, stride_l, has
             kept += (mask & ((has_labels == 0) | (label != ignore_index))).to(tl.int32)
     total_sum = tl.sum(total, 0)
     if MEAN:
-        denominator = tl.sum(kept, 0).to(tl.float32) * per_row
+        # At least one row counts: with none kept the sum (0) stays 0 and the gradients zero (as on every backend).
+        denominator = tl.maximum(tl.sum(kept, 0), 1).to(tl.float32) * per_row
         tl.store(out_ptr, total_sum / denominator)
         tl.store(scale_ptr, 1.0 / denominator)
     else:

@@ -256,3 +256,15 @@ def test_compiled_graph_calls_the_triton_kernels():
     assert "triton_kernel_wrapper_functional" in graph and "'s_ptr': primals_1" in graph
     assert "fastabsld" not in graph, "an opaque custom op is left in the graph"
     assert launched == ["_kd_tile_kernel"]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_every_row_ignored_gives_zero_loss_and_zero_gradients(cuda_path, reduction):
+    """A padding-only batch contributes nothing: the same rule as the C++ and fallback kernels."""
+    s, t, kwargs = _case(8, 10, torch.float32, "class")
+    kwargs["labels"] = torch.full_like(kwargs["labels"], IGNORE)
+    loss = kd_kl_div(s, t, reduction=reduction, **kwargs)
+    assert cuda_path, "the eager CUDA path ran"
+    assert torch.equal(loss.detach().cpu(), torch.zeros_like(loss).cpu())
+    loss.sum().backward()
+    assert torch.equal(s.grad, torch.zeros_like(s)) and torch.equal(t.grad, torch.zeros_like(t))
