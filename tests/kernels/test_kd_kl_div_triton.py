@@ -356,7 +356,7 @@ def test_unknown_form_is_a_value_error():
         kd.launch(s, s, None, None, None, 1.0, 1.0, IGNORE, True, False, form="online")
 
 
-@pytest.mark.skipif(HAS_GPU, reason="on a GPU these are device asserts, which end the CUDA context")
+@pytest.mark.skipif(HAS_GPU, reason="on a GPU a bad value gives a NaN row, not an error (device asserts are opt-in); tests/cuda checks the NaN rows")
 @pytest.mark.parametrize("changes,message", [
     ({"labels": torch.tensor([0, 5, IGNORE, 4])}, "labels"),
     ({"labels": torch.tensor([0, -1, 2, 4])}, "labels"),

@@ -278,7 +278,7 @@ def test_empty_batch(backend, case, teacher_grad):
                                   "sample_weight_scalar_negative"])
 def test_bad_values_raise(backend, case):
     if backend == "triton" and HAS_GPU:
-        pytest.skip("on a GPU these are device asserts, which end the CUDA context")
+        pytest.skip("on a GPU a bad value gives a NaN row, not an error (device asserts are opt-in); tests/cuda checks the NaN rows")
     s, t = logits(4, 5)
     labels = torch.tensor([0, 1, 2, 3])
     tau = torch.ones(5)
