@@ -15,6 +15,7 @@ Besides the figures, an evaluation keeps each example's predicted class under ea
 finite predicts no class (-1) and counts as wrong, and each attack reports how many there were.
 """
 
+import collections
 import hashlib
 import re
 
@@ -111,6 +112,11 @@ def attack_seed(seed, name):
 class Evaluation(dict):
     """What :func:`evaluate` returns: ``{attack: figures}`` (a dict, JSON-ready) plus the per-example results.
 
+    Pickled (``torch.save``, ``copy``, another process), it is its figures alone, as an
+    ``OrderedDict`` (which torch's ``weights_only`` loading accepts, as in every state_dict): a
+    checkpoint that records an evaluation stays small and loadable with ``weights_only=True``. The
+    per-example results are kept on disk by ``fastabsld.recipe.predictions``.
+
     Attributes:
         labels: (N,) int64 numpy array: the examples' labels, in the order the loader yielded them.
         predictions: ``{attack: (N,) int32 numpy array}``: each example's predicted class under that
@@ -121,6 +127,9 @@ class Evaluation(dict):
         super().__init__(figures)
         self.labels = labels
         self.predictions = predictions
+
+    def __reduce__(self):
+        return collections.OrderedDict, (list(self.items()),)
 
     def correct(self, attack):
         """Whether each example was classified correctly under ``attack``.

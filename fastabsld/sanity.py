@@ -12,8 +12,9 @@ examples, not a fixed margin:
   weaker one only, ``b`` follows Binomial(b + c, 1/2) when both attacks are equally strong; the
   warning needs ``P(X >= b) < level``, Bonferroni-corrected over the pairs tested.
 - **masking**: PGD is not detectably below FGSM, while CW or AutoAttack is detectably below PGD
-  (same paired test, one-sided) by at least ``gap``: the gradient of the cross-entropy carries no
-  signal (saturated softmax, quantised or non-differentiable layers) but the logits can be attacked.
+  (same paired test, one-sided) by at least ``gap`` (5 points): the gradient of the cross-entropy
+  carries no signal (saturated softmax, quantised or non-differentiable layers) but the logits can
+  be attacked.
 - **unbounded**: with eps as large as the input range, a working attack drives accuracy to (near) 0;
   accuracy above chance (1 / classes) there, by an exact one-sided binomial test, means the attack
   cannot find the adversarial examples that must exist.
@@ -32,7 +33,10 @@ LEVEL = 0.05
 # The unbounded attack: PGD with eps the whole input range and steps of a tenth of it.
 UNBOUNDED_STEPS = 20
 UNBOUNDED_STEP = 0.1
-MASKING_GAP = 0.02  # CW / AutoAttack this much (2 points) below PGD, beyond noise, when PGD equals FGSM
+# "Several points": CW / AutoAttack this much below PGD (and beyond noise) while PGD equals FGSM. Smaller gaps
+# are common without any masking: on a linear model PGD on the cross-entropy is FGSM, and CW's margin loss,
+# aimed at the nearest wrong class, is a few points stronger (3.1 points on digits).
+MASKING_GAP = 0.05
 _STEPS = re.compile(r"^(pgd|cw)(\d+)$")
 
 
@@ -167,8 +171,8 @@ def masking_warnings(correct, level=LEVEL, gap=MASKING_GAP):
                     "masking", f"{pgd} ({_percent(np.mean(correct[pgd]))}) is no lower than fgsm "
                                f"({_percent(np.mean(correct['fgsm']))}) while {other} is {_percent(difference)} "
                                f"lower (paired p = {p:.2g}): the cross-entropy gradient looks masked (saturated "
-                               "softmax, quantised or non-differentiable layers); trust the lowest figure, and "
-                               "try more attacks", (pgd, "fgsm", other), p))
+                               "softmax, quantised or non-differentiable layers) or is a poor objective for this "
+                               "model; report the lowest figure, and try more attacks", (pgd, "fgsm", other), p))
     return warnings
 
 

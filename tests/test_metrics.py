@@ -15,6 +15,7 @@ from fastabsld.metrics import (
     class_counts,
     nsd,
     per_class_accuracy,
+    predicted_classes,
     worst_class_accuracy,
 )
 
@@ -32,6 +33,24 @@ def as_logits(predictions, classes):
 
 def assert_same(actual, expected):
     torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float64), equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_nonfinite_logits_predict_no_class_and_count_as_wrong(dtype):
+    logits = as_logits(LABELS, 4).to(dtype)  # every row right...
+    logits[0, 1] = NAN        # ...but a NaN row (argmax would say class 0 or 1)
+    logits[2, 0] = math.inf   # an infinite row (argmax: class 0, wrong anyway)
+    logits[3, 3] = -math.inf  # -inf too: a row that is not finite has no answer
+    assert predicted_classes(logits).tolist() == [-1, 0, -1, -1, 1, 2]
+    # Class 0: 1 of 2 right (row 0 no longer counts); class 1: 1 of 3; class 2: 1 of 1.
+    assert_same(per_class_accuracy(logits, LABELS, 4), [0.5, 1 / 3, 1.0, NAN])
+    meter = ClassAccuracy(4)
+    meter.update(logits, LABELS)
+    assert meter.summary()["average"] == pytest.approx(3 / 6)
+    # Integer "logits" (votes) are finite by construction.
+    assert predicted_classes(torch.tensor([[0, 2], [3, 1]])).tolist() == [1, 0]
+    with pytest.raises(ValueError, match="logits must be a"):
+        predicted_classes(torch.zeros(3))
 
 
 def test_per_class_accuracy_hand_computed():

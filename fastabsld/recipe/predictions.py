@@ -10,7 +10,7 @@ checked to hold the same examples before they are paired.
 The file is a numpy ``.npz`` archive (compressed, read with ``allow_pickle=False``):
 
 - ``format``: 0-d int, ``FORMAT``;
-- ``identity``: 0-d str, JSON: the data set, split, split seed and size, number of examples, a
+- ``identity``: 0-d str, JSON: the data set (and its source), split, split seed and size, number of examples, a
   SHA-256 of the labels and positions (``split_hash``), class names and count, eps, alpha and
   threat model, the evaluated checkpoint, the attacks' seed, and the attacks;
 - ``labels`` (N,) int64, ``indices`` (N,) int64: each example's label and position in the split;
@@ -33,8 +33,8 @@ THREAT_MODEL = "Linf"
 # What the identity must name (save adds split_hash, num_examples and attacks).
 IDENTITY_KEYS = ("dataset", "split", "split_seed", "split_size", "class_names", "num_classes", "eps", "alpha",
                  "threat_model", "checkpoint", "seed")
-_SETTINGS = ("dataset", "split", "split_seed", "split_size", "split_hash", "num_classes", "class_names", "eps",
-             "alpha", "threat_model", "seed")
+_SETTINGS = ("dataset", "source", "split", "split_seed", "split_size", "split_hash", "num_classes", "class_names",
+             "eps", "alpha", "threat_model", "seed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +92,14 @@ def identity(cfg, data, *, split, split_size, checkpoint, eps=None, alpha=None, 
         seed: the seed of the attacks' random starts.
 
     Returns:
-        dict: the keys of ``IDENTITY_KEYS``.
+        dict: the keys of ``IDENTITY_KEYS``, and ``source``: the data's own identity (an image folder's
+        fingerprint, a CIFAR variant), None when the data has none.
     """
-    return {"dataset": cfg.dataset, "split": split, "split_seed": cfg.split_seed, "split_size": int(split_size),
-            "class_names": list(data.class_names) if data.class_names else None, "num_classes": int(data.num_classes),
-            "eps": float(cfg.eps if eps is None else eps), "alpha": float(cfg.alpha if alpha is None else alpha),
-            "threat_model": THREAT_MODEL, "checkpoint": str(checkpoint), "seed": int(seed)}
+    return {"dataset": cfg.dataset, "source": data.source, "split": split, "split_seed": cfg.split_seed,
+            "split_size": int(split_size), "class_names": list(data.class_names) if data.class_names else None,
+            "num_classes": int(data.num_classes), "eps": float(cfg.eps if eps is None else eps),
+            "alpha": float(cfg.alpha if alpha is None else alpha), "threat_model": THREAT_MODEL,
+            "checkpoint": str(checkpoint), "seed": int(seed)}
 
 
 def _class_dtype(num_classes):

@@ -116,6 +116,8 @@ def save_figure(fig, path, caption=None):
     try:  # a full disk leaves no empty or partial image behind
         format_ = os.path.splitext(str(path))[1][1:].lower() or "png"
         atomic_write(lambda f: fig.savefig(f, dpi=DPI, format=format_), path)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
     finally:
         plt.close(fig)
     return path

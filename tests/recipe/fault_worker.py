@@ -46,7 +46,9 @@ def cheap_evaluate(evaluate):
     def evaluating(model, loader, attacks, *args, **kwargs):
         cheap = [re.sub(r"^(pgd|cw)\d+$", r"\g<1>1", name) for name in attacks]
         results = evaluate(model, loader, cheap, *args, **kwargs)
-        return {name: results[short] for name, short in zip(attacks, cheap)}  # keyed as the run asked
+        asked = dict(zip(attacks, cheap))  # keyed as the run asked
+        return evaluation.Evaluation({name: results[short] for name, short in asked.items()}, results.labels,
+                                     {name: results.predictions[short] for name, short in asked.items()})
 
     return evaluating
 

@@ -56,6 +56,14 @@ def test_evaluate_keeps_each_examples_prediction(toy_evaluation):
     json.dumps(toy_evaluation, allow_nan=False)  # still a plain dict of figures
 
 
+def test_pickled_evaluation_is_its_figures(tmp_path, toy_evaluation):
+    """A checkpoint that records an evaluation (best.pt's "val", the history) loads with weights_only=True."""
+    torch.save({"val": toy_evaluation}, tmp_path / "c.pt")
+    loaded = torch.load(tmp_path / "c.pt", weights_only=True)["val"]
+    assert loaded == dict(toy_evaluation) and not hasattr(loaded, "predictions")
+    json.dumps(loaded, allow_nan=False)
+
+
 def test_round_trip_recomputes_the_table(tmp_path, toy_evaluation):
     path = predictions.save(tmp_path / predictions.FILE, toy_evaluation, identity())
     loaded = predictions.load(path)
@@ -203,3 +211,21 @@ def test_eval_writes_predictions_beside_the_json(run, tmp_path):
     assert cli.main(["eval", str(run / "best.pt"), "--attacks", "clean", "--split", "val", "--predictions",
                      str(tmp_path / "mine.npz"), "--plot", str(tmp_path / "mine.png"), "--no-progress"]) == 0
     assert predictions.load(tmp_path / "mine.npz").identity["split"] == "val"
+
+
+def test_readme_pairing_snippet_runs(tmp_path, monkeypatch, toy_evaluation, capsys):
+    from tests.test_readme import section_code
+
+    model, loader, _ = tiny(seed=1)
+    other = evaluate(model, loader, ("clean", "fgsm", "pgd2"), eps=0.1, alpha=0.05, progress=False)
+    for name, evaluation in (("absld", toy_evaluation), ("rslad", other)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        predictions.save(tmp_path / "runs" / name / predictions.FILE, evaluation, identity(checkpoint=name))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    exec(section_code("Evaluation you can trust"), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["clean", "fgsm", "pgd2"]
+    first = [float(v) for v in lines[0].split()[1:]]
+    assert first[:2] == pytest.approx([toy_evaluation["clean"]["average"], other["clean"]["average"]])
+    assert 0 < first[2] <= 1
