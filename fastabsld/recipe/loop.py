@@ -432,9 +432,8 @@ def _fit(cfg, run_dir, data, *, teacher, resume, log, student, info, scalar_writ
                 scheduler.step()
                 improved = False
                 if ctx.is_main and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-                    # The figures only, as a plain dict: the checkpoints that keep the history load weights-only.
-                    entry["val"] = dict(evaluate(student, val_loader, cfg.val_attacks, eps=cfg.eps, alpha=cfg.alpha,
-                                                 num_classes=data.num_classes, device=device, progress=False))
+                    entry["val"] = evaluate(student, val_loader, cfg.val_attacks, eps=cfg.eps, alpha=cfg.alpha,
+                                            num_classes=data.num_classes, device=device, progress=False)
                     value = _selection_value(cfg, entry["val"])
                     if value > best["value"]:
                         best, improved = {"epoch": epoch + 1, "value": value}, True

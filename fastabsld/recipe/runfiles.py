@@ -119,8 +119,8 @@ def check_run_folder(run_dir):
 # named by the user (eval's --json, --plot, --predictions) never replaces one.
 RUN_FILES = ("last.pt", "best.pt", "last.prev.pt", "best.prev.pt", "metrics.json", "run.lock", "train.log",
              "predictions.npz", "per_class.png", "curves.png", "temperatures.png", "temperature_accuracy.png",
-             "compare.json", "compare.png", "compare_eval.json", "demo.json", "per_class_robust_accuracy.png",
-             "absld_temperatures.png")
+             "compare.json", "compare.png", "compare_eval.json", "teacher_test.json", "demo.json", "demo.png",
+             "per_class_robust_accuracy.png", "absld_temperatures.png")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 

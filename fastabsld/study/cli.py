@@ -80,7 +80,8 @@ def add_demo(sub):
                                    "paired ABSLD - RSLAD difference with its interval and a Holm-corrected verdict, "
                                    "as compare does. Seeds must be distinct.")
     d.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                   help="student seeds (default: 0 1 2 3 4; about 20 s per seed for both methods on 2 cores)")
+                   help="student seeds, distinct; 3 or more for intervals that cover the training noise "
+                        "(default: 0 1 2 3 4)")
     d.add_argument("--epochs", type=recipe_cli.positive_int, default=30, help="student epochs (default: 30)")
     d.add_argument("--teacher-epochs", type=recipe_cli.positive_int, default=DEFAULT_TEACHER_EPOCHS,
                    help=f"(default: {DEFAULT_TEACHER_EPOCHS}, as for train: both share the cached teacher)")

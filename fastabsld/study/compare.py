@@ -296,10 +296,10 @@ def teacher_test(out_dir, teacher, teacher_info, attacks, data, base, device):
         dict: ``{attack: {"average", "worst", "nsd", ...}}``.
     """
     from fastabsld.evaluation import evaluate
-    from fastabsld.recipe.data import eval_loader
+    from fastabsld.recipe.data import eval_loader, split_size
 
-    identity = {"teacher": teacher_info.get("path") or teacher_info.get("name"), "eps": base.eps,
-                "alpha": base.alpha}
+    identity = {"teacher": teacher_info.get("path") or teacher_info.get("name"), "dataset": base.dataset,
+                "split_seed": base.split_seed, "test_size": split_size(data.test), "eps": base.eps, "alpha": base.alpha}
     cached = _read_json(os.path.join(out_dir, TEACHER_TEST_FILE)) or {}
     figures = cached.get("test", {}) if cached.get("identity") == _jsonable(identity) else {}
     missing = [a for a in attacks if a not in figures]

@@ -127,10 +127,12 @@ def test_outputs_must_differ(own_run, tmp_path, capsys):
 
 
 def test_every_run_file_name_is_protected():
-    from fastabsld.recipe import compare, lock
+    from fastabsld.recipe import lock
+    from fastabsld.study import compare
 
     written = {report.METRICS_FILE, lock.LOCK_FILE, predictions.FILE, compare.COMPARE_FILE, compare.PLOT_FILE,
-               compare.EXTRA_EVAL_FILE, compare.LOG_FILE, "last.pt", "best.pt", checkpoint.previous_path("last.pt"),
+               compare.EXTRA_EVAL_FILE, compare.TEACHER_TEST_FILE, compare.LOG_FILE, "demo.json", "demo.png",
+               "last.pt", "best.pt", checkpoint.previous_path("last.pt"),
                checkpoint.previous_path("best.pt"), "per_class.png", "curves.png", "temperatures.png",
                "temperature_accuracy.png"}
     assert written <= set(RUN_FILES)

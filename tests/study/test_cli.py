@@ -59,6 +59,7 @@ def test_compare_command(tmp_path, capsys):
 @pytest.mark.parametrize("argv, fragments", [
     (["compare", "absld", "--attacks", "pgd0"], ["attack"]),
     (["compare", "absld", "--seed", "3"], ["unrecognized arguments: --seed"]),  # not --seeds: no abbreviations
+    (["compare", "absld", "rslad", "--seeds", "1", "2", "1"], ["must not repeat a seed", "1 more than once"]),
 ])
 def test_bad_inputs_are_one_error_line(tmp_path, capsys, argv, fragments):
     assert cli.main([*argv, "--out", str(tmp_path / "cmp")]) == 2
