@@ -65,7 +65,10 @@ OP = "fastabsld::kd_kl_div_forward"
 REDUCTIONS = ("none", "sum", "batchmean", "mean")
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64"}
-_SMALLEST_SUBNORMAL = {torch.float32: 2.0 ** -149, torch.float64: 2.0 ** -1074}
+# The positive floats that round to a positive finite value of each compute dtype: above the
+# first bound (half the smallest subnormal, which rounds to 0) up to the largest finite value.
+_HELD_RANGE = {torch.float32: (2.0 ** -150, torch.finfo(torch.float32).max),
+               torch.float64: (0.0, torch.finfo(torch.float64).max)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,28 +132,31 @@ def _check_number(value, name, dtype, *, strict):
     Written with comparisons only (no ``math.isfinite``), so that ``torch.compile`` with dynamic
     shapes traces it when the number is symbolic.
     """
-    if not is_number(value) and not isinstance(value, torch.SymFloat):
-        wanted = "positive and finite" if strict else "non-negative and finite"
-        raise ValueError(f"{name} must be a number ({wanted}), got {type(value).__name__} {value!r}")
+    smallest, largest = _HELD_RANGE[dtype]
+    if type(value) is float and smallest < value <= largest:  # the common case
+        return value
     if isinstance(value, torch.SymFloat):
         number = value
-    else:
+    elif is_number(value):
         try:
             number = float(value)
         except OverflowError:
             number = math.inf
+    else:
+        wanted = "positive and finite" if strict else "non-negative and finite"
+        raise ValueError(f"{name} must be a number ({wanted}), got {type(value).__name__} {value!r}")
     if not ((number > 0 if strict else number >= 0) and number < math.inf):
         raise ValueError(f"{name} must be {'positive' if strict else 'non-negative'} and finite, "
                          f"got {short_repr(value)}")
-    if dtype != torch.float64 and not isinstance(number, torch.SymFloat):
-        info = torch.finfo(dtype)
-        if number > info.max:
-            raise ValueError(f"{name} = {number:.6g} overflows {_DTYPE_NAMES[dtype]} (largest {info.max:.6g}), "
-                             f"the dtype the loss computes in for these logits; pass fp64 logits for it")
-        if 0 < number < _SMALLEST_SUBNORMAL[dtype] / 2:
-            raise ValueError(f"{name} = {number:.6g} underflows {_DTYPE_NAMES[dtype]} to 0 (smallest positive "
-                             f"{_SMALLEST_SUBNORMAL[dtype]:.6g}), the dtype the loss computes in for these "
-                             "logits; pass fp64 logits for it")
+    if isinstance(number, torch.SymFloat):
+        return number
+    if number > largest:
+        raise ValueError(f"{name} = {number:.6g} overflows {_DTYPE_NAMES[dtype]} (largest {largest:.6g}), "
+                         f"the dtype the loss computes in for these logits; pass fp64 logits for it")
+    if 0 < number <= smallest:
+        raise ValueError(f"{name} = {number:.6g} underflows {_DTYPE_NAMES[dtype]} to 0 (smallest positive "
+                         f"{2 * smallest:.6g}), the dtype the loss computes in for these logits; pass fp64 "
+                         "logits for it")
     return number
 
 
@@ -506,6 +512,14 @@ def _forward_mode_or_functorch():
     return forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
+def _differentiable_forward(*args):
+    """The op's outputs through :func:`forward_math`, with the CPU value checks where they can run.
+
+    Under ``torch.func`` transforms a value check (a data-dependent branch) cannot run.
+    """
+    return (forward_math if torch._C._are_functorch_transforms_active() else fallback_forward)(*args)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public functions.
 
@@ -516,8 +530,11 @@ def kd_kl_div_forward(student_logits, teacher_logits, labels=None, teacher_tempe
                       sample_weight_scalar=1.0):
     """Per-row KD loss and its gradients in one pass (``torch.ops.fastabsld.kd_kl_div_forward``).
 
-    Differentiable through ``row_loss`` in the logits whose ``*_grad`` flag is set. A thin call of
-    the op: the arguments are the op's (see the module docstring), checked by its kernels.
+    Differentiable through ``row_loss`` in the logits whose ``*_grad`` flag is set, to any order.
+    A thin call of the op: the arguments are the op's (see the module docstring), checked by its
+    kernels. In forward mode and under ``torch.func`` transforms it computes the same outputs
+    through :func:`forward_math` (the op itself has no forward-mode rule: called directly there,
+    ``torch.ops.fastabsld.kd_kl_div_forward`` gives no tangent).
 
     Args:
         student_logits: (B, C) fp32/fp16/bf16/fp64, any strides.
@@ -537,10 +554,12 @@ def kd_kl_div_forward(student_logits, teacher_logits, labels=None, teacher_tempe
     Returns:
         tuple: (row_loss (B,), grad_student (B, C) or (0,), grad_teacher (B, C) or (0,)).
     """
-    return torch.ops.fastabsld.kd_kl_div_forward(
-        student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
-        float(teacher_temperature_scalar), float(student_temperature_scalar), int(ignore_index),
-        bool(student_grad), bool(teacher_grad), weight, sample_weight, float(sample_weight_scalar))
+    args = (student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
+            float(teacher_temperature_scalar), float(student_temperature_scalar), int(ignore_index),
+            bool(student_grad), bool(teacher_grad), weight, sample_weight, float(sample_weight_scalar))
+    if _forward_mode_or_functorch():
+        return _differentiable_forward(*args)
+    return torch.ops.fastabsld.kd_kl_div_forward(*args)
 
 
 def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperature=1.0, student_temperature=1.0,
@@ -641,9 +660,7 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
     else:
         denominator = _row_denominator(reduction, labels, ignore_index, batch, num_classes)
         if _forward_mode_or_functorch():
-            # Value checks need a data-dependent branch, which torch.func transforms do not allow.
-            math_of = forward_math if torch._C._are_functorch_transforms_active() else fallback_forward
-            rows = math_of(*args, False, False, *weights)[0]
+            rows = _differentiable_forward(*args, False, False, *weights)[0]
         else:
             grad_on = torch.is_grad_enabled()
             rows = torch.ops.fastabsld.kd_kl_div_forward(
