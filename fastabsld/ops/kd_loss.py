@@ -173,7 +173,9 @@ def _check_temperature(value, name, labels, lead, num_classes, device, dtype):
     rows_shape = tuple(lead) + (1,)
     if value.dim() == 0:
         value = value.to(device, dtype)
-        return (value.expand(num_classes) if labels is not None else value.reshape(1, 1).expand(math.prod(lead), 1)), 1.0
+        if labels is not None:
+            return value.expand(num_classes), 1.0
+        return value.reshape(1, 1).expand(math.prod(lead), 1), 1.0
     if value.dim() == 1:
         if labels is None:
             raise ValueError(f"{name} of shape {tuple(value.shape)} is per class and needs labels; for one "
@@ -610,8 +612,9 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
     Args:
         student_logits: (..., C) logits, fp32/fp16/bf16/fp64, any strides.
         teacher_logits: (..., C) logits; its dtype may differ from the student's.
-        labels: integer labels of the logits' leading shape, or None. They select per-class temperatures and weights, and
-            rows labelled ``ignore_index`` are left out. Other labels must lie in [0, C).
+        labels: integer labels of the logits' leading shape, or None. They select per-class
+            temperatures and weights, and rows labelled ``ignore_index`` are left out. Other
+            labels must lie in [0, C).
         teacher_temperature: a positive finite number (that the compute dtype holds: fp32
             underflows below 1.4e-45 and overflows above 3.4e38), a 0-d tensor, a (C,) tensor (per
             class, needs labels) or a (..., 1) tensor (per row); floating-point, on the logits'
@@ -630,10 +633,11 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
 
     Raises:
         ValueError: bad shapes, dtypes, devices, reduction; a non-positive/non-finite number
-            temperature, or one the compute dtype cannot hold; a (C,) temperature or a weight without labels; a temperature or weight
-            tensor that requires grad; a negative, NaN or infinite weight (tensor values checked
-            on CPU tensors only: no host sync on CUDA). A label outside [0, C) or a bad value inside
-            a temperature tensor is a RuntimeError from the kernel (on CUDA, a device-side assert).
+            temperature, or one the compute dtype cannot hold; a (C,) temperature or a weight
+            without labels; a temperature or weight tensor that requires grad; a negative, NaN or
+            infinite weight (tensor values checked on CPU tensors only: no host sync on CUDA). A
+            label outside [0, C) or a bad value inside a temperature tensor is a RuntimeError from
+            the kernel (on CUDA, a device-side assert).
     """
     _check_logits(student_logits, teacher_logits)
     if reduction not in REDUCTIONS:
