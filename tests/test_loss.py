@@ -455,7 +455,8 @@ BAD_CALLS = [
     (dict(sample_weight="1"), "sample_weight must be a number"),
     (dict(sample_weight=torch.ones(5)), r"sample_weight must be a number or a tensor of the logits' leading shape "
                                         r"\(B,\) = \(4,\)"),
-    (dict(sample_weight=torch.ones(4, 1)), r"sample_weight must be .* leading shape \(B,\) = \(4,\), got shape \(4, 1\)"),
+    (dict(sample_weight=torch.ones(4, 1)), r"sample_weight must be .* leading shape \(B,\) = \(4,\), "
+                                           r"got shape \(4, 1\)"),
     (dict(sample_weight=torch.ones(4, dtype=torch.long)), "sample_weight must be a floating-point"),
     (dict(sample_weight=torch.ones(4, requires_grad=True)), "sample_weight must not require grad"),
     (dict(sample_weight=torch.ones(4, device=META)), r"sample_weight \(meta\) must be on"),

@@ -209,3 +209,21 @@ def test_raw_op_second_derivative_matches_composite():
     torch.testing.assert_close(got2, want2)
     assert torch.autograd.gradgradcheck(
         lambda a, b: kd_kl_div_forward(a, b, labels, tau, None, 1.0, 0.8, -100, True, True)[0], (s, t))
+
+
+def test_raw_op_function_forward_mode_matches_composite():
+    """kd_kl_div_forward (the Python function) under torch.func.jvp: the row losses' tangent."""
+    s, t, labels = inputs(14)
+    tau = torch.tensor([0.5, 1.5, 3.0], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(15)
+    ds, dt = (torch.randn(s.shape, generator=gen, dtype=s.dtype) for _ in range(2))
+
+    def rows(a, b):
+        return kd_kl_div_forward(a, b, labels, tau, None, 1.0, 0.8, -100, False, False)[0]
+
+    got = torch.func.jvp(rows, (s, t), (ds, dt))
+    want = torch.func.jvp(lambda a, b: reference.kd_kl_div(a, b, labels, tau, 0.8, reduction="none"), (s, t), (ds, dt))
+    torch.testing.assert_close(got, want)
+    with forward_ad.dual_level():
+        tangent = forward_ad.unpack_dual(rows(forward_ad.make_dual(s, ds), forward_ad.make_dual(t, dt))).tangent
+    torch.testing.assert_close(tangent, want[1])

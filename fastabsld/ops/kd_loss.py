@@ -70,7 +70,10 @@ OP = "fastabsld::kd_kl_div_forward"
 REDUCTIONS = ("none", "sum", "batchmean", "mean")
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64"}
-_SMALLEST_SUBNORMAL = {torch.float32: 2.0 ** -149, torch.float64: 2.0 ** -1074}
+# The positive floats that round to a positive finite value of each compute dtype: above the
+# first bound (half the smallest subnormal, which rounds to 0) up to the largest finite value.
+_HELD_RANGE = {torch.float32: (2.0 ** -150, torch.finfo(torch.float32).max),
+               torch.float64: (0.0, torch.finfo(torch.float64).max)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,28 +147,31 @@ def _check_number(value, name, dtype, *, strict):
     Written with comparisons only (no ``math.isfinite``), so that ``torch.compile`` with dynamic
     shapes traces it when the number is symbolic.
     """
-    if not is_number(value) and not isinstance(value, torch.SymFloat):
-        wanted = "positive and finite" if strict else "non-negative and finite"
-        raise ValueError(f"{name} must be a number ({wanted}), got {type(value).__name__} {value!r}")
+    smallest, largest = _HELD_RANGE[dtype]
+    if type(value) is float and smallest < value <= largest:  # the common case
+        return value
     if isinstance(value, torch.SymFloat):
         number = value
-    else:
+    elif is_number(value):
         try:
             number = float(value)
         except OverflowError:
             number = math.inf
+    else:
+        wanted = "positive and finite" if strict else "non-negative and finite"
+        raise ValueError(f"{name} must be a number ({wanted}), got {type(value).__name__} {value!r}")
     if not ((number > 0 if strict else number >= 0) and number < math.inf):
         raise ValueError(f"{name} must be {'positive' if strict else 'non-negative'} and finite, "
                          f"got {short_repr(value)}")
-    if dtype != torch.float64 and not isinstance(number, torch.SymFloat):
-        info = torch.finfo(dtype)
-        if number > info.max:
-            raise ValueError(f"{name} = {number:.6g} overflows {_DTYPE_NAMES[dtype]} (largest {info.max:.6g}), "
-                             f"the dtype the loss computes in for these logits; pass fp64 logits for it")
-        if 0 < number < _SMALLEST_SUBNORMAL[dtype] / 2:
-            raise ValueError(f"{name} = {number:.6g} underflows {_DTYPE_NAMES[dtype]} to 0 (smallest positive "
-                             f"{_SMALLEST_SUBNORMAL[dtype]:.6g}), the dtype the loss computes in for these "
-                             "logits; pass fp64 logits for it")
+    if isinstance(number, torch.SymFloat):
+        return number
+    if number > largest:
+        raise ValueError(f"{name} = {number:.6g} overflows {_DTYPE_NAMES[dtype]} (largest {largest:.6g}), "
+                         f"the dtype the loss computes in for these logits; pass fp64 logits for it")
+    if 0 < number <= smallest:
+        raise ValueError(f"{name} = {number:.6g} underflows {_DTYPE_NAMES[dtype]} to 0 (smallest positive "
+                         f"{2 * smallest:.6g}), the dtype the loss computes in for these logits; pass fp64 "
+                         "logits for it")
     return number
 
 
@@ -184,7 +190,9 @@ def _check_temperature(value, name, labels, lead, num_classes, device, dtype):
     rows_shape = tuple(lead) + (1,)
     if value.dim() == 0:
         value = value.to(device, dtype)
-        return (value.expand(num_classes) if labels is not None else value.reshape(1, 1).expand(math.prod(lead), 1)), 1.0
+        if labels is not None:
+            return value.expand(num_classes), 1.0
+        return value.reshape(1, 1).expand(math.prod(lead), 1), 1.0
     if value.dim() == 1:
         if labels is None:
             raise ValueError(f"{name} of shape {tuple(value.shape)} is per class and needs labels; for one "
@@ -527,6 +535,14 @@ def _forward_mode_or_functorch():
     return forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
+def _differentiable_forward(*args):
+    """The op's outputs through :func:`forward_math`, with the CPU value checks where they can run.
+
+    Under ``torch.func`` transforms a value check (a data-dependent branch) cannot run.
+    """
+    return (forward_math if torch._C._are_functorch_transforms_active() else fallback_forward)(*args)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public functions.
 
@@ -537,8 +553,11 @@ def kd_kl_div_forward(student_logits, teacher_logits, labels=None, teacher_tempe
                       sample_weight_scalar=1.0):
     """Per-row KD loss and its gradients in one pass (``torch.ops.fastabsld.kd_kl_div_forward``).
 
-    Differentiable through ``row_loss`` in the logits whose ``*_grad`` flag is set. A thin call of
-    the op: the arguments are the op's (see the module docstring), checked by its kernels.
+    Differentiable through ``row_loss`` in the logits whose ``*_grad`` flag is set, to any order.
+    A thin call of the op: the arguments are the op's (see the module docstring), checked by its
+    kernels. In forward mode and under ``torch.func`` transforms it computes the same outputs
+    through :func:`forward_math` (the op itself has no forward-mode rule: called directly there,
+    ``torch.ops.fastabsld.kd_kl_div_forward`` gives no tangent).
 
     Args:
         student_logits: (B, C) fp32/fp16/bf16/fp64, any strides.
@@ -558,10 +577,12 @@ def kd_kl_div_forward(student_logits, teacher_logits, labels=None, teacher_tempe
     Returns:
         tuple: (row_loss (B,), grad_student (B, C) or (0,), grad_teacher (B, C) or (0,)).
     """
-    return torch.ops.fastabsld.kd_kl_div_forward(
-        student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
-        float(teacher_temperature_scalar), float(student_temperature_scalar), int(ignore_index),
-        bool(student_grad), bool(teacher_grad), weight, sample_weight, float(sample_weight_scalar))
+    args = (student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
+            float(teacher_temperature_scalar), float(student_temperature_scalar), int(ignore_index),
+            bool(student_grad), bool(teacher_grad), weight, sample_weight, float(sample_weight_scalar))
+    if _forward_mode_or_functorch():
+        return _differentiable_forward(*args)
+    return torch.ops.fastabsld.kd_kl_div_forward(*args)
 
 
 def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperature=1.0, student_temperature=1.0,
@@ -612,8 +633,9 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
     Args:
         student_logits: (..., C) logits, fp32/fp16/bf16/fp64, any strides.
         teacher_logits: (..., C) logits; its dtype may differ from the student's.
-        labels: integer labels of the logits' leading shape, or None. They select per-class temperatures and weights, and
-            rows labelled ``ignore_index`` are left out. Other labels must lie in [0, C).
+        labels: integer labels of the logits' leading shape, or None. They select per-class
+            temperatures and weights, and rows labelled ``ignore_index`` are left out. Other
+            labels must lie in [0, C).
         teacher_temperature: a positive finite number (that the compute dtype holds: fp32
             underflows below 1.4e-45 and overflows above 3.4e38), a 0-d tensor, a (C,) tensor (per
             class, needs labels) or a (..., 1) tensor (per row); floating-point, on the logits'
@@ -632,13 +654,14 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
 
     Raises:
         ValueError: bad shapes, dtypes, devices, reduction; a non-positive/non-finite number
-            temperature, or one the compute dtype cannot hold; a (C,) temperature or a weight without labels; a temperature or weight
-            tensor that requires grad; a negative, NaN or infinite weight (tensor values checked
-            on CPU tensors only: no host sync on CUDA). A label outside [0, C) or a bad value inside
-            a temperature tensor is a RuntimeError from the kernel on CPU tensors; on CUDA the row's
-            loss and gradients are NaN (with ``FASTABSLD_DEVICE_ASSERTS=1``, a device-side assert).
-            A 0-d CPU temperature or sample weight with CUDA logits is read as a number (a
-            ValueError when it is not positive, or non-negative, and finite) and never copied.
+            temperature, or one the compute dtype cannot hold; a (C,) temperature or a weight
+            without labels; a temperature or weight tensor that requires grad; a negative, NaN or
+            infinite weight (tensor values checked on CPU tensors only: no host sync on CUDA). A
+            label outside [0, C) or a bad value inside a temperature tensor is a RuntimeError from
+            the kernel on CPU tensors; on CUDA the row's loss and gradients are NaN (with
+            ``FASTABSLD_DEVICE_ASSERTS=1``, a device-side assert). A 0-d CPU temperature or sample
+            weight with CUDA logits is read as a number (a ValueError when it is not positive, or
+            non-negative, and finite) and never copied.
     """
     _check_logits(student_logits, teacher_logits)
     if reduction not in REDUCTIONS:
@@ -668,8 +691,7 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
     elif _forward_mode_or_functorch():
         # Value checks need a data-dependent branch, which torch.func transforms do not allow.
         denominator = _row_denominator(reduction, labels, ignore_index, batch, num_classes)
-        math_of = forward_math if torch._C._are_functorch_transforms_active() else fallback_forward
-        loss = _reduce(math_of(*args, False, False, *weights)[0], reduction, denominator)
+        loss = _reduce(_differentiable_forward(*args, False, False, *weights)[0], reduction, denominator)
     else:
         loss = _traced_loss(*args, reduction, *weights)
     return loss if len(lead) == 1 or reduction != "none" else loss.reshape(lead)

@@ -383,7 +383,8 @@ def test_cuda_dispatch_routes_to_the_triton_launcher_or_the_fallback(monkeypatch
     assert len(calls) == 2 and calls[1][3].shape == (4,)
     # The public function's 0-d temperature takes the launcher's forms too: (C,) with labels, (B,) without.
     for y, length in ((labels, 4), (None, 3)):
-        tau, _ = kd_loss._check_temperature(torch.tensor(2.0), "teacher_temperature", y, (3,), 4, s.device, torch.float32)
+        tau, _ = kd_loss._check_temperature(torch.tensor(2.0), "teacher_temperature", y, (3,), 4, s.device,
+                                            torch.float32)
         kd_loss._cuda_forward(*op_args(s, t, y, tau, 1.0))
         assert calls[-1][3].shape == (length,) and (calls[-1][3] == 2.0).all()
     assert len(calls) == 4
