@@ -57,7 +57,7 @@ def _layer(name):
         return "kernels"
     if name.startswith("fastabsld.ops"):
         return "ops"
-    if name.startswith("fastabsld.recipe") or name == "fastabsld.__main__":
+    if name.startswith(("fastabsld.recipe", "fastabsld.study")) or name == "fastabsld.__main__":
         return "recipe"
     if name == "fastabsld":
         return "root"

@@ -338,11 +338,13 @@ def _demo(args):
 def _compare(args):
     from fastabsld.recipe.compare import compare
     from fastabsld.recipe.options import requested_settings
+    from fastabsld.study.launcher_options import launcher_from_args
 
     _set_threads(args.threads)
     config = {**requested_settings(args), "progress": False}  # each run's epoch lines go to its train.log
+    launcher = launcher_from_args(args, _program(), args.argv)
     compare(args.out, methods=args.methods, seeds=args.seeds, attacks=args.attacks, reference=args.reference,
-            config=config, jobs=args.jobs, threads=args.threads)
+            config=config, jobs=args.jobs, threads=args.threads, launcher=launcher)
     return 0
 
 
@@ -480,8 +482,16 @@ def build_parser():
     add_config_arguments(c.add_argument_group(
         "settings of every run (TrainConfig; compare's defaults: "
         f"{', '.join(f'{flag(k)} {v}' for k, v in compare_mod.DEFAULTS.items())})"), shared)
+    from fastabsld.study.launcher_options import add_launcher_arguments
+
+    add_launcher_arguments(c)
     c.set_defaults(func=_compare, threads=1)
     return parser
+
+
+def _program():
+    """How this command line was called: ``fastabsld`` or ``python -m fastabsld``."""
+    return "python -m fastabsld" if os.path.basename(sys.argv[0]) == "__main__.py" else "fastabsld"
 
 
 def _resume_command(args, argv):
@@ -490,7 +500,7 @@ def _resume_command(args, argv):
     if args.run_dir is None:
         words += ["--run-dir", getattr(args, "resolved_run_dir", None) or "RUN_DIR"]
     words.append("--resume")
-    launcher = "python -m fastabsld" if os.path.basename(sys.argv[0]) == "__main__.py" else "fastabsld"
+    launcher = _program()
     from fastabsld.recipe.distributed import env_world_size
 
     if env_world_size() > 1:
@@ -508,6 +518,8 @@ def _interrupted(args, argv):
         print(f"interrupted{kept}. Resume with: {_resume_command(args, argv)}", file=sys.stderr)
     elif args.command == "demo":
         print("interrupted; the cached teacher is kept, run the same command again to redo the demo", file=sys.stderr)
+    elif args.command == "compare" and args.launcher == "slurm":
+        print("interrupted; the SLURM jobs keep running (collect them as said above)", file=sys.stderr)
     elif args.command == "compare":
         print(f"interrupted; the finished runs in {args.out} are kept and the interrupted ones resume from their "
               "last epoch: run the same command again to continue", file=sys.stderr)
@@ -534,6 +546,7 @@ def main(argv=None):
         return done.code if isinstance(done.code, int) else EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    args.argv = argv
     if args.command != "train" and env_world_size() > 1:
         return _error(f"only 'train' runs under torchrun; run '{args.command}' as a single process")
     from fastabsld.recipe import logs
