@@ -33,6 +33,8 @@ RUNNING_STATES = frozenset({"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT",
 WAITING_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
                             "PREEMPTED", "READY", "UNKNOWN"})
 STDERR_LINES = 15
+# The jobs submitted by this process, by id: a local job's state is known only to the object that started it.
+_SUBMITTED = {}
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,16 @@ def _run_name(key):
     return f"{key[0]}-seed{key[1]}"
 
 
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _tail(path, lines=STDERR_LINES):
     try:
         with open(path, errors="replace") as f:
@@ -247,17 +259,21 @@ class SlurmLauncher(Launcher):
         return executor
 
     def _attach(self, record):
-        """The submitit job of a record ``{"job", "logs", "cluster"}``."""
+        """The submitit job of a record ``{"job", "logs", "cluster"}`` (the very object when submitted here)."""
+        if str(record["job"]) in _SUBMITTED:
+            return _SUBMITTED[str(record["job"])]
         submitit = self._submitit()
         job_class = submitit.SlurmJob if record.get("cluster", "slurm") == "slurm" else submitit.LocalJob
         return job_class(folder=record["logs"], job_id=str(record["job"]))
 
     def _record_of(self, job):
+        _SUBMITTED[job.job_id] = job
         return {"job": job.job_id, "logs": os.path.abspath(self.logs), "cluster": self.cluster}
 
     def _refresh(self, jobs):
         """One sacct call for all the jobs (submitit's watcher otherwise polls at its own pace)."""
-        watchers = {id(job.watcher): job.watcher for job in jobs if hasattr(job, "watcher")}
+        slurm_job = self._submitit().SlurmJob
+        watchers = {id(job.watcher): job.watcher for job in jobs if isinstance(job, slurm_job)}
         for watcher in watchers.values():
             watcher.update()
 
@@ -275,6 +291,8 @@ class SlurmLauncher(Launcher):
         word = (job.state or "UNKNOWN").split()[0].upper()
         if job.paths.result_pickle.exists():
             return "ended", word
+        if word == "NO":  # a local job found again by another process: "NO PROCESS AND NO RESULT"; its id is a pid
+            return ("running", "RUNNING") if _pid_alive(int(job.job_id)) else ("ended", "LOST")
         if word in RUNNING_STATES:
             return "running", word
         if word in WAITING_STATES:
@@ -288,7 +306,7 @@ class SlurmLauncher(Launcher):
                 return job.result(), None
             except Exception as error:  # the run raised: its traceback is in the job's stderr
                 lines = str(error).strip().splitlines()
-                return None, f"{word}: {lines[-1] if lines else type(error).__name__}"
+                return None, f"it raised {lines[-1] if lines else type(error).__name__}"
         return None, f"ended {word} without a result"
 
     def _failure(self, what, job, reason, folder=None):

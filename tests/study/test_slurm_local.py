@@ -1,0 +1,108 @@
+"""The SLURM launcher without a cluster: its options, its command line, and its runs through submitit's local executor.
+
+The local executor runs each job as a process of this machine through the same submitit machinery (pickled
+callables, result files, logs) that a cluster's jobs go through; tests/study/test_slurm_cluster.py runs the
+same launcher on a real SLURM cluster.
+"""
+
+import json
+import os
+
+import pytest
+
+from fastabsld.recipe import cli
+from fastabsld.recipe.compare import compare
+from fastabsld.study.launcher_options import collect_command
+from fastabsld.study.slurm import JOBS_FILE, SLURM_FOLDER, SlurmLauncher, SlurmOptions, parse_sbatch_option
+from tests.study.conftest import assert_same_runs, cache_fixed_teacher
+
+pytest.importorskip("submitit", reason="the SLURM launcher needs submitit (pip install 'fastabsld[slurm]')")
+
+STUDY = dict(methods=["trades", "rslad"], seeds=[0], reference="rslad", attacks=["clean"])
+
+
+def test_options_are_checked_where_given():
+    for bad in (dict(cpus_per_run=0), dict(gpus_per_run=-1), dict(time_min=0), dict(max_requeues=1.5),
+                dict(mem_gb=0), dict(partition=""), dict(sbatch={"": "x"}), dict(array_parallelism=True)):
+        with pytest.raises(ValueError, match=f"SlurmOptions.{next(iter(bad))}"):
+            SlurmOptions(**bad)
+    assert parse_sbatch_option("constraint=a100") == ("constraint", "a100")
+    assert parse_sbatch_option("--exclusive=") == ("exclusive", "")
+    for bad in ("constraint", "=a100"):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            parse_sbatch_option(bad)
+    with pytest.raises(ValueError, match="choose one"):
+        SlurmLauncher("out", collect=True, resubmit=True)
+    with pytest.raises(ValueError, match="cluster must be"):
+        SlurmLauncher("out", cluster="pbs")
+
+
+def test_command_line_errors_and_collect_command(capsys):
+    assert cli.main(["compare", "--no-wait"]) == 2
+    assert "error: --no-wait only apply to --launcher slurm" in capsys.readouterr().err
+    assert cli.main(["compare", "--launcher", "slurm", "--collect", "--resubmit"]) == 2
+    assert "choose one" in capsys.readouterr().err
+    assert cli.main(["compare", "--launcher", "slurm", "--sbatch", "exclusive"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    argv = ["compare", "trades", "--launcher", "slurm", "--no-wait", "--out", "runs/my study"]
+    assert collect_command("fastabsld", argv) == "fastabsld compare trades --launcher slurm --out 'runs/my study' --collect"
+
+
+def test_jobs_give_the_figures_and_weights_of_local_runs(tmp_path, digits):
+    config = cache_fixed_teacher(tmp_path / "cache")
+    local_out, job_out = str(tmp_path / "local"), str(tmp_path / "jobs")
+    local = compare(local_out, **STUDY, config=config, data=digits, log=lambda *_: None)
+    lines = []
+    launcher = SlurmLauncher(job_out, cluster="local", poll_s=0.2, log=lines.append)
+    jobs = compare(job_out, **STUDY, config=config, data=digits, log=lines.append, launcher=launcher)
+    assert_same_runs(local, jobs, local_out, job_out)
+    assert any(line.startswith("submitted 2 runs as job array") for line in lines), lines
+    with open(os.path.join(job_out, SLURM_FOLDER, JOBS_FILE)) as f:
+        assert sorted(json.load(f)["runs"]) == ["rslad-seed0", "trades-seed0"]
+    # Collecting again reads the finished runs; nothing is submitted.
+    again = compare(job_out, **STUDY, config=config, data=digits, log=lines.append,
+                    launcher=SlurmLauncher(job_out, cluster="local", collect=True, log=lines.append))
+    assert len(again["reused"]) == 2 and again["trained"] == []
+    assert_same_runs(local, again, local_out, job_out)
+
+
+def test_no_wait_collect_failure_report_and_resubmit(tmp_path, digits):
+    config = cache_fixed_teacher(tmp_path / "cache")
+    out = str(tmp_path / "jobs")
+    broken = os.path.join(out, "trades-seed0")
+    os.makedirs(broken)
+    with open(os.path.join(broken, "last.pt"), "wb") as f:
+        f.write(b"not a checkpoint")  # the run's job fails reading it
+
+    def launcher(lines, **kwargs):
+        return SlurmLauncher(out, cluster="local", poll_s=0.2, collect_command="COLLECT --collect",
+                             log=lines.append, **kwargs)
+
+    lines = []
+    left = compare(out, **STUDY, config=config, data=digits, log=lines.append, launcher=launcher(lines, wait=False))
+    assert sorted(left["unfinished"]) == ["rslad-seed0", "trades-seed0"] and left["collect"] == "COLLECT --collect"
+    assert any("collect the runs later with: COLLECT --collect" in line for line in lines), lines
+
+    lines = []
+    with pytest.raises(ValueError, match=r"1 job failed \(trades seed 0; reported above\); submit them again "
+                                         r"with: COLLECT --resubmit"):
+        compare(out, **STUDY, config=config, data=digits, log=lines.append, launcher=launcher(lines, collect=True))
+    report = "\n".join(lines)
+    assert f"trades seed 0 (job " in report and f"run folder {broken}" in report
+    assert "failed: it raised fastabsld.recipe.errors.CheckpointError" in report
+    stderr = [line for line in lines if line.startswith("    | ")]  # the traceback's end, its last line the error
+    assert lines[lines.index(stderr[0]) - 1].startswith("  last lines of its stderr (")
+    assert "is not a fastabsld checkpoint" in stderr[-1]
+    records = json.load(open(os.path.join(out, SLURM_FOLDER, JOBS_FILE)))
+
+    # Collecting again names the same failure and submits nothing; the plain call does not retry it either.
+    for kwargs in (dict(collect=True), dict()):
+        with pytest.raises(ValueError, match="1 job failed"):
+            compare(out, **STUDY, config=config, data=digits, log=lambda *_: None, launcher=launcher([], **kwargs))
+        assert json.load(open(os.path.join(out, SLURM_FOLDER, JOBS_FILE))) == records
+
+    os.remove(os.path.join(broken, "last.pt"))
+    lines = []
+    result = compare(out, **STUDY, config=config, data=digits, log=lines.append, launcher=launcher(lines, resubmit=True))
+    assert any(line.startswith("submitted 1 run as job array") for line in lines), lines
+    assert sorted(result["runs"]) == ["rslad", "trades"] and len(result["reused"]) == 1
