@@ -112,6 +112,9 @@ SwitchType=switch/none
 ReturnToService=2
 JobRequeue=1
 MinJobAge=300
+# A cancelled job gets SIGTERM (which submitit lets pass, as it precedes a preemption signal), then SIGKILL
+# after KillWait seconds: short here, so that a cancelled run stops at once.
+KillWait=2
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=$dbd_port

@@ -148,7 +148,11 @@ def test_cancelled_job_resubmitted_resumes_to_identical_figures(tmp_path, long_r
     _wait_for_epoch(run_dir, 2, job)
     subprocess.run(["scancel", job], check=True)
     _wait_for_state(job, "CANCELLED")
-    assert checkpoint.load(os.path.join(run_dir, "last.pt"))["epoch"] < 12
+    deadline = time.monotonic() + 60
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, f"job {job} is still on the node a minute after scancel"
+        time.sleep(0.5)
+    assert checkpoint.load(os.path.join(run_dir, "last.pt"))["epoch"] < 12, "the run ended before it was cancelled"
 
     status, output = _fastabsld("compare", *LONG, "--out", out, "--launcher", "slurm", "--collect", check=False)
     assert status == 2, output
