@@ -94,7 +94,7 @@ SlurmUser=root
 SlurmctldPort=$ctld_port
 SlurmdPort=$slurmd_port
 AuthType=auth/munge
-AuthInfo=socket=$munge_socket
+AuthInfo=socket=$munge_socket,cred_expire=10
 CredType=cred/munge
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
@@ -115,6 +115,8 @@ MinJobAge=300
 # A cancelled job gets SIGTERM (which submitit lets pass, as it precedes a preemption signal), then SIGKILL
 # after KillWait seconds: short here, so that a cancelled run stops at once.
 KillWait=2
+# A requeued job (preempted, or near its time limit) may start again after cred_expire (in AuthInfo): 10 s,
+# not the default 120 s.
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=$dbd_port
@@ -126,7 +128,7 @@ PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
     cat > "$DIR/etc/slurmdbd.conf" <<EOF
 AuthType=auth/munge
-AuthInfo=socket=$munge_socket
+AuthInfo=socket=$munge_socket,cred_expire=10
 DbdHost=localhost
 DbdPort=$dbd_port
 SlurmUser=root

@@ -415,10 +415,9 @@ class SlurmLauncher(Launcher):
         for key, job in jobs.items():
             category = self.state(job)[0]
             counts["failed" if key in self.failures else "done" if category == "ended" else category] += 1
-        text = ", ".join(f"{n} {word}" for word, n in counts.items())
+        text = "runs: " + ", ".join(f"{n} {word}" for word, n in counts.items())
         if teacher is not None:
-            category, word = self.state(teacher)
-            text = f"teacher {'failed' if 'teacher' in self.failures else word.lower()}; runs: {text}"
+            text = f"teacher {'failed' if 'teacher' in self.failures else self.state(teacher)[1].lower()}; {text}"
         return counts, text
 
     def _show_once(self, jobs, teacher, log):

@@ -182,7 +182,7 @@ def test_preempted_job_requeues_itself_and_resumes_to_identical_figures(tmp_path
     with open(os.path.join(out, SLURM_FOLDER, f"{job}_0_log.err")) as f:
         log = f.read()
     assert "this job is preempted" in log and f"Requeued job {job}" in log, log
-    print("sacct states", _sacct(job))
+    assert _sacct(job) == ["REQUEUED", "COMPLETED"]  # one job, started twice
     with open(os.path.join(out, "trades-seed0", "train.log")) as f:
         assert f"resumed {os.path.join(out, 'trades-seed0')} after epoch " in f.read()
     assert_same_runs(long_reference[1], _result(out), long_reference[0], out)
@@ -201,3 +201,25 @@ def test_failed_job_is_reported_with_its_stderr_and_run_folder(tmp_path):
     assert f"trades seed 0 (job {job}) failed: it raised fastabsld.recipe.errors.CheckpointError" in output
     assert f"run folder {run_dir}" in output and "last lines of its stderr (" in output
     assert "    | fastabsld.recipe.errors.CheckpointError: " in output and "is not a fastabsld checkpoint" in output
+
+
+def test_the_multi_node_script_trains_one_run_with_torchrun_under_srun(tmp_path):
+    """scripts/slurm_train.sbatch on one node with two CPU processes: the README's DDP path under srun."""
+    import socket
+
+    with socket.socket() as s:  # a free port for torchrun's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    env = {**os.environ, "FASTABSLD_NPROC_PER_NODE": "2", "PYTHON": sys.executable, "FASTABSLD_RDZV_PORT": str(port)}
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "slurm_train.sbatch")
+    done = subprocess.run(["sbatch", "--wait", "--nodes=1", "--cpus-per-task=2", f"--output={tmp_path}/%j.out",
+                           script, "--method", "pgd-at", "--device", "cpu", "--epochs", "1", "--batch-size", "64",
+                           "--train-subset", "128", "--steps", "1", "--eval-every", "1", "--val-attacks", "clean",
+                           "--select-metric", "clean.average", "--test-attacks", "clean", "--run-dir", str(run)],
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    logs = "".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert done.returncode == 0, done.stdout + done.stderr + logs
+    with open(run / "metrics.json") as f:
+        metrics = json.load(f)
+    assert metrics["world_size"] == 2 and metrics["test"]["clean"]["average"] >= 0, logs

@@ -7,12 +7,16 @@ same launcher on a real SLURM cluster.
 
 import json
 import os
+import types
 
 import pytest
 
 from fastabsld.recipe import cli
+from fastabsld.recipe import compare as compare_mod
 from fastabsld.recipe.compare import compare
+from fastabsld.recipe.config import TrainConfig
 from fastabsld.study.launcher_options import collect_command
+from fastabsld.study import slurm
 from fastabsld.study.slurm import JOBS_FILE, SLURM_FOLDER, SlurmLauncher, SlurmOptions, parse_sbatch_option
 from tests.study.conftest import assert_same_runs, cache_fixed_teacher
 
@@ -106,3 +110,32 @@ def test_no_wait_collect_failure_report_and_resubmit(tmp_path, digits):
     result = compare(out, **STUDY, config=config, data=digits, log=lines.append, launcher=launcher(lines, resubmit=True))
     assert any(line.startswith("submitted 1 run as job array") for line in lines), lines
     assert sorted(result["runs"]) == ["rslad", "trades"] and len(result["reused"]) == 1
+
+
+class _RunningJob:
+    """A job the scheduler says runs (no result yet)."""
+
+    job_id = "41_0"
+    state = "RUNNING"
+    paths = types.SimpleNamespace(result_pickle=types.SimpleNamespace(exists=lambda: False))
+
+
+def test_ctrl_c_while_waiting_leaves_the_jobs_and_says_how_to_collect(tmp_path, monkeypatch, capsys):
+    lines = []
+    launcher = SlurmLauncher(str(tmp_path), cluster="local", collect_command="COLLECT --collect", log=lines.append)
+    key = ("trades", 0)
+    monkeypatch.setattr(launcher, "_submit", lambda *args: {key: _RunningJob()})
+    monkeypatch.setattr(slurm.time, "sleep", lambda seconds: (_ for _ in ()).throw(KeyboardInterrupt))
+    pending = [(key, TrainConfig(method="trades"), str(tmp_path / "trades-seed0"))]
+    with pytest.raises(KeyboardInterrupt):
+        list(launcher.train(pending, None, None, None, lines.append))
+    assert lines[-1] == ("stopped waiting; the jobs keep running on the cluster. Collect them with: "
+                         "COLLECT --collect")
+    assert lines[-2].endswith("runs: 0 pending, 1 running, 0 done, 0 failed")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_mod, "compare", interrupted)
+    assert cli.main(["compare", "trades", "--launcher", "slurm", "--out", str(tmp_path / "cmp")]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted; the SLURM jobs keep running (collect them as said above)"
