@@ -341,7 +341,8 @@ def compare(out_dir="runs/compare", *, methods=DEFAULT_METHODS, seeds=DEFAULT_SE
         reference: the spec the paired differences are taken from (one of ``methods``).
         config: the base config shared by every run: a TrainConfig, or a dict of its fields over
             :data:`DEFAULTS` (without method, reweight, seed and test_attacks, which compare sets per run).
-        jobs: runs trained at once, each in a process of its own (1: one after the other in this process).
+        jobs: runs trained at once by the default local launcher, each in a process of its own (1: one after the
+            other in this process).
         threads: torch CPU threads per run (1 is fastest for the digits models on a shared machine; 0 keeps
             torch's choice).
         data: preloaded Splits of the base config's data set (``None``: loaded from the config); the worker

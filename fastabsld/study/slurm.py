@@ -362,11 +362,21 @@ class SlurmLauncher(Launcher):
                 self.failures[key] = [f"{key[0]} seed {key[1]}: no job was submitted for it (run folder {folder})"]
             else:
                 jobs[key] = job  # ended: its outcome is read below (a failure is reported, not retried)
+        teacher = self._teacher_job
+        if to_submit and teacher is not None and self._failed(teacher):
+            # The runs that distil would train the teacher each on its own: they wait for a resubmit instead.
+            from fastabsld.recipe.config import DISTILLATION_METHODS
+
+            for key, cfg, folder in to_submit:
+                if cfg.method in DISTILLATION_METHODS:
+                    self.failures[key] = [f"{key[0]} seed {key[1]}: not submitted, the teacher's job failed "
+                                          f"(run folder {folder})"]
+            to_submit = [entry for entry in to_submit if entry[0] not in self.failures]
         if to_submit:
             jobs.update(self._submit(to_submit, train_run, teacher_info, log))
-        teacher = self._teacher_job
         folders = {key: folder for key, _, folder in pending}
         if not self.wait:
+            self._refresh(list(jobs.values()) + ([teacher] if teacher else []))
             yield from self._ended(jobs, folders, teacher)
             self._show_once(jobs, teacher, log)
             return
@@ -392,12 +402,18 @@ class SlurmLauncher(Launcher):
             f"{f' (after job {dependency})' if dependency else ''}; SLURM logs in {self.logs}")
         return jobs
 
+    def _failed(self, job):
+        """Whether the job ended without a result (the reason kept for the teacher's job in ``failures``)."""
+        category, word = self.state(job)
+        reason = self._outcome(job, word)[1] if category == "ended" else None
+        if reason and job is self._teacher_job:
+            self.failures["teacher"] = self._failure("the teacher's training", job, reason)
+        return bool(reason)
+
     def _ended(self, jobs, folders, teacher, seen=()):
         """Yields (key, test, seconds) of the jobs that returned, records the failed ones; skips ``seen``."""
-        if teacher is not None and teacher not in seen and self.state(teacher)[0] == "ended":
-            _, reason = self._outcome(teacher, self.state(teacher)[1])
-            if reason:
-                self.failures["teacher"] = self._failure("the teacher's training", teacher, reason)
+        if teacher is not None and "teacher" not in self.failures:
+            self._failed(teacher)
         for key, job in jobs.items():
             if key in seen or key in self.failures:
                 continue
@@ -421,7 +437,6 @@ class SlurmLauncher(Launcher):
         return counts, text
 
     def _show_once(self, jobs, teacher, log):
-        self._refresh(list(jobs.values()) + ([teacher] if teacher else []))
         _, text = self._counts(jobs, teacher)
         ids = sorted({job.job_id.split("_")[0] for job in jobs.values()})
         log(f"jobs {', '.join(ids) or 'none'}: {text}")
