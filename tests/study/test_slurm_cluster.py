@@ -179,8 +179,7 @@ def test_preempted_job_requeues_itself_and_resumes_to_identical_figures(tmp_path
     submitit.SlurmJob(os.path.join(out, SLURM_FOLDER), job)._interrupt()
     _, output = _fastabsld("compare", *LONG, "--out", out, "--launcher", "slurm", "--collect", "--poll", "1")
     assert "runs: 0 pending, 0 running, 1 done, 0 failed" in output
-    with open(os.path.join(out, SLURM_FOLDER, f"{job}_0_log.err")) as f:
-        log = f.read()
+    log = "".join(open(os.path.join(out, SLURM_FOLDER, f"{job}_0_log.{kind}")).read() for kind in ("out", "err"))
     assert "this job is preempted" in log and f"Requeued job {job}" in log, log
     assert _sacct(job) == ["REQUEUED", "COMPLETED"]  # one job, started twice
     with open(os.path.join(out, "trades-seed0", "train.log")) as f:
@@ -197,7 +196,7 @@ def test_failed_job_is_reported_with_its_stderr_and_run_folder(tmp_path):
     status, output = _fastabsld("compare", *LONG, "--out", out, "--launcher", "slurm", "--poll", "1", check=False)
     assert status == 2, output
     job = _job_id(out, "trades-seed0")
-    assert _sacct(job) == ["FAILED"]
+    _wait_for_state(job, "FAILED")  # compare knew it from the job's result file, sacct may take a moment
     assert f"trades seed 0 (job {job}) failed: it raised fastabsld.recipe.errors.CheckpointError" in output
     assert f"run folder {run_dir}" in output and "last lines of its stderr (" in output
     assert "    | fastabsld.recipe.errors.CheckpointError: " in output and "is not a fastabsld checkpoint" in output
