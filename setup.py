@@ -122,7 +122,8 @@ def _build_ext():
 
 
 setup(
-    packages=["fastabsld", "fastabsld.ops", "fastabsld.methods", "fastabsld.recipe", "fastabsld.kernels"],
+    packages=["fastabsld", "fastabsld.ops", "fastabsld.methods", "fastabsld.recipe", "fastabsld.study",
+              "fastabsld.kernels"],
     package_dir={"fastabsld": "fastabsld", "fastabsld.kernels": "kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},

@@ -1,5 +1,5 @@
-"""``python -m fastabsld``: the command line (see ``fastabsld.recipe.cli``)."""
+"""``python -m fastabsld``: the command line (see ``fastabsld.study.cli``)."""
 
-from fastabsld.recipe.cli import main
+from fastabsld.study.cli import main
 
 raise SystemExit(main())

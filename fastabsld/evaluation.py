@@ -8,15 +8,21 @@ unset) and is reported under the full name (``"pgd20"``), so a figure's label al
 Each attack draws its random starts from its own generator, seeded from ``(seed, attack name)``:
 an attack's figure depends on the model, the data, the seed and its own settings only, never on
 which other attacks ran beside it or in which order.
+
+Besides the figures, an evaluation keeps each example's predicted class under each attack
+(:class:`Evaluation`), so that paired statistics and the sanity checks of
+:mod:`fastabsld.sanity` can be computed without attacking again; a row of logits that is not
+finite predicts no class (-1) and counts as wrong, and each attack reports how many there were.
 """
 
 import hashlib
 import re
 
+import numpy as np
 import torch
 
 from fastabsld import attack as attacks_module
-from fastabsld.metrics import ClassAccuracy
+from fastabsld.metrics import NO_CLASS, ClassAccuracy, predicted_classes
 from fastabsld.ops.checks import check_choice, check_int, check_real
 
 # The standard evaluation of the ABSLD/RSLAD papers (bare "pgd"/"cw" and other step counts are accepted too).
@@ -100,6 +106,32 @@ def attack_seed(seed, name):
     """
     digest = hashlib.sha256(f"fastabsld-eval/{int(seed)}/{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+class Evaluation(dict):
+    """What :func:`evaluate` returns: ``{attack: figures}`` (a dict, JSON-ready) plus the per-example results.
+
+    Attributes:
+        labels: (N,) int64 numpy array: the examples' labels, in the order the loader yielded them.
+        predictions: ``{attack: (N,) int32 numpy array}``: each example's predicted class under that
+            attack, ``NO_CLASS`` (-1) where the model's logits were not finite.
+    """
+
+    def __init__(self, figures, labels, predictions):
+        super().__init__(figures)
+        self.labels = labels
+        self.predictions = predictions
+
+    def correct(self, attack):
+        """Whether each example was classified correctly under ``attack``.
+
+        Args:
+            attack: a canonical attack name of this evaluation.
+
+        Returns:
+            numpy.ndarray: (N,) bool.
+        """
+        return self.predictions[attack] == self.labels
 
 
 def find_autoattack_backend(backend="auto"):
@@ -203,11 +235,13 @@ def evaluate(model, loader, attacks=ATTACKS, *, eps=8 / 255, alpha=2 / 255, num_
         batch_size: batch size when ``loader`` is a Dataset.
 
     Returns:
-        dict: for each canonical attack name, ``{"average": accuracy over all samples, "worst": worst-class
-        accuracy, "nsd": std/mean of the class accuracies, "per_class": list of C accuracies,
-        "count": number of samples}`` (the AutoAttack entry also names its ``"backend"`` and
+        Evaluation: a dict with, for each canonical attack name, ``{"average": accuracy over all samples,
+        "worst": worst-class accuracy, "nsd": std/mean of the class accuracies, "per_class": list of C
+        accuracies, "count": number of samples, "nonfinite": number of samples whose logits held NaN or
+        an infinity (counted as wrong)}`` (the AutoAttack entry also names its ``"backend"`` and
         ``"version"``), as plain Python floats and lists (``json.dumps`` writes them; undefined
-        figures, such as a class without samples, are NaN).
+        figures, such as a class without samples, are NaN); its ``labels`` and ``predictions``
+        attributes hold the per-example results as numpy arrays.
 
     Raises:
         ValueError: a bad attack name, eps, alpha, steps, seed or option, before any batch is read.
@@ -248,6 +282,7 @@ def _run(model, loader, specs, device, num_classes, progress, generators, option
     from tqdm.auto import tqdm
 
     meters = auto = None
+    predicted, labels = {name: [] for name in specs}, []
     for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not progress):
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         if meters is None:
@@ -260,7 +295,13 @@ def _run(model, loader, specs, device, num_classes, progress, generators, option
             inputs = _attacked_inputs(kind, model, x, y, steps=steps, generator=generators[name], auto=auto,
                                       **options)
             with torch.no_grad():
-                meters[name].update(model(inputs), y)
+                classes = predicted_classes(model(inputs))
+            meters[name].update(classes, y)
+            predicted[name].append(classes)
+        labels.append(y)
     if meters is None:
         raise ValueError("loader yielded no batches")
-    return {name: meters[name].summary() for name in specs}
+    predictions = {name: torch.cat(predicted[name]).to(torch.int32).cpu().numpy() for name in specs}
+    figures = {name: {**meters[name].summary(), "nonfinite": int(np.count_nonzero(predictions[name] == NO_CLASS))}
+               for name in specs}
+    return Evaluation(figures, torch.cat(labels).to(torch.int64).cpu().numpy(), predictions)

@@ -1,12 +1,37 @@
 """Class-wise accuracy and the fairness measures of ABSLD: worst-class accuracy and NSD.
 
 Per-class accuracies are fp64 tensors; a class without samples holds NaN, and the aggregations
-skip it. Nothing here synchronises with the host.
+skip it. A row of logits holding NaN or an infinity predicts no class (``NO_CLASS``, -1, see
+:func:`predicted_classes`): it counts as wrong, never as the class its argmax happens to be.
+Nothing here synchronises with the host.
 """
 
 import torch
 
 from fastabsld.ops.checks import check_int, describe, is_integer_tensor
+
+# The prediction of a row of logits that is not finite: no class, so never correct.
+NO_CLASS = -1
+
+
+def predicted_classes(logits):
+    """The predicted class of each row of logits; ``NO_CLASS`` (-1) where a row holds NaN or an infinity.
+
+    ``argmax`` of a NaN row is an arbitrary class (often 0), which would score a broken model as
+    right on that class; a row with ``+inf`` has no single answer either. Both predict nothing.
+
+    Args:
+        logits: (B, C) tensor.
+
+    Returns:
+        Tensor: (B,) int64 classes in [0, C), or -1 for a non-finite row (same device, no host sync).
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must be a (B, C) tensor, got {describe(logits)}")
+    if not logits.is_floating_point():
+        return logits.argmax(dim=1)
+    finite = torch.isfinite(logits).all(dim=1)
+    return torch.where(finite, logits.argmax(dim=1), torch.full_like(finite, NO_CLASS, dtype=torch.int64))
 
 
 def _predictions(predictions_or_logits, labels):
@@ -19,7 +44,7 @@ def _predictions(predictions_or_logits, labels):
     if not isinstance(predictions_or_logits, torch.Tensor):
         raise ValueError(f"predictions_or_logits must be a tensor, got {describe(predictions_or_logits)}")
     if predictions_or_logits.dim() == 2:
-        predictions = predictions_or_logits.argmax(dim=1)
+        predictions = predicted_classes(predictions_or_logits)
     elif predictions_or_logits.dim() == 1:
         if not is_integer_tensor(predictions_or_logits):
             raise ValueError(f"predictions of shape (B,) must be integer classes, got "
@@ -41,7 +66,8 @@ def class_counts(predictions_or_logits, labels, num_classes):
     """Per-class numbers of correct predictions and of samples.
 
     Args:
-        predictions_or_logits: (B,) predicted classes or (B, C) logits.
+        predictions_or_logits: (B,) predicted classes (-1: none) or (B, C) logits (a non-finite row
+            counts as wrong).
         labels: (B,) integer labels in [0, num_classes).
         num_classes: C.
 

@@ -16,7 +16,7 @@ from fastabsld.evaluation import attack_seed, evaluate, parse_attack
 
 CLASSES = 4
 EPS, ALPHA = 0.1, 0.1 / 3  # large enough that every attack changes some predictions of the tiny model
-KEYS = {"average", "worst", "nsd", "per_class", "count"}
+KEYS = {"average", "worst", "nsd", "per_class", "count", "nonfinite"}
 
 
 def tiny_model(seed=0):

@@ -1,4 +1,4 @@
-"""The training recipe of fastabsld: ABSLD, RSLAD and PGD-AT runs, their evaluation, and the command line.
+"""The training recipe of fastabsld: one ABSLD, RSLAD or PGD-AT run, its evaluation, and its commands.
 
 Built on the library (``fastabsld.loss``, ``fastabsld.attack``, ``fastabsld.evaluation``, ...), never
 imported by it. Modules, from the inside out:
@@ -12,6 +12,7 @@ imported by it. Modules, from the inside out:
   state_dicts, TRADES/RobustBench), ``train`` (one run from its config);
 - ``checkpoint`` (checksummed files, the previous one kept), ``runfiles`` (checked reading of run
   files), ``lock`` (one run per folder), ``logs`` (epoch lines, progress bars, TensorBoard), ``errors``
-  (what a run reports as one line), ``report``, ``distributed`` (torchrun), ``demo`` and ``cli``
-  (``fastabsld ...``).
+  (what a run reports as one line), ``report`` (metrics.json and a run's plots), ``distributed``
+  (torchrun) and ``cli`` (``train`` and ``eval``; the ``fastabsld`` program adds the study's commands,
+  see ``fastabsld.study``).
 """

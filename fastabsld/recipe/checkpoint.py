@@ -159,17 +159,19 @@ def atomic_save(obj, path, *, keep_previous=False):
         raise
 
 
-def atomic_write_text(text, path):
-    """Writes a text file atomically (temporary file in the same folder, flushed, then ``os.replace``).
+def atomic_write(write, path):
+    """Writes a file atomically: ``write(f)`` fills a temporary binary file in the same folder, which is
+    flushed to disk and renamed over ``path``; on any failure (a full disk) it is removed and ``path``
+    is untouched, so no empty or partial file is left.
 
     Args:
-        text: the content.
+        write: function of one argument, the open binary file, that writes the content.
         path: destination file.
     """
     fd, tmp = _temporary(path)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         _replace(tmp, path)
@@ -177,6 +179,16 @@ def atomic_write_text(text, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_text(text, path):
+    """Writes a text file atomically (see :func:`atomic_write`).
+
+    Args:
+        text: the content.
+        path: destination file.
+    """
+    atomic_write(lambda f: f.write(text.encode()), path)
 
 
 def remove_stale_temporaries(folder):

@@ -1,4 +1,5 @@
-"""The ``fastabsld`` command line: ``train``, ``eval``, ``demo`` and ``compare``.
+"""The ``fastabsld`` command line: ``train`` and ``eval`` here; ``demo`` and ``compare`` join them from
+``fastabsld.study.cli``, whose ``main`` is the ``fastabsld`` program.
 
 Examples:
   fastabsld demo                                   # RSLAD vs ABSLD on digits, CPU, a few minutes
@@ -20,7 +21,6 @@ Set FASTABSLD_TRACEBACK=1 to see the traceback of an error.
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import math
 import os
@@ -50,7 +50,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"error: {message} (see '{self.prog} --help')\n")
 
 
-def _positive_int(text):
+def positive_int(text):
+    """An argparse type: an integer >= 1.
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        int: the value.
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer, or below 1.
+    """
     try:
         value = int(text)
     except ValueError:
@@ -69,7 +80,12 @@ def _number(text):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _set_threads(threads):
+def set_threads(threads):
+    """Sets torch's CPU threads for a command (``--threads``).
+
+    Args:
+        threads: the number of threads, or None / 0 to keep torch's choice.
+    """
     import torch
 
     if threads:
@@ -89,7 +105,7 @@ def _error(message):
 def _train(args):
     from fastabsld.recipe import distributed
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     with distributed.session(_requested_device(args)) as ctx:
         return _train_in(args, ctx)
 
@@ -220,13 +236,15 @@ def _silent(*args, **kwargs):
     pass
 
 
-def _summary(test):
+def _summary(test, nonfinite=False):
+    """The table of an evaluation; ``nonfinite``: with the count of examples whose logits were NaN or infinite."""
     def cell(value):
         return f"{'n/a':>8}" if value is None or math.isnan(value) else f"{value:>8.4f}"
 
-    lines = [f"{'attack':<12} {'average':>8} {'worst':>8} {'NSD':>8}"]
+    lines = [f"{'attack':<12} {'average':>8} {'worst':>8} {'NSD':>8}" + (f" {'nonfinite':>9}" if nonfinite else "")]
     for attack, m in test.items():
-        lines.append(f"{attack:<12} {cell(m['average'])} {cell(m['worst'])} {cell(m['nsd'])}")
+        lines.append(f"{attack:<12} {cell(m['average'])} {cell(m['worst'])} {cell(m['nsd'])}"
+                     + (f" {m.get('nonfinite', 0):>9d}" if nonfinite else ""))
     return "\n".join(lines)
 
 
@@ -265,28 +283,136 @@ def eval_arguments(args):
     return names
 
 
+def eval_checkpoint(path):
+    """The checkpoint ``fastabsld eval PATH`` evaluates: PATH itself, or a run folder's ``best.pt`` (else ``last.pt``).
+
+    Args:
+        path: a checkpoint file or a run folder.
+
+    Returns:
+        str: the checkpoint file.
+
+    Raises:
+        FileNotFoundError: no such file or folder, or a folder without ``best.pt`` / ``last.pt``.
+    """
+    if not os.path.isdir(path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file or folder (give a checkpoint such as best.pt, or a run "
+                                    "folder)")
+        return path
+    for name in ("best.pt", "last.pt"):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise FileNotFoundError(f"{path} is a folder without best.pt or last.pt: give a run folder or a checkpoint file")
+
+
+def eval_outputs(args, checkpoint):
+    """The files ``fastabsld eval`` writes, checked before anything runs.
+
+    The per-class plot and the predictions go beside the ``--json`` file, or else beside the checkpoint
+    (``<checkpoint>_<split>_per_class.png``, ``..._predictions.npz``); ``--plot`` and ``--predictions`` choose.
+
+    Args:
+        args: the parsed ``eval`` namespace.
+        checkpoint: the evaluated checkpoint.
+
+    Returns:
+        dict: ``json`` (or None), ``plot`` and ``predictions`` paths.
+
+    Raises:
+        ValueError: an output that would replace a checkpoint or a run file (:func:`check_output_path`), or
+            two outputs that are one file.
+    """
+    from fastabsld.recipe.predictions import FILE
+    from fastabsld.recipe.runfiles import check_output_path
+
+    stem = os.path.splitext(args.json)[0] if args.json else f"{os.path.splitext(checkpoint)[0]}_{args.split}"
+    outputs = {"json": args.json, "plot": args.plot or f"{stem}_per_class.png",
+               "predictions": args.predictions or f"{stem}_{FILE}"}
+    for name, path in outputs.items():
+        if path is not None:
+            check_output_path(path, f"--{name}")
+    named = [os.path.abspath(p) for p in outputs.values() if p is not None]
+    if len(set(named)) != len(named) or os.path.abspath(checkpoint) in named:
+        raise ValueError(f"--json, --plot and --predictions must name different files, none of them the checkpoint: "
+                         f"{', '.join(f'{k} {v}' for k, v in outputs.items() if v)}")
+    return outputs
+
+
+def check_classes(state, checkpoint, data, where):
+    """Refuses data whose classes differ from the checkpoint's (count or names).
+
+    Args:
+        state: the checkpoint dict (``num_classes``, and ``class_names`` when the run's data had names).
+        checkpoint: its path (for the message).
+        data: the Splits to evaluate on.
+        where: the data's description (for the message).
+
+    Raises:
+        ValueError: naming both class lists.
+    """
+    theirs = list(state.get("class_names") or []) or None
+    ours = list(data.class_names) if data.class_names else None
+
+    def describe(count, names):
+        return f"{count} classes" + (f" ({', '.join(map(str, names))})" if names else "")
+
+    if state["num_classes"] != data.num_classes or (theirs and ours and theirs != ours):
+        raise ValueError(f"{checkpoint} was trained on {describe(state['num_classes'], theirs)}, but {where} has "
+                         f"{describe(data.num_classes, ours)}: evaluate it on data with its own classes")
+
+
+def _unbounded(model, split, args, cfg, data, device):
+    """The unbounded sanity attack (eps the whole input range): its figures, and the warning when it fails."""
+    from fastabsld import sanity
+    from fastabsld.evaluation import evaluate
+    from fastabsld.recipe.data import eval_loader
+
+    eps = 1.0  # images lie in [0, 1]
+    attack = f"pgd{sanity.UNBOUNDED_STEPS}"
+    result = evaluate(model, eval_loader(split, args.batch_size, cfg.num_workers), (attack,), eps=eps,
+                      alpha=sanity.UNBOUNDED_STEP * eps, num_classes=data.num_classes, device=device,
+                      progress=args.progress, seed=args.seed)
+    warning = sanity.unbounded_warning(result.correct(attack), data.num_classes, eps)
+    figures = {"attack": attack, "eps": eps, "alpha": sanity.UNBOUNDED_STEP * eps, "average": result[attack]["average"],
+               "chance": 1.0 / data.num_classes, "nonfinite": result[attack]["nonfinite"]}
+    return figures, warning
+
+
 def _eval(args):
     import numpy as np
 
+    from fastabsld import sanity
     from fastabsld.evaluation import evaluate
-    from fastabsld.recipe import logs
-    from fastabsld.recipe.data import balanced_subset, eval_loader, is_tensors, load_for_config, split_size
+    from fastabsld.recipe import logs, predictions
+    from fastabsld.recipe.data import balanced_indices, balanced_subset, eval_loader, load_for_config, split_size
+    from fastabsld.recipe.report import plot_per_class, write_metrics
     from fastabsld.recipe.runfiles import load_run_model
     from fastabsld.recipe.runtime import resolve_device
 
     names = eval_arguments(args)
-    _set_threads(args.threads)
+    checkpoint = eval_checkpoint(args.checkpoint)
+    if checkpoint != args.checkpoint:
+        logs.info(f"evaluating {checkpoint}")
+    outputs = eval_outputs(args, checkpoint)
+    set_threads(args.threads)
     device = resolve_device(args.device)
-    model, cfg, _ = load_run_model(args.checkpoint, device)
+    model, cfg, state = load_run_model(checkpoint, device)
     if args.data_dir:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
     data = load_for_config(cfg)
+    check_classes(state, checkpoint, data, f"the {cfg.dataset} data" + (f" in {cfg.data_dir}" if cfg.data_dir else ""))
     split = getattr(data, args.split)
+    whole = split_size(split)
+    indices = None
     if args.n_examples is not None:
+        if args.n_examples > whole:
+            raise ValueError(f"--n-examples {args.n_examples} is larger than the {args.split} split ({whole} images): "
+                             f"give at most {whole}, or leave it out to evaluate the whole split")
+        indices = balanced_indices(split, args.n_examples, seed=args.seed)
         split = balanced_subset(split, args.n_examples, seed=args.seed)
-    labels = split[1].numpy() if is_tensors(split) else None
     eps = cfg.eps if args.eps is None else args.eps
     alpha = cfg.alpha if args.alpha is None else args.alpha
     began = time.perf_counter()
@@ -294,88 +420,65 @@ def _eval(args):
                        num_classes=data.num_classes, device=device, progress=args.progress, steps=args.steps,
                        seed=args.seed, autoattack_version=args.autoattack_version,
                        autoattack_backend=args.autoattack_backend)
+    warnings = sanity.check({attack: results.correct(attack) for attack in names})
+    unbounded = None
+    if args.sanity:
+        unbounded, warning = _unbounded(model, split, args, cfg, data, device)
+        warnings += [warning] if warning else []
     seconds = time.perf_counter() - began
-    logs.info(f"{args.checkpoint}: {cfg.model} on the {cfg.dataset} {args.split} split ({split_size(split)} images), "
+    logs.info(f"{checkpoint}: {cfg.model} on the {cfg.dataset} {args.split} split ({split_size(split)} images), "
               f"eps={eps:.6g}, alpha={alpha:.6g}, seed {args.seed}")
-    logs.info(_summary(results))
-    if labels is None and args.json:
-        labels = np.concatenate([y.numpy() for _, y in eval_loader(split, args.batch_size)])
-    from fastabsld.recipe.report import plot_per_class, write_metrics
-
-    # The per-class plot goes beside the JSON, or else beside the checkpoint (--plot chooses).
-    stem = os.path.splitext(args.json or args.checkpoint)[0]
-    plot_path = args.plot or (f"{stem}_per_class.png" if args.json else f"{stem}_{args.split}_per_class.png")
+    logs.info(_summary(results, nonfinite=True))
+    if unbounded:
+        logs.info(f"unbounded check: {unbounded['attack']} at eps={unbounded['eps']:g}: accuracy "
+                  f"{unbounded['average']:.4f} (chance {unbounded['chance']:.4f})")
+    for warning in warnings:
+        logs.info(f"warning: {warning.message}")
+    predictions.save(outputs["predictions"], results, predictions.identity(
+        cfg, data, split=args.split, split_size=whole, checkpoint=os.path.abspath(checkpoint), eps=eps,
+        alpha=alpha, seed=args.seed), indices=indices)
+    logs.info(f"written: {outputs['predictions']}")
     if args.json:
         payload = {
-            "checkpoint": os.path.abspath(args.checkpoint), "model": cfg.model, "dataset": cfg.dataset,
+            "checkpoint": os.path.abspath(checkpoint), "model": cfg.model, "dataset": cfg.dataset,
             "split": args.split, "n_examples": split_size(split), "eps": eps, "alpha": alpha, "steps": args.steps,
             "seed": args.seed, "attacks": list(names), "autoattack_version": args.autoattack_version,
             "class_names": list(data.class_names) if data.class_names else None,
-            "class_counts": np.bincount(labels, minlength=data.num_classes).tolist(), "results": results,
-            "versions": _versions("autoattack" in names), "device": str(device), "plot": os.path.abspath(plot_path),
+            "class_counts": np.bincount(results.labels, minlength=data.num_classes).tolist(), "results": results,
+            "sanity": {"warnings": [w.to_dict() for w in warnings], "unbounded": unbounded},
+            "versions": _versions("autoattack" in names), "device": str(device),
+            "plot": os.path.abspath(outputs["plot"]), "predictions": os.path.abspath(outputs["predictions"]),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "seconds": seconds,
         }
         folder, filename = os.path.split(os.path.abspath(args.json))
         write_metrics(folder, payload, name=filename)
         logs.info(f"written: {args.json}")
-    plot_per_class({attack: results[attack]["per_class"] for attack in names}, plot_path,
-                   f"per-class {args.split} accuracy ({cfg.model}, eps={eps:.4g})")
-    logs.info(f"written: {plot_path}")
+    plot_per_class({attack: results[attack]["per_class"] for attack in names}, outputs["plot"],
+                   f"per-class {args.split} accuracy ({cfg.model}, eps={eps:.4g})", class_names=data.class_names)
+    logs.info(f"written: {outputs['plot']}")
     return 0
 
 
-def _demo(args):
-    from fastabsld.recipe.demo import run_demo
-    from fastabsld.recipe.options import given_settings
+def add_runtime(p):
+    """Adds the flags every command shares, ``--threads`` and ``--log-file``.
 
-    _set_threads(args.threads)
-    speed = {k: v for k, v in given_settings(args).items() if k in ("amp", "channels_last", "compile", "fold_bn")}
-    run_demo(args.out, seeds=tuple(args.seeds), epochs=args.epochs, teacher_epochs=args.teacher_epochs,
-             cache_dir=args.cache_dir, device=args.device, progress=args.progress, speed=speed)
-    return 0
-
-
-def _compare(args):
-    from fastabsld.recipe.compare import compare
-    from fastabsld.recipe.options import requested_settings
-    from fastabsld.study.launcher_options import launcher_from_args
-
-    _set_threads(args.threads)
-    config = {**requested_settings(args), "progress": False}  # each run's epoch lines go to its train.log
-    launcher = launcher_from_args(args, _program(), args.argv)
-    compare(args.out, methods=args.methods, seeds=args.seeds, attacks=args.attacks, reference=args.reference,
-            config=config, jobs=args.jobs, threads=args.threads, launcher=launcher)
-    return 0
-
-
-# The settings compare sets per run (the specs, seeds and attacks) or itself (no progress bars in the workers).
-COMPARE_OWN_FIELDS = ("method", "reweight", "seed", "test_attacks", "progress")
-
-
-COMPARE_HELP = ("Trains every method spec with every seed under one budget on one data set, distilling from one "
-                "cached robust teacher, each run in its own folder of --out (a run finished there is reused, an "
-                "interrupted one resumed); evaluates the kept weights on the test split and prints, per method and "
-                "attack, the average and worst-class accuracy and NSD as mean +- std over the seeds, with each "
-                "method's paired difference (same seed) from --reference, judged against the seed spread as the "
-                "demo judges it. Writes compare.json and compare.png into --out. A spec is a method, or a "
-                "distillation method followed by +reweight (Fair-ARD's per-class re-weighting), e.g. "
-                "absld+reweight. The defaults (6 methods x 3 seeds of 30 epochs on digits, --jobs 2, the teacher "
-                "included) took 6.0, 6.7 and 6.0 min in three measurements on 2 CPU cores; with --jobs 1 about "
-                "twice that. AutoAttack "
-                "(--attacks ... autoattack) adds about 2.5 min per run on digits (its Square attack's 5000 "
-                "queries), so it is not among the defaults. With --launcher slurm each run is a job of a SLURM job "
-                "array (see the SLURM launcher's options below); --no-wait and --collect leave and pick up the jobs.")
-
-
-def _add_runtime(p):
-    p.add_argument("--threads", type=_positive_int, default=None,
+    Args:
+        p: an argparse parser or argument group.
+    """
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; the demo uses 1, which is fastest for its "
                         "tiny models on a shared machine)")
     p.add_argument("--log-file", default=None, metavar="FILE", help="also append every line (time-stamped) to FILE")
 
 
-def build_parser():
+def build_parser(commands=()):
     """Builds the argument parser of the command line.
+
+    Args:
+        commands: functions that each add a sub-command to the sub-parsers they are given (the study's
+            ``demo`` and ``compare``, from ``fastabsld.study.cli``, which builds on this module). A command sets
+            ``func`` (the handler) and may set ``interrupted`` (a function of the parsed arguments returning
+            the line printed on Ctrl-C) as parser defaults.
 
     Returns:
         argparse.ArgumentParser: the parser with its sub-commands.
@@ -383,8 +486,7 @@ def build_parser():
     import torch
 
     import fastabsld
-    from fastabsld.recipe.config import DEFAULT_TEACHER_EPOCHS, METHODS, TrainConfig
-    from fastabsld.recipe.options import add_config_arguments, flag
+    from fastabsld.recipe.options import add_config_arguments
 
     parser = Parser(prog="fastabsld", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version",
@@ -406,7 +508,7 @@ def build_parser():
                           "other changes")
     run.add_argument("--config", default=None, metavar="FILE",
                      help="JSON or TOML file of settings (keys: the flags below with _ for -)")
-    _add_runtime(run)
+    add_runtime(run)
     add_config_arguments(t.add_argument_group("settings (TrainConfig)"))
     t.set_defaults(func=_train)
 
@@ -414,14 +516,14 @@ def build_parser():
                        description="Evaluate a checkpoint on a split of its data set. Every attack draws its random "
                                    "starts from its own generator, seeded from (--seed, attack name): a figure does "
                                    "not depend on which other attacks run.")
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", help="a checkpoint (best.pt, last.pt, a cached teacher) or a run folder (its best.pt)")
     e.add_argument("--attacks", nargs="+", default=list(EVAL_ATTACKS),
                    help="clean, fgsm, pgd<N>, cw<N> (N steps; bare pgd / cw take --steps) and autoattack "
                         f"(default: {' '.join(EVAL_ATTACKS)})")
-    e.add_argument("--steps", type=_positive_int, default=None,
+    e.add_argument("--steps", type=positive_int, default=None,
                    help="steps of bare pgd / cw names (default: 20); names such as pgd50 carry their own")
     e.add_argument("--split", choices=("test", "val", "train"), default="test", help="(default: test)")
-    e.add_argument("--n-examples", type=_positive_int, default=None,
+    e.add_argument("--n-examples", type=positive_int, default=None,
                    help="evaluate a class-stratified subset of this many images (as RobustBench's n_ex) "
                         "(default: the whole split)")
     e.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default: 0)")
@@ -432,65 +534,35 @@ def build_parser():
     e.add_argument("--autoattack-backend", choices=AUTOATTACK_BACKENDS, default="auto",
                    help="the official autoattack package, torchattacks' port, or auto: the official one when it is "
                         "installed (default: auto; the JSON names the one used)")
-    e.add_argument("--batch-size", type=_positive_int, default=256, help="(default: 256)")
+    e.add_argument("--batch-size", type=positive_int, default=256, help="(default: 256)")
     e.add_argument("--data-dir", default=None, help="the data set's folder, if it moved since training")
-    e.add_argument("--json", default=None, help="write the results, versions and class counts to this JSON file")
+    e.add_argument("--json", default=None,
+                   help="write the results, sanity warnings, versions and class counts to this JSON file (never over "
+                        "a checkpoint or a file of a run folder)")
     e.add_argument("--plot", default=None,
                    help="the per-class accuracy plot (default: beside the --json file as *_per_class.png, else "
                         "beside the checkpoint as <checkpoint>_<split>_per_class.png)")
+    e.add_argument("--predictions", default=None, metavar="FILE",
+                   help="the per-example results (each example's predicted class under each attack, the labels, "
+                        "the split's identity; numpy .npz, read with fastabsld.recipe.predictions.load) (default: "
+                        "beside the --json file as *_predictions.npz, else beside the checkpoint as "
+                        "<checkpoint>_<split>_predictions.npz)")
+    e.add_argument("--sanity", action="store_true",
+                   help="also run the unbounded check: PGD with eps the whole input range must bring the accuracy "
+                        "down towards 0; above chance, the attack or the model's gradients are broken (a warning). "
+                        "The other checks (a stronger attack above a weaker one, PGD equal to FGSM while CW or "
+                        "AutoAttack is lower) run on every evaluation, paired on the same examples")
     e.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     e.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    _add_runtime(e)
+    add_runtime(e)
     e.set_defaults(func=_eval)
 
-    d = sub.add_parser("demo", help="RSLAD vs ABSLD on digits on the CPU (a few minutes)",
-                       description="Trains (or reuses) a robust digits teacher, distils RSLAD and ABSLD students "
-                                   "with the same budget and seeds, and prints a side-by-side table of clean and "
-                                   "PGD-20 accuracy, worst-class accuracy and NSD with mean +- std over seeds.")
-    d.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                   help="student seeds (default: 0 1 2 3 4; about 20 s per seed for both methods on 2 cores)")
-    d.add_argument("--epochs", type=_positive_int, default=30, help="student epochs (default: 30)")
-    d.add_argument("--teacher-epochs", type=_positive_int, default=DEFAULT_TEACHER_EPOCHS,
-                   help=f"(default: {DEFAULT_TEACHER_EPOCHS}, as for train: both share the cached teacher)")
-    d.add_argument("--out", default=os.path.join("runs", "demo"), help="report folder (default: runs/demo)")
-    d.add_argument("--cache-dir", default=None, help="teacher cache (default: $FASTABSLD_CACHE or .fastabsld_cache)")
-    d.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
-    d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    add_config_arguments(d, ("amp", "channels_last", "compile", "fold_bn"))
-    _add_runtime(d)
-    d.set_defaults(func=_demo, threads=1)
-
-    from fastabsld.recipe import compare as compare_mod
-
-    c = sub.add_parser("compare", help="several methods x seeds on one data set and teacher, one table",
-                       description=COMPARE_HELP)
-    c.add_argument("methods", nargs="*", default=list(compare_mod.DEFAULT_METHODS), metavar="METHOD",
-                   help=f"method specs (default: {' '.join(compare_mod.DEFAULT_METHODS)}); methods: "
-                        f"{', '.join(METHODS)}")
-    c.add_argument("--seeds", type=int, nargs="+", default=list(compare_mod.DEFAULT_SEEDS),
-                   help="seeds of every method (default: 0 1 2)")
-    c.add_argument("--attacks", nargs="+", default=list(compare_mod.DEFAULT_ATTACKS),
-                   help="test attacks: clean, fgsm, pgd<N>, cw<N>, autoattack "
-                        f"(default: {' '.join(compare_mod.DEFAULT_ATTACKS)})")
-    c.add_argument("--reference", default=compare_mod.DEFAULT_REFERENCE,
-                   help=f"the spec the paired differences are taken from (default: {compare_mod.DEFAULT_REFERENCE})")
-    c.add_argument("--out", default=os.path.join("runs", "compare"), help="report folder (default: runs/compare)")
-    c.add_argument("--jobs", type=_positive_int, default=2, help="runs trained at once, one process each (default: 2)")
-    c.add_argument("--config", default=None, metavar="FILE",
-                   help="JSON or TOML file of the runs' settings, as for train (flags override it)")
-    _add_runtime(c)
-    shared = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in COMPARE_OWN_FIELDS]
-    add_config_arguments(c.add_argument_group(
-        "settings of every run (TrainConfig; compare's defaults: "
-        f"{', '.join(f'{flag(k)} {v}' for k, v in compare_mod.DEFAULTS.items())})"), shared)
-    from fastabsld.study.launcher_options import add_launcher_arguments
-
-    add_launcher_arguments(c)
-    c.set_defaults(func=_compare, threads=1)
+    for add in commands:
+        add(sub)
     return parser
 
 
-def _program():
+def program():
     """How this command line was called: ``fastabsld`` or ``python -m fastabsld``."""
     return "python -m fastabsld" if os.path.basename(sys.argv[0]) == "__main__.py" else "fastabsld"
 
@@ -501,7 +573,7 @@ def _resume_command(args, argv):
     if args.run_dir is None:
         words += ["--run-dir", getattr(args, "resolved_run_dir", None) or "RUN_DIR"]
     words.append("--resume")
-    launcher = _program()
+    launcher = program()
     from fastabsld.recipe.distributed import env_world_size
 
     if env_world_size() > 1:
@@ -517,23 +589,19 @@ def _interrupted(args, argv):
         kept = "; last.pt holds the last finished epoch" if run_dir and os.path.exists(
             os.path.join(run_dir, "last.pt")) else ""
         print(f"interrupted{kept}. Resume with: {_resume_command(args, argv)}", file=sys.stderr)
-    elif args.command == "demo":
-        print("interrupted; the cached teacher is kept, run the same command again to redo the demo", file=sys.stderr)
-    elif args.command == "compare" and args.launcher == "slurm":
-        print("interrupted; the SLURM jobs keep running (collect them as said above)", file=sys.stderr)
-    elif args.command == "compare":
-        print(f"interrupted; the finished runs in {args.out} are kept and the interrupted ones resume from their "
-              "last epoch: run the same command again to continue", file=sys.stderr)
+    elif getattr(args, "interrupted", None):
+        print(args.interrupted(args), file=sys.stderr)
     else:
         print("interrupted", file=sys.stderr)
     return EXIT_INTERRUPTED
 
 
-def main(argv=None):
+def main(argv=None, commands=()):
     """Runs the command line.
 
     Args:
         argv: the arguments (default: ``sys.argv[1:]``).
+        commands: further sub-commands (see :func:`build_parser`).
 
     Returns:
         int: the exit status (0, 2 for an error, 130 when interrupted).
@@ -542,12 +610,12 @@ def main(argv=None):
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(commands).parse_args(argv)
     except SystemExit as done:  # --help, --version, or a bad argument (one error line printed already)
         return done.code if isinstance(done.code, int) else EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    args.argv = argv
+    args.argv = argv  # for commands that print a command line to run later
     if args.command != "train" and env_world_size() > 1:
         return _error(f"only 'train' runs under torchrun; run '{args.command}' as a single process")
     from fastabsld.recipe import logs

@@ -696,6 +696,24 @@ def with_augment(data, augment):
     return dataclasses.replace(data, augment=bool(augment))
 
 
+def balanced_indices(split, n, seed=0):
+    """The positions of ``n`` samples of a split in the class proportions of the whole, in increasing order.
+
+    Args:
+        split: (x, y) tensors or a Dataset.
+        n: samples to keep (all when ``n`` >= the split's size).
+        seed: seed of the choice.
+
+    Returns:
+        numpy.ndarray: int64 positions in the split.
+    """
+    size = split_size(split)
+    if n >= size:
+        return np.arange(size, dtype=np.int64)
+    labels = split[1].numpy() if is_tensors(split) else dataset_labels(split)
+    return np.sort(stratified_split(labels, [n, size - n], seed)[0]).astype(np.int64)
+
+
 def balanced_subset(split, n, seed=0):
     """``n`` samples of a split in the class proportions of the whole (as RobustBench's ``n_ex``, but stratified).
 
@@ -705,13 +723,11 @@ def balanced_subset(split, n, seed=0):
         seed: seed of the choice.
 
     Returns:
-        the same kind of split.
+        the same kind of split (:func:`balanced_indices` names the samples kept).
     """
-    size = split_size(split)
-    if n >= size:
+    if n >= split_size(split):
         return split
-    labels = split[1].numpy() if is_tensors(split) else dataset_labels(split)
-    keep = np.sort(stratified_split(labels, [n, size - n], seed)[0])
+    keep = balanced_indices(split, n, seed)
     if is_tensors(split):
         index = torch.from_numpy(keep)
         return split[0][index], split[1][index]

@@ -15,6 +15,8 @@ What the loop guarantees about its run folder (rank 0 alone writes it, under its
 - A NaN or infinite loss (or model state) is counted on the device, read where the epoch already
   synchronises, and by default stops the run with :class:`NonFiniteLossError` before anything of the
   non-finite epoch is written (``on_nonfinite="warn"``: a warning line, and the run goes on).
+- The final test evaluation's per-example results go to ``predictions.npz``
+  (:mod:`fastabsld.recipe.predictions`), with the test split's identity.
 """
 
 import collections
@@ -29,7 +31,7 @@ import time
 import torch
 
 from fastabsld.evaluation import evaluate
-from fastabsld.recipe import checkpoint, distributed, lock, logs, report, speed
+from fastabsld.recipe import checkpoint, distributed, lock, logs, predictions, report, speed
 from fastabsld.recipe.data import eval_loader, is_tensors, split_size, stream_loader, subset
 from fastabsld.recipe.errors import CheckpointError, NonFiniteLossError
 from fastabsld.recipe.method_plans import plan_for, reweight as reweighting
@@ -381,8 +383,9 @@ def _fit(cfg, run_dir, data, *, teacher, resume, log, student, info, scalar_writ
                 scheduler.step()
                 improved = False
                 if ctx.is_main and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-                    entry["val"] = evaluate(student, val_loader, cfg.val_attacks, eps=cfg.eps, alpha=cfg.alpha,
-                                            num_classes=data.num_classes, device=device, progress=False)
+                    # The figures only, as a plain dict: the checkpoints that keep the history load weights-only.
+                    entry["val"] = dict(evaluate(student, val_loader, cfg.val_attacks, eps=cfg.eps, alpha=cfg.alpha,
+                                                 num_classes=data.num_classes, device=device, progress=False))
                     value = _selection_value(cfg, entry["val"])
                     if value > best["value"]:
                         best, improved = {"epoch": epoch + 1, "value": value}, True
@@ -423,7 +426,10 @@ def _fit(cfg, run_dir, data, *, teacher, resume, log, student, info, scalar_writ
         result = {"config": cfg.to_dict(), "history": history, "best": best, "test": test, **extra}
         if scalars:
             scalars.add(logs.final_scalars(test), cfg.epochs)
-        if writes:
+        if writes:  # the predictions first: metrics.json with a test marks the run finished
+            kept = "best.pt" if best_state is not None else "last.pt"
+            predictions.save(os.path.join(run_dir, predictions.FILE), test, predictions.identity(
+                cfg, data, split="test", split_size=split_size(data.test), checkpoint=kept))
             report.write_metrics(run_dir, result)
             report.plot_run(run_dir, result)
         result["model"] = student.eval()

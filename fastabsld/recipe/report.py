@@ -12,7 +12,7 @@ import json
 import math
 import os
 
-from fastabsld.recipe.checkpoint import atomic_write_text
+from fastabsld.recipe.checkpoint import atomic_write, atomic_write_text
 
 METRICS_FILE = "metrics.json"
 DPI = 110
@@ -49,7 +49,12 @@ def write_metrics(run_dir, payload, name=METRICS_FILE):
     return path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display).
+
+    Returns:
+        module: ``matplotlib.pyplot``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,7 +63,15 @@ def _pyplot():
     return plt
 
 
-def _floats(values):
+def floats(values):
+    """Values as floats for plotting, None (an undefined figure read from JSON) as NaN.
+
+    Args:
+        values: numbers or None.
+
+    Returns:
+        list of float: the values.
+    """
     return [math.nan if v is None else float(v) for v in values]
 
 
@@ -83,15 +96,28 @@ def _extremes(order, values, labelled):
     return defined[:labelled] + defined[-labelled:]
 
 
-def _save(fig, path, caption=None):
-    plt = _pyplot()
+def save_figure(fig, path, caption=None):
+    """Writes a figure to a PNG file and closes it.
+
+    Args:
+        fig: the matplotlib figure.
+        path: PNG file to write.
+        caption: a line written under the plot (e.g. what the error bars are), or None.
+
+    Returns:
+        str: ``path``.
+    """
+    plt = pyplot()
     if caption:
         fig.text(0.01, 0.01, caption, fontsize="small", ha="left", va="bottom")
         fig.tight_layout(rect=(0, 0.05, 1, 1))
     else:
         fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    try:  # a full disk leaves no empty or partial image behind
+        format_ = os.path.splitext(str(path))[1][1:].lower() or "png"
+        atomic_write(lambda f: fig.savefig(f, dpi=DPI, format=format_), path)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -120,8 +146,8 @@ def plot_per_class(per_class, path, title, ylabel="accuracy", errors=None, error
     """
     if errors and not error_label:
         raise ValueError("error_label must say what the error bars are (e.g. 'error bars: std over 5 seeds')")
-    plt = _pyplot()
-    series = {name: _floats(values) for name, values in per_class.items()}
+    plt = pyplot()
+    series = {name: floats(values) for name, values in per_class.items()}
     names = list(series)
     num_classes = len(series[names[0]])
     labels = _names(num_classes, class_names)
@@ -133,7 +159,7 @@ def plot_per_class(per_class, path, title, ylabel="accuracy", errors=None, error
         fig, ax = plt.subplots(figsize=(fig_width, 4.0))
         for i, name in enumerate(names):
             xs = [r + (i - (len(names) - 1) / 2) * width for r in range(num_classes)]
-            err = None if not errors or name not in errors else [_floats(errors[name])[k] for k in order]
+            err = None if not errors or name not in errors else [floats(errors[name])[k] for k in order]
             ax.bar(xs, [series[name][k] for k in order], width, label=name, yerr=err, capsize=2)
         ax.set_xticks(range(num_classes))
         long_names = max(len(s) for s in labels) > 3
@@ -147,7 +173,7 @@ def plot_per_class(per_class, path, title, ylabel="accuracy", errors=None, error
             values = [series[name][k] for k in order]
             line, = ax.plot(ranks, values, marker="o", markersize=2.5, linewidth=1.0, label=name)
             if errors and name in errors:
-                err = [_floats(errors[name])[k] for k in order]
+                err = [floats(errors[name])[k] for k in order]
                 ax.fill_between(ranks, [v - e for v, e in zip(values, err)], [v + e for v, e in zip(values, err)],
                                 color=line.get_color(), alpha=0.2, linewidth=0)
         rank_of = {k: r for r, k in enumerate(order)}
@@ -167,7 +193,7 @@ def plot_per_class(per_class, path, title, ylabel="accuracy", errors=None, error
     ax.set_title(title)
     ax.legend(loc="upper left", fontsize="small")
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path, error_label if errors else None)
+    return save_figure(fig, path, error_label if errors else None)
 
 
 def _temperature_entries(history):
@@ -198,13 +224,13 @@ def plot_temperatures(history, path, title, class_names=None, labelled=LABELLED)
     entries = _temperature_entries(history)
     if not entries:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [e["epoch"] for e in entries]
     num_classes = len(entries[0]["tau_adv"])
     labels = _names(num_classes, class_names)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, key in zip(axes, ("tau_adv", "tau_nat")):
-        values = [_floats(e[key]) for e in entries]
+        values = [floats(e[key]) for e in entries]
         final = values[-1]
         order = _ranked(final)
         named = set(range(num_classes)) if num_classes <= 10 else set(_extremes(order, final, labelled))
@@ -219,7 +245,7 @@ def plot_temperatures(history, path, title, class_names=None, labelled=LABELLED)
                   ncol=2, loc="best")
     axes[0].set_ylabel("temperature")
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _curve(entries, key):
@@ -239,7 +265,7 @@ def plot_curves(history, path, title):
     """
     if not history:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.4))
     (loss_ax, acc_ax), (nsd_ax, lr_ax) = axes
     loss_ax.plot(*_curve(history, "train_loss"), marker=".", color="C0")
@@ -276,7 +302,7 @@ def plot_curves(history, path, title):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_temperature_accuracy(temperatures, accuracy, path, title, ylabel="robust test accuracy", class_names=None,
@@ -295,12 +321,12 @@ def plot_temperature_accuracy(temperatures, accuracy, path, title, ylabel="robus
     Returns:
         str: ``path``.
     """
-    plt = _pyplot()
-    acc = _floats(accuracy)
+    plt = pyplot()
+    acc = floats(accuracy)
     labels = _names(len(acc), class_names)
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     for i, (branch, taus) in enumerate(temperatures.items()):
-        taus = _floats(taus)
+        taus = floats(taus)
         pairs = [(t, a) for t, a in zip(taus, acc) if not (math.isnan(t) or math.isnan(a))]
         r = _pearson(pairs)
         ax.scatter(taus, acc, s=14, color=f"C{i}", label=f"{branch} (Pearson r = {r:.2f})" if r is not None
@@ -315,7 +341,7 @@ def plot_temperature_accuracy(temperatures, accuracy, path, title, ylabel="robus
     ax.set_title(title)
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _pearson(pairs):
@@ -395,41 +421,3 @@ def plot_run(run_dir, result):
                 f"class temperature (epoch {kept['epoch']}) vs per-class {label} test accuracy ({method})",
                 ylabel=f"{label} test accuracy of the class", class_names=names))
     return written
-
-
-def plot_comparison(summary, attacks, path, title, *, seeds):
-    """A comparison of methods: average accuracy, worst-class accuracy and NSD per attack, mean and std over seeds.
-
-    One panel per metric; in each, one group of bars per attack and one bar per method, with error bars.
-
-    Args:
-        summary: ``{method: {attack: {metric: {"mean", "std", ...}}}}`` (``fastabsld.recipe.compare.aggregate``).
-        attacks: the attacks, in the order of the groups.
-        path: PNG file to write.
-        title: figure title.
-        seeds: the number of seeds behind each mean (for the caption).
-
-    Returns:
-        str: ``path``.
-    """
-    plt = _pyplot()
-    methods = list(summary)
-    panels = (("average", "average accuracy"), ("worst", "worst-class accuracy"), ("nsd", "NSD (lower is fairer)"))
-    width = 0.8 / len(methods)
-    fig_width = min(MAX_WIDTH, max(8.0, 2.5 + len(attacks) * len(methods) * 0.35 * len(panels)))
-    fig, axes = plt.subplots(1, len(panels), figsize=(fig_width, 4.2))
-    for ax, (key, label) in zip(axes, panels):
-        for i, method in enumerate(methods):
-            xs = [a + (i - (len(methods) - 1) / 2) * width for a in range(len(attacks))]
-            means = [summary[method][attack][key]["mean"] for attack in attacks]
-            stds = [summary[method][attack][key]["std"] for attack in attacks]
-            ax.bar(xs, _floats(means), width, yerr=_floats(stds), capsize=2, label=method)
-        ax.set_xticks(range(len(attacks)))
-        ax.set_xticklabels([ATTACK_LABELS.get(a, a) for a in attacks], fontsize="small")
-        ax.set_title(label)
-        if key != "nsd":
-            ax.set_ylim(0, 1.05)
-        ax.grid(axis="y", alpha=0.3)
-    axes[-1].legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0), title="method")
-    fig.suptitle(title)
-    return _save(fig, path, f"error bars: population std over {seeds} seed{'s' if seeds != 1 else ''}")

@@ -6,6 +6,7 @@ is wrong with it, and nothing in the run folder is touched.
 """
 
 import os
+import zipfile
 
 from fastabsld.recipe import checkpoint
 from fastabsld.recipe.config import TrainConfig
@@ -112,3 +113,48 @@ def check_run_folder(run_dir):
     if os.path.exists(best) and not os.path.exists(checkpoint.previous_path(best)):
         read_checkpoint(best, ("format", "config", "model"))  # with a previous version, the loop falls back to it
     return found[0], TrainConfig.from_dict(found[0]["config"])
+
+
+# Every file fastabsld writes into a run folder (the loop, its report and lock, compare, the demo): an output
+# named by the user (eval's --json, --plot, --predictions) never replaces one.
+RUN_FILES = ("last.pt", "best.pt", "last.prev.pt", "best.prev.pt", "metrics.json", "run.lock", "train.log",
+             "predictions.npz", "per_class.png", "curves.png", "temperatures.png", "temperature_accuracy.png",
+             "compare.json", "compare.png", "compare_eval.json", "demo.json", "per_class_robust_accuracy.png",
+             "absld_temperatures.png")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def _holds_weights(path):
+    """Whether an existing file is a torch checkpoint (a zip holding ``data.pkl``, or a legacy pickle)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(1) == b"\x80":  # a pickle: torch's legacy format
+                return True
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return False
+
+
+def check_output_path(path, option):
+    """Refuses an output file that would replace a checkpoint or a file fastabsld writes in run folders.
+
+    Args:
+        path: the file the user named.
+        option: the option that named it (for the message), e.g. ``"--json"``.
+
+    Raises:
+        ValueError: ``path`` is named like a run file (``RUN_FILES``) or a checkpoint (``.pt``, ``.pth``,
+            ``.ckpt``), or is an existing checkpoint of any name, or a folder.
+    """
+    name = os.path.basename(path)
+    if name in RUN_FILES or name.endswith(_CHECKPOINT_SUFFIXES):
+        what = "a checkpoint" if name.endswith(_CHECKPOINT_SUFFIXES) else f"the run file {name}"
+        raise ValueError(f"{option} {path}: refusing to write over {what} (fastabsld writes {name} in run folders); "
+                         "choose another file name")
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path}: is a folder; name a file")
+    if os.path.isfile(path) and _holds_weights(path):
+        raise ValueError(f"{option} {path}: refusing to write over a checkpoint; choose another file name")

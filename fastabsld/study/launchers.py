@@ -19,14 +19,14 @@ def local_teacher(base, data, log):
         log: function printing one-line messages.
 
     Returns:
-        dict: the teacher's description for each run's metrics.json (source, path, ``val`` figures).
+        tuple: (the teacher module, its description for each run's metrics.json: source, path, ``val`` figures).
     """
     from fastabsld.recipe.teacher import teacher_and_info
     from fastabsld.recipe.train import teacher_report
 
     teacher, info = teacher_and_info(base, data=data, log=log)
     info["val"] = teacher_report(teacher, data, base)
-    return info
+    return teacher, info
 
 
 class Launcher:
@@ -44,8 +44,8 @@ class Launcher:
             log: function printing one-line messages.
 
         Returns:
-            dict or None: the teacher's description (None: trained by a job the runs wait for; ask again
-            once they ended).
+            tuple: (teacher module, its description), or (None, None) when a job the runs wait for trains it
+            (ask again once they ended).
         """
         return local_teacher(base, data, log)
 
@@ -56,7 +56,7 @@ class Launcher:
             pending: ``[(key, cfg, folder)]`` with key ``(spec name, seed)``.
             train_run: compare's function training one run (see the module docstring).
             data: the data set's preloaded Splits (for runs trained in this process).
-            teacher_info: from :meth:`teacher`.
+            teacher_info: the description from :meth:`teacher` (None: the runs find the teacher in the cache).
             log: function printing one-line messages.
         """
         raise NotImplementedError

@@ -322,7 +322,7 @@ class SlurmLauncher(Launcher):
     # The launcher's interface.
 
     def teacher(self, base, data, pending, log):
-        """The cached (or given) teacher, or None after submitting (or finding) the job that trains it."""
+        """The cached (or given) teacher, or (None, None) after submitting (or finding) the job that trains it."""
         from fastabsld.recipe.config import DISTILLATION_METHODS
         from fastabsld.recipe.teacher import teacher_cache_path
 
@@ -336,15 +336,15 @@ class SlurmLauncher(Launcher):
             category, word = self.state(job)
             if category != "ended" or not (self.resubmit or self._outcome(job, word)[1] is None):
                 self._teacher_job = job  # still running, or failed and not to be retried (reported below)
-                return None
+                return None, None
         if self.collect:
             self._teacher_job = job
-            return None
+            return None, None
         executor = self._executor(f"fastabsld-teacher-{base.dataset}")
         self._teacher_job = executor.submit(TeacherJob(), base.to_dict())
         self._record(teacher=self._record_of(self._teacher_job))
         log(f"submitted the teacher's training as job {self._teacher_job.job_id}; the runs wait for it")
-        return None
+        return None, None
 
     def train(self, pending, train_run, data, teacher_info, log):
         """Submits the pending runs not yet on the cluster; yields the runs as their jobs end (see the class)."""

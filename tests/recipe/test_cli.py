@@ -4,14 +4,13 @@ a model factory, a TRADES teacher), resume rules, and every bad input as one err
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from fastabsld.recipe import cli, lock
-from fastabsld.recipe.config import DEFAULT_TEACHER_EPOCHS, TrainConfig
+from fastabsld.recipe.config import TrainConfig
 from fastabsld.recipe.models import build_model
 from fastabsld.recipe.options import field_docs, flag, parse_number
 from tests.recipe.conftest import png_folder
@@ -46,8 +45,7 @@ def finished_run(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["demo", "--help"],
-                                  ["compare", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"]])
 def test_help(argv, capsys):
     assert cli.main(argv) == 0
     out = " ".join(capsys.readouterr().out.split())
@@ -56,9 +54,6 @@ def test_help(argv, capsys):
         assert "17 grey levels" in out and "--resume" in out and "--config FILE" in out
         assert "--teacher-lr" in out and "--tau-min" in out and "(default: 0.9)" in out
         assert "--reweight" in out and "--teacher-method" in out and "--ard-temperature" in out
-    if argv[0] == "compare":
-        assert "pgd-at trades ard rslad absld absld+reweight" in out
-        assert "6.0, 6.7 and 6.0 min in three measurements on 2 CPU cores" in out
 
 
 def test_method_settings_reach_the_config():
@@ -71,32 +66,10 @@ def test_method_settings_reach_the_config():
         cli.train_config(cli.build_parser().parse_args(["train", "--method", "trades", "--reweight"]))
 
 
-def test_compare_command(tmp_path, capsys):
-    out = tmp_path / "cmp"
-    argv = ["compare", "pgd-at", "trades", "--reference", "pgd-at", "--seeds", "0", "--epochs", "1", "--train-subset",
-            "64", "--steps", "1", "--eval-every", "1", "--attacks", "clean", "--jobs", "1", "--out", str(out),
-            "--cache-dir", str(tmp_path / "cache")]
-    assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "pgd-at (reference)" in printed and "  - pgd-at" in printed and "compare.json" in printed
-    summary = json.loads((out / "compare.json").read_text())
-    assert summary["methods"] == ["pgd-at", "trades"] and summary["config"]["epochs"] == 1
-    assert summary["config"]["train_subset"] == 64 and (out / "trades-seed0" / "best.pt").exists()
-    assert cli.main(argv) == 0 and "2 of 2 runs finished before" in capsys.readouterr().out
-    assert cli.main(["compare", "trades+reweight", "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: method spec 'trades+reweight'") and err.count("\n") == 1
-
-
 def test_version(capsys):
     assert cli.main(["--version"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("fastabsld 0.1.0") and torch.__version__ in out
-
-
-def test_module_entry_point_help():
-    proc = subprocess.run([sys.executable, "-m", "fastabsld", "--help"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "demo" in proc.stdout and "eval" in proc.stdout
 
 
 def test_every_config_field_is_a_flag_with_its_type_default_choices_and_doc():
@@ -128,9 +101,6 @@ def test_flags_reach_the_config_and_numbers_take_fractions():
     assert (cfg.val_attacks, cfg.select_metric, cfg.teacher_seed, cfg.amp, cfg.fold_bn, cfg.progress, cfg.augment) == \
         (("clean", "pgd10"), "pgd10.worst", 3, True, False, False, True)
     assert parse_number("1/4") == 0.25 and parse_number(" 3 ") == 3.0
-    assert cli.build_parser().parse_args(["demo"]).threads == 1
-    demo = cli.build_parser().parse_args(["demo"])
-    assert demo.teacher_epochs == DEFAULT_TEACHER_EPOCHS == TrainConfig().teacher_epochs
 
 
 @pytest.mark.parametrize("suffix", [".json", ".toml"])
@@ -306,8 +276,6 @@ def test_a_wrapped_state_dict_teacher_is_used_and_recorded(tmp_path, capsys):
     (["train", "--test-attacks", "pgd0", "--run-dir", "RUN"], ["test_attacks"]),
     (["train", "--method", "dagger"], ["--method", "invalid choice"]),
     (["train", "--method", "trades", "--reweight"], ["reweight re-weights a distillation loss"]),
-    (["compare", "absld", "--attacks", "pgd0"], ["attack"]),
-    (["compare", "absld", "--seed", "3"], ["unrecognized arguments: --seed"]),  # not --seeds: no abbreviations
     (["train", "--epoch", "3"], ["unrecognized arguments: --epoch"]),
     (["train", "--dataset", "folder", "--data-dir", "EMPTY", "--run-dir", "RUN"], ["holds no images"]),
     (["train", "--dataset", "cifar10", "--data-dir", "EMPTY", "--run-dir", "RUN"], ["cifar-10-batches-py",
@@ -326,18 +294,6 @@ def test_bad_inputs_are_one_error_line(finished_run, tmp_path, capsys, monkeypat
     assert cli.main(argv) == 2
     one_error(capsys, *fragments)
     assert not (tmp_path / "run").exists() and snapshot(finished_run) == before
-
-
-def test_interrupted_compare_says_how_to_continue(tmp_path, capsys, monkeypatch):
-    from fastabsld.recipe import compare as compare_module
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(compare_module, "compare", interrupted)
-    assert cli.main(["compare", "absld", "--out", str(tmp_path / "cmp")]) == 130
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "run the same command again" in err[0] and str(tmp_path / "cmp") in err[0]
 
 
 def test_interrupt_prints_the_resume_command(tmp_path, capsys, monkeypatch):

@@ -79,3 +79,14 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, method, reweight):
 
     assert strip(straight["history"]) == strip(resumed["history"]) and len(resumed["history"]) == 2
     assert straight["test"] == resumed["test"]
+
+
+def test_checkpoints_hold_plain_data_only(tmp_path):
+    """The validation figures are plain dicts: best.pt loads weights-only (as a cached teacher is)."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(method="pgd-at", epochs=1, batch_size=32, steps=1, train_subset=64, progress=False,
+                      test_attacks=("clean",), eval_every=1, val_attacks=("clean",), select_metric="clean.average")
+    train(cfg, str(tmp_path / "run"), data=load_digits(0), log=lambda *_: None)
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert type(best["val"]) is dict and type(last["history"][0]["val"]) is dict

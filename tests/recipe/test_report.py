@@ -40,7 +40,7 @@ def figures(monkeypatch):
     import matplotlib.text
 
     seen = []
-    save = report._save
+    save = report.save_figure
 
     def keeping(fig, path, caption=None):
         written = save(fig, path, caption)
@@ -49,7 +49,7 @@ def figures(monkeypatch):
         seen.append({"path": path, "texts": texts, "legend_entries": legends})
         return written
 
-    monkeypatch.setattr(report, "_save", keeping)
+    monkeypatch.setattr(report, "save_figure", keeping)
     return seen
 
 

@@ -17,9 +17,9 @@ import time
 import pytest
 
 from fastabsld.recipe import checkpoint
-from fastabsld.recipe.compare import compare
+from fastabsld.study.compare import compare
 from fastabsld.study.slurm import JOBS_FILE, SLURM_FOLDER
-from tests.study.conftest import assert_same_runs
+from tests.study.launch_helpers import assert_same_runs
 
 REQUIRED = os.environ.get("FASTABSLD_SLURM_REQUIRED") == "1"
 # The study of the equality test: 2 specs x 2 seeds, digits, 2 epochs, a teacher trained by a job of its own.

@@ -11,16 +11,24 @@ import types
 
 import pytest
 
-from fastabsld.recipe import cli
-from fastabsld.recipe import compare as compare_mod
-from fastabsld.recipe.compare import compare
+from fastabsld.recipe import report
+from fastabsld.study import cli, compare as compare_mod
+from fastabsld.study.compare import compare
 from fastabsld.recipe.config import TrainConfig
 from fastabsld.study.launcher_options import collect_command
 from fastabsld.study import slurm
 from fastabsld.study.slurm import JOBS_FILE, SLURM_FOLDER, SlurmLauncher, SlurmOptions, parse_sbatch_option
-from tests.study.conftest import assert_same_runs, cache_fixed_teacher
+from tests.study.launch_helpers import assert_same_runs, cache_fixed_teacher
 
 pytest.importorskip("submitit", reason="the SLURM launcher needs submitit (pip install 'fastabsld[slurm]')")
+
+
+
+@pytest.fixture(autouse=True)
+def no_plots(monkeypatch):
+    """The run plots are tested with the recipe's report; here they would only cost time."""
+    monkeypatch.setattr(report, "plot_run", lambda *args, **kwargs: [])
+
 
 STUDY = dict(methods=["trades", "rslad"], seeds=[0], reference="rslad", attacks=["clean"])
 

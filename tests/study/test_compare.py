@@ -1,15 +1,18 @@
-"""compare: method specs, the aggregation against hand-computed numbers, the table, and its resumable runs."""
+"""compare: method specs, the table (intervals, verdicts, the teacher, flags), and its resumable runs."""
 
 import json
-import math
 import os
 
+import numpy as np
 import pytest
 
-from fastabsld.recipe import checkpoint, compare as compare_mod, loop, report
+from fastabsld.recipe import checkpoint, loop, report
 from fastabsld.recipe import teacher as teacher_mod
-from fastabsld.recipe.compare import MethodSpec, aggregate, compare, format_table, parse_method
 from fastabsld.recipe.config import TrainConfig
+from fastabsld.study import compare as compare_mod
+from fastabsld.study import report as study_report
+from fastabsld.study import statistics
+from fastabsld.study.compare import MethodSpec, compare, parse_method
 from tests.recipe import fault_worker
 
 
@@ -25,67 +28,65 @@ def test_method_specs():
         parse_method("absld+fair")
 
 
-def _evaluation(average, worst, nsd):
-    return {"pgd20": {"average": average, "worst": worst, "nsd": nsd}}
+def _study(seed=0):
+    """Three methods x three seeds on 4 classes of 30 test images: rslad right wherever absld is and more."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(4), 30)
+    absld = rng.random((3, 120)) < 0.5
+    rslad = absld | (rng.random((3, 120)) < 0.6)
+    return statistics.make_study(labels, {"absld": {"pgd20": absld}, "rslad": {"pgd20": rslad},
+                                          "ard": {"pgd20": absld.copy()}}, [0, 1, 2], 4)
 
 
-# Three seeds of three methods; every figure below is worked out by hand from these.
-RESULTS = {
-    "absld": [_evaluation(0.80, 0.60, 0.20), _evaluation(0.82, 0.60, 0.20), _evaluation(0.84, 0.60, 0.20)],
-    "rslad": [_evaluation(0.70, 0.50, 0.10), _evaluation(0.74, 0.62, 0.10), _evaluation(0.72, 0.56, 0.10)],
-    "ard": [_evaluation(0.81, 0.60, None), _evaluation(0.80, 0.60, 0.30), _evaluation(0.86, 0.60, 0.30)],
-}
-
-
-def test_aggregate_against_hand_computed_figures():
-    summary = aggregate(RESULTS, [0, 1, 2], ["pgd20"], "absld")
-    ref, rslad, ard = (summary[name]["pgd20"] for name in ("absld", "rslad", "ard"))
-    # absld average 0.80, 0.82, 0.84: mean 0.82, population std sqrt((0.02^2 + 0 + 0.02^2) / 3) = 0.0163299.
-    assert ref["average"]["mean"] == pytest.approx(0.82) and ref["average"]["std"] == pytest.approx(0.0163299, abs=1e-7)
-    assert ref["average"]["verdict"] == "reference" and ref["average"]["diff"] == 0.0
-    # rslad - absld per seed: -0.10, -0.08, -0.12: mean -0.10 (std 0.0163299), beyond both stds (0.0163299): worse.
-    assert rslad["average"]["mean"] == pytest.approx(0.72)
-    assert rslad["average"]["diff"] == pytest.approx(-0.10)
-    assert rslad["average"]["diff_std"] == pytest.approx(0.0163299, abs=1e-7)
-    assert rslad["average"]["verdict"] == "worse"
-    # rslad worst 0.50, 0.62, 0.56: mean 0.56, std sqrt((0.06^2 + 0.06^2) / 3) = 0.0489898; diff -0.04 is inside it.
-    assert rslad["worst"]["std"] == pytest.approx(0.0489898, abs=1e-7)
-    assert rslad["worst"]["diff"] == pytest.approx(-0.04) and rslad["worst"]["verdict"] == "within noise"
-    # NSD is lower-is-better: 0.10 against 0.20 with no spread at all is better.
-    assert rslad["nsd"]["diff"] == pytest.approx(-0.10) and rslad["nsd"]["verdict"] == "better"
-    # ard average 0.81, 0.80, 0.86: mean 0.823333, std 0.0262467; diffs +0.01, -0.02, +0.02: mean +0.003333.
-    assert ard["average"]["mean"] == pytest.approx(0.8233333, abs=1e-7)
-    assert ard["average"]["std"] == pytest.approx(0.0262467, abs=1e-7)
-    assert ard["average"]["diff"] == pytest.approx(0.0033333, abs=1e-7)
-    assert ard["average"]["verdict"] == "within noise"
-    # Identical values: no difference, no spread: within noise, as the demo's verdict says.
-    assert ard["worst"]["diff"] == 0.0 and ard["worst"]["verdict"] == "within noise"
-    # An undefined NSD (null in JSON) leaves the figure undefined instead of a verdict on NaN.
-    assert math.isnan(ard["nsd"]["mean"]) and ard["nsd"]["verdict"] == "n/a" and math.isnan(ard["nsd"]["diff"])
-
-
-def test_aggregate_needs_its_reference_and_every_seed():
-    with pytest.raises(ValueError, match="reference 'trades'"):
-        aggregate(RESULTS, [0, 1, 2], ["pgd20"], "trades")
-    with pytest.raises(ValueError, match="3 results for 2 seeds"):
-        aggregate(RESULTS, [0, 1], ["pgd20"], "absld")
-
-
-def test_table_shows_spread_differences_and_verdicts():
-    summary = aggregate(RESULTS, [0, 1, 2], ["pgd20"], "absld")
-    table = format_table(summary, ["pgd20"], "absld", [0, 1, 2], test_size=720)
+def test_table_shows_intervals_verdicts_teacher_and_flags():
+    study = _study()
+    stats = statistics.summarise(study, "absld", n_resamples=2000)
+    teacher = {"pgd20": {"average": 0.9, "worst": 0.8, "nsd": 0.05}}
+    cfg = TrainConfig(eval_every=1)
+    table = study_report.format_table(stats, ["pgd20"], "absld", [0, 1, 2], class_counts=study.class_counts,
+                                      teacher=teacher, flags=["rslad: still improving"],
+                                      selection=study_report.selection(cfg))
     lines = table.splitlines()
-    assert lines[0].startswith("test split (720 images), 3 seeds (0, 1, 2): mean +- population std")
+    assert lines[0] == "test split: 120 images (30 per class); 3 seeds (0, 1, 2)"
+    assert lines[1] == f"kept weights: best validation {cfg.select_metric}, evaluated every epoch (as train's default)"
+    assert "correction over the table's 6 comparisons" in table and "WARNING" not in table
+    assert next(line for line in lines if line.startswith("teacher")).split() == ["teacher", "0.900", "0.800", "0.050"]
+    ref = stats["summary"]["absld"]["pgd20"]["average"]
     row = next(line for line in lines if line.startswith("absld (reference)"))
-    assert "0.820 +- 0.016" in row and "0.600 +- 0.000" in row and "0.200 +- 0.000" in row
+    assert f"{ref['mean']:.3f} [{ref['interval'][0]:.3f}, {ref['interval'][1]:.3f}]" in row
     rslad = lines.index(next(line for line in lines if line.startswith("rslad ")))
-    assert "0.720 +- 0.016" in lines[rslad]
-    assert lines[rslad + 1].startswith("  - absld") and "-0.100 worse" in lines[rslad + 1]
-    assert "-0.040 within noise" in lines[rslad + 1] and "-0.100 better" in lines[rslad + 1]
+    diff = stats["summary"]["rslad"]["pgd20"]["average"]
+    assert lines[rslad + 1].startswith("  - absld") and f"{diff['diff']:+.3f} [{diff['diff_interval'][0]:+.3f}" in \
+        lines[rslad + 1]
+    assert lines[rslad + 2].split()[:2] == ["better", "better"]  # average and worst class
     ard = lines.index(next(line for line in lines if line.startswith("ard ")))
-    assert "n/a" in lines[ard] and lines[ard + 1].rstrip().endswith("n/a")
-    assert "PGD-20 average: worse than absld: rslad; within the seed spread of absld: ard." in lines
-    assert "PGD-20 NSD (lower=fairer): better than absld: rslad; within the seed spread of absld: none." in lines
+    assert "+0.000 [+0.000, +0.000]" in lines[ard + 1] and lines[ard + 2].strip().startswith("no detectable difference")
+    assert "PGD-20 average: better than absld: rslad; no detectable difference from absld: ard." in lines
+    assert lines[-2:] == ["flags:", "  rslad: still improving"]
+    two = statistics.summarise(statistics.make_study(study.labels, {m: {"pgd20": v["pgd20"][:2]}
+                                                                    for m, v in study.correct.items()}, [0, 1], 4),
+                               "absld", n_resamples=500)
+    two_table = study_report.format_table(two, ["pgd20"], "absld", [0, 1], class_counts=study.class_counts)
+    assert "WARNING: only 2 seeds: the intervals cover the evaluation noise" in two_table
+    assert "every 5 epochs and after the last (unlike train's default)" in study_report.selection(
+        TrainConfig(eval_every=5))
+
+
+def test_student_flags():
+    stats = statistics.summarise(_study(), "absld", n_resamples=500)["summary"]
+    as_clean = {name: {"clean": stats[name]["pgd20"]} for name in ("absld", "rslad")}
+    flags = compare_mod.student_flags(as_clean, {"absld": [5, 3, 5], "rslad": [2, 3, 4]}, 5,
+                                      {"clean": {"average": 0.95, "worst": 0.9, "nsd": 0.02}})
+    assert flags[0].startswith("absld: still improving at the last epoch in 2 of 3 seeds")
+    absld_clean = stats["absld"]["pgd20"]["average"]["mean"]  # about 0.5: far below 0.95
+    assert f"absld: clean accuracy {absld_clean:.3f}, {0.95 - absld_clean:.3f} below the teacher's 0.950" in flags[1]
+    assert not any(flag.startswith("rslad: still") for flag in flags)
+    assert compare_mod.student_flags({"absld": {}}, {"absld": [1]}, 5, None) == []
+
+
+def test_repeated_seeds_are_an_error():
+    with pytest.raises(ValueError, match="must not repeat a seed"):
+        compare("unused", seeds=[0, 0])
 
 
 TINY = dict(epochs=2, batch_size=64, steps=1, train_subset=128, eval_every=1, val_attacks=("clean",),

@@ -8,12 +8,19 @@ budget (the base config: data set, epochs, threat model...), each run in its own
 resumed from its ``last.pt``; a folder holding a run of another configuration is an error, not overwritten.
 
 Each finished run is evaluated on the test split with the kept (validation-selected) weights under the
-chosen attacks (the run's own final test covers them; attacks it lacks are evaluated from its ``best.pt``
-and kept in ``compare_eval.json`` beside it). Per method and attack the table gives the average accuracy,
-the worst-class accuracy and NSD as mean +- population std over the seeds, and each method's paired
-difference from a reference method (same seed), judged as the demo judges it
-(:func:`fastabsld.recipe.demo.verdict`: a difference counts only beyond the larger seed std of the two).
-``compare.json`` and ``compare.png`` go into ``<out>``.
+chosen attacks: the run's own final test covers them and leaves its per-example results in
+``predictions.npz``; attacks it lacks are evaluated from its ``best.pt`` (figures kept in
+``compare_eval.json``, per-example results added to ``predictions.npz``). The teacher is evaluated
+under the same attacks (the table's first row, cached in ``teacher_test.json``). Per method and attack
+the table gives the average accuracy, the worst-class accuracy and NSD as the mean over the seeds with
+a 95% interval, and each method's paired difference from a reference method (same seeds, same test
+images) with a 95% interval and a verdict that survives Holm's correction over the table, from a
+hierarchical bootstrap (:mod:`fastabsld.study.statistics`). Students still improving at their last
+epoch, or far below the teacher's clean accuracy, are flagged. ``compare.json`` and ``compare.png`` go
+into ``<out>``.
+
+The runs are launched by one function, :func:`_train_all` (in this process, or ``jobs`` worker
+processes); everything before it decides what to train, everything after it reads run folders.
 """
 
 import dataclasses
@@ -23,9 +30,12 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from fastabsld.recipe import logs, report
 from fastabsld.recipe.config import DEFAULT_TEACHER_EPOCHS, DISTILLATION_METHODS, METHODS, RUNTIME_FIELDS, TrainConfig
-from fastabsld.recipe.demo import mean_std, verdict
+from fastabsld.study import report as study_report
+from fastabsld.study import statistics
 
 REWEIGHT = "+reweight"
 DEFAULT_METHODS = ("pgd-at", "trades", "ard", "rslad", "absld", "absld+reweight")
@@ -33,13 +43,13 @@ DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd20", "cw20")
 DEFAULT_REFERENCE = "absld"
 # Settings of the base config where compare's default differs from TrainConfig's: the demo's budget, so that
-# the demo and compare share one cached teacher.
-DEFAULTS = {"dataset": "digits", "epochs": 30, "teacher_epochs": DEFAULT_TEACHER_EPOCHS, "eval_every": 5}
-# (key in the evaluation, column title, higher is better)
-METRICS = (("average", "average", True), ("worst", "worst class", True), ("nsd", "NSD (lower=fairer)", False))
+# the demo and compare share one cached teacher. Weights are selected on validation every epoch, as train does.
+DEFAULTS = {"dataset": "digits", "epochs": 30, "teacher_epochs": DEFAULT_TEACHER_EPOCHS}
 COMPARE_FILE = "compare.json"
 PLOT_FILE = "compare.png"
 EXTRA_EVAL_FILE = "compare_eval.json"
+TEACHER_TEST_FILE = "teacher_test.json"
+FAR_BELOW_TEACHER = 0.10  # a student's mean clean accuracy this far below the teacher's is flagged
 LOG_FILE = "train.log"
 
 
@@ -167,23 +177,140 @@ def _clean(evaluation):
                      for key, value in result.items()} for attack, result in evaluation.items()}
 
 
-def _evaluate_missing(run_dir, test, attacks, data, device):
-    """``test`` completed with the attacks it lacks, evaluated on the kept weights (cached beside the run)."""
-    extra_path = os.path.join(run_dir, EXTRA_EVAL_FILE)
-    extra = _read_json(extra_path) or {}
-    missing = [a for a in attacks if a not in test and a not in extra]
+def run_results(run_dir, test, attacks, data, device):
+    """A finished run's figures and per-example results for ``attacks`` (those it lacks evaluated on its kept weights).
+
+    The run's final test wrote ``predictions.npz``; an attack missing there (a run of an older version, or
+    an attack the run was not tested with) is evaluated from ``best.pt``, its per-example results added to
+    ``predictions.npz`` and its figures kept in ``compare_eval.json`` beside the run.
+
+    Args:
+        run_dir: the run's folder.
+        test: the run's own test figures (``metrics.json``'s ``test``).
+        attacks: the attacks the comparison needs.
+        data: the Splits the runs were trained on.
+        device: the device of the evaluation.
+
+    Returns:
+        tuple: (``{attack: figures}``, :class:`fastabsld.recipe.predictions.Predictions`).
+    """
+    from fastabsld.recipe import predictions
+
+    path = os.path.join(run_dir, predictions.FILE)
+    kept = predictions.load(path).attacks if os.path.exists(path) else ()
+    extra = _read_json(os.path.join(run_dir, EXTRA_EVAL_FILE)) or {}
+    missing = [a for a in attacks if a not in kept]
     if missing:
         from fastabsld.evaluation import evaluate
-        from fastabsld.recipe.data import eval_loader
+        from fastabsld.recipe.data import eval_loader, split_size
         from fastabsld.recipe.runfiles import load_run_model
 
         model, cfg, _ = load_run_model(os.path.join(run_dir, "best.pt"), device)
         results = evaluate(model, eval_loader(data.test, max(cfg.batch_size, 256), cfg.num_workers), missing,
                            eps=cfg.eps, alpha=cfg.alpha, num_classes=data.num_classes, device=device, progress=False)
-        extra.update(results)
+        predictions.save(path, results, predictions.identity(
+            cfg, data, split="test", split_size=split_size(data.test), checkpoint="best.pt"), keep_existing=True)
+        extra.update({a: results[a] for a in missing if a not in test})
         report.write_metrics(run_dir, extra, name=EXTRA_EVAL_FILE)
     merged = {**extra, **test}
-    return _clean({a: merged[a] for a in attacks})
+    return _clean({a: merged[a] for a in attacks}), predictions.load(path)
+
+
+def study_of(predictions_by_run, names, seeds, attacks, num_classes):
+    """The per-example results of the table, checked to be of the same test examples in the same order.
+
+    Args:
+        predictions_by_run: ``{(spec name, seed): Predictions}``.
+        names: the spec names, in the table's order.
+        seeds: the seeds.
+        attacks: the attacks.
+        num_classes: the data set's number of classes.
+
+    Returns:
+        fastabsld.study.statistics.Study: the results.
+
+    Raises:
+        ValueError: two runs evaluated on different examples or under different settings.
+    """
+    from fastabsld.recipe.predictions import check_same_examples
+
+    first = predictions_by_run[(names[0], seeds[0])]
+    for key, found in predictions_by_run.items():
+        try:
+            check_same_examples(first, found)
+        except ValueError as error:
+            raise ValueError(f"{key[0]} seed {key[1]} and {names[0]} seed {seeds[0]} cannot be paired: {error}") \
+                from None
+    correct = {name: {attack: np.stack([predictions_by_run[(name, seed)].correct[attack] for seed in seeds])
+                      for attack in attacks} for name in names}
+    return statistics.make_study(first.labels, correct, seeds, num_classes)
+
+
+def _kept_epoch(run_dir):
+    """The epoch whose weights a finished run kept (chosen on validation), from its metrics.json."""
+    return ((_read_json(os.path.join(run_dir, report.METRICS_FILE)) or {}).get("best") or {}).get("epoch")
+
+
+def student_flags(summary, kept_epochs, epochs, teacher_test, *, far_below=FAR_BELOW_TEACHER):
+    """Warnings on students that may be undertrained: still improving at the last epoch, or far below the teacher.
+
+    Args:
+        summary: ``{spec: {attack: {metric: {"mean", ...}}}}`` (:func:`fastabsld.study.statistics.summarise`).
+        kept_epochs: ``{spec: [kept epoch per seed]}`` (None where unknown).
+        epochs: the runs' number of epochs.
+        teacher_test: the teacher's test figures ``{attack: {"average", ...}}``, or None.
+        far_below: how far below the teacher's clean accuracy a student's mean is flagged.
+
+    Returns:
+        list of str: one line per flagged spec and reason.
+    """
+    flags = []
+    for name, kept in kept_epochs.items():
+        last = [i for i, epoch in enumerate(kept) if epoch == epochs]
+        if last:
+            flags.append(f"{name}: still improving at the last epoch in {len(last)} of {len(kept)} seeds (the "
+                         f"validation-selected weights are those of epoch {epochs}): more epochs may change the table")
+    clean = (teacher_test or {}).get("clean")
+    if clean is not None and math.isfinite(_nan(clean["average"])):
+        for name, cells in summary.items():
+            if "clean" in cells and cells["clean"]["average"]["mean"] < clean["average"] - far_below:
+                flags.append(f"{name}: clean accuracy {cells['clean']['average']['mean']:.3f}, "
+                             f"{clean['average'] - cells['clean']['average']['mean']:.3f} below the teacher's "
+                             f"{clean['average']:.3f}: undertrained?")
+    return flags
+
+
+def teacher_test(out_dir, teacher, teacher_info, attacks, data, base, device):
+    """The teacher's test figures under ``attacks`` (the table's first row), cached in ``<out_dir>/teacher_test.json``.
+
+    Args:
+        out_dir: the comparison's folder.
+        teacher: the frozen teacher.
+        teacher_info: its description (``path`` or ``name`` identifies it).
+        attacks: the attacks.
+        data: Splits.
+        base: the base TrainConfig (threat model, batch size).
+        device: the device of the evaluation.
+
+    Returns:
+        dict: ``{attack: {"average", "worst", "nsd", ...}}``.
+    """
+    from fastabsld.evaluation import evaluate
+    from fastabsld.recipe.data import eval_loader
+
+    identity = {"teacher": teacher_info.get("path") or teacher_info.get("name"), "eps": base.eps,
+                "alpha": base.alpha}
+    cached = _read_json(os.path.join(out_dir, TEACHER_TEST_FILE)) or {}
+    figures = cached.get("test", {}) if cached.get("identity") == _jsonable(identity) else {}
+    missing = [a for a in attacks if a not in figures]
+    if missing:
+        results = evaluate(teacher, eval_loader(data.test, max(base.batch_size, 256), base.num_workers), missing,
+                           eps=base.eps, alpha=base.alpha, num_classes=data.num_classes, device=device,
+                           progress=False)
+        figures = {**figures, **{a: results[a] for a in missing}}
+        os.makedirs(out_dir, exist_ok=True)
+        report.write_metrics(out_dir, {"identity": identity, "test": figures}, name=TEACHER_TEST_FILE)
+    return _clean({a: figures[a] for a in attacks})
 
 
 def _run_log(run_dir, prefix):
@@ -211,103 +338,6 @@ def _train_run(fields, run_dir, threads, data=None, teacher_info=None):
     result = train(cfg, run_dir, resume=True, data=data, log=_run_log(run_dir, ""),
                    teacher_info=teacher_info if cfg.method in DISTILLATION_METHODS else None)
     return result["test"], time.perf_counter() - began
-
-
-def aggregate(results, seeds, attacks, reference):
-    """Mean and spread over seeds per method, attack and metric, and each method's paired difference from a reference.
-
-    Args:
-        results: dict spec name -> list (per seed, in ``seeds``' order) of test evaluations
-            ``{attack: {"average", "worst", "nsd", ...}}``.
-        seeds: the seeds (the pairing: the i-th value of every method comes from seed ``seeds[i]``).
-        attacks: the attacks to summarise.
-        reference: the spec name the differences are taken from.
-
-    Returns:
-        dict: ``{spec: {attack: {metric: {"values", "mean", "std", "diff", "diff_std", "verdict"}}}}`` where
-        ``diff`` is the mean over seeds of ``method - reference`` on the same seed, ``diff_std`` its population
-        std, and ``verdict`` ``"better"`` / ``"worse"`` / ``"within noise"`` as
-        :func:`fastabsld.recipe.demo.verdict` judges it (``"reference"`` for the reference itself, ``"n/a"``
-        when a value is undefined, e.g. NSD with every class at 0).
-    """
-    if reference not in results:
-        raise ValueError(f"reference {reference!r} must be one of the compared methods {list(results)}")
-    summary = {}
-    for name, runs in results.items():
-        if len(runs) != len(seeds):
-            raise ValueError(f"{name} has {len(runs)} results for {len(seeds)} seeds")
-        summary[name] = {}
-        for attack in attacks:
-            summary[name][attack] = {}
-            for key, _, higher in METRICS:
-                values = [_nan(run[attack][key]) for run in runs]
-                ref_values = [_nan(run[attack][key]) for run in results[reference]]
-                defined = all(math.isfinite(v) for v in values)
-                mean, std = mean_std(values) if defined else (math.nan, math.nan)
-                if name == reference:
-                    word, diff, diff_std = "reference", 0.0, 0.0
-                elif all(math.isfinite(v) for v in values + ref_values):
-                    word, diff = verdict(ref_values, values, higher)
-                    diff_std = mean_std([v - r for v, r in zip(values, ref_values)])[1]
-                else:
-                    word, diff, diff_std = "n/a", math.nan, math.nan
-                summary[name][attack][key] = {"values": values, "mean": mean, "std": std, "diff": diff,
-                                              "diff_std": diff_std, "verdict": word}
-    return summary
-
-
-def _cell(mean, std):
-    return "n/a" if not math.isfinite(mean) else f"{mean:.3f} +- {std:.3f}"
-
-
-def format_table(summary, attacks, reference, seeds, *, test_size=None):
-    """The comparison table: per attack, each method's mean +- std over seeds and its paired difference's verdict.
-
-    Args:
-        summary: from :func:`aggregate`.
-        attacks: the attacks, in the order of the blocks.
-        reference: the reference spec name.
-        seeds: the seeds.
-        test_size: number of test images (for the heading), or None.
-
-    Returns:
-        str: the table and, for the strongest attack, which methods differ from the reference beyond the noise.
-    """
-    width, label = 21, 24
-    images = f" ({test_size} images)" if test_size else ""
-    lines = [f"test split{images}, {len(seeds)} seed{'s' if len(seeds) != 1 else ''} "
-             f"({', '.join(map(str, seeds))}): mean +- population std over the seeds",
-             f"'- {reference}': the paired difference method - {reference} (same seed, mean over seeds) and its "
-             "verdict; a difference counts only when it exceeds the larger std over seeds of the two"]
-    for attack in attacks:
-        title = report.ATTACK_LABELS.get(attack, attack)
-        head = f"{title:<{label}}" + "".join(f"{column:>{width}}" for _, column, _ in METRICS)
-        lines += ["", head, "-" * len(head)]
-        order = [reference] + [name for name in summary if name != reference]
-        for name in order:
-            cells = summary[name][attack]
-            shown = f"{name} (reference)" if name == reference else name
-            lines.append(f"{shown:<{label}}" + "".join(f"{_cell(cells[k]['mean'], cells[k]['std']):>{width}}"
-                                                       for k, _, _ in METRICS))
-            if name != reference:
-                diffs = []
-                for key, _, _ in METRICS:
-                    diff, word = cells[key]["diff"], cells[key]["verdict"]
-                    diffs.append("n/a" if word == "n/a" else f"{diff:+.3f} {word}")
-                lines.append(f"{'  - ' + reference:<{label}}" + "".join(f"{d:>{width}}" for d in diffs))
-    robust = [a for a in attacks if a != "clean"]
-    if robust and len(summary) > 1:
-        attack = report.robust_attack({a: None for a in robust})
-        title = report.ATTACK_LABELS.get(attack, attack)
-        lines.append("")
-        for key, column, _ in METRICS:
-            groups = {word: [n for n in summary if summary[n][attack][key]["verdict"] == word]
-                      for word in ("better", "worse", "within noise")}
-            parts = [f"{word} than {reference}: {', '.join(groups[word])}" for word in ("better", "worse")
-                     if groups[word]]
-            parts.append(f"within the seed spread of {reference}: {', '.join(groups['within noise']) or 'none'}")
-            lines.append(f"{title} {column}: " + "; ".join(parts) + ".")
-    return "\n".join(lines)
 
 
 def _base_config(config):
@@ -356,8 +386,11 @@ def compare(out_dir="runs/compare", *, methods=DEFAULT_METHODS, seeds=DEFAULT_SE
 
     Returns:
         dict: the summary written to ``compare.json`` (``methods``, ``seeds``, ``attacks``, ``reference``,
-        ``config``, ``teacher``, ``runs``: spec -> per-seed test evaluations, ``summary``: see
-        :func:`aggregate`, ``table``, ``trained``/``reused`` run folders, ``plot``, ``seconds``).
+        ``config``, ``teacher``, ``teacher_test``: its test figures, ``runs``: spec -> per-seed test evaluations,
+        ``class_counts``: test images per class, ``summary``: means, intervals, paired differences and verdicts
+        (see :func:`fastabsld.study.statistics.summarise`), ``statistics``: how they were computed and the
+        warning of fewer than 3 seeds, ``flags``: see :func:`student_flags`, ``kept_epochs``, ``table``,
+        ``trained``/``reused`` run folders, ``plot``, ``seconds``).
 
     Raises:
         ValueError: a bad spec, seed, attack or setting, or a run folder holding another configuration.
@@ -368,7 +401,7 @@ def compare(out_dir="runs/compare", *, methods=DEFAULT_METHODS, seeds=DEFAULT_SE
     began = time.perf_counter()
     specs = [parse_method(text) for text in _check_list(methods, "methods")]
     names = [spec.name for spec in specs]
-    seeds = _check_list(seeds, "seeds")
+    seeds = statistics.check_seeds(seeds)
     from fastabsld.evaluation import attack_names
 
     attacks = list(attack_names(_check_list(attacks, "attacks")))
@@ -390,7 +423,7 @@ def compare(out_dir="runs/compare", *, methods=DEFAULT_METHODS, seeds=DEFAULT_SE
 
 def _compare(out_dir, specs, seeds, attacks, reference, base, configs, launcher, data, log, began):
     """The body of :func:`compare` on checked arguments."""
-    from fastabsld.recipe.data import load_for_config, split_size
+    from fastabsld.recipe.data import load_for_config
     from fastabsld.recipe.runtime import resolve_device
     names = [spec.name for spec in specs]
     tests, trained, reused, pending = {}, [], [], []
@@ -406,7 +439,7 @@ def _compare(out_dir, specs, seeds, attacks, reference, base, configs, launcher,
     # ---- launching: the launcher trains the pending runs (here, in worker processes or as SLURM jobs).
     # The teacher is trained and cached once, before any run needs it (None: a job of the launcher trains it).
     distilling = any(spec.method in DISTILLATION_METHODS for spec in specs)
-    teacher_info = launcher.teacher(base, data, pending, log) if distilling else None
+    teacher, teacher_info = launcher.teacher(base, data, pending, log) if distilling else (None, None)
     teacher_path = teacher_info and (teacher_info.get("path") or teacher_info.get("name"))
     teacher_path = teacher_path or ("trained by a job first" if distilling else "none needed")
     log(f"compare: {', '.join(names)} x seeds {seeds} on {base.dataset} ({base.model}, {base.epochs} epochs, "
@@ -421,27 +454,40 @@ def _compare(out_dir, specs, seeds, attacks, reference, base, configs, launcher,
         if robust:
             attack = report.robust_attack({a: None for a in robust})
             result = tests[key][attack]
-            figure = (f"; test {report.ATTACK_LABELS.get(attack, attack)} avg {result['average']:.3f}, worst "
+            figure = (f"; test {study_report.attack_title(attack)} avg {result['average']:.3f}, worst "
                       f"{_nan(result['worst']):.3f}")
         log(f"  [{index}/{len(pending)}] {key[0]} seed {key[1]}: trained in {seconds:.0f} s{figure}")
     unfinished = [key for key in configs if key not in tests]
     if unfinished:
         return launcher.unfinished(unfinished, log)
     if distilling and teacher_info is None:  # trained by a job of the launcher: in the cache now
-        teacher_info = launcher.teacher(base, data, [], log)
+        teacher, teacher_info = launcher.teacher(base, data, [], log)
     # ---- end of launching
 
     device = resolve_device(base.device)
-    runs = {name: [_evaluate_missing(run_folder(out_dir, parse_method(name), seed), tests[(name, seed)], attacks,
-                                     data, device) for seed in seeds] for name in names}
-    summary = aggregate(runs, seeds, attacks, reference)
-    table = format_table(summary, attacks, reference, seeds, test_size=split_size(data.test))
-    plot = report.plot_comparison(summary, attacks, os.path.join(out_dir, PLOT_FILE),
-                                  f"{base.dataset} test split: {len(names)} methods x {len(seeds)} seeds "
-                                  f"({base.epochs} epochs)", seeds=len(seeds))
+    runs, per_example = {name: [] for name in names}, {}
+    for name in names:
+        for seed in seeds:
+            figures, per_example[(name, seed)] = run_results(run_folder(out_dir, parse_method(name), seed),
+                                                             tests[(name, seed)], attacks, data, device)
+            runs[name].append(figures)
+    study = study_of(per_example, names, seeds, attacks, data.num_classes)
+    stats = statistics.summarise(study, reference)
+    teacher_figures = teacher_test(out_dir, teacher, teacher_info, attacks, data, base, device) if teacher else None
+    kept = {name: [_kept_epoch(run_folder(out_dir, parse_method(name), seed)) for seed in seeds] for name in names}
+    flags = student_flags(stats["summary"], kept, base.epochs, teacher_figures)
+    table = study_report.format_table(stats, attacks, reference, seeds, class_counts=study.class_counts,
+                                      teacher=teacher_figures, flags=flags, selection=study_report.selection(base))
+    plot = study_report.plot_comparison(stats["summary"], attacks, os.path.join(out_dir, PLOT_FILE),
+                                        f"{base.dataset} test split: {len(names)} methods x {len(seeds)} seeds "
+                                        f"({base.epochs} epochs)", seeds=len(seeds),
+                                        confidence=stats["confidence"])
     result = {"methods": names, "seeds": seeds, "attacks": attacks, "reference": reference, "config": base.to_dict(),
-              "teacher": teacher_info, "runs": runs, "summary": summary, "table": table, "trained": trained,
-              "reused": reused, "plot": plot, "seconds": time.perf_counter() - began}
+              "teacher": teacher_info, "teacher_test": teacher_figures, "runs": runs,
+              "class_counts": study.class_counts.tolist(), "summary": stats["summary"],
+              "statistics": {k: v for k, v in stats.items() if k != "summary"}, "flags": flags, "kept_epochs": kept,
+              "table": table, "trained": trained, "reused": reused, "plot": plot,
+              "seconds": time.perf_counter() - began}
     report.write_metrics(out_dir, result, name=COMPARE_FILE)
     log("")
     log(table)
