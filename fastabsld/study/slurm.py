@@ -377,8 +377,11 @@ class SlurmLauncher(Launcher):
         folders = {key: folder for key, _, folder in pending}
         if not self.wait:
             self._refresh(list(jobs.values()) + ([teacher] if teacher else []))
-            yield from self._ended(jobs, folders, teacher)
-            self._show_once(jobs, teacher, log)
+            done = set()
+            for key, test, seconds in self._ended(jobs, folders, teacher):
+                done.add(key)
+                yield key, test, seconds
+            self._show_once(jobs, teacher, done, log)
             return
         try:
             yield from self._wait(jobs, folders, teacher, log)
@@ -426,21 +429,22 @@ class SlurmLauncher(Launcher):
             else:
                 yield key, value[0], value[1]
 
-    def _counts(self, jobs, teacher):
+    def _counts(self, jobs, teacher, done):
+        """The runs per state; ``done``: the runs read already (a job that ended since counts as running)."""
         counts = {"pending": 0, "running": 0, "done": 0, "failed": 0}
         for key, job in jobs.items():
-            category = self.state(job)[0]
-            counts["failed" if key in self.failures else "done" if category == "ended" else category] += 1
+            category = "done" if key in done else "failed" if key in self.failures else self.state(job)[0]
+            counts["running" if category == "ended" else category] += 1
         text = "runs: " + ", ".join(f"{n} {word}" for word, n in counts.items())
         if teacher is not None:
             text = f"teacher {'failed' if 'teacher' in self.failures else self.state(teacher)[1].lower()}; {text}"
         return counts, text
 
-    def _show_once(self, jobs, teacher, log):
-        _, text = self._counts(jobs, teacher)
+    def _show_once(self, jobs, teacher, done, log):
+        counts, text = self._counts(jobs, teacher, done)
         ids = sorted({job.job_id.split("_")[0] for job in jobs.values()})
         log(f"jobs {', '.join(ids) or 'none'}: {text}")
-        if any(self.state(job)[0] != "ended" for job in jobs.values()):
+        if counts["done"] + counts["failed"] < len(jobs):
             log(f"not waiting; collect the runs later with: {self.collect_command}")
 
     def _wait(self, jobs, folders, teacher, log):
@@ -457,7 +461,7 @@ class SlurmLauncher(Launcher):
                 for key, test, seconds in self._ended(jobs, folders, teacher, seen):
                     seen.add(key)
                     yield key, test, seconds
-                counts, text = self._counts(jobs, teacher)
+                counts, text = self._counts(jobs, teacher, seen)
                 if bar is not None:
                     bar.n = counts["done"] + counts["failed"]
                     bar.set_postfix_str(text)

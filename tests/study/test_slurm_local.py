@@ -128,6 +128,14 @@ class _RunningJob:
     paths = types.SimpleNamespace(result_pickle=types.SimpleNamespace(exists=lambda: False))
 
 
+def test_a_job_ending_between_two_looks_is_read_before_it_counts_as_done(tmp_path):
+    launcher = SlurmLauncher(str(tmp_path), cluster="local")
+    ended = types.SimpleNamespace(job_id="42_0", state="COMPLETED", paths=_RunningJob.paths)
+    key = ("trades", 0)
+    assert launcher._counts({key: ended}, None, set())[0] == {"pending": 0, "running": 1, "done": 0, "failed": 0}
+    assert launcher._counts({key: ended}, None, {key})[0] == {"pending": 0, "running": 0, "done": 1, "failed": 0}
+
+
 def test_ctrl_c_while_waiting_leaves_the_jobs_and_says_how_to_collect(tmp_path, monkeypatch, capsys):
     lines = []
     launcher = SlurmLauncher(str(tmp_path), cluster="local", collect_command="COLLECT --collect", log=lines.append)
