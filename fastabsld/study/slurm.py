@@ -302,11 +302,13 @@ class SlurmLauncher(Launcher):
     def _outcome(self, job, word):
         """``(value, None)`` for a job that returned, ``(None, reason)`` for one that failed."""
         if job.paths.result_pickle.exists():
-            try:
-                return job.result(), None
-            except Exception as error:  # the run raised: its traceback is in the job's stderr
-                lines = str(error).strip().splitlines()
-                return None, f"it raised {lines[-1] if lines else type(error).__name__}"
+            from submitit.core.utils import pickle_load
+
+            outcome, value = pickle_load(job.paths.result_pickle)  # what job.result() reads
+            if outcome == "success":
+                return value, None
+            lines = [line for line in str(value).splitlines() if line.strip()]  # the job's traceback
+            return None, f"it raised {lines[-1].strip() if lines else outcome}"
         return None, f"ended {word} without a result"
 
     def _failure(self, what, job, reason, folder=None):
