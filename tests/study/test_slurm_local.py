@@ -100,7 +100,7 @@ def test_no_wait_collect_failure_report_and_resubmit(tmp_path, digits):
                                          r"with: COLLECT --resubmit"):
         compare(out, **STUDY, config=config, data=digits, log=lines.append, launcher=launcher(lines, collect=True))
     report = "\n".join(lines)
-    assert f"trades seed 0 (job " in report and f"run folder {broken}" in report
+    assert "trades seed 0 (job " in report and f"run folder {broken}" in report
     assert "failed: it raised fastabsld.recipe.errors.CheckpointError" in report, report
     stderr = [line for line in lines if line.startswith("    | ")]  # the traceback's end, its last line the error
     assert lines[lines.index(stderr[0]) - 1].startswith("  last lines of its stderr (")
