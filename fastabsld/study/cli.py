@@ -29,9 +29,9 @@ COMPARE_HELP = ("Trains every method spec with every seed under one budget on on
                 "defaults with --eval-every 5 (6 methods x 3 seeds of 30 epochs on digits, --jobs 2, the teacher "
                 "included) took 6.0, 6.7 and 6.0 min in three measurements on 2 CPU cores; with --jobs 1 about "
                 "twice that. AutoAttack (--attacks ... autoattack) adds about 2.5 min per run on digits (its "
-                "Square attack's 5000 queries), so it is not among the defaults. With --launcher slurm each run is a job of "
-                "a SLURM job array (see the SLURM launcher's options below); --no-wait and --collect leave and pick "
-                "up the jobs.")
+                "Square attack's 5000 queries), so it is not among the defaults. With --launcher slurm each run is "
+                "a job of a SLURM job array (see the SLURM launcher's options below); --no-wait and --collect leave "
+                "and pick up the jobs.")
 
 
 def _demo(args):

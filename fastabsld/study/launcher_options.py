@@ -1,4 +1,4 @@
-"""The command line of compare's launchers: ``--launcher local|slurm``, the SLURM job options, waiting and collecting."""
+"""The command line of compare's launchers: ``--launcher local|slurm``, the SLURM job options, waiting, collecting."""
 
 import argparse
 import shlex

@@ -57,7 +57,8 @@ def test_command_line_errors_and_collect_command(capsys):
     assert cli.main(["compare", "--launcher", "slurm", "--sbatch", "exclusive"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
     argv = ["compare", "trades", "--launcher", "slurm", "--no-wait", "--out", "runs/my study"]
-    assert collect_command("fastabsld", argv) == "fastabsld compare trades --launcher slurm --out 'runs/my study' --collect"
+    assert collect_command("fastabsld", argv) == ("fastabsld compare trades --launcher slurm --out 'runs/my study' "
+                                                  "--collect")
 
 
 def test_jobs_give_the_figures_and_weights_of_local_runs(tmp_path, digits):
@@ -115,7 +116,8 @@ def test_no_wait_collect_failure_report_and_resubmit(tmp_path, digits):
 
     os.remove(os.path.join(broken, "last.pt"))
     lines = []
-    result = compare(out, **STUDY, config=config, data=digits, log=lines.append, launcher=launcher(lines, resubmit=True))
+    result = compare(out, **STUDY, config=config, data=digits, log=lines.append,
+                     launcher=launcher(lines, resubmit=True))
     assert any(line.startswith("submitted 1 run as job array") for line in lines), lines
     assert sorted(result["runs"]) == ["rslad", "trades"] and len(result["reused"]) == 1
 
