@@ -26,9 +26,10 @@ REQUIRED = os.environ.get("FASTABSLD_SLURM_REQUIRED") == "1"
 STUDY = ["trades", "rslad", "--seeds", "0", "1", "--reference", "rslad", "--attacks", "clean", "fgsm"]
 BUDGET = ["--epochs", "2", "--batch-size", "64", "--steps", "1", "--eval-every", "1", "--val-attacks", "clean",
           "--select-metric", "clean.average", "--teacher-model", "cnn-s", "--teacher-epochs", "1"]
-# One longer run (about 2 s an epoch here) to cancel or preempt in the middle; it needs no teacher.
+# One longer run (10 PGD steps: about a second an epoch or more here) to cancel or preempt in the middle,
+# long enough to outlast the 2 s between scancel's SIGTERM and its SIGKILL; it needs no teacher.
 LONG = ["trades", "--seeds", "0", "--reference", "trades", "--attacks", "clean", "--epochs", "12",
-        "--batch-size", "64", "--steps", "1", "--eval-every", "1", "--val-attacks", "clean",
+        "--batch-size", "64", "--steps", "10", "--eval-every", "1", "--val-attacks", "clean",
         "--select-metric", "clean.average"]
 TIMEOUT_S = 600
 
@@ -135,7 +136,7 @@ def long_reference(tmp_path_factory):
     """The long run trained by the local launcher (in this process)."""
     out = str(tmp_path_factory.mktemp("long") / "local")
     return out, compare(out, methods=["trades"], seeds=[0], reference="trades", attacks=["clean"], log=lambda *_: None,
-                        config=dict(epochs=12, batch_size=64, steps=1, eval_every=1, val_attacks=("clean",),
+                        config=dict(epochs=12, batch_size=64, steps=10, eval_every=1, val_attacks=("clean",),
                                     select_metric="clean.average"))
 
 
