@@ -20,7 +20,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export NVCC_APPEND_FLAGS ?= --threads 0
 
-.PHONY: install build test demo bench gpu-check clean
+.PHONY: install build test test-slurm demo bench gpu-check clean
 
 $(INSTALLED): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ build: $(BUILT)
 
 test: $(BUILT)
 	$(PY) -m pytest -q tests benchmarks --benchmark-disable
+
+# The SLURM tests on a single-node SLURM cluster started here for them (installed through apt when missing,
+# as root) and stopped afterwards, also when a test fails.
+SLURM_CLUSTER_DIR ?= $(or $(TMPDIR),/tmp)/fastabsld-slurm-test
+test-slurm: $(BUILT)
+	export FASTABSLD_SLURM_DIR=$(SLURM_CLUSTER_DIR); trap 'scripts/slurm_cluster.sh stop' EXIT; \
+	scripts/slurm_cluster.sh start; eval "$$(scripts/slurm_cluster.sh env)"; \
+	FASTABSLD_SLURM_REQUIRED=1 $(PY) -m pytest -q tests/study/test_slurm_cluster.py tests/study/test_slurm_local.py
 
 bench: $(BUILT)
 	$(PY) -m pytest -q benchmarks --benchmark-only

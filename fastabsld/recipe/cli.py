@@ -593,13 +593,18 @@ def build_parser(commands=()):
     return parser
 
 
+def program():
+    """How this command line was called: ``fastabsld`` or ``python -m fastabsld``."""
+    return "python -m fastabsld" if os.path.basename(sys.argv[0]) == "__main__.py" else "fastabsld"
+
+
 def _resume_command(args, argv):
     """The exact command that continues an interrupted ``train``."""
     words = [word for word in argv if word != "--resume"]
     if args.run_dir is None:
         words += ["--run-dir", getattr(args, "resolved_run_dir", None) or "RUN_DIR"]
     words.append("--resume")
-    launcher = "python -m fastabsld" if os.path.basename(sys.argv[0]) == "__main__.py" else "fastabsld"
+    launcher = program()
     from fastabsld.recipe.distributed import env_world_size
 
     if env_world_size() > 1:
@@ -641,6 +646,7 @@ def main(argv=None, commands=()):
         return done.code if isinstance(done.code, int) else EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    args.argv = argv  # for commands that print a command line to run later
     if args.command != "train" and env_world_size() > 1:
         return _error(f"only 'train' runs under torchrun; run '{args.command}' as a single process")
     from fastabsld.recipe import logs

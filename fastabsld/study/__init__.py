@@ -6,5 +6,6 @@ Imports the recipe and the library, never imported by them. Modules:
   runs' per-example results), ``compare`` (methods x seeds on one data set and one cached teacher, one
   table), ``demo`` (RSLAD against ABSLD on digits), ``report`` (the tables and plots of many runs)
   and ``cli`` (the ``fastabsld`` program: the recipe's ``train`` and ``eval`` with ``demo`` and
-  ``compare``).
+  ``compare``); ``launchers`` (where compare's runs train: this machine), ``slurm`` (a SLURM job array
+  through submitit) and ``launcher_options`` (their command line flags).
 """

@@ -29,7 +29,9 @@ COMPARE_HELP = ("Trains every method spec with every seed under one budget on on
                 "defaults with --eval-every 5 (6 methods x 3 seeds of 30 epochs on digits, --jobs 2, the teacher "
                 "included) took 6.0, 6.7 and 6.0 min in three measurements on 2 CPU cores; with --jobs 1 about "
                 "twice that. AutoAttack (--attacks ... autoattack) adds about 2.5 min per run on digits (its "
-                "Square attack's 5000 queries), so it is not among the defaults.")
+                "Square attack's 5000 queries), so it is not among the defaults. With --launcher slurm each run is "
+                "a job of a SLURM job array (see the SLURM launcher's options below); --no-wait and --collect leave "
+                "and pick up the jobs.")
 
 
 def _demo(args):
@@ -46,11 +48,13 @@ def _demo(args):
 def _compare(args):
     from fastabsld.recipe.options import requested_settings
     from fastabsld.study.compare import compare
+    from fastabsld.study.launcher_options import launcher_from_args
 
     recipe_cli.set_threads(args.threads)
     config = {**requested_settings(args), "progress": False}  # each run's epoch lines go to its train.log
+    launcher = launcher_from_args(args, recipe_cli.program(), args.argv)
     compare(args.out, methods=args.methods, seeds=args.seeds, attacks=args.attacks, reference=args.reference,
-            config=config, jobs=args.jobs, threads=args.threads)
+            config=config, jobs=args.jobs, threads=args.threads, launcher=launcher)
     return 0
 
 
@@ -59,6 +63,8 @@ def _demo_interrupted(args):
 
 
 def _compare_interrupted(args):
+    if args.launcher == "slurm":
+        return "interrupted; the SLURM jobs keep running (collect them as said above)"
     return (f"interrupted; the finished runs in {args.out} are kept and the interrupted ones resume from their "
             "last epoch: run the same command again to continue")
 
@@ -127,6 +133,9 @@ def add_compare(sub):
     add_config_arguments(c.add_argument_group(
         "settings of every run (TrainConfig; compare's defaults: "
         f"{', '.join(f'{flag(k)} {v}' for k, v in compare_mod.DEFAULTS.items())})"), shared)
+    from fastabsld.study.launcher_options import add_launcher_arguments
+
+    add_launcher_arguments(c)
     c.set_defaults(func=_compare, threads=1, interrupted=_compare_interrupted)
 
 

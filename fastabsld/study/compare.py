@@ -360,7 +360,7 @@ def _check_list(values, name):
 
 
 def compare(out_dir="runs/compare", *, methods=DEFAULT_METHODS, seeds=DEFAULT_SEEDS, attacks=DEFAULT_ATTACKS,
-            reference=DEFAULT_REFERENCE, config=None, jobs=1, threads=1, data=None, log=None):
+            reference=DEFAULT_REFERENCE, config=None, jobs=1, threads=1, data=None, log=None, launcher=None):
     """Trains every method spec with every seed (or reuses the finished runs), evaluates them, tabulates them.
 
     Args:
@@ -371,13 +371,18 @@ def compare(out_dir="runs/compare", *, methods=DEFAULT_METHODS, seeds=DEFAULT_SE
         reference: the spec the paired differences are taken from (one of ``methods``).
         config: the base config shared by every run: a TrainConfig, or a dict of its fields over
             :data:`DEFAULTS` (without method, reweight, seed and test_attacks, which compare sets per run).
-        jobs: runs trained at once, each in a process of its own (1: one after the other in this process).
+        jobs: runs trained at once by the default local launcher, each in a process of its own (1: one after the
+            other in this process).
         threads: torch CPU threads per run (1 is fastest for the digits models on a shared machine; 0 keeps
             torch's choice).
         data: preloaded Splits of the base config's data set (``None``: loaded from the config); the worker
             processes of ``jobs > 1`` load it themselves.
         log: function printing one-line messages (default: :func:`fastabsld.recipe.logs.info`). Each run's own
             lines (one per epoch) go to ``train.log`` in its folder.
+        launcher: where the runs train (a :class:`fastabsld.study.launchers.Launcher`; default: a
+            ``LocalLauncher(jobs, threads)`` on this machine; :class:`fastabsld.study.slurm.SlurmLauncher`
+            submits them to SLURM). When it leaves runs unfinished (submitted without waiting), compare returns
+            its word on them (``unfinished``, ``jobs``, ``collect``) instead of the summary.
 
     Returns:
         dict: the summary written to ``compare.json`` (``methods``, ``seeds``, ``attacks``, ``reference``,
@@ -402,26 +407,24 @@ def compare(out_dir="runs/compare", *, methods=DEFAULT_METHODS, seeds=DEFAULT_SE
     attacks = list(attack_names(_check_list(attacks, "attacks")))
     if reference not in names:
         raise ValueError(f"reference {reference!r} must be one of the compared methods {names}")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    from fastabsld.study.launchers import LocalLauncher
+
+    launcher = launcher or LocalLauncher(jobs, threads)
     base = _base_config(config)
     configs = {(spec.name, seed): run_config(base, spec, seed, attacks) for spec in specs for seed in seeds}
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _compare(out_dir, specs, seeds, attacks, reference, base, configs, jobs, threads, data, log, began)
+        return _compare(out_dir, specs, seeds, attacks, reference, base, configs, launcher, data, log, began)
     finally:
         torch.set_num_threads(previous)
 
 
-def _compare(out_dir, specs, seeds, attacks, reference, base, configs, jobs, threads, data, log, began):
+def _compare(out_dir, specs, seeds, attacks, reference, base, configs, launcher, data, log, began):
     """The body of :func:`compare` on checked arguments."""
     from fastabsld.recipe.data import load_for_config
     from fastabsld.recipe.runtime import resolve_device
-    from fastabsld.recipe.teacher import teacher_and_info
-    from fastabsld.recipe.train import teacher_report
-
     names = [spec.name for spec in specs]
     tests, trained, reused, pending = {}, [], [], []
     for key, cfg in configs.items():  # a folder of another configuration fails before anything trains
@@ -433,17 +436,18 @@ def _compare(out_dir, specs, seeds, attacks, reference, base, configs, jobs, thr
             tests[key] = test
             reused.append(folder)
     data = data if data is not None else load_for_config(base)
-    teacher = teacher_info = None
-    if any(spec.method in DISTILLATION_METHODS for spec in specs):
-        # Trained and cached once, before any run needs it; its validation figures are computed once too.
-        teacher, teacher_info = teacher_and_info(base, data=data, log=log)
-        teacher_info["val"] = teacher_report(teacher, data, base)
+    # ---- launching: the launcher trains the pending runs (here, in worker processes or as SLURM jobs).
+    # The teacher is trained and cached once, before any run needs it (None: a job of the launcher trains it).
+    distilling = any(spec.method in DISTILLATION_METHODS for spec in specs)
+    teacher, teacher_info = launcher.teacher(base, data, pending, log) if distilling else (None, None)
     teacher_path = teacher_info and (teacher_info.get("path") or teacher_info.get("name"))
+    teacher_path = teacher_path or ("trained by a job first" if distilling else "none needed")
     log(f"compare: {', '.join(names)} x seeds {seeds} on {base.dataset} ({base.model}, {base.epochs} epochs, "
-        f"eps={base.eps:.4g}, {base.steps} PGD steps); teacher {teacher_path or 'none needed'}; runs in {out_dir}")
+        f"eps={base.eps:.4g}, {base.steps} PGD steps); teacher {teacher_path}; runs in {out_dir}")
     if reused:
         log(f"{len(reused)} of {len(configs)} runs finished before: not trained again")
-    for index, (key, seconds) in enumerate(_train_all(pending, jobs, threads, data, tests, teacher_info), start=1):
+    for index, (key, test, seconds) in enumerate(launcher.train(pending, _train_run, data, teacher_info, log), 1):
+        tests[key] = test
         trained.append(run_folder(out_dir, parse_method(key[0]), key[1]))
         robust = [a for a in attacks if a != "clean"]
         figure = ""
@@ -453,6 +457,12 @@ def _compare(out_dir, specs, seeds, attacks, reference, base, configs, jobs, thr
             figure = (f"; test {study_report.attack_title(attack)} avg {result['average']:.3f}, worst "
                       f"{_nan(result['worst']):.3f}")
         log(f"  [{index}/{len(pending)}] {key[0]} seed {key[1]}: trained in {seconds:.0f} s{figure}")
+    unfinished = [key for key in configs if key not in tests]
+    if unfinished:
+        return launcher.unfinished(unfinished, log)
+    if distilling and teacher_info is None:  # trained by a job of the launcher: in the cache now
+        teacher, teacher_info = launcher.teacher(base, data, [], log)
+    # ---- end of launching
 
     device = resolve_device(base.device)
     runs, per_example = {name: [] for name in names}, {}
@@ -486,27 +496,3 @@ def _compare(out_dir, specs, seeds, attacks, reference, base, configs, jobs, thr
         f"({len(trained)} trained, {len(reused)} reused); total {result['seconds']:.0f} s")
     return result
 
-
-def _train_all(pending, jobs, threads, data, tests, teacher_info):
-    """Trains the pending runs (``jobs`` at once); yields (key, seconds) as each ends, its test stored in ``tests``."""
-    if jobs == 1 or len(pending) <= 1:
-        for key, cfg, folder in pending:
-            tests[key], seconds = _train_run(cfg.to_dict(), folder, threads, data, teacher_info)
-            yield key, seconds
-        return
-    import concurrent.futures
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=context) as pool:
-        futures = {pool.submit(_train_run, cfg.to_dict(), folder, threads, None, teacher_info): key
-                   for key, cfg, folder in pending}
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                key = futures[future]
-                tests[key], seconds = future.result()
-                yield key, seconds
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
