@@ -34,6 +34,7 @@ import time
 
 import torch
 
+from fastabsld import sanity
 from fastabsld.evaluation import evaluate
 from fastabsld.recipe import checkpoint, distributed, lock, logs, predictions, report, speed
 from fastabsld.recipe.data import eval_loader, is_tensors, split_size, stream_loader, subset
@@ -472,6 +473,11 @@ def _fit(cfg, run_dir, data, *, teacher, resume, log, student, info, scalar_writ
         test = evaluate(student, _eval_loader(data.test, cfg), cfg.test_attacks, eps=cfg.eps, alpha=cfg.alpha,
                         num_classes=data.num_classes, device=device, progress=bars)
         result = {"config": cfg.to_dict(), "history": history, "best": best, "test": test, **extra}
+        # The adversarial-evaluation checks eval runs (a stronger attack above a weaker one, masked gradients).
+        warnings = sanity.check({attack: test.correct(attack) for attack in cfg.test_attacks})
+        for warning in warnings:
+            log(f"warning: {warning.message}")
+        result["sanity"] = {"warnings": [warning.to_dict() for warning in warnings]}
         if scalars:
             scalars.add(logs.final_scalars(test), cfg.epochs)
         if writes:  # the predictions first: metrics.json with a test marks the run finished

@@ -86,3 +86,23 @@ def test_a_streamed_dataset_trains_and_resumes_exactly(tmp_path, digits):
     resumed = train(cfg, str(tmp_path / "resumed"), resume=True, **quiet)
     assert _same_weights(straight["model"], resumed["model"])
     assert [e["train_loss"] for e in straight["history"]] == [e["train_loss"] for e in resumed["history"]]
+
+
+def test_the_final_test_runs_the_sanity_checks(tmp_path, digits, monkeypatch):
+    """train's final test gets eval's adversarial-evaluation checks: on the same examples, logged and recorded."""
+    from fastabsld import sanity
+
+    seen = {}
+
+    def check(correct):
+        seen.update(correct)
+        return [sanity.SanityWarning("order", "pgd20 above fgsm", ("fgsm", "pgd20"), 0.001)]
+
+    monkeypatch.setattr(sanity, "check", check)
+    lines = []
+    cfg = TrainConfig(method="pgd-at", **{**TINY, "test_attacks": ("clean", "fgsm", "pgd20")})
+    train(cfg, str(tmp_path), data=digits, log=lines.append)
+    assert set(seen) == {"clean", "fgsm", "pgd20"} and len({len(v) for v in seen.values()}) == 1
+    assert "warning: pgd20 above fgsm" in lines
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["sanity"]["warnings"][0]["check"] == "order"
