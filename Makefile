@@ -49,7 +49,7 @@ SLURM_CLUSTER_DIR ?= $(or $(TMPDIR),/tmp)/fastabsld-slurm-test
 test-slurm: $(BUILT)
 	export FASTABSLD_SLURM_DIR=$(SLURM_CLUSTER_DIR); trap 'scripts/slurm_cluster.sh stop' EXIT; \
 	scripts/slurm_cluster.sh start; eval "$$(scripts/slurm_cluster.sh env)"; \
-	FASTABSLD_SLURM_REQUIRED=1 $(PY) -m pytest -q tests/study/test_slurm_cluster.py tests/study/test_slurm_local.py
+	FASTABSLD_SLURM_REQUIRED=1 $(PY) -m pytest -q tests/study/test_slurm_cluster.py
 
 bench: $(BUILT)
 	$(PY) -m pytest -q benchmarks --benchmark-only
