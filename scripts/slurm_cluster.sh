@@ -167,12 +167,14 @@ start() {
     wait_for munged 20 test -S "$DIR/munge/munge.socket"
 
     # mariadb: a data folder of its own on 127.0.0.1, a database and a user for slurmdbd.
-    chown mysql:mysql "$DIR/mysql"
-    mariadb-install-db --user=mysql --datadir="$DIR/mysql" --auth-root-authentication-method=socket \
+    # Its temporary files go to a folder of its own: the caller's TMPDIR may be one the mysql user cannot write.
+    mkdir -p "$DIR/mysql-tmp"
+    chown mysql:mysql "$DIR/mysql" "$DIR/mysql-tmp"
+    TMPDIR="$DIR/mysql-tmp" mariadb-install-db --user=mysql --datadir="$DIR/mysql" --auth-root-authentication-method=socket \
         --skip-test-db > "$DIR/log/mariadb-install.log" 2>&1 || { tail -20 "$DIR/log/mariadb-install.log"; die "mariadb-install-db failed"; }
     spawn mariadbd mariadbd --no-defaults --user=mysql --datadir="$DIR/mysql" --socket="$DIR/mysql/mysqld.sock" \
         --pid-file="$DIR/mysql/mysqld.pid" --bind-address=127.0.0.1 --port="$(cat "$DIR/etc/db_port")" \
-        --innodb-buffer-pool-size=64M --skip-log-bin
+        --innodb-buffer-pool-size=64M --skip-log-bin --tmpdir="$DIR/mysql-tmp"
     wait_for mariadbd 60 mariadb --no-defaults --socket="$DIR/mysql/mysqld.sock" -u root -e "SELECT 1"
     local password
     password=$(cat "$DIR/etc/db_password")
