@@ -7,13 +7,14 @@ from benchmarks import gpu_report
 
 
 def test_bytes_per_op():
-    # KD, fp32: s + t read, gradient written, the backward's read + write: 20 B/element, plus 20 B/row
-    # (label 8, temperature 4, loss 4, grad_output 4). The tile form moves exactly that.
-    assert gpu_report.kd_bytes(128, 10) == (128 * 10 * 20 + 128 * 20,) * 2
-    assert gpu_report.kd_bytes(128, 10, torch.bfloat16)[0] == 128 * 10 * 10 + 128 * 20
+    # KD, fp32: s + t read, gradient written, the backward's read + write: 20 B/element, plus 16 B/row
+    # (label 8, temperature 4, loss 4). The tile form moves that, and its finishing reduction reads each
+    # row's loss and label once more (12 B/row).
+    assert gpu_report.kd_bytes(128, 10) == (128 * 10 * 20 + 128 * 16, 128 * 10 * 20 + 128 * (16 + 12))
+    assert gpu_report.kd_bytes(128, 10, torch.bfloat16)[0] == 128 * 10 * 10 + 128 * 16
     # The split form (few long rows) reads both inputs a second time: 8 more bytes per fp32 element.
     minimum, moved = gpu_report.kd_bytes(8, 32000)
-    assert minimum == 8 * 32000 * 20 + 8 * 20 and moved - 8 * 32000 * 28 > 0
+    assert minimum == 8 * 32000 * 20 + 8 * 16 and moved - 8 * 32000 * 28 > 0
     assert moved < 8 * 32000 * 28 * 1.01
     # PGD: x_adv, x, grad read and the output written, whichever norm.
     assert gpu_report.pgd_bytes((2, 3, 4, 4)) == (96 * 4 * 4, 96 * 4 * 4)

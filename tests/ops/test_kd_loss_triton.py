@@ -157,13 +157,14 @@ def test_plan_is_cached_per_metadata(cuda_path, monkeypatch):
 def test_cpu_scalars_stay_numbers_for_device_logits():
     """A 0-d CPU temperature or sample weight with logits elsewhere is read as a number (no copy)."""
     device = torch.device("cuda")  # only compared, nothing is allocated there
-    tau, scalar = kd_loss._check_temperature(torch.tensor(2.5), "teacher_temperature", None, 4, 10, device,
+    tau, scalar = kd_loss._check_temperature(torch.tensor(2.5), "teacher_temperature", None, (4,), 10, device,
                                              torch.float32)
     assert tau is None and scalar == 2.5
-    weight, scalar = kd_loss._check_sample_weight(torch.tensor(0.25, dtype=torch.float64), 4, device)
+    weight, scalar = kd_loss._check_sample_weight(torch.tensor(0.25, dtype=torch.float64), (4,), device,
+                                                 torch.float32)
     assert weight is None and scalar == 0.25
     with pytest.raises(ValueError, match="teacher_temperature"):
-        kd_loss._check_temperature(torch.tensor(-1.0), "teacher_temperature", None, 4, 10, device, torch.float32)
+        kd_loss._check_temperature(torch.tensor(-1.0), "teacher_temperature", None, (4,), 10, device, torch.float32)
 
 
 def test_fp16_student_gradient_survives_many_columns(cuda_path):

@@ -116,7 +116,7 @@ def test_sync_bn_needs_cuda():
 
 
 def test_only_train_runs_under_torchrun(monkeypatch, tmp_path, capsys):
-    from fastabsld.recipe import cli
+    from fastabsld.study import cli
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 2
