@@ -12,9 +12,11 @@ machine's load, their ratios much less. A speed-up that fell by more than ``--to
 or a weighted / unweighted cost that rose by more, is flagged, and the exit status is 1.
 
 The default tolerance is the run-to-run spread of these ratios measured on a 2-core machine with
-nothing else running (``DEFAULT_TOLERANCE``): the largest relative change of any ratio between
-repeated runs of the same code there. On a loaded machine the spread is far larger: compare runs
-made under the same conditions, and pin the threads (``--bench-threads``).
+nothing else running (``DEFAULT_TOLERANCE``): over three runs of the same code there (29 ratios,
+every pair of runs) the median change of a ratio was 10%, the 95th percentile 49% in either
+direction and the largest fall of a speed-up 37%, mostly at the shapes whose cases run for a
+millisecond or more and the training step. On a loaded machine the spread is far larger: compare
+runs made under the same conditions, and pin the threads (``--bench-threads``).
 """
 
 import argparse
@@ -23,8 +25,8 @@ import sys
 
 from benchmarks.summary import JSON_KEY, TABLE_WIDTH
 
-# Largest relative change of a ratio between repeated runs of the same code (2-core CPU, idle machine).
-DEFAULT_TOLERANCE = 0.25
+# Above the largest fall of a speed-up between repeated runs of the same code (37%; 2-core CPU, idle machine).
+DEFAULT_TOLERANCE = 0.4
 
 
 def load_rows(path):
