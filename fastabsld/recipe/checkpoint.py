@@ -172,24 +172,15 @@ def atomic_save(obj, path, *, keep_previous=False):
         WriteError: the file system refused the file (a full disk, a quota, no permission); ``path`` and
             its previous version are untouched.
     """
-    with _writing(path):
-        fd, tmp = _temporary(path)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                _write_payload(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-            verify(tmp)
-            if keep_previous and os.path.exists(path):
-                _keep_as_previous(path)
-            _replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+    def keep_checked(tmp):
+        verify(tmp)  # what was written reads back whole before it replaces anything
+        if keep_previous and os.path.exists(path):
+            _keep_as_previous(path)
+
+    atomic_write(lambda f: _write_payload(obj, f), path, before_replace=keep_checked)
 
 
-def atomic_write(write, path):
+def atomic_write(write, path, *, before_replace=None):
     """Writes a file atomically: ``write(f)`` fills a temporary binary file in the same folder, which is
     flushed to disk and renamed over ``path``; on any failure (a full disk) it is removed and ``path``
     is untouched, so no empty or partial file is left.
@@ -197,6 +188,8 @@ def atomic_write(write, path):
     Args:
         write: function of one argument, the open binary file, that writes the content.
         path: destination file.
+        before_replace: function of the temporary file's path, called once it is on disk and before it
+            replaces ``path`` (a check of what was written; raising leaves ``path`` untouched), or None.
 
     Raises:
         WriteError: the file system refused the file; ``path`` is untouched.
@@ -208,6 +201,8 @@ def atomic_write(write, path):
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
+            if before_replace is not None:
+                before_replace(tmp)
             _replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
