@@ -223,6 +223,11 @@ at::Tensor checked_weight(const std::optional<at::Tensor>& weight, const char* n
   return as_type(*weight, acc);
 }
 
+constexpr const char* FORWARD_MODE_MESSAGE =
+    "fastabsld::kd_kl_div_forward has no forward-mode derivative: call fastabsld.loss.kd_kl_div (or "
+    "fastabsld.ops.kd_loss.kd_kl_div_forward), which computes through differentiable operations in forward mode "
+    "and under torch.func";
+
 bool kd_supported(at::ScalarType type) {
   return type == at::kFloat || type == at::kHalf || type == at::kBFloat16 || type == at::kDouble;
 }
@@ -241,6 +246,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_kl_div_forward_cpu(
               " must have the same shape");
   TORCH_CHECK(teacher_logits.device() == student_logits.device(),
               "kd_kl_div_forward: the logits must be on one device");
+  // The op's autograd is reverse mode only: a forward-mode tangent would be dropped without a word.
+  TORCH_CHECK_NOT_IMPLEMENTED(!student_logits._fw_grad(0).defined() && !teacher_logits._fw_grad(0).defined(),
+                              FORWARD_MODE_MESSAGE);
   TORCH_CHECK(kd_supported(student_logits.scalar_type()) && kd_supported(teacher_logits.scalar_type()),
               "kd_kl_div_forward: logits must be fp32, fp16, bf16 or fp64, got ",
               student_logits.scalar_type(), " and ", teacher_logits.scalar_type());

@@ -227,3 +227,18 @@ def test_raw_op_function_forward_mode_matches_composite():
     with forward_ad.dual_level():
         tangent = forward_ad.unpack_dual(rows(forward_ad.make_dual(s, ds), forward_ad.make_dual(t, dt))).tangent
     torch.testing.assert_close(tangent, want[1])
+
+
+@pytest.mark.parametrize("dual", ["student", "teacher"])
+def test_the_raw_op_refuses_a_forward_mode_tangent(dual):
+    """torch.ops.fastabsld.kd_kl_div_forward has reverse-mode autograd only: a tangent is an error, never dropped."""
+    s, t, labels = inputs(16)
+    with forward_ad.dual_level():
+        if dual == "student":
+            s = forward_ad.make_dual(s, torch.ones_like(s))
+        else:
+            t = forward_ad.make_dual(t, torch.ones_like(t))
+        with pytest.raises(NotImplementedError, match="no forward-mode derivative.*fastabsld.loss.kd_kl_div"):
+            torch.ops.fastabsld.kd_kl_div_forward(s, t, labels, None, None, 1.0, 1.0, -100, True, False)
+        # The public function computes through differentiable operations there.
+        assert forward_ad.unpack_dual(kd_kl_div(s, t, labels=labels)).tangent is not None

@@ -382,6 +382,27 @@ def _launcher_temperature(tau, labels):
     return False
 
 
+FORWARD_MODE_MESSAGE = ("fastabsld::kd_kl_div_forward has no forward-mode derivative: call fastabsld.loss.kd_kl_div "
+                        "(or fastabsld.ops.kd_loss.kd_kl_div_forward), which computes through differentiable "
+                        "operations in forward mode and under torch.func")
+
+
+def _refuse_tangents(*logits):
+    """The op's kernels refuse inputs with a forward-mode tangent (its autograd is reverse mode only).
+
+    Raises:
+        NotImplementedError: a tangent would otherwise be dropped without a word.
+    """
+    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in logits):
+        raise NotImplementedError(FORWARD_MODE_MESSAGE)
+
+
+def _fallback_kernel(student_logits, teacher_logits, *args):
+    """The op's kernel without the extension: :func:`fallback_forward` for inputs without a tangent."""
+    _refuse_tangents(student_logits, teacher_logits)
+    return fallback_forward(student_logits, teacher_logits, *args)
+
+
 def _cuda_forward(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
                   teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad,
                   teacher_grad, weight=None, sample_weight=None, sample_weight_scalar=1.0):
@@ -390,6 +411,7 @@ def _cuda_forward(student_logits, teacher_logits, labels, teacher_temperature, s
     fp64 logits and per-row temperatures with labels run the fallback: the Triton kernels have no
     form for them.
     """
+    _refuse_tangents(student_logits, teacher_logits)
     args = (student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
             teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad)
     weights = (weight, sample_weight, sample_weight_scalar)
@@ -411,7 +433,7 @@ def _cuda_forward(student_logits, teacher_logits, labels, teacher_temperature, s
 if not HAS_EXTENSION:
     _LIB = torch.library.Library("fastabsld", "FRAGMENT")
     _LIB.define(SCHEMA)
-    _LIB.impl("kd_kl_div_forward", fallback_forward, "CompositeExplicitAutograd")
+    _LIB.impl("kd_kl_div_forward", _fallback_kernel, "CompositeExplicitAutograd")
 _CUDA_LIB = torch.library.Library("fastabsld", "IMPL")
 _CUDA_LIB.impl("kd_kl_div_forward", _cuda_forward, "CUDA")
 
