@@ -11,6 +11,7 @@ import torch
 
 import fastabsld
 from fastabsld.ops import pgd
+from tests.ops.without_extension import BLOCK_EXTENSION
 
 
 def test_extension_is_built_and_registers_its_ops():
@@ -33,14 +34,9 @@ def test_cuda_kernels_are_compiled_in_when_torch_is_a_cuda_build():
 
 def test_package_imports_without_the_extension_and_warns(tmp_path):
     """Copies the package without its .so and checks the fallback in a fresh interpreter."""
-    script = textwrap.dedent(
+    script = BLOCK_EXTENSION + textwrap.dedent(
         """
-        import sys, types, warnings, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "fastabsld._C":
-                    raise ImportError("blocked for the test")
-        sys.meta_path.insert(0, Block())
+        import warnings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             import fastabsld, torch
@@ -132,3 +128,30 @@ def test_every_narrower_cpu_isa_passes_the_pgd_tests(isa):
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout.splitlines()[-1]
+
+
+def test_the_fallback_kd_op_refuses_a_forward_mode_tangent():
+    """Without the extension the KD op's kernel refuses a tangent as the C++ one does (never a None tangent)."""
+    script = BLOCK_EXTENSION + textwrap.dedent(
+        """
+        import warnings
+        warnings.simplefilter("ignore")
+        import torch, fastabsld
+        from torch.autograd import forward_ad
+        assert not fastabsld.HAS_EXTENSION
+        s, t = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+        with forward_ad.dual_level():
+            dual = forward_ad.make_dual(s, torch.ones_like(s))
+            try:
+                torch.ops.fastabsld.kd_kl_div_forward(dual, t, None, None, None, 1.0, 1.0, -100, True, False)
+                raise SystemExit("the raw op took a tangent")
+            except NotImplementedError as error:
+                assert "no forward-mode derivative" in str(error), error
+            from fastabsld.loss import kd_kl_div
+            assert forward_ad.unpack_dual(kd_kl_div(dual, t)).tangent is not None
+        print("refused")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "refused" in result.stdout

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from fastabsld import HAS_EXTENSION, reference
 from fastabsld.ops import pgd_step
+from tests.ops.without_extension import BLOCK_EXTENSION
 
 RADII = {"linf": (2 / 255, 8 / 255), "l2": (0.1, 0.5)}
 # L-inf follows the reference's operations exactly; L2 sums in another order, so its result may
@@ -305,14 +306,9 @@ def test_a_zero_dim_cpu_radius_is_a_number(device, norm, monkeypatch):
 
 def test_the_fallback_raises_for_a_derivative_too():
     """Without the extension the op's Python autograd kernel behaves as the C++ one."""
-    script = textwrap.dedent(
+    script = BLOCK_EXTENSION + textwrap.dedent(
         """
-        import sys, importlib.abc, warnings
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "fastabsld._C":
-                    raise ImportError("blocked for the test")
-        sys.meta_path.insert(0, Block())
+        import warnings
         warnings.simplefilter("ignore")
         import torch, fastabsld
         from fastabsld.ops import pgd_step
