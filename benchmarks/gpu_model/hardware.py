@@ -117,17 +117,17 @@ def achievable_seconds(nbytes, gpu=H100):
     return nbytes / (ACHIEVABLE_FRACTION * gpu.dram_bytes_per_s)
 
 
-def issue_seconds(thread_instructions, gpu=H100):
-    """The instruction-issue bound: time to issue ``thread_instructions`` (32 a warp instruction).
+def issue_seconds(warp_instructions, gpu=H100):
+    """Time the SMs need to issue ``warp_instructions`` (one per scheduler and clock, all SMs busy).
 
     Args:
-        thread_instructions: instructions executed, summed over threads.
+        warp_instructions: warp instructions a kernel executes (thread instructions / 32).
         gpu: the GPU.
 
     Returns:
         float: seconds.
     """
-    return thread_instructions / 32 / (ISSUE_PER_SM_PER_CLOCK * gpu.sms * CLOCK_HZ)
+    return warp_instructions / (gpu.sms * ISSUE_PER_SM_PER_CLOCK * CLOCK_HZ)
 
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -262,20 +262,13 @@ def format_rows(rows):
     return "\n".join(lines)
 
 
-# ---- Achievable rates, instruction issue and host cost -------------------------------------
-# Streaming kernels reach about 90% of the HBM peak (the best row-wise softmax and cross-entropy
-# kernels do, from 4k to 262k columns); a model that divides bytes by the peak flatters.
-ACHIEVABLE_DRAM_FRACTION = 0.9
-# The instruction-issue bound: each SM's four schedulers issue one warp instruction per clock,
-# at the H100 SXM's (and H200's) 1.98 GHz boost clock.
-SM_CLOCK_HZ = 1.98e9
-ISSUE_PER_SM_PER_CLOCK = 4
+# ---- Achievable rates and host cost ------------------------------------------------------------
 # Host (CPU) time of one launch call (cudaLaunchKernel, cudaMemsetAsync): assumed, not measured.
 HOST_LAUNCH_S = 2.5e-6
 
 
 def achievable_dram_bytes_per_s(gpu=H100):
-    """DRAM bytes per second a streaming kernel reaches: ``ACHIEVABLE_DRAM_FRACTION`` of the peak.
+    """DRAM bytes per second a streaming kernel reaches: ``ACHIEVABLE_FRACTION`` of the peak.
 
     Args:
         gpu: the GPU.
@@ -283,17 +276,4 @@ def achievable_dram_bytes_per_s(gpu=H100):
     Returns:
         float: bytes per second.
     """
-    return gpu.dram_bytes_per_s * ACHIEVABLE_DRAM_FRACTION
-
-
-def issue_seconds(warp_instructions, gpu=H100):
-    """Time the SMs need to issue ``warp_instructions`` (one per scheduler and clock, all SMs busy).
-
-    Args:
-        warp_instructions: warp instructions executed by a kernel.
-        gpu: the GPU.
-
-    Returns:
-        float: seconds.
-    """
-    return warp_instructions / (gpu.sms * ISSUE_PER_SM_PER_CLOCK * SM_CLOCK_HZ)
+    return gpu.dram_bytes_per_s * ACHIEVABLE_FRACTION

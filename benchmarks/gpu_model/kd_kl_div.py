@@ -199,7 +199,7 @@ def rows(shapes=SHAPES, dtypes=tuple(DTYPES), host_us="measure"):
         row["times"] = {}
         for gpu in (hardware.H100, hardware.H200):
             memory = hardware.achievable_seconds(row["bytes"], gpu)
-            issued = sum(hardware.issue_seconds(count, gpu) for count in instructions)
+            issued = sum(hardware.issue_seconds(count / 32, gpu) for count in instructions)  # thread -> warp
             gpu_us = 1e6 * (max(memory, issued) + len(launches) * hardware.LAUNCH_OVERHEAD_S)
             row["times"][gpu.name] = gpu_us if host is None else max(gpu_us, host)
             row.setdefault("bound", {})[gpu.name] = ("host" if host is not None and host > gpu_us else

@@ -425,9 +425,9 @@ def footer():
     return (f"model: a call takes max(host, device). host = the public call measured on a one-element CPU call "
             f"+ {hardware.HOST_LAUNCH_S * 1e6:.1f} us per launch (assumed). device = {LAUNCH_S * 1e6:.0f} us per "
             f"launch (assumed) + per kernel max(DRAM bytes at {DRAM_BYTES_PER_S / 1e12:.2f} TB/s "
-            f"({hardware.ACHIEVABLE_DRAM_FRACTION:.0%} of the {hardware.H100.dram_bytes_per_s / 1e12:.2f} TB/s peak), "
+            f"({hardware.ACHIEVABLE_FRACTION:.0%} of the {hardware.H100.dram_bytes_per_s / 1e12:.2f} TB/s peak), "
             f"SASS instructions per tile and warp at {hardware.ISSUE_PER_SM_PER_CLOCK} per SM and clock, "
-            f"{hardware.SM_CLOCK_HZ / 1e9:.2f} GHz) + {BARRIER_S * 1e6:.0f} us per wait of the persistent L2 kernel "
+            f"{hardware.CLOCK_HZ / 1e9:.2f} GHz) + {BARRIER_S * 1e6:.0f} us per wait of the persistent L2 kernel "
             f"(assumed, 2 per round); {SMS} SMs (H100 SXM).\n"
             f"passes: element traffic in reads/writes of B*n elements (minimum 4); before: the same before the "
             f"persistent L2 kernel. sm_90 registers, spills and SASS from {find_extension()}")

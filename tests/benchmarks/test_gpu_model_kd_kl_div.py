@@ -132,6 +132,11 @@ def test_kd_times_use_achievable_bandwidth_issue_and_host(kd_rows):
             assert row["times"][gpu.name] >= floor * (1 - 1e-9), row["case"]
             if row["host_us"] is not None:
                 assert row["times"][gpu.name] >= row["host_us"]
+            if row["host_us"] is None:  # the GPU's time exactly: a warp instruction issues for 32 threads
+                issue = row["instructions_per_element"] * row["elements"] / 32 / (4 * gpu.sms * 1.98e9)
+                dram = row["bytes"] / (0.9 * gpu.dram_bytes_per_s)
+                want = 1e6 * (max(dram, issue) + row["kernel_launches"] * 4e-6)
+                assert row["times"][gpu.name] == pytest.approx(want, rel=1e-9), row["case"]
     host = {row["case"]: row for row in kd_rows if row["host_us"] is not None}
     assert set(host) == {"(128, 10) fp32", "(8, 32000) fp32"}
     assert host["(128, 10) fp32"]["bound"]["H100 SXM"] == "host"  # 30 us of host against ~12 us of GPU
@@ -142,3 +147,15 @@ def test_sass_loop_count():
     instructions = [(0x00, "MOV R1, R2"), (0x10, "FADD R1, R1, R2"), (0x20, "@P0 BRA 0x10"), (0x30, "EXIT"),
                     (0x40, "BRA 0x40")]
     assert hardware.loop_instructions(instructions) == (2, 5)
+
+
+def test_the_hardware_model_defines_each_name_once():
+    """A name defined twice in hardware.py silently replaces the first (an issue bound 32x off once did)."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(hardware.__file__).read_text())
+    names = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+    names += [target.id for node in tree.body if isinstance(node, ast.Assign) for target in node.targets
+              if isinstance(target, ast.Name)]
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
