@@ -14,6 +14,7 @@ Use it as a context manager::
     recorder.launches  # [(kernel name, grid), ...]
 """
 
+import collections
 import dataclasses
 
 from triton.backends.compiler import GPUTarget
@@ -23,6 +24,10 @@ from triton.runtime import driver as triton_driver
 TARGET = GPUTarget("cuda", 90, 32)
 MAX_SHARED_MEMORY = 232448
 MULTIPROCESSORS = 132
+# Launches the recorder remembers (the most recent ones). Keeping every launch's arguments would
+# keep every output tensor of a timed loop alive, and the allocations it times would then be
+# fresh memory each call (page faults) rather than the reused blocks of a real run.
+KEPT_LAUNCHES = 64
 
 
 class _Utils:
@@ -44,12 +49,15 @@ class RecordingDriver:
     """The active Triton driver while entered: compiles for ``TARGET``, records launches.
 
     Attributes:
-        launches: (kernel name, (grid x, y, z)) of every launch since ``clear``.
-        arguments: each launch's kernel arguments (constexprs included, as Triton passes them).
+        launches: (kernel name, (grid x, y, z)) of the launches since ``clear``, the last
+            KEPT_LAUNCHES of them.
+        arguments: each of those launches' kernel arguments (constexprs included, as Triton
+            passes them).
     """
 
-    launches: list = dataclasses.field(default_factory=list)
-    arguments: list = dataclasses.field(default_factory=list)
+    launches: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=KEPT_LAUNCHES))
+    arguments: collections.deque = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=KEPT_LAUNCHES))
 
     def __post_init__(self):
         self.utils = _Utils()

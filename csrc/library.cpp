@@ -1,10 +1,14 @@
-// The schemas of every op in torch.ops.fastabsld, and the Python module fastabsld._C (one
-// function: which vector loops the CPU PGD step runs).
+// The schemas of every op in torch.ops.fastabsld, and the Python module fastabsld._C (which
+// vector loops the CPU PGD step runs; attach_backward, python_backward.cpp).
 // Kernels register per backend with TORCH_LIBRARY_IMPL in their own files.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "pgd_step_cpu_simd.h"
+
+namespace fastabsld {
+PyObject* attach_backward(PyObject*, PyObject* args);
+}
 
 namespace {
 
@@ -15,6 +19,10 @@ PyObject* pgd_step_cpu_isa(PyObject*, PyObject*) {
 PyMethodDef methods[] = {
     {"pgd_step_cpu_isa", pgd_step_cpu_isa, METH_NOARGS,
      "The vector ISA of the fp32 CPU pgd_step loops on this machine: avx512, avx2 or scalar."},
+    {"attach_backward", fastabsld::attach_backward, METH_VARARGS,
+     "attach_backward(output, first, second, backward, name): output's grad_fn becomes an autograd node "
+     "named name, with edges to the tensors first and second, that calls backward(grad, first needed, "
+     "second needed) -> (gradient of first or None, gradient of second or None)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

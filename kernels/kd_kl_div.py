@@ -471,13 +471,14 @@ def _kd_split_finish_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weig
 
 
 @triton.jit(do_not_specialize=("B", "stride_l", "has_labels", "ignore_index"))
-def _kd_reduce_kernel(loss_ptr, labels_ptr, out_ptr, scale_ptr, B, stride_l, has_labels, ignore_index, per_row,
+def _kd_reduce_kernel(loss_ptr, labels_ptr, out_ptr, B, stride_l, has_labels, ignore_index, per_row,
                       MEAN: tl.constexpr, BLOCK: tl.constexpr):
     """The reduced loss from the row losses, in one program and a fixed order (the same bits every run).
 
-    Writes out = sum of the rows (MEAN: divided by kept rows * ``per_row``) and scale, the factor
-    the backward multiplies the stored gradients by: 1, or 1 / (kept rows * per_row). No rows
-    kept counts as one (a loss of 0 and zero gradients, not 0 / 0).
+    Writes out = sum of the rows (MEAN: divided by kept rows * ``per_row``) and, at loss[B] (the
+    row buffer holds B + 1 values), the factor the backward multiplies the stored gradients by:
+    1, or 1 / (kept rows * per_row). No rows kept counts as one (a loss of 0 and zero gradients,
+    not 0 / 0).
     """
     offsets = tl.arange(0, BLOCK)
     total = tl.zeros([BLOCK], tl.float32)
@@ -494,17 +495,17 @@ def _kd_reduce_kernel(loss_ptr, labels_ptr, out_ptr, scale_ptr, B, stride_l, has
         # At least one row counts: with none kept the sum (0) stays 0 and the gradients zero (as on every backend).
         denominator = tl.maximum(tl.sum(kept, 0), 1).to(tl.float32) * per_row
         tl.store(out_ptr, total_sum / denominator)
-        tl.store(scale_ptr, 1.0 / denominator)
+        tl.store(loss_ptr + B, 1.0 / denominator)
     else:
         tl.store(out_ptr, total_sum)
-        tl.store(scale_ptr, 1.0)
+        tl.store(loss_ptr + B, 1.0)
 
 
-@triton.jit(do_not_specialize=("n", "C", "stride_g"))
-def _kd_scale_kernel(grad_ptr, out_ptr, grad_output_ptr, scale_ptr, n, C, stride_g, PER_ROW: tl.constexpr,
-                     BLOCK: tl.constexpr, WIDE: tl.constexpr):
-    """out = stored gradient * grad_output (per row, or the reduced loss's times ``scale``), in fp32,
-    stored in out's dtype: the backward of the loss, one read and one write per element."""
+@triton.jit(do_not_specialize=("n", "C", "stride_g", "scale_index"))
+def _kd_scale_kernel(grad_ptr, out_ptr, grad_output_ptr, scale_ptr, n, C, stride_g, scale_index,
+                     PER_ROW: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """out = stored gradient * grad_output (per row, or the reduced loss's times scale[scale_index]),
+    in fp32, stored in out's dtype: the backward of the loss, one read and one write per element."""
     start = tl.program_id(0)
     if WIDE:
         start = start.to(tl.int64)
@@ -514,7 +515,7 @@ def _kd_scale_kernel(grad_ptr, out_ptr, grad_output_ptr, scale_ptr, n, C, stride
     if PER_ROW:
         factor = tl.load(grad_output_ptr + (offsets // C) * stride_g, mask=mask, other=0.0).to(tl.float32)
     else:
-        factor = tl.load(grad_output_ptr).to(tl.float32) * tl.load(scale_ptr)
+        factor = tl.load(grad_output_ptr).to(tl.float32) * tl.load(scale_ptr + scale_index)
     tl.store(out_ptr + offsets, (grad * factor).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -814,11 +815,13 @@ class _StaticPlan:
 
 
 # Slots of the values a call binds into its launches' arguments (see ``_bind_values``).
-S, T, LABELS, TAU_T, TAU_S, WEIGHT, SAMPLE_WEIGHT, ROWS, GRAD_S, GRAD_T, PARTIALS, OUT, SCALE, \
-    TAU_T_SCALAR, TAU_S_SCALAR, WEIGHT_SCALAR = range(16)
+S, T, LABELS, TAU_T, TAU_S, WEIGHT, SAMPLE_WEIGHT, ROWS, GRAD_S, GRAD_T, PARTIALS, OUT, \
+    TAU_T_SCALAR, TAU_S_SCALAR, WEIGHT_SCALAR = range(15)
 
 _PLANS = {}
 _GRADIENT_PLANS = {}
+# Plans kept at most, per cache (cleared when full).
+PLANS_KEPT = 512
 _LABEL_STAND_INS = {}
 _EMPTY = {}
 REDUCE_BLOCK = 1024
@@ -915,7 +918,7 @@ def _static_plan(student_logits, teacher_logits, labels, tau_t, tau_s, ignore_in
         reduce_args = (batch, stride_l, int(has_labels), int(ignore_index), divisor)
 
         def bind_reduce(v):
-            return (v[ROWS], v[LABELS], v[OUT], v[SCALE], *reduce_args)
+            return (v[ROWS], v[LABELS], v[OUT], *reduce_args)
 
         steps.append(_Step(_kd_reduce_kernel, (1,), {"MEAN": mean, "BLOCK": REDUCE_BLOCK}, options, bind_reduce))
     return _StaticPlan(form or "tile", steps, partials)
@@ -933,16 +936,13 @@ def _run(step, args, direct):
     ``kernel[grid]`` (the first time, in the interpreter, or for a profiler's hooks)."""
     compiled = step.compiled
     if compiled is not None and direct:
-        grid = step.grid
-        compiled.run(grid[0], 1, 1, step.stream(), compiled.function, compiled.packed_metadata, None, None, None,
+        compiled.run(step.grid[0], 1, 1, step.stream(), compiled.function, compiled.packed_metadata, None, None, None,
                      *args, *step.tail)
         return
     result = step.kernel[step.grid](*args, **step.constexprs, **step.options)
     if isinstance(result, CompiledKernel):
         active = triton_driver.active
-        device = active.get_current_device()
-        get_stream = active.get_current_stream
-        step.stream = functools.partial(get_stream, device)
+        step.stream = functools.partial(active.get_current_stream, active.get_current_device())
         step.tail = tuple(step.constexprs[name] for name in step.kernel.arg_names[len(args):])
         step.compiled = result
 
@@ -972,6 +972,86 @@ def _plan_key(student_logits, teacher_logits, labels, tau_t, tau_s, weight, samp
             ignore_index, student_grad, teacher_grad, reduction, grad_dtypes, debug)
 
 
+@dataclasses.dataclass(eq=False)
+class EagerPlan:
+    """The eager path's plan for calls with one metadata: the launches and the outputs they fill.
+
+    ``run`` allocates the outputs and launches; nothing else happens per call.
+    """
+
+    static: _StaticPlan
+    device: torch.device
+    shape: tuple
+    grad_dtypes: tuple
+    student_grad: bool
+    teacher_grad: bool
+    reduced: bool
+
+    def __post_init__(self):
+        # Empty tensors of the outputs' dtypes on the device: ``new_empty`` with integer sizes is
+        # the cheapest allocation call (no dtype or device arguments to parse).
+        self._float = _nothing(self.device, torch.float32)
+        self._grads = tuple(_nothing(self.device, dtype) for dtype in self.grad_dtypes)
+        self._steps = self.static.steps
+        self._partials = self.static.partials
+
+    def run(self, student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
+            teacher_temperature_scalar, student_temperature_scalar, weight, sample_weight, sample_weight_scalar):
+        """The loss of one call (tensors with this plan's metadata), reduced on the device.
+
+        Args:
+            as ``loss`` (without the metadata the plan fixed).
+
+        Returns:
+            tuple: as ``loss``.
+        """
+        batch, num_classes = self.shape
+        empty_s, empty_t = self._grads
+        # A reduced loss's rows get one more value: the backward's scale, written by the reduction.
+        rows = self._float.new_empty(batch + 1 if self.reduced else batch)
+        grad_s = empty_s.new_empty(batch, num_classes) if self.student_grad else empty_s
+        grad_t = empty_t.new_empty(batch, num_classes) if self.teacher_grad else empty_t
+        partials = self._partials
+        if partials is not None:
+            partials = self._float.new_empty(*partials)
+        out = self._float.new_empty(()) if self.reduced else None
+        # A tensor not given is never read: the row losses stand in for its pointer.
+        values = (student_logits, teacher_logits, _label_stand_in(self.device) if labels is None else labels,
+                  rows if teacher_temperature is None else teacher_temperature,
+                  rows if student_temperature is None else student_temperature,
+                  rows if weight is None else weight, rows if sample_weight is None else sample_weight, rows, grad_s,
+                  grad_t, partials, out, teacher_temperature_scalar, student_temperature_scalar, sample_weight_scalar)
+        _run_steps(self._steps, values, self.device)
+        if out is None:
+            return rows, grad_s, grad_t, None
+        return out, grad_s, grad_t, rows
+
+
+def eager_plan(student_logits, teacher_logits, labels, teacher_temperature, student_temperature, weight,
+               sample_weight, ignore_index, student_grad, teacher_grad, reduction, grad_dtypes):
+    """The cached ``EagerPlan`` of calls with these arguments' metadata (built on first use).
+
+    Args:
+        as ``loss`` (tensors are read for their metadata only).
+
+    Returns:
+        EagerPlan.
+    """
+    debug = device_asserts()
+    key = _plan_key(student_logits, teacher_logits, labels, teacher_temperature, student_temperature, weight,
+                    sample_weight, ignore_index, student_grad, teacher_grad, reduction, grad_dtypes, debug)
+    found = _PLANS.get(key)
+    if found is None:
+        if len(_PLANS) >= PLANS_KEPT:  # shapes that change every call would otherwise grow it without bound
+            _PLANS.clear()
+        static = _static_plan(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
+                              ignore_index, student_grad, teacher_grad, weight is not None, sample_weight is not None,
+                              reduction, debug=debug)
+        found = _PLANS[key] = EagerPlan(static, student_logits.device, tuple(student_logits.shape), grad_dtypes,
+                                        bool(student_grad), bool(teacher_grad), reduction != "none")
+    return found
+
+
 def loss(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
          teacher_temperature_scalar, student_temperature_scalar, ignore_index, student_grad, teacher_grad,
          weight, sample_weight, sample_weight_scalar, reduction, grad_dtypes):
@@ -993,38 +1073,15 @@ def loss(student_logits, teacher_logits, labels, teacher_temperature, student_te
 
     Returns:
         tuple: (loss: 0-d fp32, or the (B,) row losses for "none"; grad_student; grad_teacher
-        (each (B, C) in its grad dtype or an empty (0,) tensor); scale: a (1,) fp32 tensor
-        holding the factor the backward applies, or None for "none").
+        (each (B, C) in its grad dtype or an empty (0,) tensor); scale: for a reduced loss the
+        (B + 1,) fp32 row buffer whose last value is the factor the backward applies, or None
+        for "none").
     """
-    debug = device_asserts()
-    key = _plan_key(student_logits, teacher_logits, labels, teacher_temperature, student_temperature, weight,
-                    sample_weight, ignore_index, student_grad, teacher_grad, reduction, grad_dtypes, debug)
-    static = _PLANS.get(key)
-    if static is None:
-        static = _PLANS[key] = _static_plan(student_logits, teacher_logits, labels, teacher_temperature,
-                                            student_temperature, ignore_index, student_grad, teacher_grad,
-                                            weight is not None, sample_weight is not None, reduction, debug=debug)
-    device = student_logits.device
-    batch, num_classes = student_logits.shape
-    rows = torch.empty(batch, dtype=torch.float32, device=device)
-    grad_s = torch.empty((batch, num_classes), dtype=grad_dtypes[0], device=device) if student_grad else \
-        _nothing(device, grad_dtypes[0])
-    grad_t = torch.empty((batch, num_classes), dtype=grad_dtypes[1], device=device) if teacher_grad else \
-        _nothing(device, grad_dtypes[1])
-    partials = None if static.partials is None else torch.empty(static.partials, dtype=torch.float32, device=device)
-    out = scale = None
-    if reduction != "none":
-        out = torch.empty((), dtype=torch.float32, device=device)
-        scale = torch.empty(1, dtype=torch.float32, device=device)
-    # A tensor not given is never read: the row losses stand in for its pointer.
-    values = (student_logits, teacher_logits, _label_stand_in(device) if labels is None else labels,
-              rows if teacher_temperature is None else teacher_temperature,
-              rows if student_temperature is None else student_temperature,
-              rows if weight is None else weight, rows if sample_weight is None else sample_weight, rows, grad_s,
-              grad_t, partials, out, scale, teacher_temperature_scalar, student_temperature_scalar,
-              sample_weight_scalar)
-    _run_steps(static.steps, values, device)
-    return (rows if out is None else out), grad_s, grad_t, scale
+    found = eager_plan(student_logits, teacher_logits, labels, teacher_temperature, student_temperature, weight,
+                       sample_weight, ignore_index, student_grad, teacher_grad, reduction, grad_dtypes)
+    return found.run(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
+                     teacher_temperature_scalar, student_temperature_scalar, weight, sample_weight,
+                     sample_weight_scalar)
 
 
 def scale_gradient(grad, grad_output, scale, dtype):
@@ -1033,7 +1090,7 @@ def scale_gradient(grad, grad_output, scale, dtype):
     Args:
         grad: a stored gradient (B, C), contiguous.
         grad_output: the incoming gradient: 0-d for a reduced loss, (B,) (any stride) for "none".
-        scale: the (1,) factor ``loss`` returned, or None for "none".
+        scale: the (B + 1,) buffer ``loss`` returned (the factor at [B]), or None for "none".
         dtype: the logits' dtype, the gradient's.
 
     Returns:
@@ -1045,6 +1102,8 @@ def scale_gradient(grad, grad_output, scale, dtype):
     key = (device, grad.shape, grad.dtype, dtype, stride, grad_output.dtype, _aligned16(grad_output))
     step = _GRADIENT_PLANS.get(key)
     if step is None:
+        if len(_GRADIENT_PLANS) >= PLANS_KEPT:
+            _GRADIENT_PLANS.clear()
         step = _GRADIENT_PLANS[key] = _scale_step(grad, per_row, stride)
     out = torch.empty(grad.shape, dtype=dtype, device=device)
     if grad.numel():
@@ -1055,7 +1114,8 @@ def scale_gradient(grad, grad_output, scale, dtype):
 def _scale_step(grad, per_row, stride):
     """The backward's launch for a stored gradient of this shape (``per_row``: grad_output is (B,))."""
     numel = grad.numel()
-    fixed = (numel, grad.shape[1] if grad.dim() == 2 else 1, stride)
+    # The reduced loss's scale sits after its B rows.
+    fixed = (numel, grad.shape[1] if grad.dim() == 2 else 1, stride, grad.shape[0] if grad.dim() == 2 else 0)
     # SCALE_BLOCK elements a program, fewer (down to SCALE_MIN_BLOCK) where that leaves under two
     # programs per multiprocessor; 8 elements a thread.
     block = SCALE_BLOCK
@@ -1175,17 +1235,17 @@ def plan(student_logits, teacher_logits, labels, teacher_temperature, student_te
     batch, num_classes = student_logits.shape
     device = student_logits.device
     grad_dtypes = grad_dtypes or (student_logits.dtype, teacher_logits.dtype)
-    row_loss = torch.empty(batch, dtype=torch.float32, device=device)
+    reduced = reduction not in (None, "none")
+    row_loss = torch.empty(batch + 1 if reduced else batch, dtype=torch.float32, device=device)
     grad_student = torch.empty((batch, num_classes) if student_grad else (0,), dtype=grad_dtypes[0], device=device)
     grad_teacher = torch.empty((batch, num_classes) if teacher_grad else (0,), dtype=grad_dtypes[1], device=device)
     partials = None if static.partials is None else torch.empty(static.partials, dtype=torch.float32, device=device)
     labels_arg = torch.zeros(1, dtype=torch.int64, device=device) if labels is None else labels
-    reduced = (None, None) if reduction in (None, "none") else \
-        (torch.empty((), device=device), torch.empty(1, device=device))
+    out = torch.empty((), device=device) if reduced else None
     values = (student_logits, teacher_logits, labels_arg, row_loss if tau_t is None else tau_t,
               row_loss if tau_s is None else tau_s, row_loss if weight is None else weight,
               row_loss if sample_weight is None else sample_weight, row_loss, grad_student, grad_teacher, partials,
-              *reduced, tau_t_scalar, tau_s_scalar, sample_weight_scalar)
+              out, tau_t_scalar, tau_s_scalar, sample_weight_scalar)
     launches = [Launch(step.kernel, step.grid, step.bind(values), step.constexprs, step.options["num_warps"],
                        step.options["num_stages"], debug) for step in static.steps]
     return (row_loss, grad_student, grad_teacher), launches

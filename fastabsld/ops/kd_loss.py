@@ -566,6 +566,101 @@ def _differentiable_forward(*args):
 
 
 # ----------------------------------------------------------------------------------------------
+# Eager calls by signature: a call with the metadata of an earlier one skips the checks that one
+# passed and goes straight to the backend it took.
+#
+# The signature holds everything the checks and the routing read, except the values of number
+# arguments, which are checked on every call: each tensor's type, shape, strides, dtype, device,
+# 16-byte alignment and requires_grad; the types of the number arguments; the reduction, the
+# ignore_index; grad mode and the routing's switches. A call is remembered only when it took an
+# eager backend (the Triton host path or the extension's loss op) with its tensors as given (no
+# conversion per call) and 2-D logits.
+
+# Signatures remembered at most (cleared when full: shapes that change every call would grow it).
+EAGER_CALLS_KEPT = 512
+_EAGER_CALLS = {}
+
+
+class _Uncacheable(Exception):
+    """An argument whose kind the signature does not cover: the call goes through the checks."""
+
+
+def _tensor_signature(x):
+    if x is None:
+        return None
+    if type(x) is not torch.Tensor:  # subclasses and wrappers, or not a tensor: not cached
+        raise _Uncacheable
+    return x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0, x.requires_grad
+
+
+def _value_signature(x):
+    kind = type(x)
+    if kind is torch.Tensor:
+        return x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0, x.requires_grad
+    if kind is float or kind is int or x is None:
+        return kind
+    raise _Uncacheable
+
+
+def _eager_signature(student_logits, teacher_logits, labels, teacher_temperature, student_temperature, reduction,
+                     ignore_index, weight, sample_weight):
+    """The call's signature (see above), or None where a call is never remembered (tracing, modes,
+    functorch, forward-mode AD, arguments of other kinds)."""
+    s, t = student_logits, teacher_logits
+    if type(s) is not torch.Tensor or type(t) is not torch.Tensor or type(reduction) is not str \
+            or type(ignore_index) is not int or torch.compiler.is_compiling() \
+            or torch._C._len_torch_dispatch_stack() or _forward_mode_or_functorch():
+        return None
+    try:
+        device = s.device
+        return (reduction, ignore_index, torch.is_grad_enabled(), device.type in kd_loss_triton.EAGER_DEVICES,
+                kd_loss_triton.device_asserts(),
+                s.shape, s.stride(), s.dtype, device, s.data_ptr() % 16 == 0, s.requires_grad,
+                t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0, t.requires_grad,
+                _tensor_signature(labels), _tensor_signature(weight), _value_signature(teacher_temperature),
+                _value_signature(student_temperature), _value_signature(sample_weight))
+    except (_Uncacheable, RuntimeError):  # RuntimeError: a layout without strides (sparse, nested)
+        return None
+
+
+def _passed_as_given(given, checked):
+    """Whether the checks passed every tensor argument on unchanged (numbers become None)."""
+    return all(c is g if type(g) is torch.Tensor else c is None for g, c in zip(given, checked))
+
+
+def _remember(signature, call, dtype):
+    if len(_EAGER_CALLS) >= EAGER_CALLS_KEPT:
+        _EAGER_CALLS.clear()
+    _EAGER_CALLS[signature] = (call, dtype)
+
+
+def _known_value(value, name, dtype, strict):
+    """A temperature or sample weight of a remembered call: (tensor, 1.0), (None, the checked number)
+    or (None, 1.0) for None."""
+    if type(value) is torch.Tensor:
+        return value, 1.0
+    if value is None:
+        return None, 1.0
+    return None, _check_number(value, name, dtype, strict=strict)
+
+
+class _ExtensionCall:
+    """The extension's loss op (``torch.ops.fastabsld.kd_kl_div_loss``) for one reduction and ignore_index."""
+
+    __slots__ = ("reduction", "ignore_index")
+
+    def __init__(self, reduction, ignore_index):
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+
+    def __call__(self, student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, weight,
+                 sample_weight, sample_weight_scalar):
+        return torch.ops.fastabsld.kd_kl_div_loss.default(
+            student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, self.ignore_index,
+            self.reduction, weight, sample_weight, sample_weight_scalar)
+
+
+# ----------------------------------------------------------------------------------------------
 # Public functions.
 
 
@@ -685,6 +780,18 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
             weight with CUDA logits is read as a number (a ValueError when it is not positive, or
             non-negative, and finite) and never copied.
     """
+    signature = _eager_signature(student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
+                                 reduction, ignore_index, weight, sample_weight)
+    if signature is not None:
+        known = _EAGER_CALLS.get(signature)
+        if known is not None:  # metadata checked before: only the numbers are new
+            call, dtype = known
+            tau_t, tau_t_scalar = _known_value(teacher_temperature, "teacher_temperature", dtype, True)
+            tau_s, tau_s_scalar = _known_value(student_temperature, "student_temperature", dtype, True)
+            sample, sample_scalar = (None, 1.0) if sample_weight is None else \
+                _known_value(sample_weight, "sample_weight", dtype, False)
+            return call(student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, weight,
+                        sample, sample_scalar)
     _check_logits(student_logits, teacher_logits)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -695,6 +802,7 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
         teacher_logits = teacher_logits.reshape(-1, num_classes)
     batch = student_logits.shape[0]
     device = student_logits.device
+    given = (labels, teacher_temperature, student_temperature, weight, sample_weight)
     labels = _check_labels(labels, lead, device)
     tau_dtype = accumulation_dtype(student_logits, teacher_logits)
     tau_t, tau_t_scalar = _check_temperature(teacher_temperature, "teacher_temperature", labels, lead,
@@ -705,11 +813,19 @@ def kd_kl_div(student_logits, teacher_logits, *, labels=None, teacher_temperatur
     sample_weight, weight_scalar = _check_sample_weight(sample_weight, lead, device, tau_dtype)
     args = (student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index)
     weights = (weight, sample_weight, weight_scalar)
+    call = None
     if kd_loss_triton.applies(student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight):
         # CUDA, eager: the Triton host path (a backward with create_graph goes through the traced path)
-        loss = kd_loss_triton.kd_kl_div_loss(*args, reduction, *weights, traced=_traced_loss)
+        call = kd_loss_triton.eager_call(student_logits, teacher_logits, labels, tau_t, tau_s, ignore_index,
+                                         reduction, weight, sample_weight, traced=_traced_loss)
+        cacheable = call.cacheable
     elif _eager_fast_path(student_logits, teacher_logits, labels, tau_t, tau_s, weight, sample_weight):
-        loss = torch.ops.fastabsld.kd_kl_div_loss(*args, reduction, *weights)
+        call, cacheable = _ExtensionCall(reduction, ignore_index), True
+    if call is not None:
+        if signature is not None and cacheable and len(lead) == 1 and \
+                _passed_as_given(given, (labels, tau_t, tau_s, weight, sample_weight)):
+            _remember(signature, call, tau_dtype)
+        loss = call(student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, *weights)
     elif _forward_mode_or_functorch():
         # Value checks need a data-dependent branch, which torch.func transforms do not allow.
         denominator = _row_denominator(reduction, labels, ignore_index, batch, num_classes)

@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 from torch.autograd import forward_ad
 
+from fastabsld.ops._extension import HAS_EXTENSION
 from fastabsld.ops._kernels import HAS_TRITON
 
 # Device types whose tensors take this path. ``benchmarks/kd_host_cost.py`` adds "cpu" to time
@@ -46,6 +47,19 @@ EAGER_DEVICES = {"cuda"}
 TRACED_DEVICES = {"cuda"}
 TRITON_OP = "fastabsld::kd_kl_div_forward_triton"
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The grad_fn name of the eager loss.
+BACKWARD_NAME = "KdKlDivBackward"
+
+
+def _attach_backward():
+    if not HAS_EXTENSION:
+        return None
+    from fastabsld import _C
+    return getattr(_C, "attach_backward", None)
+
+
+# The extension's cheap autograd node for the eager loss (None without it: a torch.autograd.Function).
+_ATTACH_BACKWARD = _attach_backward()
 
 
 def _import_kernels():
@@ -109,45 +123,144 @@ def _grad_dtype(dtype):
     return torch.float32 if dtype == torch.float16 else dtype
 
 
+class EagerCall:
+    """The eager Triton loss of calls with one metadata: their plan, gradient flags and reduction.
+
+    Built once per metadata (:func:`eager_call`); calling it allocates the outputs, launches and,
+    when a gradient is wanted, gives the loss its autograd node (``fastabsld._C.attach_backward``,
+    or a ``torch.autograd.Function`` without the extension). ``cacheable`` says whether the
+    tensors go to the kernels as given (no per-call conversion), so that a later call with the
+    same metadata may reuse it.
+
+    Args of a call: as :func:`kd_kl_div_loss` without ``reduction`` and ``traced``.
+
+    Returns of a call: the loss, as :func:`kd_kl_div_loss`.
+    """
+
+    __slots__ = ("plan", "grad", "student_grad", "teacher_grad", "reduction", "ignore_index", "traced", "cacheable")
+
+    def __init__(self, plan, student_grad, teacher_grad, reduction, ignore_index, traced, cacheable):
+        self.plan = plan
+        self.student_grad = student_grad
+        self.teacher_grad = teacher_grad
+        self.grad = student_grad or teacher_grad
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.traced = traced
+        self.cacheable = cacheable
+
+    def __call__(self, student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar,
+                 weight, sample_weight, sample_weight_scalar):
+        arguments = (labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, weight, sample_weight, sample_weight_scalar)
+        if self.grad and _ATTACH_BACKWARD is None:
+            return _KdLoss.apply(student_logits, teacher_logits, self, arguments)
+        loss, grad_s, grad_t, scale = self.plan.run(
+            student_logits, teacher_logits, *(arguments if self.cacheable else _launcher_arguments(arguments)))
+        if self.grad:
+            _ATTACH_BACKWARD(loss, student_logits, teacher_logits,
+                             _Backward(self, arguments, grad_s, grad_t, scale, student_logits, teacher_logits),
+                             BACKWARD_NAME)
+        return loss
+
+
+def _launcher_arguments(arguments):
+    """(labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, weight, sample_weight, sample_weight_scalar)
+    with the tensors in the launcher's terms."""
+    labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, weight, sample_weight, sample_weight_scalar = arguments
+    return (labels, _launcher_tensor(tau_t), _launcher_tensor(tau_s), tau_t_scalar, tau_s_scalar,
+            _launcher_tensor(weight), _launcher_tensor(sample_weight), sample_weight_scalar)
+
+
+class _Backward:
+    """The backward of one eager call: the stored gradients times the incoming gradient (one
+    launch each), or, in a backward that is itself differentiated, the traced path's.
+
+    The stored gradients and the scale are the call's own buffers, which nothing else can modify:
+    they are kept as they are (``save_for_backward``'s bookkeeping is a measurable part of the call
+    at small shapes). The logits, read again only by a backward with ``create_graph``, are kept
+    with their version counters, which that backward checks as ``save_for_backward`` would.
+
+    Args of a call: the loss's incoming gradient, whether the student's and the teacher's
+    gradients are needed.
+
+    Returns of a call: (the student's gradient or None, the teacher's or None).
+    """
+
+    __slots__ = ("call", "arguments", "grad_s", "grad_t", "scale", "student_logits", "teacher_logits", "versions")
+
+    def __init__(self, call, arguments, grad_s, grad_t, scale, student_logits, teacher_logits):
+        self.call = call
+        self.arguments = arguments
+        self.grad_s = grad_s
+        self.grad_t = grad_t
+        self.scale = scale
+        self.student_logits = student_logits
+        self.teacher_logits = teacher_logits
+        self.versions = (student_logits._version, teacher_logits._version)
+
+    def __call__(self, grad, student_grad, teacher_grad):
+        student_logits, teacher_logits = self.student_logits, self.teacher_logits
+        if torch.is_grad_enabled():
+            for name, tensor, version in (("student_logits", student_logits, self.versions[0]),
+                                          ("teacher_logits", teacher_logits, self.versions[1])):
+                if tensor._version != version:
+                    raise RuntimeError(
+                        f"kd_kl_div: {name} was modified by an inplace operation after the loss was computed "
+                        f"(version {version}, now {tensor._version}); a backward with create_graph=True needs it "
+                        "as it was")
+            return _differentiable_backward(student_logits, teacher_logits, self.call, self.arguments, grad,
+                                            student_grad, teacher_grad)
+        scale_gradient = kernels().scale_gradient
+        return (scale_gradient(self.grad_s, grad, self.scale, student_logits.dtype) if student_grad else None,
+                scale_gradient(self.grad_t, grad, self.scale, teacher_logits.dtype) if teacher_grad else None)
+
+
 class _KdLoss(torch.autograd.Function):
-    """The eager loss: forward through the cached launch plan, backward one scaling launch."""
+    """The eager loss's autograd where the extension (``attach_backward``) is missing."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
-                reduction, weight, sample_weight, sample_weight_scalar, traced):
-        student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss, grad_s, grad_t, scale = kernels().loss(
-            student_logits, teacher_logits, labels, _launcher_tensor(tau_t), _launcher_tensor(tau_s), tau_t_scalar,
-            tau_s_scalar, ignore_index, student_grad, teacher_grad, _launcher_tensor(weight),
-            _launcher_tensor(sample_weight), sample_weight_scalar, reduction,
-            (_grad_dtype(student_logits.dtype), _grad_dtype(teacher_logits.dtype)))
-        ctx.save_for_backward(grad_s, grad_t, scale, student_logits, teacher_logits)
-        ctx.arguments = (labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index, reduction, weight,
-                         sample_weight, sample_weight_scalar)
-        ctx.traced = traced
+    def forward(ctx, student_logits, teacher_logits, call, arguments):
+        loss, grad_s, grad_t, scale = call.plan.run(
+            student_logits, teacher_logits, *(arguments if call.cacheable else _launcher_arguments(arguments)))
+        ctx.backward_of_call = _Backward(call, arguments, grad_s, grad_t, scale, student_logits, teacher_logits)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        grad_s, grad_t, scale, student_logits, teacher_logits = ctx.saved_tensors
-        student_grad, teacher_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if torch.is_grad_enabled():
-            out_s, out_t = _differentiable_backward(student_logits, teacher_logits, ctx.arguments, ctx.traced, grad,
-                                                    student_grad, teacher_grad)
-        else:
-            scale_gradient = kernels().scale_gradient
-            out_s = scale_gradient(grad_s, grad, scale, student_logits.dtype) if student_grad else None
-            out_t = scale_gradient(grad_t, grad, scale, teacher_logits.dtype) if teacher_grad else None
-        return (out_s, out_t) + (None,) * 11
+        return ctx.backward_of_call(grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1]) + (None, None)
 
 
-def _differentiable_backward(student_logits, teacher_logits, arguments, traced, grad, student_grad, teacher_grad):
-    """The backward through ``traced`` (the public loss's traced path: the forward op and its
+def _differentiable_backward(student_logits, teacher_logits, call, arguments, grad, student_grad, teacher_grad):
+    """The backward through ``call.traced`` (the public loss's traced path: the forward op and its
     registered autograd), for a backward that is itself differentiated."""
     inputs = [x for x, wanted in ((student_logits, student_grad), (teacher_logits, teacher_grad)) if wanted]
-    loss = traced(student_logits, teacher_logits, *arguments)
+    labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, weight, sample_weight, sample_weight_scalar = arguments
+    loss = call.traced(student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar,
+                       call.ignore_index, call.reduction, weight, sample_weight, sample_weight_scalar)
     grads = iter(torch.autograd.grad(loss, inputs, grad, create_graph=True))
     return (next(grads) if student_grad else None), (next(grads) if teacher_grad else None)
+
+
+def eager_call(student_logits, teacher_logits, labels, tau_t, tau_s, ignore_index, reduction, weight, sample_weight,
+               traced):
+    """The :class:`EagerCall` for checked arguments with this metadata, on which :func:`applies` is true.
+
+    Args:
+        as :func:`kd_kl_div_loss` (tensors are read for their metadata only; the numbers are not needed).
+
+    Returns:
+        EagerCall.
+    """
+    grad_on = torch.is_grad_enabled()
+    student_grad = grad_on and student_logits.requires_grad
+    teacher_grad = grad_on and teacher_logits.requires_grad
+    given = (tau_t, tau_s, weight, sample_weight)
+    launched = tuple(_launcher_tensor(x) for x in given)
+    plan = kernels().eager_plan(student_logits, teacher_logits, labels, *launched[:2], *launched[2:], ignore_index,
+                                student_grad, teacher_grad, reduction,
+                                (_grad_dtype(student_logits.dtype), _grad_dtype(teacher_logits.dtype)))
+    cacheable = all(x is y for x, y in zip(given, launched))
+    return EagerCall(plan, student_grad, teacher_grad, reduction, ignore_index, traced, cacheable)
 
 
 def kd_kl_div_loss(student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
@@ -164,13 +277,10 @@ def kd_kl_div_loss(student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_s
     Returns:
         Tensor: the loss, fp32: (B,) for "none", else 0-d.
     """
-    if torch.is_grad_enabled() and (student_logits.requires_grad or teacher_logits.requires_grad):
-        return _KdLoss.apply(student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar,
-                             ignore_index, reduction, weight, sample_weight, sample_weight_scalar, traced)
-    dtypes = (student_logits.dtype, teacher_logits.dtype)
-    return kernels().loss(student_logits, teacher_logits, labels, _launcher_tensor(tau_t), _launcher_tensor(tau_s),
-                          tau_t_scalar, tau_s_scalar, ignore_index, False, False, _launcher_tensor(weight),
-                          _launcher_tensor(sample_weight), sample_weight_scalar, reduction, dtypes)[0]
+    call = eager_call(student_logits, teacher_logits, labels, tau_t, tau_s, ignore_index, reduction, weight,
+                      sample_weight, traced)
+    return call(student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, weight,
+                sample_weight, sample_weight_scalar)
 
 
 def _launch_traceable(launch):
@@ -224,3 +334,14 @@ def traced_op(student_logits, teacher_logits, labels, tau_t, tau_s):
             and not any(tau is not None and tau.dim() == 2 and labels is not None for tau in (tau_t, tau_s)):
         return torch.ops.fastabsld.kd_kl_div_forward_triton
     return torch.ops.fastabsld.kd_kl_div_forward
+
+
+
+def device_asserts():
+    """Whether the Triton kernels compile their device asserts in (``fastabsld.kernels.kd_kl_div``'s
+    ``DEVICE_ASSERTS``; False without triton): part of what a remembered call's plan depends on.
+
+    Returns:
+        bool.
+    """
+    return _KERNELS is not None and _KERNELS.DEVICE_ASSERTS

@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent("""
             kd._PLANS.clear()
             recorder.clear()
             torch.autograd.grad(kd_host_cost.forward(student, teacher, labels, tau), student)
-            assert all(step.compiled is not None for plan in kd._PLANS.values() for step in plan.steps)
+            assert all(step.compiled is not None for plan in kd._PLANS.values() for step in plan.static.steps)
             first = list(recorder.arguments)
             names = [name for name, _ in recorder.launches]
             recorder.clear()

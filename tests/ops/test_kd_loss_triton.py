@@ -133,7 +133,7 @@ def test_launches_two_forward_one_backward_and_no_other_device_work(cuda_path, m
     assert cuda_path == ["kd_scale_kernel"]
     # What runs on the device besides the Triton kernels would show as an ATen op here: only
     # allocations and views may appear (on a GPU they launch nothing).
-    allowed = {"aten::empty", "aten::empty_strided", "aten::detach", "aten::lift_fresh", "aten::view",
+    allowed = {"aten::empty", "aten::new_empty", "aten::empty_strided", "aten::detach", "aten::lift_fresh", "aten::view",
                "aten::contiguous", "aten::to", "aten::ones_like", "aten::fill_", "aten::empty_like"}
     ops = {event.name for event in profile.events() if event.name.startswith("aten::")}
     # ones_like/fill_ come from autograd.grad's implicit grad_output of a 0-d loss (the caller's).
