@@ -42,6 +42,11 @@ Measured at (B, C) = (128, 10), forward + backward, CPU time on one thread: ~37 
 the custom op's Python autograd, ~92 us for the eager formulation of the released ABSLD code;
 ``x.sum().backward()`` alone costs ~15 us.
 
+Both eager backends are remembered per call signature (the section "Eager calls by signature"):
+a call whose tensors have the metadata of an earlier call that passed the checks, with numbers
+of the same types, checks only its numbers and calls the backend directly. At ABSLD's shapes the
+checks were a third of the host time of an eager call.
+
 This module reads top to bottom: the schema, the argument checks of the public function, the
 fallback kernel and the CUDA dispatch, the registrations (fallback schema, fake kernels,
 autograd), the reduction, and the public functions.

@@ -13,7 +13,14 @@ runs for plain CUDA tensors outside ``torch.compile``:
 * the reduction runs on the device: the row kernel (tile form; statistics and finish kernels for
   the split form) and one finishing kernel that sums the rows, counts the kept ones and divides,
   and writes the factor the backward needs. The backward is one launch, the stored gradient
-  times grad_output times that factor.
+  times grad_output times that factor;
+* outputs are allocated with ``new_empty`` and integer sizes (the cheapest allocation call), the
+  backward's factor in the row buffer's last value;
+* the loss's autograd node is the extension's ``attach_backward`` (``csrc/python_backward.cpp``):
+  a C++ node that calls the Python backward, at a fraction of ``torch.autograd.Function``'s cost
+  (the Function remains for builds without the extension);
+* :class:`EagerCall` holds what a call's metadata decides (plan, gradient flags), so that the
+  public function, which remembers checked calls by signature, goes straight to it.
 
 fp16 logits keep their stored gradient in fp32 until the backward has scaled it by grad_output
 (a loss scaler's factor, or 1 / (rows * C)): at C = 32000 most entries of q - p lie below
@@ -216,18 +223,21 @@ class _Backward:
 
 
 class _KdLoss(torch.autograd.Function):
-    """The eager loss's autograd where the extension (``attach_backward``) is missing."""
+    """The eager loss's autograd where the extension (``attach_backward``) is missing; its saved
+    tensors give the usual checks (a second backward, logits changed in place)."""
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, call, arguments):
         loss, grad_s, grad_t, scale = call.plan.run(
             student_logits, teacher_logits, *(arguments if call.cacheable else _launcher_arguments(arguments)))
-        ctx.backward_of_call = _Backward(call, arguments, grad_s, grad_t, scale, student_logits, teacher_logits)
+        ctx.save_for_backward(grad_s, grad_t, scale, student_logits, teacher_logits)
+        ctx.call_and_arguments = call, arguments
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.backward_of_call(grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1]) + (None, None)
+        backward = _Backward(*ctx.call_and_arguments, *ctx.saved_tensors)
+        return backward(grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1]) + (None, None)
 
 
 def _differentiable_backward(student_logits, teacher_logits, call, arguments, grad, student_grad, teacher_grad):

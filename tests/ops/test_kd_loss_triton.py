@@ -269,3 +269,68 @@ def test_every_row_ignored_gives_zero_loss_and_zero_gradients(cuda_path, reducti
     assert torch.equal(loss.detach().cpu(), torch.zeros_like(loss).cpu())
     loss.sum().backward()
     assert torch.equal(s.grad, torch.zeros_like(s)) and torch.equal(t.grad, torch.zeros_like(t))
+
+
+def _ref_mean(s, t, kwargs):
+    s64, t64, ref = _reference(s, t, kwargs, "mean")
+    return ref, torch.autograd.grad(ref, s64)[0]
+
+
+def test_a_remembered_call_launches_without_the_checks(cuda_path, monkeypatch):
+    """The second call with the same metadata (new values) runs no public check and builds no plan,
+    makes the same launches, and still matches the reference."""
+    checks, plans = [], []
+    check_logits, eager_plan = kd_loss._check_logits, kd_loss_triton.kernels().eager_plan
+    monkeypatch.setattr(kd_loss, "_check_logits", lambda *a: checks.append(1) or check_logits(*a))
+    monkeypatch.setattr(kd_loss_triton.kernels(), "eager_plan", lambda *a: plans.append(1) or eager_plan(*a))
+    kd_loss._EAGER_CALLS.clear()
+    for seed in (1, 2):
+        s, t, kwargs = _case(9, 10, torch.float32, "class", seed=seed)
+        t = t.detach()
+        kwargs["student_temperature"] = 0.8  # a number: checked on every call
+        cuda_path.clear()
+        loss = kd_kl_div(s, t, reduction="mean", **kwargs)
+        (grad,) = torch.autograd.grad(loss, s)
+        assert cuda_path == ["kd_tile_kernel", "kd_reduce_kernel", "kd_scale_kernel"]
+        ref, ref_grad = _ref_mean(s, t, kwargs)
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
+    assert checks == [1] and plans == [1]
+    with pytest.raises(ValueError, match="positive"):
+        kd_kl_div(s, t, reduction="mean", **dict(kwargs, student_temperature=-0.8))
+
+
+def test_the_loss_node_and_its_fallback_give_the_same_gradients(cuda_path, monkeypatch):
+    """With the extension the loss's grad_fn is its own node (``attach_backward``); without it a
+    torch.autograd.Function: the same launches and gradients, and both refuse a second backward."""
+    s, t, kwargs = _case(9, 10, torch.float32, "weighted", seed=4)
+    results = []
+    node = kd_loss_triton._ATTACH_BACKWARD
+    for attach in (node, None):
+        monkeypatch.setattr(kd_loss_triton, "_ATTACH_BACKWARD", attach)
+        kd_loss._EAGER_CALLS.clear()
+        cuda_path.clear()
+        loss = kd_kl_div(s, t, reduction="batchmean", **kwargs)
+        grads = torch.autograd.grad(loss, (s, t))
+        assert cuda_path == ["kd_tile_kernel", "kd_reduce_kernel", "kd_scale_kernel", "kd_scale_kernel"]
+        with pytest.raises(RuntimeError, match="second time"):
+            torch.autograd.grad(loss, (s, t))
+        results.append((loss, grads, loss.grad_fn.name()))
+    (loss, grads, name), (loss_f, grads_f, name_f) = results
+    assert torch.equal(loss, loss_f) and all(torch.equal(a, b) for a, b in zip(grads, grads_f))
+    assert name_f == "_KdLossBackward"
+    assert name == ("KdKlDivBackward" if node is not None else "_KdLossBackward")
+    s64, t64, ref = _reference(s, t, kwargs, "batchmean")
+    for grad, ref_grad in zip(grads, torch.autograd.grad(ref, (s64, t64))):
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_create_graph_after_an_inplace_change_of_the_logits_is_refused(cuda_path):
+    s, t, kwargs = _case(6, 10, torch.float32, "class", seed=2)
+    student = s.detach().clone().requires_grad_(True)
+    logits = student * 1.0  # not a leaf: it may be changed in place
+    loss = kd_kl_div(logits, t.detach(), reduction="sum", **kwargs)
+    with torch.no_grad():
+        logits.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, student, create_graph=True)
