@@ -230,8 +230,18 @@ def loss(s, t, labels, tau):
 with RecordingDriver() as recorder:
     compiled = torch.compile(loss, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture), fullgraph=True)
     compiled(s, t, labels, tau).backward()
+    launched = [name for name, _ in recorder.launches]
+    # Dynamic shapes: one forward and one backward graph serve two batch sizes, the batch symbolic.
+    torch._dynamo.reset()
+    dynamic = torch.compile(loss, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture), fullgraph=True,
+                            dynamic=True)
+    first = len(graphs)
+    for batch in (16, 24):
+        s = torch.randn(batch, 10, generator=gen, requires_grad=True)
+        dynamic(s, torch.randn(batch, 10, generator=gen), torch.randint(0, 10, (batch,), generator=gen), tau).backward()
+print(repr([len(graphs) - first, graphs[first]]))
 print(repr(graphs[0]))
-print(repr([name for name, _ in recorder.launches]))
+print(repr(launched))
 """
 
 
@@ -240,7 +250,8 @@ def test_compiled_graph_calls_the_triton_kernels():
     kernel call itself (``triton_kernel_wrapper_functional`` on ``_kd_tile_kernel``), not an opaque
     custom op; Inductor can then launch it from its generated code. Traced in a fresh process
     without the interpreter (``wrap_triton`` needs a real kernel), Triton compiling for sm_90 and
-    its launches recorded; CPU tensors stand in for CUDA ones."""
+    its launches recorded; CPU tensors stand in for CUDA ones. With ``dynamic=True`` two batch
+    sizes share one traced graph."""
     import ast
     import os
     import subprocess
@@ -253,10 +264,13 @@ def test_compiled_graph_calls_the_triton_kernels():
     done = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    graph, launched = (ast.literal_eval(line) for line in done.stdout.splitlines()[-2:])
+    (dynamic_graphs, dynamic_graph), graph, launched = (ast.literal_eval(line) for line in done.stdout.splitlines()[-3:])
     assert "triton_kernel_wrapper_functional" in graph and "'s_ptr': primals_1" in graph
     assert "fastabsld" not in graph, "an opaque custom op is left in the graph"
     assert launched == ["_kd_tile_kernel"]
+    # Under dynamic=True the batch is a graph input (the grid and B follow it): no recompile.
+    assert dynamic_graphs == 2, dynamic_graphs
+    assert "triton_kernel_wrapper_functional" in dynamic_graph and "'B': primals_1" in dynamic_graph
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
