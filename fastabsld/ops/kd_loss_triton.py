@@ -18,7 +18,9 @@ runs for plain CUDA tensors outside ``torch.compile``:
   backward's factor in the row buffer's last value;
 * the loss's autograd node is the extension's ``attach_backward`` (``csrc/python_backward.cpp``):
   a C++ node that calls the Python backward, at a fraction of ``torch.autograd.Function``'s cost
-  (the Function remains for builds without the extension);
+  (the Function remains for builds without the extension). The node holds the stored gradient
+  itself, not as a saved tensor, so ``saved_tensors_hooks`` (offloading to the CPU, activation
+  checkpointing) leave it where it is;
 * :class:`EagerCall` holds what a call's metadata decides (plan, gradient flags), so that the
   public function, which remembers checked calls by signature, goes straight to it.
 
