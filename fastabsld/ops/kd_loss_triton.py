@@ -2,7 +2,7 @@
 op that ``torch.compile`` sees into.
 
 At ABSLD's shapes, (128, 10) and (128, 100), the kernels need a few microseconds of GPU time,
-so the host decides the speed. :func:`kd_kl_div_loss` is what :func:`fastabsld.ops.kd_loss.kd_kl_div`
+so the host decides the speed. :func:`eager_call`'s :class:`EagerCall` is what :func:`fastabsld.ops.kd_loss.kd_kl_div`
 runs for plain CUDA tensors outside ``torch.compile``:
 
 * the launch plan is cached per (shape, strides, dtypes, 16-byte alignment, flags, device) in
@@ -141,9 +141,10 @@ class EagerCall:
     tensors go to the kernels as given (no per-call conversion), so that a later call with the
     same metadata may reuse it.
 
-    Args of a call: as :func:`kd_kl_div_loss` without ``reduction`` and ``traced``.
+    Args of a call: the checked arguments of ``torch.ops.fastabsld.kd_kl_div_loss`` (for which
+    :func:`applies` is true) without ``ignore_index`` and ``reduction``, which the call fixes.
 
-    Returns of a call: the loss, as :func:`kd_kl_div_loss`.
+    Returns of a call: the loss, fp32: (B,) for "none", else 0-d.
     """
 
     __slots__ = ("plan", "grad", "student_grad", "teacher_grad", "reduction", "ignore_index", "traced", "cacheable")
@@ -258,7 +259,13 @@ def eager_call(student_logits, teacher_logits, labels, tau_t, tau_s, ignore_inde
     """The :class:`EagerCall` for checked arguments with this metadata, on which :func:`applies` is true.
 
     Args:
-        as :func:`kd_kl_div_loss` (tensors are read for their metadata only; the numbers are not needed).
+        student_logits, teacher_logits, labels, tau_t, tau_s, ignore_index, reduction, weight,
+        sample_weight: as for ``torch.ops.fastabsld.kd_kl_div_loss``, checked by the public
+            function: (B, C) logits, int64 labels or None, temperatures (C,) with labels or (B, 1)
+            without, or None for the numbers; weights (C,), (B,) or None. Tensors are read for
+            their metadata only.
+        traced: the same loss through the traced path (``kd_loss``'s ``_traced_loss``, same
+            arguments as the op), which a backward run with ``create_graph`` differentiates.
 
     Returns:
         EagerCall.
@@ -268,31 +275,11 @@ def eager_call(student_logits, teacher_logits, labels, tau_t, tau_s, ignore_inde
     teacher_grad = grad_on and teacher_logits.requires_grad
     given = (tau_t, tau_s, weight, sample_weight)
     launched = tuple(_launcher_tensor(x) for x in given)
-    plan = kernels().eager_plan(student_logits, teacher_logits, labels, *launched[:2], *launched[2:], ignore_index,
+    plan = kernels().eager_plan(student_logits, teacher_logits, labels, *launched, ignore_index,
                                 student_grad, teacher_grad, reduction,
                                 (_grad_dtype(student_logits.dtype), _grad_dtype(teacher_logits.dtype)))
     cacheable = all(x is y for x, y in zip(given, launched))
     return EagerCall(plan, student_grad, teacher_grad, reduction, ignore_index, traced, cacheable)
-
-
-def kd_kl_div_loss(student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, ignore_index,
-                   reduction, weight, sample_weight, sample_weight_scalar, traced):
-    """The reduced KD loss through the Triton kernels, differentiable in the logits that require grad.
-
-    Args:
-        as ``torch.ops.fastabsld.kd_kl_div_loss``, checked by the public function, for which
-        :func:`applies` is true: (B, C) logits, int64 labels or None, temperatures (C,) with
-        labels or (B, 1) without, or None for the numbers; weights (C,), (B,) or None.
-        traced: the same loss through the traced path (same arguments), which a backward run
-            with ``create_graph`` differentiates instead.
-
-    Returns:
-        Tensor: the loss, fp32: (B,) for "none", else 0-d.
-    """
-    call = eager_call(student_logits, teacher_logits, labels, tau_t, tau_s, ignore_index, reduction, weight,
-                      sample_weight, traced)
-    return call(student_logits, teacher_logits, labels, tau_t, tau_s, tau_t_scalar, tau_s_scalar, weight,
-                sample_weight, sample_weight_scalar)
 
 
 def _launch_traceable(launch):
