@@ -21,30 +21,40 @@ programs per SM when one input holds >= 1 MiB, at least one from 256 KiB, and on
   elements at a time (VEC: the power of two dividing C and the row strides, up to 16 bytes) so
   that consecutive threads read consecutive addresses, padding lives in registers only, and
   in-tile offsets are 32-bit (64-bit only where a tile spans 2^31 elements: WIDE).
-* split (larger C, or too few rows to fill the GPU): each row is cut into n_chunks chunks of
-  whole BLOCK_N column blocks, one program per (row, chunk). ``_kd_split_stats_kernel`` writes
-  each chunk's max and sum-exp of both distributions, its cross term sum exp(a - m_t) (a - b)
-  (a = t / tau_t, b = s / tau_s) and the largest a where b is -inf. ``_kd_split_finish_kernel``
-  combines a row's chunks in a fixed order (deterministic: no atomics, the same bits every run),
-  writes the loss and, when a gradient is asked for, re-reads its chunk and writes the gradient.
-  The column loops are software-pipelined: cp.async stages (NUM_STAGES) where every load is at
-  least 4 bytes wide, else an explicit register prefetch of the next block (PREFETCH).
+* split (larger C, or too few rows to fill the GPU): one persistent kernel (``_kd_split_kernel``)
+  after a zeroed int32 workspace (``torch.zeros``: a fill launch, so 2 launches forward). Each row
+  is cut into n_chunks chunks of whole BLOCK_N column blocks; a statistics item S reads a
+  (row, chunk) and writes its max and sum-exp of both distributions, its cross term
+  sum exp(a - m_t) (a - b) (a = t / tau_t, b = s / tau_s) and the largest a where b is -inf; a
+  gradient item G re-reads the chunk and writes its gradients from the row's statistics. The
+  grid is the programs the SMs hold at once (``split_programs``), each taking items by ticket
+  (an atomic counter) in the order S_0 .. S_{L-1}, G_0, S_L, G_1, ... (``split_item``; lag L =
+  n_chunks + programs). Each S counts itself in its row's counter; the one that completes the
+  row combines the row's partials in chunk order (deterministic: the same bits whatever ran
+  where) and marks the row ready; a G waits for its row to be ready, which only items handed
+  out before it can hold up: no deadlock under any scheduling, and a program that runs alone
+  (the interpreter's) takes every ticket itself. The last program to finish reduces the row
+  losses (as ``_kd_reduce_kernel``). Within a chunk the block maxima are one 3-operand
+  reduction per step and the sums stay per lane until the chunk's one reduction. The column
+  loops of a chunk of several blocks are software-pipelined: cp.async stages (NUM_STAGES)
+  where every load is at least 4 bytes wide, else an explicit register prefetch of the next
+  block (PREFETCH).
 
 Memory traffic per element (e_s, e_t: bytes of the student's and teacher's dtype):
 
 * tile: reads e_s + e_t, writes e_s and/or e_t (the gradients asked for): the minimum (fp32 with
   the student gradient: 12 B; bf16: 6 B). Ignored rows read nothing.
-* split: reads e_s + e_t in the statistics pass and again in the gradient pass (fp32: 20 B with
-  the student gradient, 24 B with both; without a gradient the second read does not happen).
-  The second read is counted as DRAM traffic: it comes from L2 only while both inputs fit in
-  it (the finish kernel runs its programs in reverse order, so the most recently read chunks
-  are re-read first, which can only help when they almost fit; the model does not count on it).
-  Per row: labels, temperatures, loss and 6 fp32 partials per chunk (24 B, read back once by
-  every chunk of the row).
+* split: reads e_s + e_t in the statistics items and again in the gradient items, and writes
+  the gradients. ``split_config`` picks the chunk so that what passes through L2 between a
+  chunk's read and its re-read ((L + programs) items of reads and gradient writes,
+  ``split_working_set``) stays within SPLIT_L2_BUDGET: the re-read then comes from L2 and DRAM
+  sees the tile form's bytes (fp32 with the student gradient: 12 B). Without a gradient there is
+  no re-read. Per row: labels, temperatures, loss, 6 fp32 partials per chunk and 5 fp32 row
+  statistics (each written once and read from L2 by the row's other items), one int32 counter.
 
 Per row, not per element, a weighted call adds 4 B for each weight tensor given (the gathered
 class weight, the sample weight): once per row in the tile form, once per (row, chunk) program
-of the split form's finish kernel (its statistics pass reads no weight). A number weight is a
+of the split form's gradient items and its completing statistics item. A number weight is a
 kernel argument and moves nothing.
 
 Bad labels and temperatures give their rows NaN. Device asserts on them are compiled in only in
@@ -53,8 +63,8 @@ kernel, so that nothing is live across the assert's call.
 
 The eager path (``loss``) caches each call's plan by its metadata and, after a kernel's first
 launch, launches the compiled kernel through its launcher directly; a finishing kernel
-(``_kd_reduce_kernel``) reduces the rows on the device and ``scale_gradient``
-(``_kd_scale_kernel``) is the backward, one launch.
+(``_kd_reduce_kernel``, after the tile form; the split kernel reduces itself) reduces the rows
+on the device and ``scale_gradient`` (``_kd_scale_kernel``) is the backward, one launch.
 
 Math is fp32 whatever the input dtype; gradients are stored in the dtype of their output buffer
 (the logits' dtype for the op; fp32 for fp16 logits on the eager path). The
@@ -1265,7 +1275,7 @@ def loss(student_logits, teacher_logits, labels, teacher_temperature, student_te
     Trusts its caller (the public function checked the arguments): fp32/fp16/bf16 (B, C) logits,
     int64 labels or None, fp32 temperatures and weights in the launcher's terms (a temperature
     (C,) with labels, (B,) without), number temperatures positive and finite. At most two
-    launches for a reduced loss (tile + reduce; split statistics and finish + reduce is three)
+    launches for a reduced loss (tile + reduce; the split form's zeroed workspace + its kernel)
     and nothing else on the device: scalars stay Python numbers.
 
     Args:
@@ -1440,7 +1450,8 @@ def plan(student_logits, teacher_logits, labels, teacher_temperature, student_te
     """Validates the arguments, allocates the outputs and returns the launches that compute them.
 
     Runs nothing on the device (meta tensors give the launches a real call would make, for
-    ahead-of-time compiles and the performance model).
+    ahead-of-time compiles and the performance model). The split form's work counters are
+    zeroed here: its launch runs once (a second run would find every ticket taken).
 
     Args:
         as for ``launch``; reduction: None (the op: row losses) or one of ``loss``'s reductions,
