@@ -118,7 +118,8 @@ PARTIAL_BLOCK = 128
 SPLIT_MAX_WARPS = 8
 # Partials per (row, chunk): max_t, max_s, sum-exp_t, sum-exp_s, cross, largest a where b = -inf.
 N_PARTIALS = 6
-# Statistics per row that the gradient items read: max_t, max_s, log sum-exp_t, log sum-exp_s, KL.
+# Statistics per row that the gradient items read: max_t, max_s, log2 sum-exp2_t, log2 sum-exp2_s (base 2,
+# see ``_combine_partials``), KL.
 ROW_STATISTICS = 5
 # The split kernel's int32 work counters: the ticket, the programs finished, one per row.
 WORK_COUNTERS = 2
@@ -327,11 +328,12 @@ def _sum3(a0, b0, c0, a1, b1, c1):
 
 @triton.jit
 def _block_statistics(state, a, b):
-    """Merges a block of a = t / tau_t and b = s / tau_s into the running chunk statistics.
+    """Merges a block of a = log2(e) t / tau_t and b = log2(e) s / tau_s into the running chunk statistics.
 
     The block's maxima (and the largest a where b is -inf) are one 3-operand reduction; the
     sums stay per lane, rescaled when a maximum grows, and are reduced once per chunk
-    (``_chunk_partials``).
+    (``_chunk_partials``). In base 2, exp(t / tau_t - m) is exp2(a - m'): one ex2 instruction
+    (flushing results under 2^-126 to 0, which these sums cannot tell from rounding).
     """
     m_t, m_s, a_at_student_inf, z_t, z_s, cross = state
     finite_b = b > float("-inf")
@@ -341,13 +343,13 @@ def _block_statistics(state, a, b):
     # a max that is still -inf shifts by 0 instead (avoids -inf - -inf)
     m_t_safe = tl.where(m_t_new == float("-inf"), 0.0, m_t_new)
     m_s_safe = tl.where(m_s_new == float("-inf"), 0.0, m_s_new)
-    alpha_t = tl.exp(m_t - m_t_safe)
-    e_t = tl.exp(a - m_t_safe)
+    alpha_t = tl.exp2(m_t - m_t_safe)
+    e_t = tl.exp2(a - m_t_safe)
     in_support = e_t > 0
     a_in = tl.where(in_support, a, 0.0)
     b_in = tl.where(in_support & finite_b, b, a_in)
     z_t = z_t * alpha_t + e_t
-    z_s = z_s * tl.exp(m_s - m_s_safe) + tl.exp(b - m_s_safe)
+    z_s = z_s * tl.exp2(m_s - m_s_safe) + tl.exp2(b - m_s_safe)
     cross = cross * alpha_t + e_t * (a_in - b_in)
     return m_t_new, m_s_new, tl.maximum(a_at_student_inf, block_inf), z_t, z_s, cross
 
@@ -364,7 +366,8 @@ def _chunk_partials(state):
 def _split_statistics(s_row, t_row, stride_sc, stride_tc, first_block, n_blocks, cols, C, keep, inv_t, inv_s,
                       BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr, PREFETCH: tl.constexpr):
     """A statistics item: its chunk's max and sum-exp of both distributions, its cross term
-    sum exp(a - m_t) (a - b) and the largest a where b is -inf (6 scalars)."""
+    sum exp2(a - m_t) (a - b) and the largest a where b is -inf (6 scalars, in base 2: ``inv_t``
+    and ``inv_s`` are log2(e) / tau)."""
     fill = tl.where(keep, float("-inf"), 0.0)
     neg_inf = tl.full([], float("-inf"), tl.float32)
     zero = tl.zeros([BLOCK_N], tl.float32)
@@ -396,9 +399,11 @@ def _split_statistics(s_row, t_row, stride_sc, stride_tc, first_block, n_blocks,
 def _combine_partials(part_ptr, B, row, n_chunks, PART_BLOCK: tl.constexpr):
     """A row's statistics from its chunks' partials, merged in chunk order (the same bits in every run).
 
-    Returns max_t, max_s, log sum-exp_t, log sum-exp_s (each relative to its max) and the row KL
-    (+inf where the student is -inf under teacher mass, NaN when either row is all -inf). The
-    partials were written by other programs: read from L2 (``.cg``), never from a stale L1 line.
+    Returns max_t, max_s, log2 sum-exp2_t, log2 sum-exp2_s (each relative to its max; all in base
+    2, as the partials) and the row KL in nats (+inf where the student is -inf under teacher mass,
+    decided with a natural exp that keeps probabilities under 2^-126; NaN when either row is all
+    -inf). The partials were written by other programs: read from L2 (``.cg``), never from a
+    stale L1 line.
     """
     plane = B.to(tl.int64) * n_chunks
     base = part_ptr + row.to(tl.int64) * n_chunks
@@ -418,27 +423,30 @@ def _combine_partials(part_ptr, B, row, n_chunks, PART_BLOCK: tl.constexpr):
         m_s_new = tl.maximum(m_s, tl.max(c_m_s, 0))
         m_t_safe = tl.where(m_t_new == float("-inf"), 0.0, m_t_new)
         m_s_safe = tl.where(m_s_new == float("-inf"), 0.0, m_s_new)
-        scale_t = tl.exp(c_m_t - m_t_safe)
-        alpha_t = tl.exp(m_t - m_t_safe)
+        scale_t = tl.exp2(c_m_t - m_t_safe)
+        alpha_t = tl.exp2(m_t - m_t_safe)
         z_t = z_t * alpha_t + tl.sum(c_z_t * scale_t, 0)
         cross = cross * alpha_t + tl.sum(c_cross * scale_t, 0)
-        z_s = z_s * tl.exp(m_s - m_s_safe) + tl.sum(c_z_s * tl.exp(c_m_s - m_s_safe), 0)
+        z_s = z_s * tl.exp2(m_s - m_s_safe) + tl.sum(c_z_s * tl.exp2(c_m_s - m_s_safe), 0)
         a_inf = tl.maximum(a_inf, tl.max(c_a_inf, 0))
         m_t = m_t_new
         m_s = m_s_new
-    log_z_t = tl.log(z_t)
-    log_z_s = tl.log(z_s)
-    loss = cross / z_t - (m_t - m_s) - (log_z_t - log_z_s)
-    loss = tl.where(tl.exp((a_inf - m_t) - log_z_t) > 0, float("inf"), loss)
+    log_z_t = tl.log2(z_t)
+    log_z_s = tl.log2(z_s)
+    ln2 = 0.6931471805599453
+    loss = (cross / z_t - (m_t - m_s) - (log_z_t - log_z_s)) * ln2
+    loss = tl.where(tl.exp(((a_inf - m_t) - log_z_t) * ln2) > 0, float("inf"), loss)
     loss = tl.where((m_t == float("-inf")) | (m_s == float("-inf")), float("nan"), loss)
     return m_t, m_s, log_z_t, log_z_s, loss
 
 
 @triton.jit
 def _split_gradients(s_row, t_row, gs_row, gt_row, stride_sc, stride_tc, first_block, n_blocks, cols, C, keep, bad,
-                     inv_t, inv_s, scale_t, scale_s, m_t, m_s, log_z_t, log_z_s, loss, student_grad, teacher_grad,
-                     BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr, PREFETCH: tl.constexpr):
-    """A gradient item: re-reads its chunk and writes the gradients from the row's statistics (scales: w / tau)."""
+                     inv_t, inv_s, scale_t, scale_s, m_t, m_s, log_z_t, log_z_s, loss, STUDENT_GRAD: tl.constexpr,
+                     TEACHER_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+                     PREFETCH: tl.constexpr):
+    """A gradient item: re-reads its chunk and writes the gradients from the row's statistics (base 2,
+    as ``_combine_partials`` returns them; ``inv_t``, ``inv_s``: log2(e) / tau; scales: w / tau)."""
     fill = tl.where(keep, float("-inf"), 0.0)
     if PREFETCH:
         s_ptrs, t_ptrs, mask, col = _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, 0, cols, C, keep,
@@ -453,27 +461,40 @@ def _split_gradients(s_row, t_row, gs_row, gt_row, stride_sc, stride_tc, first_b
                                                         C, keep & (k + 1 < n_blocks), BLOCK_N)
             a_next = tl.load(t_ptrs, mask=mask)
             b_next = tl.load(s_ptrs, mask=mask)
-            _store_grads(gs_row + here, gt_row + here, here < C, (a - m_t) - log_z_t, (b - m_s) - log_z_s, loss,
-                         scale_t, scale_s, keep, bad, student_grad, teacher_grad)
+            _store_split_grads(gs_row + here, gt_row + here, here < C, (a - m_t) - log_z_t, (b - m_s) - log_z_s,
+                               loss, scale_t, scale_s, keep, bad, STUDENT_GRAD, TEACHER_GRAD)
     else:
         for k in tl.range(0, n_blocks, num_stages=NUM_STAGES):
             s_ptrs, t_ptrs, mask, col = _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, k, cols, C,
                                                         keep, BLOCK_N)
             a = _load_scaled(t_ptrs, mask, fill, inv_t)
             b = _load_scaled(s_ptrs, mask, fill, inv_s)
-            _store_grads(gs_row + col, gt_row + col, col < C, (a - m_t) - log_z_t, (b - m_s) - log_z_s, loss,
-                         scale_t, scale_s, keep, bad, student_grad, teacher_grad)
+            _store_split_grads(gs_row + col, gt_row + col, col < C, (a - m_t) - log_z_t, (b - m_s) - log_z_s, loss,
+                               scale_t, scale_s, keep, bad, STUDENT_GRAD, TEACHER_GRAD)
+
+
+@triton.jit
+def _store_split_grads(gs_ptrs, gt_ptrs, mask, log2_p, log2_q, loss, scale_t, scale_s, keep, bad,
+                       STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr):
+    """``_store_grads`` from base-2 log-probabilities: the student's gradient (q - p) * scale_s with
+    ex2 (probabilities under 2^-126 count 0, as rounding); the teacher's from natural exp, so that
+    its support (p > 0) is the tile form's."""
+    if STUDENT_GRAD:
+        grad = (tl.exp2(log2_q) - tl.exp2(log2_p)) * scale_s
+        tl.store(gs_ptrs, _finish_rows(grad, keep, bad).to(gs_ptrs.dtype.element_ty), mask=mask)
+    if TEACHER_GRAD:
+        ln2 = 0.6931471805599453
+        _store_grads(gs_ptrs, gt_ptrs, mask, log2_p * ln2, log2_q * ln2, loss, scale_t, scale_s, keep, bad, 0, 1)
 
 
 @triton.jit(do_not_specialize=RUNTIME_INTS)
 def _kd_split_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weight_ptr, sample_weight_ptr, part_ptr, work_ptr,
                      loss_ptr, gs_ptr, gt_ptr, out_ptr, scale_ptr, B, C, stride_sb, stride_sc, stride_tb, stride_tc,
                      stride_l, n_chunks, blocks_per_chunk, lag, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode,
-                     has_labels, ignore_index, weight_scalar, has_weight, has_sample_weight, student_grad,
-                     teacher_grad, per_row,
+                     has_labels, ignore_index, weight_scalar, has_weight, has_sample_weight, per_row,
                      BLOCK_N: tl.constexpr, VEC: tl.constexpr, WIDE: tl.constexpr, NUM_STAGES: tl.constexpr,
                      PREFETCH: tl.constexpr, PART_BLOCK: tl.constexpr, REDUCE: tl.constexpr, MEAN: tl.constexpr,
-                     REDUCE_BLOCK: tl.constexpr):
+                     REDUCE_BLOCK: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr):
     """The split form, persistent: each program takes work items by ticket until none is left.
 
     Items (see ``split_item``): a statistics item writes its (row, chunk)'s 6 partials to
@@ -484,7 +505,13 @@ def _kd_split_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weight_ptr,
     chunk (read by the statistics pass at most about lag + programs items earlier: from L2 when
     ``split_config`` sized the plan for it) and writes the gradients. With REDUCE, the last
     program to finish (work[1] counts them) reduces the row losses as ``_kd_reduce_kernel`` does.
+    Without a gradient asked for (STUDENT_GRAD, TEACHER_GRAD) there are no gradient items.
     ``work`` must be zeros at launch.
+
+    Ordering: what a program publishes (partials, row statistics, row losses) is stored, then a
+    CTA barrier, then the count (release; the statistics count is acquire-release so that the
+    completing program sees every chunk's partials). Readers count or poll with acquire and read
+    the published values from L2 (``.cg``).
     """
     C = _aligned(C, VEC)
     stride_sb = _aligned(stride_sb, VEC)
@@ -493,7 +520,9 @@ def _kd_split_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weight_ptr,
     if WIDE:
         cols = cols.to(tl.int64)
     n_stats = B * n_chunks
-    total = n_stats + tl.where((student_grad != 0) | (teacher_grad != 0), n_stats, 0)
+    total = n_stats
+    if STUDENT_GRAD or TEACHER_GRAD:
+        total = 2 * n_stats
     column_blocks = tl.cdiv(C, BLOCK_N)
     row_stats_ptr = part_ptr + 6 * (B.to(tl.int64) * n_chunks)  # after the N_PARTIALS planes
     labels_ok = tl.full([], 1, tl.int32)
@@ -512,12 +541,14 @@ def _kd_split_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weight_ptr,
         temperatures_ok = temperatures_ok & temperatures_fine.to(tl.int32)
         s_row = s_ptr + row.to(tl.int64) * stride_sb
         t_row = t_ptr + row.to(tl.int64) * stride_tb
+        # the statistics in base 2: exp2 is one instruction, exp three more
+        log2e = 1.4426950408889634
         counter = work_ptr + 2 + row
         row_stats = row_stats_ptr + row
         if is_stats:
             m_t, m_s, z_t, z_s, cross, a_inf = _split_statistics(
-                s_row, t_row, stride_sc, stride_tc, first_block, n_blocks, cols, C, keep, inv_t, inv_s, BLOCK_N,
-                NUM_STAGES, PREFETCH)
+                s_row, t_row, stride_sc, stride_tc, first_block, n_blocks, cols, C, keep, inv_t * log2e,
+                inv_s * log2e, BLOCK_N, NUM_STAGES, PREFETCH)
             plane = B.to(tl.int64) * n_chunks
             out = part_ptr + (row.to(tl.int64) * n_chunks + chunk)
             tl.store(out, m_t)
@@ -550,10 +581,11 @@ def _kd_split_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weight_ptr,
             loss = tl.load(row_stats + 4 * B, cache_modifier=".cg")
             _split_gradients(s_row, t_row, gs_ptr + row.to(tl.int64) * C, gt_ptr + row.to(tl.int64) * C, stride_sc,
                              stride_tc, first_block, n_blocks, cols, C, keep, bad | (keep & (loss != loss)),
-                             inv_t, inv_s, weight * inv_t, weight * inv_s, tl.load(row_stats, cache_modifier=".cg"),
+                             inv_t * log2e, inv_s * log2e, weight * inv_t, weight * inv_s,
+                             tl.load(row_stats, cache_modifier=".cg"),
                              tl.load(row_stats + B, cache_modifier=".cg"),
                              tl.load(row_stats + 2 * B, cache_modifier=".cg"),
-                             tl.load(row_stats + 3 * B, cache_modifier=".cg"), loss, student_grad, teacher_grad,
+                             tl.load(row_stats + 3 * B, cache_modifier=".cg"), loss, STUDENT_GRAD, TEACHER_GRAD,
                              BLOCK_N, NUM_STAGES, PREFETCH)
         ticket = tl.atomic_add(work_ptr, 1, sem="relaxed")
     if REDUCE:
@@ -1190,14 +1222,16 @@ def _static_plan(student_logits, teacher_logits, labels, tau_t, tau_s, ignore_in
                 out, scale = (v[OUT], v[SCALE]) if fused else (v[ROWS], v[ROWS])
                 return (v[S], v[T], v[LABELS], v[TAU_T], v[TAU_S], v[WEIGHT], v[SAMPLE_WEIGHT], v[PARTIALS],
                         v[COUNTERS], v[ROWS], v[GRAD_S], v[GRAD_T], out, scale, *sizes, *chunking, v[TAU_T_SCALAR],
-                        v[TAU_S_SCALAR], *per_row, v[WEIGHT_SCALAR], *weighting, *flags, *split_reduce)
+                        v[TAU_S_SCALAR], *per_row, v[WEIGHT_SCALAR], *weighting, *split_reduce)
 
             steps.append(_Step(_kd_split_kernel, (programs,),
                                {"BLOCK_N": block_n, "VEC": vec, "WIDE": wide, "NUM_STAGES": stages,
                                 "PREFETCH": prefetch, "PART_BLOCK": PARTIAL_BLOCK, "REDUCE": fused,
                                 "MEAN": reduction in ("mean", "batchmean"),
                                 # 4 rows a thread: the reduction adds no registers to the item loop's
-                                "REDUCE_BLOCK": min(REDUCE_BLOCK, 128 * config["num_warps"])},
+                                "REDUCE_BLOCK": min(REDUCE_BLOCK, 128 * config["num_warps"]),
+                                # compiled in: the gradient items' loop holds only the gradients asked for
+                                "STUDENT_GRAD": bool(student_grad), "TEACHER_GRAD": bool(teacher_grad)},
                                # ptxas holds the registers to what the grid assumed (it spills rather than exceed)
                                dict(options, num_warps=config["num_warps"], num_stages=stages,
                                     maxnreg=SPLIT_MAX_REGISTERS), bind_split))

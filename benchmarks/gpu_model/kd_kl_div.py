@@ -257,7 +257,7 @@ def issue(launch, compiled):
         per_statistics, per_gradient, per_program = split_item_instructions(instructions, args["blocks_per_chunk"],
                                                                             args["n_chunks"])
         items = args["B"] * args["n_chunks"]
-        gradients = items if (args["student_grad"] or args["teacher_grad"]) else 0
+        gradients = items if (launch.constexprs["STUDENT_GRAD"] or launch.constexprs["TEACHER_GRAD"]) else 0
         return (per_statistics * items + per_gradient * gradients + per_program * launch.grid[0]) * threads
     loop, total = hardware.loop_instructions(instructions)
     per_program = (total - loop) + loop * _iterations(launch)

@@ -122,6 +122,7 @@ def _real_launches():
     cases += _launches("split prefetch transposed", 4096, 20000, "fp16", "fp16", "transposed")
     cases += _launches("split staged, no gradients", 4096, 32000, "fp32", "fp32", grads=(False, False))
     cases += _launches("split student gradient only", 64, 262144, "fp32", "bf16", grads=(True, False))
+    cases += _launches("split teacher gradient only", 4, 40000, "bf16", "fp32", grads=(False, True))
     cases += _launches("split sum", 4, 20000, "fp32", "fp32", reduction="sum")
     cases += _launches("split mean", 4096, 50257, "bf16", "bf16", reduction="mean")
     cases += _launches("split batchmean, 1-warp programs", 8, 8192, "fp32", "fp32", reduction="batchmean")
@@ -166,6 +167,8 @@ def test_the_variants_cover_every_code_path():
     assert {(launch.constexprs["REDUCE"], launch.constexprs["MEAN"]) for launch in split} == \
         {(False, False), (True, False), (True, True)}, "the split kernel without, with a sum and with a mean"
     assert {launch.constexprs["NUM_STAGES"] > 1 or launch.constexprs["PREFETCH"] for launch in split} == {False, True}
+    assert {(launch.constexprs["STUDENT_GRAD"], launch.constexprs["TEACHER_GRAD"]) for launch in split} == \
+        {(False, False), (True, False), (False, True), (True, True)}, "the gradients are compiled in"
     for kernel in ("_kd_tile_kernel", "_kd_split_kernel"):
         for vec in (1, 2, 4, 8) if kernel == "_kd_tile_kernel" else (1, 4, 8):
             assert any(f[0] == kernel and f[3] == vec for f in forms), (kernel, vec)
