@@ -245,7 +245,9 @@ def issue(launch, compiled):
 
     Args:
         launch: a ``kd.Launch``.
-        compiled: ``hardware.compile_for_sm90``'s dict for it.
+        compiled: ``hardware.compile_for_sm90``'s dict for it; for the split kernel its
+            ``item_instructions`` are set: per statistics item, per gradient item, and the item
+            loop's body (per thread).
 
     Returns:
         float: thread instructions.
@@ -256,6 +258,8 @@ def issue(launch, compiled):
         args = split_arguments(launch)
         per_statistics, per_gradient, per_program = split_item_instructions(instructions, args["blocks_per_chunk"],
                                                                             args["n_chunks"])
+        compiled["item_instructions"] = {"statistics": per_statistics, "gradient": per_gradient,
+                                         "loop": _length(max(_loops(instructions), key=_length))}
         items = args["B"] * args["n_chunks"]
         gradients = items if (launch.constexprs["STUDENT_GRAD"] or launch.constexprs["TEACHER_GRAD"]) else 0
         return (per_statistics * items + per_gradient * gradients + per_program * launch.grid[0]) * threads
@@ -338,6 +342,8 @@ def rows(shapes=SHAPES, dtypes=tuple(DTYPES), host_us="measure"):
         row.update(traffic(launches, batch, num_classes, element, element))
         for launch, count in zip(row["launches"], instructions):
             launch["instructions_per_element"] = count / row["elements"]
+        if split:
+            row["launches"][1]["item_instructions"] = compiled_case[0]["item_instructions"]
         row["instructions_per_element"] = sum(instructions) / row["elements"]
         host = None if host_us is None or name != "fp32" else host_us.get((batch, num_classes))
         row["host_us"] = host

@@ -175,6 +175,17 @@ def test_kd_times_use_achievable_bandwidth_issue_and_host(kd_rows):
     assert host["(128, 10) fp32"]["bound"]["H100 SXM"] == "host"  # 30 us of host against ~12 us of GPU
 
 
+def test_split_kernel_counts_each_item_by_its_own_branch(kd_rows):
+    """In the real sm_90 SASS the model finds the item loop's two branches: an item counts less
+    than the whole loop (the fallback would count all of it), and a statistics item (reductions,
+    partials, its row's combine) more than a gradient item."""
+    split = [row for row in kd_rows if row["form"] == "split"]
+    assert split
+    for row in split:
+        items = row["launches"][1]["item_instructions"]
+        assert items["gradient"] < items["statistics"] < items["loop"], (row["case"], items)
+
+
 def test_split_item_instruction_count():
     """Per item: the item loop's body without the other item's branch, the column loop once per
     block, the completing item's combine once per row."""
