@@ -49,13 +49,14 @@ Memory traffic per element (e_s, e_t: bytes of the student's and teacher's dtype
   chunk's read and its re-read ((L + programs) items of reads and gradient writes,
   ``split_working_set``) stays within SPLIT_L2_BUDGET: the re-read then comes from L2 and DRAM
   sees the tile form's bytes (fp32 with the student gradient: 12 B). Without a gradient there is
-  no re-read. Per row: labels, temperatures, loss, 6 fp32 partials per chunk and 5 fp32 row
-  statistics (each written once and read from L2 by the row's other items), one int32 counter.
+  no re-read. Per row: labels, temperatures, loss, 6 fp32 partials per chunk and ROW_STATISTICS
+  fp32 values for its gradient items (each written once and read from L2 by the row's other
+  items), one int32 counter.
 
 Per row, not per element, a weighted call adds 4 B for each weight tensor given (the gathered
 class weight, the sample weight): once per row in the tile form, once per (row, chunk) program
-of the split form's gradient items and its completing statistics item. A number weight is a
-kernel argument and moves nothing.
+of the split form's completing statistics item (its gradient items read the weighted factors it
+publishes). A number weight is a kernel argument and moves nothing.
 
 Bad labels and temperatures give their rows NaN. Device asserts on them are compiled in only in
 the debug mode (``FASTABSLD_DEVICE_ASSERTS=1``, see ``device_asserts``); they run last in each
@@ -118,9 +119,10 @@ PARTIAL_BLOCK = 128
 SPLIT_MAX_WARPS = 8
 # Partials per (row, chunk): max_t, max_s, sum-exp_t, sum-exp_s, cross, largest a where b = -inf.
 N_PARTIALS = 6
-# Statistics per row that the gradient items read: max_t, max_s, log2 sum-exp2_t, log2 sum-exp2_s (base 2,
-# see ``_combine_partials``), KL.
-ROW_STATISTICS = 5
+# Values per row that the gradient items read (contiguous): max_t, max_s, log2 sum-exp2_t, log2 sum-exp2_s
+# (base 2, see ``_combine_partials``), KL, the loads' factors log2(e) / tau_t and log2(e) / tau_s, and the
+# gradients' w / tau_t and w / tau_s. (The row's kept and bad flags ride on its counter.)
+ROW_STATISTICS = 9
 # The split kernel's int32 work counters: the ticket, the programs finished, one per row.
 WORK_COUNTERS = 2
 # Bytes the split form's working set between a chunk's read and its re-read may take in L2 (see
@@ -500,8 +502,9 @@ def _kd_split_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weight_ptr,
     Items (see ``split_item``): a statistics item writes its (row, chunk)'s 6 partials to
     part[k, row * n_chunks + chunk] and counts itself in the row's counter (work[2 + row]); the
     program that completes the count combines the row's partials in chunk order, writes the row
-    loss and the row's statistics (part[6 * B * n_chunks + k * B + row], k < ROW_STATISTICS) and
-    counts once more: the row is ready. A gradient item waits for its row to be ready, re-reads its
+    loss and what the row's gradient items need (part[6 * B * n_chunks + row * ROW_STATISTICS + k])
+    and counts once more, by 1 + kept + 2 * bad: the row is ready, and its gradient items read its
+    flags from the count. A gradient item waits for its row to be ready, re-reads its
     chunk (read by the statistics pass at most about lag + programs items earlier: from L2 when
     ``split_config`` sized the plan for it) and writes the gradients. With REDUCE, the last
     program to finish (work[1] counts them) reduces the row losses as ``_kd_reduce_kernel`` does.
@@ -534,18 +537,18 @@ def _kd_split_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weight_ptr,
         chunk = item - row * n_chunks
         first_block = chunk * blocks_per_chunk
         n_blocks = tl.minimum(blocks_per_chunk, column_blocks - first_block)
-        keep, bad, inv_t, inv_s, labels_fine, temperatures_fine, label, usable = _row_setup(
-            labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode,
-            has_labels, ignore_index, row, row < B, C)
-        labels_ok = labels_ok & labels_fine.to(tl.int32)
-        temperatures_ok = temperatures_ok & temperatures_fine.to(tl.int32)
         s_row = s_ptr + row.to(tl.int64) * stride_sb
         t_row = t_ptr + row.to(tl.int64) * stride_tb
         # the statistics in base 2: exp2 is one instruction, exp three more
         log2e = 1.4426950408889634
         counter = work_ptr + 2 + row
-        row_stats = row_stats_ptr + row
+        row_stats = row_stats_ptr + row.to(tl.int64) * 9  # ROW_STATISTICS, contiguous per row
         if is_stats:
+            keep, bad, inv_t, inv_s, labels_fine, temperatures_fine, label, usable = _row_setup(
+                labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode,
+                has_labels, ignore_index, row, row < B, C)
+            labels_ok = labels_ok & labels_fine.to(tl.int32)
+            temperatures_ok = temperatures_ok & temperatures_fine.to(tl.int32)
             m_t, m_s, z_t, z_s, cross, a_inf = _split_statistics(
                 s_row, t_row, stride_sc, stride_tc, first_block, n_blocks, cols, C, keep, inv_t * log2e,
                 inv_s * log2e, BLOCK_N, NUM_STAGES, PREFETCH)
@@ -564,29 +567,35 @@ def _kd_split_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weight_ptr,
                 r_m_t, r_m_s, log_z_t, log_z_s, loss = _combine_partials(part_ptr, B, row, n_chunks, PART_BLOCK)
                 weight = _row_weight(weight_ptr, sample_weight_ptr, weight_scalar, has_weight, has_sample_weight,
                                      label, row, usable, row < B)
-                tl.store(loss_ptr + row, _finish_rows(weight * loss, keep, bad | (keep & (loss != loss))))
+                bad = bad | (keep & (loss != loss))
+                tl.store(loss_ptr + row, _finish_rows(weight * loss, keep, bad))
+                # what the row's gradient items need, so that they read no label, temperature or weight:
+                # the statistics and the loads' and the gradients' factors; the row's flags ride on its count
                 tl.store(row_stats, r_m_t)
-                tl.store(row_stats + B, r_m_s)
-                tl.store(row_stats + 2 * B, log_z_t)
-                tl.store(row_stats + 3 * B, log_z_s)
-                tl.store(row_stats + 4 * B, loss)
+                tl.store(row_stats + 1, r_m_s)
+                tl.store(row_stats + 2, log_z_t)
+                tl.store(row_stats + 3, log_z_s)
+                tl.store(row_stats + 4, loss)
+                tl.store(row_stats + 5, inv_t * log2e)
+                tl.store(row_stats + 6, inv_s * log2e)
+                tl.store(row_stats + 7, weight * inv_t)
+                tl.store(row_stats + 8, weight * inv_s)
                 tl.debug_barrier()
-                tl.atomic_add(counter, 1, sem="release")
+                # ready: the count passes n_chunks, by 1 + kept + 2 * bad (a bad row is a kept one)
+                tl.atomic_add(counter, 1 + keep.to(tl.int32) + 2 * bad.to(tl.int32), sem="release")
         else:
-            weight = _row_weight(weight_ptr, sample_weight_ptr, weight_scalar, has_weight, has_sample_weight, label,
-                                 row, usable, row < B)
             ready = tl.atomic_add(counter, 0, sem="acquire")
             while ready <= n_chunks:
                 ready = tl.atomic_add(counter, 0, sem="acquire")
-            loss = tl.load(row_stats + 4 * B, cache_modifier=".cg")
+            flags = ready - n_chunks - 1
             _split_gradients(s_row, t_row, gs_ptr + row.to(tl.int64) * C, gt_ptr + row.to(tl.int64) * C, stride_sc,
-                             stride_tc, first_block, n_blocks, cols, C, keep, bad | (keep & (loss != loss)),
-                             inv_t * log2e, inv_s * log2e, weight * inv_t, weight * inv_s,
-                             tl.load(row_stats, cache_modifier=".cg"),
-                             tl.load(row_stats + B, cache_modifier=".cg"),
-                             tl.load(row_stats + 2 * B, cache_modifier=".cg"),
-                             tl.load(row_stats + 3 * B, cache_modifier=".cg"), loss, STUDENT_GRAD, TEACHER_GRAD,
-                             BLOCK_N, NUM_STAGES, PREFETCH)
+                             stride_tc, first_block, n_blocks, cols, C, (flags & 1) != 0, (flags & 2) != 0,
+                             tl.load(row_stats + 5, cache_modifier=".cg"), tl.load(row_stats + 6, cache_modifier=".cg"),
+                             tl.load(row_stats + 7, cache_modifier=".cg"), tl.load(row_stats + 8, cache_modifier=".cg"),
+                             tl.load(row_stats, cache_modifier=".cg"), tl.load(row_stats + 1, cache_modifier=".cg"),
+                             tl.load(row_stats + 2, cache_modifier=".cg"), tl.load(row_stats + 3, cache_modifier=".cg"),
+                             tl.load(row_stats + 4, cache_modifier=".cg"), STUDENT_GRAD, TEACHER_GRAD, BLOCK_N,
+                             NUM_STAGES, PREFETCH)
         ticket = tl.atomic_add(work_ptr, 1, sem="relaxed")
     if REDUCE:
         # every row this program finished is written before it counts itself out

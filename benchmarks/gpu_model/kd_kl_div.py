@@ -23,11 +23,11 @@ gradient's, e_s, or 4 for fp16 logits, whose gradient is kept in fp32 until scal
 * per row: label (8 B), gathered temperature (4 B) and loss (4 B) once per kernel that reads the
   row (the split kernel's repeated reads of a row's label and temperature by its items hit L2);
   the finishing reduction reads each row's loss and label again (12 B); the split form's 6 fp32
-  partials per (row, chunk) and 5 fp32 row statistics are written once and read once from DRAM
-  (their repeated reads by the row's other items hit L2), and its memset writes 4 B per row
-  (the row counters; the kernel's atomics on them stay in L2). A weighted call
-  (``weight_tensors``) adds 4 B per row per weight tensor, in the tile kernel or in each
-  (row, chunk) gradient item of the split form: bytes per row, none per element.
+  partials per (row, chunk) and ``kd.ROW_STATISTICS`` fp32 values per row for its gradient items
+  are written once and read once from DRAM (their repeated reads by the row's other items hit
+  L2), and its memset writes 4 B per row (the row counters; the kernel's atomics on them stay in
+  L2). A weighted call (``weight_tensors``) adds 4 B per row per weight tensor, read by the tile
+  kernel or the split form's completing statistics item: bytes per row, none per element.
 
 The minimum is one read of each input, one write of the gradient and the backward's read and
 write: fp32 20 B/element, bf16 10 B/element.
@@ -141,8 +141,7 @@ def traffic(launches, batch, num_classes, student_bytes, teacher_bytes, weight_t
         extra = {"rereads_from_l2": in_l2, "working_set": working}
         if not in_l2:
             element_bytes += reads
-        row_bytes = (ROW_BYTES + 2 * 4 * (kd.N_PARTIALS * n_chunks + kd.ROW_STATISTICS) + COUNTER_BYTES
-                     + weight_bytes * n_chunks)
+        row_bytes = ROW_BYTES + 2 * 4 * (kd.N_PARTIALS * n_chunks + kd.ROW_STATISTICS) + COUNTER_BYTES + weight_bytes
     elements = batch * num_classes
     rows = batch * (row_bytes + REDUCE_ROW_BYTES)
     return {"bytes": elements * element_bytes + rows,
