@@ -530,14 +530,20 @@ def test_bad_rows_degrade_to_nan_without_asserts(form):
 @settings(max_examples=12, deadline=None)
 @given(batch=st.integers(1, 6), num_classes=st.integers(1, 70), kind=st.sampled_from(["scalar", "class", "row"]),
        log_low=st.floats(math.log(0.05), math.log(50.0)), log_span=st.floats(0.0, 3.0),
-       scale=st.sampled_from([0.01, 1.0, 30.0, 1000.0]), form=st.sampled_from(FORMS), seed=st.integers(0, 2**16))
-def test_property_random_shapes_and_temperatures(batch, num_classes, kind, log_low, log_span, scale, form, seed):
+       scale=st.sampled_from([0.01, 1.0, 30.0, 1000.0]), form=st.sampled_from(FORMS), seed=st.integers(0, 2**16),
+       programs=st.integers(1, 40), extra_lag=st.integers(0, 50))
+def test_property_random_shapes_and_temperatures(batch, num_classes, kind, log_low, log_span, scale, form, seed,
+                                                 programs, extra_lag):
+    """Random shapes, temperatures and logit scales; the split form with any grid and any lag."""
     g = torch.Generator().manual_seed(seed)
     low = math.exp(log_low)
     high = min(50.0, low * math.exp(log_span))
+    config = small_config(form, num_classes)
+    if form == "split":
+        config = dict(config, PROGRAMS=programs, LAG=-(-num_classes // config["CHUNK"]) + extra_lag)
     run_case(make_logits(batch, num_classes, torch.float32, scale=scale, generator=g),
              make_logits(batch, num_classes, torch.float32, scale=scale, generator=g), kind, form=form,
-             config=small_config(form, num_classes), generator=g, low=low, high=high)
+             config=config, generator=g, low=low, high=high)
 
 
 # Row weights: w_i = sample_weight_scalar * weight[label_i] * sample_weight[i], scaling the loss and both gradients.
