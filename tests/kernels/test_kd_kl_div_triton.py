@@ -312,6 +312,20 @@ def test_split_plan_keeps_the_reread_in_l2(shape, dtype, grads):
     assert launch.grid[0] == min(kd.split_programs(launch.num_warps, shared), shape[0] * args["n_chunks"])
 
 
+def test_split_config_shrinks_the_chunk_to_the_l2_budget():
+    """A smaller L2 (``l2_budget`` of a smaller GPU) gives smaller chunks, down to SPLIT_MIN_CHUNK;
+    without gradients nothing is re-read and the budget does not bind."""
+    chunks = []
+    for budget in (64 << 20, 16 << 20, 4 << 20, 1 << 20, 64 << 10):
+        config = kd.split_config(4096, 32000, l2_budget=budget)
+        assert config["LAG"] == -(-32000 // config["CHUNK"]) + config["PROGRAMS"]
+        working = kd.split_working_set(config["LAG"], config["PROGRAMS"], config["CHUNK"], 12)
+        assert working <= budget or config["CHUNK"] == kd.SPLIT_MIN_CHUNK
+        chunks.append(config["CHUNK"])
+    assert chunks == sorted(chunks, reverse=True) and chunks[0] > chunks[-1] == kd.SPLIT_MIN_CHUNK
+    assert kd.split_config(4096, 32000, column_bytes=0, l2_budget=64 << 10)["CHUNK"] == 32768
+
+
 @pytest.mark.parametrize("batch,num_classes,dtype", [(2, 50257, torch.float32), (1, 8193, torch.bfloat16),
                                                      (1, 8192, torch.float16)])
 def test_default_plan_at_large_c(few_sms, batch, num_classes, dtype):
