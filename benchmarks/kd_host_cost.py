@@ -146,7 +146,8 @@ def main(argv=None):
         parser.error("TRITON_INTERPRET=1 is set: this needs Triton's compiler (run it without the interpreter)")
     print("KD loss, eager CUDA path, host CPU time per call on this machine: Triton's driver launch is "
           "RECORDED, not made (no GPU); CPU tensors stand in for CUDA ones.")
-    print(f"{'shape':>12} {'forward us':>11} {'(median)':>9} {'backward us':>12} {'(median)':>9}  launches fwd / bwd")
+    print(f"{'shape':>12} {'forward us':>11} {'(median)':>9} {'backward us':>12} {'(median)':>9}  "
+          "Triton launches fwd / bwd")
     for batch, num_classes in SHAPES:
         result = measure(batch, num_classes, args.calls, args.repeats)
         names = " + ".join(name.strip("_") for name, _ in result["forward_launches"])
@@ -154,6 +155,8 @@ def main(argv=None):
         print(f"{str((batch, num_classes)):>12} {result['forward_us']:11.1f} {result['forward_median_us']:9.1f} "
               f"{result['backward_us']:12.1f} {result['backward_median_us']:9.1f}  "
               f"{len(result['forward_launches'])} ({names}) / {len(result['backward_launches'])} ({back})")
+    print("The split form (kd_split_kernel) also zeroes its int32 workspace before its kernel: one fill, an "
+          "ATen launch on a GPU (2 launches forward).")
     print(f"target: <= {TARGET_US:.0f} us per forward call")
 
 

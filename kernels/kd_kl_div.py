@@ -21,31 +21,42 @@ programs per SM when one input holds >= 1 MiB, at least one from 256 KiB, and on
   elements at a time (VEC: the power of two dividing C and the row strides, up to 16 bytes) so
   that consecutive threads read consecutive addresses, padding lives in registers only, and
   in-tile offsets are 32-bit (64-bit only where a tile spans 2^31 elements: WIDE).
-* split (larger C, or too few rows to fill the GPU): each row is cut into n_chunks chunks of
-  whole BLOCK_N column blocks, one program per (row, chunk). ``_kd_split_stats_kernel`` writes
-  each chunk's max and sum-exp of both distributions, its cross term sum exp(a - m_t) (a - b)
-  (a = t / tau_t, b = s / tau_s) and the largest a where b is -inf. ``_kd_split_finish_kernel``
-  combines a row's chunks in a fixed order (deterministic: no atomics, the same bits every run),
-  writes the loss and, when a gradient is asked for, re-reads its chunk and writes the gradient.
-  The column loops are software-pipelined: cp.async stages (NUM_STAGES) where every load is at
-  least 4 bytes wide, else an explicit register prefetch of the next block (PREFETCH).
+* split (larger C, or too few rows to fill the GPU): one persistent kernel (``_kd_split_kernel``)
+  after a zeroed int32 workspace (``torch.zeros``: a fill launch, so 2 launches forward). Each row
+  is cut into n_chunks chunks of whole BLOCK_N column blocks; a statistics item S reads a
+  (row, chunk) and writes its max and sum-exp of both distributions, its cross term
+  sum exp(a - m_t) (a - b) (a = t / tau_t, b = s / tau_s) and the largest a where b is -inf; a
+  gradient item G re-reads the chunk and writes its gradients from the row's statistics. The
+  grid is the programs the SMs hold at once (``split_programs``), each taking items by ticket
+  (an atomic counter) in the order S_0 .. S_{L-1}, G_0, S_L, G_1, ... (``split_item``; lag L =
+  n_chunks + programs). Each S counts itself in its row's counter; the one that completes the
+  row combines the row's partials in chunk order (deterministic: the same bits whatever ran
+  where) and marks the row ready; a G waits for its row to be ready, which only items handed
+  out before it can hold up: no deadlock under any scheduling, and a program that runs alone
+  (the interpreter's) takes every ticket itself. The last program to finish reduces the row
+  losses (as ``_kd_reduce_kernel``). Within a chunk the block maxima are one 3-operand
+  reduction per step and the sums stay per lane until the chunk's one reduction. The column
+  loops of a chunk of several blocks are software-pipelined: cp.async stages (NUM_STAGES)
+  where every load is at least 4 bytes wide, else an explicit register prefetch of the next
+  block (PREFETCH).
 
 Memory traffic per element (e_s, e_t: bytes of the student's and teacher's dtype):
 
 * tile: reads e_s + e_t, writes e_s and/or e_t (the gradients asked for): the minimum (fp32 with
   the student gradient: 12 B; bf16: 6 B). Ignored rows read nothing.
-* split: reads e_s + e_t in the statistics pass and again in the gradient pass (fp32: 20 B with
-  the student gradient, 24 B with both; without a gradient the second read does not happen).
-  The second read is counted as DRAM traffic: it comes from L2 only while both inputs fit in
-  it (the finish kernel runs its programs in reverse order, so the most recently read chunks
-  are re-read first, which can only help when they almost fit; the model does not count on it).
-  Per row: labels, temperatures, loss and 6 fp32 partials per chunk (24 B, read back once by
-  every chunk of the row).
+* split: reads e_s + e_t in the statistics items and again in the gradient items, and writes
+  the gradients. ``split_config`` picks the chunk so that what passes through L2 between a
+  chunk's read and its re-read ((L + programs) items of reads and gradient writes,
+  ``split_working_set``) stays within SPLIT_L2_BUDGET: the re-read then comes from L2 and DRAM
+  sees the tile form's bytes (fp32 with the student gradient: 12 B). Without a gradient there is
+  no re-read. Per row: labels, temperatures, loss, 6 fp32 partials per chunk and ROW_STATISTICS
+  fp32 values for its gradient items (each written once and read from L2 by the row's other
+  items), one int32 counter.
 
 Per row, not per element, a weighted call adds 4 B for each weight tensor given (the gathered
 class weight, the sample weight): once per row in the tile form, once per (row, chunk) program
-of the split form's finish kernel (its statistics pass reads no weight). A number weight is a
-kernel argument and moves nothing.
+of the split form's completing statistics item (its gradient items read the weighted factors it
+publishes). A number weight is a kernel argument and moves nothing.
 
 Bad labels and temperatures give their rows NaN. Device asserts on them are compiled in only in
 the debug mode (``FASTABSLD_DEVICE_ASSERTS=1``, see ``device_asserts``); they run last in each
@@ -53,8 +64,8 @@ kernel, so that nothing is live across the assert's call.
 
 The eager path (``loss``) caches each call's plan by its metadata and, after a kernel's first
 launch, launches the compiled kernel through its launcher directly; a finishing kernel
-(``_kd_reduce_kernel``) reduces the rows on the device and ``scale_gradient``
-(``_kd_scale_kernel``) is the backward, one launch.
+(``_kd_reduce_kernel``, after the tile form; the split kernel reduces itself) reduces the rows
+on the device and ``scale_gradient`` (``_kd_scale_kernel``) is the backward, one launch.
 
 Math is fp32 whatever the input dtype; gradients are stored in the dtype of their output buffer
 (the logits' dtype for the op; fp32 for fp16 logits on the eager path). The
@@ -99,13 +110,35 @@ SCALAR_ELEMENTS_PER_THREAD = 4
 MAX_WARPS = 32
 # Rows of a tile at most (the per-row setup is vectorised over them).
 TILE_MAX_ROWS = 256
-# Split form: columns per loop step, smallest chunk, cp.async stages, partials combined per step.
+# Split form: columns per loop step, smallest chunk, cp.async stages, partials combined per step,
+# warps per program at most.
 SPLIT_BLOCK_N = 2048
 SPLIT_MIN_CHUNK = 256
 SPLIT_STAGES = 3
 PARTIAL_BLOCK = 128
+SPLIT_MAX_WARPS = 8
 # Partials per (row, chunk): max_t, max_s, sum-exp_t, sum-exp_s, cross, largest a where b = -inf.
 N_PARTIALS = 6
+# Values per row that the gradient items read (contiguous): max_t, max_s, log2 sum-exp2_t, log2 sum-exp2_s
+# (base 2, see ``_combine_partials``), KL, the loads' factors log2(e) / tau_t and log2(e) / tau_s, and the
+# gradients' w / tau_t and w / tau_s. (The row's kept and bad flags ride on its counter.)
+ROW_STATISTICS = 9
+# The split kernel's int32 work counters: the ticket, the programs finished, one per row.
+WORK_COUNTERS = 2
+# Bytes the split form's working set between a chunk's read and its re-read may take in L2 (see
+# ``split_config``): a third of an H100's 50 MB and 40% of an A100's 40 MB, so that what other
+# streams and the L2's two partitions keep does not evict it.
+SPLIT_L2_BUDGET = 16 * 1024 * 1024
+# What the split plan assumes of one multiprocessor to size its persistent grid (H100 and A100
+# alike): 64K registers, 2048 threads, 32 CTAs, 228 KB of shared memory (1 KB reserved a CTA),
+# and at most SPLIT_MAX_REGISTERS registers a thread (the ahead-of-time tests hold every
+# variant to it).
+SM_REGISTERS = 65536
+SM_THREADS = 2048
+SM_CTAS = 32
+SM_SHARED_BYTES = 228 * 1024
+CTA_RESERVED_SHARED_BYTES = 1024
+SPLIT_MAX_REGISTERS = 128
 # Bytes a vector access covers at most.
 MAX_VECTOR_BYTES = 16
 INT32_LIMIT = 2**31
@@ -117,7 +150,7 @@ DEVICE_ASSERTS = os.environ.get(DEVICE_ASSERTS_ENV) == "1"
 # row strides (their alignment reaches the kernel through VEC instead), modes and flags. The
 # column strides stay specialised: a unit stride is what makes a row contiguous.
 RUNTIME_INTS = ("B", "C", "stride_sb", "stride_tb", "stride_l", "tau_t_mode", "tau_s_mode", "has_labels",
-                "ignore_index", "student_grad", "teacher_grad", "n_chunks", "blocks_per_chunk", "grid_chunks",
+                "ignore_index", "student_grad", "teacher_grad", "n_chunks", "blocks_per_chunk", "lag",
                 "has_weight", "has_sample_weight")
 
 
@@ -266,20 +299,15 @@ def _kd_tile_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weight_ptr, 
 
 
 @triton.jit
-def _split_program(B, C, stride_sb, stride_tb, n_chunks, blocks_per_chunk, grid_chunks, REVERSE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, VEC: tl.constexpr, WIDE: tl.constexpr):
-    """The (row, chunk) of this program, its first column, its blocks and the aligned sizes."""
-    pid = tl.program_id(0)
-    if REVERSE:
-        pid = B * grid_chunks - 1 - pid
-    row = pid // grid_chunks
-    chunk = pid - row * grid_chunks
-    first_block = chunk * blocks_per_chunk
-    n_blocks = tl.minimum(blocks_per_chunk, tl.cdiv(C, BLOCK_N) - first_block)
-    cols = tl.arange(0, BLOCK_N)
-    if WIDE:
-        cols = cols.to(tl.int64)
-    return row, chunk, first_block, n_blocks, cols, _aligned(C, VEC), _aligned(stride_sb, VEC), _aligned(stride_tb, VEC)
+def _split_item(ticket, n_stats, lag):
+    """The work item of a ticket of the split kernel: (statistics item?, item index); see ``split_item``."""
+    after = ticket - lag
+    paired = n_stats - lag
+    interleaved = (after >= 0) & (after < 2 * paired)
+    odd = (after % 2) == 1
+    is_stats = (after < 0) | (interleaved & odd)
+    item = tl.where(after < 0, ticket, tl.where(interleaved, tl.where(odd, lag + after // 2, after // 2), after - paired))
+    return is_stats, item
 
 
 @triton.jit
@@ -291,46 +319,61 @@ def _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, k, cols, C,
 
 
 @triton.jit
-def _statistics_step(state, a, b):
-    """Merges a block of a = t / tau_t and b = s / tau_s into the running chunk statistics."""
-    m_t, m_s, z_t, z_s, cross, a_at_student_inf = state
-    m_t_new = tl.maximum(m_t, tl.max(a, 0))
-    m_s_new = tl.maximum(m_s, tl.max(b, 0))
+def _max3(a0, b0, c0, a1, b1, c1):
+    return tl.maximum(a0, a1), tl.maximum(b0, b1), tl.maximum(c0, c1)
+
+
+@triton.jit
+def _sum3(a0, b0, c0, a1, b1, c1):
+    return a0 + a1, b0 + b1, c0 + c1
+
+
+@triton.jit
+def _block_statistics(state, a, b):
+    """Merges a block of a = log2(e) t / tau_t and b = log2(e) s / tau_s into the running chunk statistics.
+
+    The block's maxima (and the largest a where b is -inf) are one 3-operand reduction; the
+    sums stay per lane, rescaled when a maximum grows, and are reduced once per chunk
+    (``_chunk_partials``). In base 2, exp(t / tau_t - m) is exp2(a - m'): one ex2 instruction
+    (flushing results under 2^-126 to 0, which these sums cannot tell from rounding).
+    """
+    m_t, m_s, a_at_student_inf, z_t, z_s, cross = state
+    finite_b = b > float("-inf")
+    block_t, block_s, block_inf = tl.reduce((a, b, tl.where(finite_b, float("-inf"), a)), 0, _max3)
+    m_t_new = tl.maximum(m_t, block_t)
+    m_s_new = tl.maximum(m_s, block_s)
     # a max that is still -inf shifts by 0 instead (avoids -inf - -inf)
     m_t_safe = tl.where(m_t_new == float("-inf"), 0.0, m_t_new)
     m_s_safe = tl.where(m_s_new == float("-inf"), 0.0, m_s_new)
-    alpha_t = tl.exp(m_t - m_t_safe)
-    e_t = tl.exp(a - m_t_safe)
-    z_t = z_t * alpha_t + tl.sum(e_t, 0)
-    z_s = z_s * tl.exp(m_s - m_s_safe) + tl.sum(tl.exp(b - m_s_safe), 0)
+    alpha_t = tl.exp2(m_t - m_t_safe)
+    e_t = tl.exp2(a - m_t_safe)
     in_support = e_t > 0
-    finite_b = b > float("-inf")
     a_in = tl.where(in_support, a, 0.0)
     b_in = tl.where(in_support & finite_b, b, a_in)
-    cross = cross * alpha_t + tl.sum(e_t * (a_in - b_in), 0)
-    a_at_student_inf = tl.maximum(a_at_student_inf, tl.max(tl.where(in_support & ~finite_b, a, float("-inf")), 0))
-    return m_t_new, m_s_new, z_t, z_s, cross, a_at_student_inf
+    z_t = z_t * alpha_t + e_t
+    z_s = z_s * tl.exp2(m_s - m_s_safe) + tl.exp2(b - m_s_safe)
+    cross = cross * alpha_t + e_t * (a_in - b_in)
+    return m_t_new, m_s_new, tl.maximum(a_at_student_inf, block_inf), z_t, z_s, cross
 
 
-@triton.jit(do_not_specialize=RUNTIME_INTS)
-def _kd_split_stats_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, part_ptr,
-                           B, C, stride_sb, stride_sc, stride_tb, stride_tc, stride_l, n_chunks, blocks_per_chunk,
-                           tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels, ignore_index,
-                           BLOCK_N: tl.constexpr, VEC: tl.constexpr, WIDE: tl.constexpr,
-                           NUM_STAGES: tl.constexpr, PREFETCH: tl.constexpr):
-    """Statistics of one (row, chunk): 6 partials at part[k, row * n_chunks + chunk] (the row weight comes later)."""
-    row, chunk, first_block, n_blocks, cols, C, stride_sb, stride_tb = _split_program(
-        B, C, stride_sb, stride_tb, n_chunks, blocks_per_chunk, n_chunks, False, BLOCK_N, VEC, WIDE)
-    # The label and usable flag are for the row weight, which this pass does not read.
-    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine, _label, _usable = _row_setup(
-        labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels,
-        ignore_index, row, row < B, C)
-    s_row = s_ptr + row.to(tl.int64) * stride_sb
-    t_row = t_ptr + row.to(tl.int64) * stride_tb
+@triton.jit
+def _chunk_partials(state):
+    """The chunk's 6 partials: its maxima and the lanes' sums reduced (one 3-operand reduction)."""
+    m_t, m_s, a_at_student_inf, z_t, z_s, cross = state
+    z_t, z_s, cross = tl.reduce((z_t, z_s, cross), 0, _sum3)
+    return m_t, m_s, z_t, z_s, cross, a_at_student_inf
+
+
+@triton.jit
+def _split_statistics(s_row, t_row, stride_sc, stride_tc, first_block, n_blocks, cols, C, keep, inv_t, inv_s,
+                      BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr, PREFETCH: tl.constexpr):
+    """A statistics item: its chunk's max and sum-exp of both distributions, its cross term
+    sum exp2(a - m_t) (a - b) and the largest a where b is -inf (6 scalars, in base 2: ``inv_t``
+    and ``inv_s`` are log2(e) / tau)."""
     fill = tl.where(keep, float("-inf"), 0.0)
     neg_inf = tl.full([], float("-inf"), tl.float32)
-    zero = tl.zeros([], tl.float32)
-    state = (neg_inf, neg_inf, zero, zero, zero, neg_inf)
+    zero = tl.zeros([BLOCK_N], tl.float32)
+    state = (neg_inf, neg_inf, neg_inf, zero, zero, zero)
     if PREFETCH:
         # Loads narrower than 4 bytes cannot be cp.async-staged: block k + 1 is loaded before block k is used.
         s_ptrs, t_ptrs, mask, _ = _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, 0, cols, C, keep,
@@ -344,31 +387,25 @@ def _kd_split_stats_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, part_
                                                       keep & (k + 1 < n_blocks), BLOCK_N)
             a_next = _load_scaled(t_ptrs, mask, fill, inv_t)
             b_next = _load_scaled(s_ptrs, mask, fill, inv_s)
-            state = _statistics_step(state, a, b)
+            state = _block_statistics(state, a, b)
     else:
         for k in tl.range(0, n_blocks, num_stages=NUM_STAGES):
             s_ptrs, t_ptrs, mask, _ = _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, k, cols, C, keep,
                                                       BLOCK_N)
-            state = _statistics_step(state, _load_scaled(t_ptrs, mask, fill, inv_t),
+            state = _block_statistics(state, _load_scaled(t_ptrs, mask, fill, inv_t),
                                      _load_scaled(s_ptrs, mask, fill, inv_s))
-    plane = B.to(tl.int64) * n_chunks
-    out = part_ptr + (row.to(tl.int64) * n_chunks + chunk)
-    m_t, m_s, z_t, z_s, cross, a_at_student_inf = state
-    tl.store(out, m_t)
-    tl.store(out + plane, m_s)
-    tl.store(out + 2 * plane, z_t)
-    tl.store(out + 3 * plane, z_s)
-    tl.store(out + 4 * plane, cross)
-    tl.store(out + 5 * plane, a_at_student_inf)
-    _assert_rows(labels_fine, temperatures_fine)
+    return _chunk_partials(state)
 
 
 @triton.jit
 def _combine_partials(part_ptr, B, row, n_chunks, PART_BLOCK: tl.constexpr):
-    """A row's statistics from its chunks' partials, merged in chunk order (the same bits in every program).
+    """A row's statistics from its chunks' partials, merged in chunk order (the same bits in every run).
 
-    Returns max_t, max_s, log sum-exp_t, log sum-exp_s (each relative to its max) and the row KL
-    (+inf where the student is -inf under teacher mass, NaN when either row is all -inf).
+    Returns max_t, max_s, log2 sum-exp2_t, log2 sum-exp2_s (each relative to its max; all in base
+    2, as the partials) and the row KL in nats (+inf where the student is -inf under teacher mass,
+    decided with a natural exp that keeps probabilities under 2^-126; NaN when either row is all
+    -inf). The partials were written by other programs: read from L2 (``.cg``), never from a
+    stale L1 line.
     """
     plane = B.to(tl.int64) * n_chunks
     base = part_ptr + row.to(tl.int64) * n_chunks
@@ -378,107 +415,208 @@ def _combine_partials(part_ptr, B, row, n_chunks, PART_BLOCK: tl.constexpr):
     for start in range(0, n_chunks, PART_BLOCK):
         index = start + tl.arange(0, PART_BLOCK)
         mask = index < n_chunks
-        c_m_t = tl.load(base + index, mask=mask, other=float("-inf"))
-        c_m_s = tl.load(base + plane + index, mask=mask, other=float("-inf"))
-        c_z_t = tl.load(base + 2 * plane + index, mask=mask, other=0.0)
-        c_z_s = tl.load(base + 3 * plane + index, mask=mask, other=0.0)
-        c_cross = tl.load(base + 4 * plane + index, mask=mask, other=0.0)
-        c_a_inf = tl.load(base + 5 * plane + index, mask=mask, other=float("-inf"))
+        c_m_t = tl.load(base + index, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        c_m_s = tl.load(base + plane + index, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        c_z_t = tl.load(base + 2 * plane + index, mask=mask, other=0.0, cache_modifier=".cg")
+        c_z_s = tl.load(base + 3 * plane + index, mask=mask, other=0.0, cache_modifier=".cg")
+        c_cross = tl.load(base + 4 * plane + index, mask=mask, other=0.0, cache_modifier=".cg")
+        c_a_inf = tl.load(base + 5 * plane + index, mask=mask, other=float("-inf"), cache_modifier=".cg")
         m_t_new = tl.maximum(m_t, tl.max(c_m_t, 0))
         m_s_new = tl.maximum(m_s, tl.max(c_m_s, 0))
         m_t_safe = tl.where(m_t_new == float("-inf"), 0.0, m_t_new)
         m_s_safe = tl.where(m_s_new == float("-inf"), 0.0, m_s_new)
-        scale_t = tl.exp(c_m_t - m_t_safe)
-        alpha_t = tl.exp(m_t - m_t_safe)
+        scale_t = tl.exp2(c_m_t - m_t_safe)
+        alpha_t = tl.exp2(m_t - m_t_safe)
         z_t = z_t * alpha_t + tl.sum(c_z_t * scale_t, 0)
         cross = cross * alpha_t + tl.sum(c_cross * scale_t, 0)
-        z_s = z_s * tl.exp(m_s - m_s_safe) + tl.sum(c_z_s * tl.exp(c_m_s - m_s_safe), 0)
+        z_s = z_s * tl.exp2(m_s - m_s_safe) + tl.sum(c_z_s * tl.exp2(c_m_s - m_s_safe), 0)
         a_inf = tl.maximum(a_inf, tl.max(c_a_inf, 0))
         m_t = m_t_new
         m_s = m_s_new
-    log_z_t = tl.log(z_t)
-    log_z_s = tl.log(z_s)
-    loss = cross / z_t - (m_t - m_s) - (log_z_t - log_z_s)
-    loss = tl.where(tl.exp((a_inf - m_t) - log_z_t) > 0, float("inf"), loss)
+    log_z_t = tl.log2(z_t)
+    log_z_s = tl.log2(z_s)
+    ln2 = 0.6931471805599453
+    loss = (cross / z_t - (m_t - m_s) - (log_z_t - log_z_s)) * ln2
+    loss = tl.where(tl.exp(((a_inf - m_t) - log_z_t) * ln2) > 0, float("inf"), loss)
     loss = tl.where((m_t == float("-inf")) | (m_s == float("-inf")), float("nan"), loss)
     return m_t, m_s, log_z_t, log_z_s, loss
 
 
 @triton.jit
-def _gradient_block(s_ptrs, t_ptrs, mask, col, gs_row, gt_row, C, fill, inv_t, inv_s, scale_t, scale_s, m_t, m_s,
-                    log_z_t, log_z_s, loss, keep, bad, student_grad, teacher_grad):
-    """Writes the gradients of one block of a row from the row's combined statistics (scales: w / tau)."""
-    a = _load_scaled(t_ptrs, mask, fill, inv_t)
-    b = _load_scaled(s_ptrs, mask, fill, inv_s)
-    _store_grads(gs_row + col, gt_row + col, col < C, (a - m_t) - log_z_t, (b - m_s) - log_z_s, loss, scale_t,
-                 scale_s, keep, bad, student_grad, teacher_grad)
+def _split_gradients(s_row, t_row, gs_row, gt_row, stride_sc, stride_tc, first_block, n_blocks, cols, C, keep, bad,
+                     inv_t, inv_s, scale_t, scale_s, m_t, m_s, log_z_t, log_z_s, loss, STUDENT_GRAD: tl.constexpr,
+                     TEACHER_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
+                     PREFETCH: tl.constexpr):
+    """A gradient item: re-reads its chunk and writes the gradients from the row's statistics (base 2,
+    as ``_combine_partials`` returns them; ``inv_t``, ``inv_s``: log2(e) / tau; scales: w / tau)."""
+    fill = tl.where(keep, float("-inf"), 0.0)
+    if PREFETCH:
+        s_ptrs, t_ptrs, mask, col = _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, 0, cols, C, keep,
+                                                    BLOCK_N)
+        a_next = tl.load(t_ptrs, mask=mask)
+        b_next = tl.load(s_ptrs, mask=mask)
+        for k in range(0, n_blocks):
+            a = tl.where(mask, a_next.to(tl.float32) * inv_t, fill)
+            b = tl.where(mask, b_next.to(tl.float32) * inv_s, fill)
+            here = col
+            s_ptrs, t_ptrs, mask, col = _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, k + 1, cols,
+                                                        C, keep & (k + 1 < n_blocks), BLOCK_N)
+            a_next = tl.load(t_ptrs, mask=mask)
+            b_next = tl.load(s_ptrs, mask=mask)
+            _store_split_grads(gs_row + here, gt_row + here, here < C, (a - m_t) - log_z_t, (b - m_s) - log_z_s,
+                               loss, scale_t, scale_s, keep, bad, STUDENT_GRAD, TEACHER_GRAD)
+    else:
+        for k in tl.range(0, n_blocks, num_stages=NUM_STAGES):
+            s_ptrs, t_ptrs, mask, col = _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, k, cols, C,
+                                                        keep, BLOCK_N)
+            a = _load_scaled(t_ptrs, mask, fill, inv_t)
+            b = _load_scaled(s_ptrs, mask, fill, inv_s)
+            _store_split_grads(gs_row + col, gt_row + col, col < C, (a - m_t) - log_z_t, (b - m_s) - log_z_s, loss,
+                               scale_t, scale_s, keep, bad, STUDENT_GRAD, TEACHER_GRAD)
+
+
+@triton.jit
+def _store_split_grads(gs_ptrs, gt_ptrs, mask, log2_p, log2_q, loss, scale_t, scale_s, keep, bad,
+                       STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr):
+    """``_store_grads`` from base-2 log-probabilities: the student's gradient (q - p) * scale_s with
+    ex2 (probabilities under 2^-126 count 0, as rounding); the teacher's from natural exp, so that
+    its support (p > 0) is the tile form's."""
+    if STUDENT_GRAD:
+        grad = (tl.exp2(log2_q) - tl.exp2(log2_p)) * scale_s
+        tl.store(gs_ptrs, _finish_rows(grad, keep, bad).to(gs_ptrs.dtype.element_ty), mask=mask)
+    if TEACHER_GRAD:
+        ln2 = 0.6931471805599453
+        _store_grads(gs_ptrs, gt_ptrs, mask, log2_p * ln2, log2_q * ln2, loss, scale_t, scale_s, keep, bad, 0, 1)
 
 
 @triton.jit(do_not_specialize=RUNTIME_INTS)
-def _kd_split_finish_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weight_ptr, sample_weight_ptr, part_ptr,
-                            loss_ptr, gs_ptr, gt_ptr, B, C, stride_sb, stride_sc, stride_tb, stride_tc, stride_l,
-                            n_chunks, blocks_per_chunk, grid_chunks, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode,
-                            has_labels, ignore_index, weight_scalar, has_weight, has_sample_weight, student_grad,
-                            teacher_grad,
-                            BLOCK_N: tl.constexpr, VEC: tl.constexpr, WIDE: tl.constexpr, NUM_STAGES: tl.constexpr,
-                            PREFETCH: tl.constexpr, PART_BLOCK: tl.constexpr):
-    """Combines a row's partials; chunk 0 writes the loss; each (row, chunk) writes its gradients.
+def _kd_split_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weight_ptr, sample_weight_ptr, part_ptr, work_ptr,
+                     loss_ptr, gs_ptr, gt_ptr, out_ptr, B, C, stride_sb, stride_sc, stride_tb, stride_tc,
+                     stride_l, n_chunks, blocks_per_chunk, lag, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode,
+                     has_labels, ignore_index, weight_scalar, has_weight, has_sample_weight, per_row,
+                     BLOCK_N: tl.constexpr, VEC: tl.constexpr, WIDE: tl.constexpr, NUM_STAGES: tl.constexpr,
+                     PREFETCH: tl.constexpr, PART_BLOCK: tl.constexpr, REDUCE: tl.constexpr, MEAN: tl.constexpr,
+                     REDUCE_BLOCK: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr):
+    """The split form, persistent: each program takes work items by ticket until none is left.
 
-    ``grid_chunks`` is n_chunks when a gradient is asked for, else 1 (one program per row).
-    Programs run in reverse (row, chunk) order: the chunks the statistics pass read last are
-    re-read first, while they may still be in L2.
+    Items (see ``split_item``): a statistics item writes its (row, chunk)'s 6 partials to
+    part[k, row * n_chunks + chunk] and counts itself in the row's counter (work[2 + row]); the
+    program that completes the count combines the row's partials in chunk order, writes the row
+    loss and what the row's gradient items need (part[6 * B * n_chunks + row * ROW_STATISTICS + k])
+    and counts once more, by 1 + kept + 2 * bad: the row is ready, and its gradient items read its
+    flags from the count. A gradient item waits for its row to be ready, re-reads its
+    chunk (read by the statistics pass at most about lag + programs items earlier: from L2 when
+    ``split_config`` sized the plan for it) and writes the gradients. With REDUCE, the last
+    program to finish (work[1] counts them) reduces the row losses as ``_kd_reduce_kernel`` does.
+    Without a gradient asked for (STUDENT_GRAD, TEACHER_GRAD) there are no gradient items.
+    ``work`` must be zeros at launch.
+
+    Ordering: what a program publishes (partials, row statistics, row losses) is stored, then a
+    CTA barrier, then the count (release; the statistics count is acquire-release so that the
+    completing program sees every chunk's partials). Readers count or poll with acquire and read
+    the published values from L2 (``.cg``).
     """
-    row, chunk, first_block, n_blocks, cols, C, stride_sb, stride_tb = _split_program(
-        B, C, stride_sb, stride_tb, n_chunks, blocks_per_chunk, grid_chunks, True, BLOCK_N, VEC, WIDE)
-    keep, bad, inv_t, inv_s, labels_fine, temperatures_fine, label, usable = _row_setup(
-        labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode, has_labels,
-        ignore_index, row, row < B, C)
-    weight = _row_weight(weight_ptr, sample_weight_ptr, weight_scalar, has_weight, has_sample_weight, label, row,
-                         usable, row < B)
-    m_t, m_s, log_z_t, log_z_s, loss = _combine_partials(part_ptr, B, row, n_chunks, PART_BLOCK)
-    bad = bad | (keep & (loss != loss))
-    tl.store(loss_ptr + row, _finish_rows(weight * loss, keep, bad), mask=chunk == 0)
-    if (student_grad != 0) | (teacher_grad != 0):
-        scale_t = weight * inv_t
-        scale_s = weight * inv_s
+    C = _aligned(C, VEC)
+    stride_sb = _aligned(stride_sb, VEC)
+    stride_tb = _aligned(stride_tb, VEC)
+    cols = tl.arange(0, BLOCK_N)
+    if WIDE:
+        cols = cols.to(tl.int64)
+    n_stats = B * n_chunks
+    total = n_stats
+    if STUDENT_GRAD or TEACHER_GRAD:
+        total = 2 * n_stats
+    column_blocks = tl.cdiv(C, BLOCK_N)
+    row_stats_ptr = part_ptr + 6 * (B.to(tl.int64) * n_chunks)  # after the N_PARTIALS planes
+    labels_ok = tl.full([], 1, tl.int32)
+    temperatures_ok = tl.full([], 1, tl.int32)
+    ticket = tl.atomic_add(work_ptr, 1, sem="relaxed")
+    while ticket < total:
+        is_stats, item = _split_item(ticket, n_stats, lag)
+        row = item // n_chunks
+        chunk = item - row * n_chunks
+        first_block = chunk * blocks_per_chunk
+        n_blocks = tl.minimum(blocks_per_chunk, column_blocks - first_block)
         s_row = s_ptr + row.to(tl.int64) * stride_sb
         t_row = t_ptr + row.to(tl.int64) * stride_tb
-        gs_row = gs_ptr + row.to(tl.int64) * C
-        gt_row = gt_ptr + row.to(tl.int64) * C
-        fill = tl.where(keep, float("-inf"), 0.0)
-        if PREFETCH:
-            s_ptrs, t_ptrs, mask, col = _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, 0, cols, C,
-                                                        keep, BLOCK_N)
-            a_next = tl.load(t_ptrs, mask=mask)
-            b_next = tl.load(s_ptrs, mask=mask)
-            for k in range(0, n_blocks):
-                a = tl.where(mask, a_next.to(tl.float32) * inv_t, fill)
-                b = tl.where(mask, b_next.to(tl.float32) * inv_s, fill)
-                here = col
-                s_ptrs, t_ptrs, mask, col = _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, k + 1,
-                                                            cols, C, keep & (k + 1 < n_blocks), BLOCK_N)
-                a_next = tl.load(t_ptrs, mask=mask)
-                b_next = tl.load(s_ptrs, mask=mask)
-                _store_grads(gs_row + here, gt_row + here, here < C, (a - m_t) - log_z_t, (b - m_s) - log_z_s, loss,
-                             scale_t, scale_s, keep, bad, student_grad, teacher_grad)
+        # the statistics in base 2: exp2 is one instruction, exp three more
+        log2e = 1.4426950408889634
+        counter = work_ptr + 2 + row
+        row_stats = row_stats_ptr + row.to(tl.int64) * 9  # ROW_STATISTICS, contiguous per row
+        if is_stats:
+            keep, bad, inv_t, inv_s, labels_fine, temperatures_fine, label, usable = _row_setup(
+                labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode,
+                has_labels, ignore_index, row, row < B, C)
+            labels_ok = labels_ok & labels_fine.to(tl.int32)
+            temperatures_ok = temperatures_ok & temperatures_fine.to(tl.int32)
+            m_t, m_s, z_t, z_s, cross, a_inf = _split_statistics(
+                s_row, t_row, stride_sc, stride_tc, first_block, n_blocks, cols, C, keep, inv_t * log2e,
+                inv_s * log2e, BLOCK_N, NUM_STAGES, PREFETCH)
+            plane = B.to(tl.int64) * n_chunks
+            out = part_ptr + (row.to(tl.int64) * n_chunks + chunk)
+            tl.store(out, m_t)
+            tl.store(out + plane, m_s)
+            tl.store(out + 2 * plane, z_t)
+            tl.store(out + 3 * plane, z_s)
+            tl.store(out + 4 * plane, cross)
+            tl.store(out + 5 * plane, a_inf)
+            # every thread's stores before the count that publishes them
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+            if arrived == n_chunks - 1:
+                r_m_t, r_m_s, log_z_t, log_z_s, loss = _combine_partials(part_ptr, B, row, n_chunks, PART_BLOCK)
+                weight = _row_weight(weight_ptr, sample_weight_ptr, weight_scalar, has_weight, has_sample_weight,
+                                     label, row, usable, row < B)
+                bad = bad | (keep & (loss != loss))
+                tl.store(loss_ptr + row, _finish_rows(weight * loss, keep, bad))
+                # what the row's gradient items need, so that they read no label, temperature or weight:
+                # the statistics and the loads' and the gradients' factors; the row's flags ride on its count
+                tl.store(row_stats, r_m_t)
+                tl.store(row_stats + 1, r_m_s)
+                tl.store(row_stats + 2, log_z_t)
+                tl.store(row_stats + 3, log_z_s)
+                tl.store(row_stats + 4, loss)
+                tl.store(row_stats + 5, inv_t * log2e)
+                tl.store(row_stats + 6, inv_s * log2e)
+                tl.store(row_stats + 7, weight * inv_t)
+                tl.store(row_stats + 8, weight * inv_s)
+                tl.debug_barrier()
+                # ready: the count passes n_chunks, by 1 + kept + 2 * bad (a bad row is a kept one)
+                tl.atomic_add(counter, 1 + keep.to(tl.int32) + 2 * bad.to(tl.int32), sem="release")
         else:
-            for k in tl.range(0, n_blocks, num_stages=NUM_STAGES):
-                s_ptrs, t_ptrs, mask, col = _block_pointers(s_row, t_row, stride_sc, stride_tc, first_block, k, cols, C,
-                                                            keep, BLOCK_N)
-                _gradient_block(s_ptrs, t_ptrs, mask, col, gs_row, gt_row, C, fill, inv_t, inv_s, scale_t, scale_s,
-                                m_t, m_s, log_z_t, log_z_s, loss, keep, bad, student_grad, teacher_grad)
-    _assert_rows(labels_fine, temperatures_fine)
+            ready = tl.atomic_add(counter, 0, sem="acquire")
+            while ready <= n_chunks:
+                ready = tl.atomic_add(counter, 0, sem="acquire")
+            flags = ready - n_chunks - 1
+            _split_gradients(s_row, t_row, gs_ptr + row.to(tl.int64) * C, gt_ptr + row.to(tl.int64) * C, stride_sc,
+                             stride_tc, first_block, n_blocks, cols, C, (flags & 1) != 0, (flags & 2) != 0,
+                             tl.load(row_stats + 5, cache_modifier=".cg"), tl.load(row_stats + 6, cache_modifier=".cg"),
+                             tl.load(row_stats + 7, cache_modifier=".cg"), tl.load(row_stats + 8, cache_modifier=".cg"),
+                             tl.load(row_stats, cache_modifier=".cg"), tl.load(row_stats + 1, cache_modifier=".cg"),
+                             tl.load(row_stats + 2, cache_modifier=".cg"), tl.load(row_stats + 3, cache_modifier=".cg"),
+                             tl.load(row_stats + 4, cache_modifier=".cg"), STUDENT_GRAD, TEACHER_GRAD, BLOCK_N,
+                             NUM_STAGES, PREFETCH)
+        ticket = tl.atomic_add(work_ptr, 1, sem="relaxed")
+    if REDUCE:
+        # every row this program finished is written before it counts itself out
+        tl.debug_barrier()
+        finished = tl.atomic_add(work_ptr + 1, 1, sem="acq_rel")
+        if finished == tl.num_programs(0) - 1:
+            _reduce_rows(loss_ptr, labels_ptr, out_ptr, B, stride_l, has_labels, ignore_index, per_row, MEAN,
+                         REDUCE_BLOCK)
+    _assert_rows(labels_ok != 0, temperatures_ok != 0)
 
 
-@triton.jit(do_not_specialize=("B", "stride_l", "has_labels", "ignore_index"))
-def _kd_reduce_kernel(loss_ptr, labels_ptr, out_ptr, B, stride_l, has_labels, ignore_index, per_row,
-                      MEAN: tl.constexpr, BLOCK: tl.constexpr):
-    """The reduced loss from the row losses, in one program and a fixed order (the same bits every run).
+@triton.jit
+def _reduce_rows(loss_ptr, labels_ptr, out_ptr, B, stride_l, has_labels, ignore_index, per_row,
+                 MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """The reduced loss from the row losses, in a fixed order (the same bits every run).
 
     Writes out = sum of the rows (MEAN: divided by kept rows * ``per_row``) and, at loss[B] (the
     row buffer holds B + 1 values), the factor the backward multiplies the stored gradients by:
     1, or 1 / (kept rows * per_row). No rows kept counts as one (a loss of 0 and zero gradients,
-    not 0 / 0).
+    not 0 / 0). The row losses are read from L2 (``.cg``): other programs of the same launch may
+    have written them.
     """
     offsets = tl.arange(0, BLOCK)
     total = tl.zeros([BLOCK], tl.float32)
@@ -486,7 +624,7 @@ def _kd_reduce_kernel(loss_ptr, labels_ptr, out_ptr, B, stride_l, has_labels, ig
     for start in range(0, B, BLOCK):
         rows = start + offsets
         mask = rows < B
-        total += tl.load(loss_ptr + rows, mask=mask, other=0.0)
+        total += tl.load(loss_ptr + rows, mask=mask, other=0.0, cache_modifier=".cg")
         if MEAN:
             label = tl.load(labels_ptr + rows.to(tl.int64) * stride_l, mask=mask & (has_labels != 0), other=0)
             kept += (mask & ((has_labels == 0) | (label != ignore_index))).to(tl.int32)
@@ -499,6 +637,13 @@ def _kd_reduce_kernel(loss_ptr, labels_ptr, out_ptr, B, stride_l, has_labels, ig
     else:
         tl.store(out_ptr, total_sum)
         tl.store(loss_ptr + B, 1.0)
+
+
+@triton.jit(do_not_specialize=("B", "stride_l", "has_labels", "ignore_index"))
+def _kd_reduce_kernel(loss_ptr, labels_ptr, out_ptr, B, stride_l, has_labels, ignore_index, per_row,
+                      MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """The reduced loss from the row losses, in one program (``_reduce_rows``)."""
+    _reduce_rows(loss_ptr, labels_ptr, out_ptr, B, stride_l, has_labels, ignore_index, per_row, MEAN, BLOCK)
 
 
 @triton.jit(do_not_specialize=("n", "C", "stride_g", "scale_index"))
@@ -530,11 +675,16 @@ class Launch:
     num_warps: int
     num_stages: int = 1
     debug: bool = False
+    maxnreg: int = None
 
     def options(self):
-        """The compile options the launch passes (device asserts compiled in when ``debug``)."""
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "debug": self.debug,
-                "sanitize_overflow": False}
+        """The compile options the launch passes (device asserts compiled in when ``debug``; a
+        register limit when ``maxnreg``)."""
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages, "debug": self.debug,
+                   "sanitize_overflow": False}
+        if self.maxnreg is not None:
+            options["maxnreg"] = self.maxnreg
+        return options
 
     def run(self):
         """Launches the kernel."""
@@ -622,10 +772,14 @@ def tile_config(batch, num_classes, sms=DEFAULT_SMS, nbytes=None, vec=2):
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
 
 
-def split_config(batch, num_classes, sms=DEFAULT_SMS, nbytes=None, vec=2):
-    """Launch configuration of the split kernels: the largest power-of-two chunk (at least
-    SPLIT_MIN_CHUNK columns) that still gives ``programs_wanted`` (row, chunk) programs, or one
-    chunk per row when the rows alone give them; ``elements_per_thread`` a thread.
+def split_config(batch, num_classes, sms=DEFAULT_SMS, nbytes=None, vec=2, column_bytes=12,
+                 l2_budget=SPLIT_L2_BUDGET, input_bytes=8):
+    """Launch configuration of the split kernel: the largest power-of-two chunk (at least
+    SPLIT_MIN_CHUNK columns) that gives ``programs_wanted`` (row, chunk) items and keeps the
+    working set between a chunk's read and its re-read (``split_working_set``) within
+    ``l2_budget``; one chunk per row when the rows alone allow it. ``elements_per_thread`` a
+    thread, at most SPLIT_MAX_WARPS warps; the persistent grid of ``split_programs`` (no more
+    than the items) and the lag n_chunks + programs (see ``split_item``).
 
     Args:
         batch: B.
@@ -633,20 +787,165 @@ def split_config(batch, num_classes, sms=DEFAULT_SMS, nbytes=None, vec=2):
         sms: multiprocessors of the GPU.
         nbytes: bytes of the larger input (default: fp32 logits).
         vec: the rows' vector width.
+        column_bytes: bytes a chunk's column moves while it must stay in L2: both inputs read
+            and the stored gradients written (fp32, student gradient: 12); 0 without gradients
+            (nothing is re-read).
+        l2_budget: bytes of L2 the working set may take.
+        input_bytes: e_s + e_t (sizes the cp.async buffers).
 
     Returns:
-        dict: BLOCK_N (columns per loop step), CHUNK (columns per program, a multiple of
-        BLOCK_N), num_warps, num_stages.
+        dict: BLOCK_N (columns per loop step), CHUNK (columns per item, a multiple of
+        BLOCK_N), num_warps, num_stages, PROGRAMS (the grid), LAG.
     """
     nbytes = batch * num_classes * 4 if nbytes is None else nbytes
     want = programs_wanted(nbytes, sms)
+    per_thread = elements_per_thread(vec)
     chunk = _next_power_of_2(num_classes)
-    if batch < want:
-        while chunk > SPLIT_MIN_CHUNK and batch * -(-num_classes // chunk) < want:
-            chunk //= 2
-    block_n = min(SPLIT_BLOCK_N, chunk)
-    num_warps = max(1, block_n // (32 * elements_per_thread(vec)))
-    return {"BLOCK_N": block_n, "CHUNK": chunk, "num_warps": num_warps, "num_stages": SPLIT_STAGES}
+    while True:
+        block_n = min(SPLIT_BLOCK_N, chunk, 32 * SPLIT_MAX_WARPS * per_thread)
+        num_warps = max(1, block_n // (32 * per_thread))
+        stages = SPLIT_STAGES if chunk > block_n else 1
+        n_chunks = -(-num_classes // chunk)
+        items = batch * n_chunks
+        programs = min(split_programs(num_warps, split_shared_bytes(block_n, stages, input_bytes), sms), items)
+        lag = split_lag(n_chunks, programs, items, column_bytes > 0)
+        fits = split_working_set(lag, programs, chunk, column_bytes) <= l2_budget
+        if chunk <= SPLIT_MIN_CHUNK or (items >= want and fits):
+            return {"BLOCK_N": block_n, "CHUNK": chunk, "num_warps": num_warps, "num_stages": stages,
+                    "PROGRAMS": programs, "LAG": lag}
+        chunk //= 2
+
+
+def split_shared_bytes(block_n, num_stages, input_bytes):
+    """Shared memory a split program may take: the cp.async buffers of both inputs (num_stages - 1
+    blocks in each of its two column loops) and 4 KiB for its reductions and its atomics' results.
+
+    Args:
+        block_n: BLOCK_N.
+        num_stages: cp.async stages (1: none).
+        input_bytes: e_s + e_t.
+
+    Returns:
+        int: bytes per CTA.
+    """
+    return 2 * (num_stages - 1) * block_n * input_bytes + 4096
+
+
+def split_programs(num_warps, shared_bytes, sms=DEFAULT_SMS):
+    """The split kernel's persistent grid: as many programs as the SMs hold at once.
+
+    Per SM the CTAs that fit by registers (at most SPLIT_MAX_REGISTERS a thread), threads, the CTA
+    limit and shared memory (SM_* constants). More programs would only queue; fewer leave an SM
+    idle. The kernel is correct with any grid (see ``split_item``).
+
+    Args:
+        num_warps: warps per program.
+        shared_bytes: shared memory per program (``split_shared_bytes``).
+        sms: multiprocessors of the GPU.
+
+    Returns:
+        int: programs.
+    """
+    per_sm = min(SM_REGISTERS // (SPLIT_MAX_REGISTERS * 32 * num_warps), SM_THREADS // (32 * num_warps), SM_CTAS,
+                 SM_SHARED_BYTES // (shared_bytes + CTA_RESERVED_SHARED_BYTES))
+    return sms * max(1, per_sm)
+
+
+def split_lag(n_chunks, programs, items, gradients, lag=None):
+    """The tickets by which the gradient items trail the statistics items (see ``split_item``).
+
+    The default n_chunks + programs puts a gradient item at least ``programs`` tickets after the
+    last statistics item of its row: those items were handed out earlier than any of the
+    ``programs`` items in flight with it, so it rarely waits. (A lag of max(n_chunks, programs)
+    would put the gradient item of a row right after the row's last statistics item when
+    n_chunks >= programs, and it would wait for that item.)
+
+    Args:
+        n_chunks: chunks per row.
+        programs: programs of the grid.
+        items: statistics items (B * n_chunks).
+        gradients: whether gradient items exist (without them the lag is every item).
+        lag: a lag to use instead of the default (tests), at least n_chunks.
+
+    Returns:
+        int: the lag, at most ``items``.
+    """
+    if not gradients:
+        return items
+    if lag is None:
+        lag = n_chunks + programs
+    if lag < n_chunks:
+        raise ValueError(f"the split form's lag must be at least the chunks per row ({n_chunks}), got {lag}: "
+                         "a gradient item would wait for a statistics item handed out after it")
+    return min(lag, items)
+
+
+def split_working_set(lag, programs, chunk, column_bytes):
+    """Bytes that pass through L2 between a chunk's read by its statistics item and its re-read.
+
+    The tickets of a chunk's statistics and gradient items lie 2 * lag - 1 apart; between the two
+    run at most ``lag`` other statistics items (reading their chunks) and ``lag`` gradient items
+    (writing their gradients), and up to ``programs`` items handed out before the read may still
+    be in flight. The bound assumes no program falls more than ``programs`` tickets behind the
+    others (every item is about the same work).
+
+    Args:
+        lag: the lag.
+        programs: programs of the grid.
+        chunk: columns per item.
+        column_bytes: bytes per column read and written (see ``split_config``).
+
+    Returns:
+        int: bytes.
+    """
+    return (lag + programs) * chunk * column_bytes
+
+
+def split_item(ticket, n_stats, lag):
+    """The work item the split kernel's ticket ``ticket`` stands for (``_split_item`` on the device).
+
+    Statistics items S_i (i = row * n_chunks + chunk) and gradient items G_j are handed out as
+    S_0 .. S_{lag-1}, G_0, S_lag, G_1, S_{lag+1}, ..., then the remaining G: 2 * n_stats tickets
+    (n_stats without gradients, where lag = n_stats). With lag >= n_chunks every G_j comes after
+    every statistics item of its row, and a gradient item only waits for statistics items whose
+    tickets were taken before its own, by programs already running them; statistics items never
+    wait. So no grid size and no scheduling deadlocks, and a program that runs alone (the
+    Triton interpreter runs programs one after another) takes every ticket itself.
+
+    Args:
+        ticket: the ticket (0 <= ticket < total).
+        n_stats: statistics items, B * n_chunks.
+        lag: ``split_lag``'s lag.
+
+    Returns:
+        tuple: ("S" or "G", item index).
+    """
+    after = ticket - lag
+    paired = n_stats - lag
+    if after < 0:
+        return "S", ticket
+    if after < 2 * paired:
+        return ("S", lag + after // 2) if after % 2 else ("G", after // 2)
+    return "G", after - paired
+
+
+def split_column_bytes(logits, student_grad, teacher_grad):
+    """Bytes a column of a split chunk moves while it must stay in L2 (``split_config``): both
+    inputs, and each stored gradient asked for (fp32 for fp16 logits, whose stored gradient may be
+    kept in fp32); 0 without gradients.
+
+    Args:
+        logits: (student, teacher) tensors.
+        student_grad: whether the student's gradient is written.
+        teacher_grad: whether the teacher's gradient is written.
+
+    Returns:
+        int: bytes.
+    """
+    if not (student_grad or teacher_grad):
+        return 0
+    stored = [4 if t.dtype == torch.float16 else t.element_size() for t in logits]
+    return sum(t.element_size() for t in logits) + stored[0] * bool(student_grad) + stored[1] * bool(teacher_grad)
 
 
 @functools.cache
@@ -666,6 +965,27 @@ def multiprocessors(device):
     if device.type != "cuda":
         return DEFAULT_SMS
     return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _l2_bytes(device_index):
+    return torch.cuda.get_device_properties(device_index).L2_cache_size
+
+
+def l2_budget(device):
+    """L2 bytes the split form's working set may take on ``device``: SPLIT_L2_BUDGET, or a third
+    of a smaller L2 (SPLIT_L2_BUDGET for a CPU or meta device).
+
+    Args:
+        device: a torch.device.
+
+    Returns:
+        int: bytes.
+    """
+    if device.type != "cuda":
+        return SPLIT_L2_BUDGET
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return min(SPLIT_L2_BUDGET, _l2_bytes(index) // 3)
 
 
 def choose_form(batch, num_classes, nbytes, sms=DEFAULT_SMS):
@@ -807,16 +1127,19 @@ class _Step:
 
 @dataclasses.dataclass(eq=False)
 class _StaticPlan:
-    """What a call's metadata decides: the form, the launches, the partials' shape (split form)."""
+    """What a call's metadata decides: the form, the launches and the split form's workspaces:
+    ``partials`` fp32 values (uninitialised) and ``counters`` int32 values that must be zeros at
+    each launch (``torch.zeros``: one fill launch per call, nothing kept on the device between calls)."""
 
     form: str
     steps: list
-    partials: tuple = None
+    partials: int = None
+    counters: int = None
 
 
 # Slots of the values a call binds into its launches' arguments (see ``_bind_values``).
 S, T, LABELS, TAU_T, TAU_S, WEIGHT, SAMPLE_WEIGHT, ROWS, GRAD_S, GRAD_T, PARTIALS, OUT, \
-    TAU_T_SCALAR, TAU_S_SCALAR, WEIGHT_SCALAR = range(15)
+    TAU_T_SCALAR, TAU_S_SCALAR, WEIGHT_SCALAR, COUNTERS = range(16)
 
 _PLANS = {}
 _GRADIENT_PLANS = {}
@@ -853,7 +1176,7 @@ def _static_plan(student_logits, teacher_logits, labels, tau_t, tau_s, ignore_in
     device = student_logits.device
     logits = (student_logits, teacher_logits)
     steps = []
-    partials = None
+    partials = counters = None
     has_labels = labels is not None
     modes = tuple(SCALAR if tau is None else (BY_LABEL if has_labels else BY_ROW) for tau in (tau_t, tau_s))
     stride_l = labels.stride(0) if has_labels else 0
@@ -883,36 +1206,52 @@ def _static_plan(student_logits, teacher_logits, labels, tau_t, tau_s, ignore_in
                                {"BLOCK_M": block_m, "BLOCK_N": block_n, "VEC": vec, "WIDE": wide},
                                dict(options, num_warps=config["num_warps"]), bind))
         elif form == "split":
-            config = config or split_config(batch, num_classes, sms, nbytes, vec)
+            # -- split form (persistent kernel, reduction fused in) --
+            gradients = bool(student_grad or teacher_grad)
+            config = config or split_config(batch, num_classes, sms, nbytes, vec,
+                                            split_column_bytes(logits, student_grad, teacher_grad),
+                                            l2_budget(device), sum(t.element_size() for t in logits))
             block_n, chunk = config["BLOCK_N"], config["CHUNK"]
             blocks_per_chunk = chunk // block_n
             n_chunks = -(-(-(-num_classes // block_n)) // blocks_per_chunk)
+            items = batch * n_chunks
             wide = max(_span(t, 1, n_chunks * chunk) for t in logits) >= INT32_LIMIT
             # cp.async stages need loads of at least 4 bytes; narrower ones are prefetched in registers.
             narrowest = min(t.element_size() * (vec if t.stride(1) == 1 else 1) for t in logits)
             prefetch = config["num_stages"] > 1 and narrowest < 4
             stages = 1 if prefetch else config["num_stages"]
-            partials = (N_PARTIALS, batch, n_chunks)
-            common = {"BLOCK_N": block_n, "VEC": vec, "WIDE": wide, "NUM_STAGES": stages, "PREFETCH": prefetch}
-            split_options = dict(options, num_warps=config["num_warps"], num_stages=stages)
-            grid_chunks = n_chunks if (student_grad or teacher_grad) else 1
-            chunking = (n_chunks, blocks_per_chunk)
+            programs = config.get("PROGRAMS") or split_programs(
+                config["num_warps"], split_shared_bytes(block_n, stages, sum(t.element_size() for t in logits)), sms)
+            programs = min(programs, items)
+            lag = split_lag(n_chunks, programs, items, gradients, config.get("LAG"))
+            partials = N_PARTIALS * items + ROW_STATISTICS * batch
+            counters = WORK_COUNTERS + batch
+            fused = reduction is not None and reduction != "none"
+            split_reduce = (float(num_classes if reduction == "mean" else 1),)
+            chunking = (n_chunks, blocks_per_chunk, lag)
 
-            def bind_stats(v):
-                return (v[S], v[T], v[LABELS], v[TAU_T], v[TAU_S], v[PARTIALS], *sizes, *chunking, v[TAU_T_SCALAR],
-                        v[TAU_S_SCALAR], *per_row)
+            def bind_split(v):
+                # A fused reduction writes the loss to out and the backward's scale after the rows.
+                return (v[S], v[T], v[LABELS], v[TAU_T], v[TAU_S], v[WEIGHT], v[SAMPLE_WEIGHT], v[PARTIALS],
+                        v[COUNTERS], v[ROWS], v[GRAD_S], v[GRAD_T], v[OUT] if fused else v[ROWS], *sizes,
+                        *chunking, v[TAU_T_SCALAR],
+                        v[TAU_S_SCALAR], *per_row, v[WEIGHT_SCALAR], *weighting, *split_reduce)
 
-            def bind_finish(v):
-                return (v[S], v[T], v[LABELS], v[TAU_T], v[TAU_S], v[WEIGHT], v[SAMPLE_WEIGHT], v[PARTIALS], v[ROWS],
-                        v[GRAD_S], v[GRAD_T], *sizes, *chunking, grid_chunks, v[TAU_T_SCALAR], v[TAU_S_SCALAR],
-                        *per_row, v[WEIGHT_SCALAR], *weighting, *flags)
-
-            steps.append(_Step(_kd_split_stats_kernel, (batch * n_chunks,), common, split_options, bind_stats))
-            steps.append(_Step(_kd_split_finish_kernel, (batch * grid_chunks,), dict(common, PART_BLOCK=PARTIAL_BLOCK),
-                               split_options, bind_finish))
+            steps.append(_Step(_kd_split_kernel, (programs,),
+                               {"BLOCK_N": block_n, "VEC": vec, "WIDE": wide, "NUM_STAGES": stages,
+                                "PREFETCH": prefetch, "PART_BLOCK": PARTIAL_BLOCK, "REDUCE": fused,
+                                "MEAN": reduction in ("mean", "batchmean"),
+                                # 4 rows a thread: the reduction adds no registers to the item loop's
+                                "REDUCE_BLOCK": min(REDUCE_BLOCK, 128 * config["num_warps"]),
+                                # compiled in: the gradient items' loop holds only the gradients asked for
+                                "STUDENT_GRAD": bool(student_grad), "TEACHER_GRAD": bool(teacher_grad)},
+                               # ptxas holds the registers to what the grid assumed (it spills rather than exceed)
+                               dict(options, num_warps=config["num_warps"], num_stages=stages,
+                                    maxnreg=SPLIT_MAX_REGISTERS), bind_split))
+            # -- end of the split form --
         else:
             raise ValueError(f"form must be 'tile' or 'split', got {form!r}")
-    if reduction is not None and reduction != "none":
+    if reduction is not None and reduction != "none" and counters is None:  # the split kernel reduces itself
         mean = reduction in ("mean", "batchmean")
         divisor = float(num_classes if reduction == "mean" else 1)
         reduce_args = (batch, stride_l, int(has_labels), int(ignore_index), divisor)
@@ -921,7 +1260,7 @@ def _static_plan(student_logits, teacher_logits, labels, tau_t, tau_s, ignore_in
             return (v[ROWS], v[LABELS], v[OUT], *reduce_args)
 
         steps.append(_Step(_kd_reduce_kernel, (1,), {"MEAN": mean, "BLOCK": REDUCE_BLOCK}, options, bind_reduce))
-    return _StaticPlan(form or "tile", steps, partials)
+    return _StaticPlan(form or "tile", steps, partials, counters)
 
 
 def _no_launch_hooks():
@@ -991,9 +1330,11 @@ class EagerPlan:
         # Empty tensors of the outputs' dtypes on the device: ``new_empty`` with integer sizes is
         # the cheapest allocation call (no dtype or device arguments to parse).
         self._float = _nothing(self.device, torch.float32)
+        self._int = _nothing(self.device, torch.int32)
         self._grads = tuple(_nothing(self.device, dtype) for dtype in self.grad_dtypes)
         self._steps = self.static.steps
         self._partials = self.static.partials
+        self._counters = self.static.counters
 
     def run(self, student_logits, teacher_logits, labels, teacher_temperature, student_temperature,
             teacher_temperature_scalar, student_temperature_scalar, weight, sample_weight, sample_weight_scalar):
@@ -1013,14 +1354,18 @@ class EagerPlan:
         grad_t = empty_t.new_empty(batch, num_classes) if self.teacher_grad else empty_t
         partials = self._partials
         if partials is not None:
-            partials = self._float.new_empty(*partials)
+            partials = self._float.new_empty(partials)
+        counters = self._counters
+        if counters is not None:  # the split form's tickets and row counts start at zero in every call
+            counters = self._int.new_zeros(counters)
         out = self._float.new_empty(()) if self.reduced else None
         # A tensor not given is never read: the row losses stand in for its pointer.
         values = (student_logits, teacher_logits, _label_stand_in(self.device) if labels is None else labels,
                   rows if teacher_temperature is None else teacher_temperature,
                   rows if student_temperature is None else student_temperature,
                   rows if weight is None else weight, rows if sample_weight is None else sample_weight, rows, grad_s,
-                  grad_t, partials, out, teacher_temperature_scalar, student_temperature_scalar, sample_weight_scalar)
+                  grad_t, partials, out, teacher_temperature_scalar, student_temperature_scalar, sample_weight_scalar,
+                  counters)
         _run_steps(self._steps, values, self.device)
         if out is None:
             return rows, grad_s, grad_t, None
@@ -1060,7 +1405,7 @@ def loss(student_logits, teacher_logits, labels, teacher_temperature, student_te
     Trusts its caller (the public function checked the arguments): fp32/fp16/bf16 (B, C) logits,
     int64 labels or None, fp32 temperatures and weights in the launcher's terms (a temperature
     (C,) with labels, (B,) without), number temperatures positive and finite. At most two
-    launches for a reduced loss (tile + reduce; split statistics and finish + reduce is three)
+    launches for a reduced loss (tile + reduce; the split form's zeroed workspace + its kernel)
     and nothing else on the device: scalars stay Python numbers.
 
     Args:
@@ -1214,7 +1559,8 @@ def plan(student_logits, teacher_logits, labels, teacher_temperature, student_te
     """Validates the arguments, allocates the outputs and returns the launches that compute them.
 
     Runs nothing on the device (meta tensors give the launches a real call would make, for
-    ahead-of-time compiles and the performance model).
+    ahead-of-time compiles and the performance model). The split form's work counters are
+    zeroed here: its launch runs once (a second run would find every ticket taken).
 
     Args:
         as for ``launch``; reduction: None (the op: row losses) or one of ``loss``'s reductions,
@@ -1240,14 +1586,16 @@ def plan(student_logits, teacher_logits, labels, teacher_temperature, student_te
     grad_student = torch.empty((batch, num_classes) if student_grad else (0,), dtype=grad_dtypes[0], device=device)
     grad_teacher = torch.empty((batch, num_classes) if teacher_grad else (0,), dtype=grad_dtypes[1], device=device)
     partials = None if static.partials is None else torch.empty(static.partials, dtype=torch.float32, device=device)
+    # zeroed here: the plan's launches run once
+    counters = None if static.counters is None else torch.zeros(static.counters, dtype=torch.int32, device=device)
     labels_arg = torch.zeros(1, dtype=torch.int64, device=device) if labels is None else labels
     out = torch.empty((), device=device) if reduced else None
     values = (student_logits, teacher_logits, labels_arg, row_loss if tau_t is None else tau_t,
               row_loss if tau_s is None else tau_s, row_loss if weight is None else weight,
               row_loss if sample_weight is None else sample_weight, row_loss, grad_student, grad_teacher, partials,
-              out, tau_t_scalar, tau_s_scalar, sample_weight_scalar)
+              out, tau_t_scalar, tau_s_scalar, sample_weight_scalar, counters)
     launches = [Launch(step.kernel, step.grid, step.bind(values), step.constexprs, step.options["num_warps"],
-                       step.options["num_stages"], debug) for step in static.steps]
+                       step.options["num_stages"], debug, step.options.get("maxnreg")) for step in static.steps]
     return (row_loss, grad_student, grad_teacher), launches
 
 

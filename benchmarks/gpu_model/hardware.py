@@ -131,7 +131,7 @@ def issue_seconds(warp_instructions, gpu=H100):
 
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-_BRANCH = re.compile(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)")
+BRANCH = re.compile(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)")
 
 
 def sass_instructions(cubin):
@@ -164,7 +164,7 @@ def loop_instructions(instructions):
     step = 16  # bytes per sm_90 instruction
     longest = 0
     for address, text in instructions:
-        found = _BRANCH.search(text)
+        found = BRANCH.search(text)
         if found and int(found.group(1), 16) < address:  # a backward branch (not the final self-branch)
             longest = max(longest, (address - int(found.group(1), 16)) // step + 1)
     return longest, len(instructions)

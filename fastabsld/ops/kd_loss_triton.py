@@ -288,6 +288,8 @@ def _launch_traceable(launch):
     options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
     if launch.debug:
         options["debug"] = True
+    if launch.maxnreg is not None:  # the split form's grid assumes its register cap
+        options["maxnreg"] = launch.maxnreg
     torch.library.wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.constexprs, **options)
 
 

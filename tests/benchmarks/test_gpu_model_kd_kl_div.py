@@ -49,12 +49,14 @@ def test_kd_rows_cover_the_shapes_and_dtypes(kd_rows):
 
 def test_kd_fills_the_gpu(kd_rows):
     """>= 2 waves of programs from 1 MiB of logits, >= 1 from 256 KiB, in every launch (but the
-    finishing kernel's one program, which reads B floats)."""
+    finishing kernel's one program, which reads B floats, and the split form's memset)."""
     checked = set()
     for row in kd_rows:
         for launch in row["launches"]:
             if launch["kernel"] == "kd_reduce_kernel":
                 assert launch["programs"] == 1
+                continue
+            if launch["kernel"] == kd_kl_div.MEMSET:
                 continue
             if row["logit_bytes"] >= MIB:
                 assert launch["waves"] >= 2, (row["case"], launch)
@@ -67,7 +69,8 @@ def test_kd_fills_the_gpu(kd_rows):
 
 
 def test_kd_dram_traffic(kd_rows):
-    """Tile form within 1.25x of the minimum; split form at most one more read of each input."""
+    """Tile form within 1.25x of the minimum; split form at the minimum too, its re-read kept in
+    L2 by the plan (<= 22 B/element fp32 with the per-row data at the large shapes)."""
     forms = set()
     for row in kd_rows:
         element = 4 if row["case"].endswith("fp32") else 2
@@ -77,35 +80,63 @@ def test_kd_dram_traffic(kd_rows):
             assert row["element_bytes"] == row["min_element_bytes"]
             assert row["bytes"] <= 1.25 * row["min_bytes"], row["case"]
         else:
-            assert row["element_bytes"] <= row["min_element_bytes"] + 2 * element  # fp32: 28 B
-            assert row["bytes"] <= 1.01 * row["elements"] * (row["min_element_bytes"] + 2 * element), row["case"]
-        # every launch of the eager path: the tile form two forward, the split form three; one backward
+            assert row["rereads_from_l2"] and row["working_set"] <= kd_kl_div.L2_BUDGET, row["case"]
+            assert row["element_bytes"] == row["min_element_bytes"]
+            assert row["bytes"] <= 1.01 * row["min_bytes"], row["case"]
+        # every launch of the eager path: two forward (tile + reduce; memset + split kernel), one backward
         assert row["kernel_launches"] == len(row["launches"]) == row["forward_launches"] + 1
-        assert row["forward_launches"] == (2 if row["form"] == "tile" else 3)
+        assert row["forward_launches"] == 2
+        assert [launch["kernel"] for launch in row["launches"][:2]] == (
+            ["kd_tile_kernel", "kd_reduce_kernel"] if row["form"] == "tile" else [kd_kl_div.MEMSET, "kd_split_kernel"])
         assert row["launches"][-1]["kernel"] == "kd_scale_kernel"
     assert forms == {"tile", "split"}
+    large = {row["case"]: row["bytes"] / row["elements"] for row in kd_rows}
+    for case in ("(64, 262144) fp32", "(4096, 32000) fp32"):
+        assert large[case] <= 22, (case, large[case])
+
+
+def test_kd_split_reread_is_dram_when_the_plan_does_not_keep_it_in_l2():
+    """The re-read counts as L2 only when the plan's working set fits L2_BUDGET: a chunk of a
+    whole 262144-column row (forced) needs the row's 2 MiB a program, far more than L2 holds."""
+    logits = torch.empty(64, 262144, device="meta")
+    labels = torch.zeros(64, dtype=torch.int64, device="meta")
+    tau = torch.ones(262144, device="meta")
+    config = dict(kd_kl_div.kd.split_config(64, 262144), CHUNK=262144)
+    _, launches = kd_kl_div.kd.plan(logits, logits.clone(), labels, tau, None, 1.0, 1.0, -100, True, False,
+                                    form="split", config=config, reduction="mean")
+    forced = kd_kl_div.traffic(launches, 64, 262144, 4, 4)
+    assert not forced["rereads_from_l2"] and forced["working_set"] > kd_kl_div.L2_BUDGET
+    assert forced["element_bytes"] == 28
+    planned = kd_kl_div.traffic(kd_kl_div.plan_case(64, 262144, torch.float32), 64, 262144, 4, 4)
+    assert planned["rereads_from_l2"] and planned["element_bytes"] == 20
+    args = kd_kl_div.split_arguments(kd_kl_div.plan_case(64, 262144, torch.float32)[0])
+    # the working set from the plan: (lag + programs) items of a chunk's reads and gradient writes
+    assert planned["working_set"] == (args["lag"] + args["programs"]) * args["CHUNK"] * 12
 
 
 @pytest.mark.parametrize("shape", [(1024, 100), (8, 32000)])
 def test_kd_weights_add_bytes_per_row_only(shape):
-    """A per-class and a per-row weight: 4 B a row each (per chunk in the split form), nothing per element."""
+    """A per-class and a per-row weight: 4 B a row each (read once a row in both forms), nothing per element."""
     launches = kd_kl_div.plan_case(*shape, torch.float32)
     plain = kd_kl_div.traffic(launches, *shape, 4, 4)
     weighted = kd_kl_div.traffic(launches, *shape, 4, 4, weight_tensors=2)
     assert weighted["element_bytes"] == plain["element_bytes"]
-    n_chunks = 1 if launches[0].kernel is kd_kl_div.kd._kd_tile_kernel else \
-        launches[0].args[launches[0].kernel.arg_names.index("n_chunks")]
-    assert weighted["bytes"] - plain["bytes"] == shape[0] * 8 * n_chunks
+    assert weighted["bytes"] - plain["bytes"] == shape[0] * 8
     assert weighted["min_bytes"] - plain["min_bytes"] == shape[0] * 8
 
 
 def test_kd_variants_fit_registers_without_spills(kd_rows):
     for row in kd_rows:
         for launch in row["launches"]:
+            if launch["kernel"] == kd_kl_div.MEMSET:
+                continue
             assert launch["registers"] <= 128 and launch["spills"] == 0, (row["case"], launch)
             assert launch["ctas_per_sm"] >= 1
-            if launch["kernel"].startswith("kd_split"):
-                assert launch["num_stages"] in ("3 cp.async", "prefetch"), launch
+            if launch["kernel"] == "kd_split_kernel":
+                # a chunk of several blocks pipelines its column loops; the grid is what the SMs hold at once
+                several = "CHUNK=2048" not in launch["blocks"] and "CHUNK=1024" not in launch["blocks"]
+                assert launch["num_stages"] in (("3 cp.async", "prefetch") if several else ("1",)), launch
+                assert launch["programs"] <= launch["ctas_per_sm"] * hardware.H100.sms, launch
 
 
 def test_table_prints_every_case(kd_rows, monkeypatch, capsys):
@@ -140,6 +171,43 @@ def test_kd_times_use_achievable_bandwidth_issue_and_host(kd_rows):
     host = {row["case"]: row for row in kd_rows if row["host_us"] is not None}
     assert set(host) == {"(128, 10) fp32", "(8, 32000) fp32"}
     assert host["(128, 10) fp32"]["bound"]["H100 SXM"] == "host"  # 30 us of host against ~12 us of GPU
+
+
+def test_split_kernel_counts_each_item_by_its_own_branch(kd_rows):
+    """In the real sm_90 SASS the model finds the item loop's two branches: an item counts less
+    than the whole loop (the fallback would count all of it), and a statistics item (reductions,
+    partials, its row's combine) more than a gradient item."""
+    split = [row for row in kd_rows if row["form"] == "split"]
+    assert split
+    for row in split:
+        items = row["launches"][1]["item_instructions"]
+        assert items["gradient"] < items["statistics"] < items["loop"], (row["case"], items)
+
+
+def test_split_item_instruction_count():
+    """Per item: the item loop's body without the other item's branch, the column loop once per
+    block, the completing item's combine once per row."""
+    def at(index, text):
+        return (16 * index, text)
+
+    instructions = [at(0, "MOV R1, R2"),                     # before the item loop
+                    at(1, "ISETP.NE.AND P0, PT, R1, R2, PT"),  # the item loop starts: common part
+                    at(2, "@!P0 BRA 0x80"),                  # statistics branch: 3..7
+                    at(3, "FADD R1, R1, R2"),                # its column loop: 3..4
+                    at(4, "@P1 BRA 0x30"),
+                    at(5, "@P2 BRA 0xa0"),                   # not the completing item: skip 6..7
+                    at(6, "FMUL R1, R1, R2"),
+                    at(7, "BRA 0xa0"),                       # the then-block's jump to the join
+                    at(8, "FADD R3, R3, R4"),                # gradient branch: 8..9, its column loop 8..9
+                    at(9, "@P1 BRA 0x80"),
+                    at(10, "@P0 BRA 0x10"),                  # the item loop closes
+                    at(11, "EXIT"), at(12, "BRA 0xc0")]
+    statistics, gradients, outside = kd_kl_div.split_item_instructions(instructions, blocks_per_chunk=3, n_chunks=4)
+    # body 1..10 = 10; statistics: 10 - 2 (gradient branch) - 2 (combine) + 2 / 4 + 2 more passes of 3..4
+    assert statistics == 10 - 2 - 2 + 0.5 + 2 * 2
+    # gradients: 10 - 5 (statistics branch 3..7) + 2 more passes of 8..9
+    assert gradients == 10 - 5 + 2 * 2
+    assert outside == 3
 
 
 def test_sass_loop_count():

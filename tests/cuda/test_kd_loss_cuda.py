@@ -117,16 +117,76 @@ def _kernels_of(fn):
     return [event.name for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA]
 
 
-@pytest.mark.parametrize("batch,num_classes", [(128, 10), (128, 100)])
+@pytest.mark.parametrize("batch,num_classes", [(128, 10), (128, 100), (8, 32000)])
 def test_eager_call_is_two_launches_forward_and_one_backward(batch, num_classes):
+    """Tile form: the row kernel and the reduction; split form: the zeroing of its work counters
+    and the persistent kernel (which reduces the rows itself). One scaling kernel backward."""
     s, t, kwargs = _case(batch, num_classes, (torch.float32, torch.float32), "class", seed=5)
     s.requires_grad_(True)
     kd_kl_div(s, t, reduction="mean", **kwargs)  # compile
     losses = []
     forward = _kernels_of(lambda: losses.append(kd_kl_div(s, t, reduction="mean", **kwargs)))
     backward = _kernels_of(lambda: torch.autograd.grad(losses[0], s, torch.ones((), device="cuda")))
-    assert len(forward) == 2 and "_kd_tile_kernel" in forward[0] and "_kd_reduce_kernel" in forward[1], forward
+    if num_classes <= 8192:
+        assert len(forward) == 2 and "_kd_tile_kernel" in forward[0] and "_kd_reduce_kernel" in forward[1], forward
+    else:
+        assert len(forward) == 2 and "_kd_" not in forward[0] and "_kd_split_kernel" in forward[1], forward
     assert len(backward) == 1 and "_kd_scale_kernel" in backward[0], backward
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16)], ids=str)
+@pytest.mark.parametrize("chunk,programs,lag", [(256, None, None), (512, 1000, "chunks"), (1024, 7, "chunks"),
+                                                (2048, None, 1_000_000)])
+def test_split_kernel_schedules_agree_bit_for_bit(dtypes, chunk, programs, lag):
+    """The persistent split kernel with real concurrency: grids of 7 to 1000 programs, the
+    smallest lag (gradient items right after their rows' statistics: they wait) and the largest
+    (every statistics item first). Every schedule gives the reference's values and the same bits."""
+    from fastabsld.kernels import kd_kl_div as kd
+
+    s, t, kwargs = _case(64, 50257, dtypes, "class", seed=10)
+    args = (s, t, kwargs["labels"], kwargs["teacher_temperature"], None, 1.0, 1.0, IGNORE, True, True)
+    block = min(chunk, 1024)
+    config = {"BLOCK_N": block, "CHUNK": chunk, "num_warps": max(1, block // 256), "num_stages": 3}
+    plain = kd.launch(*args, form="split", config=config)  # the plan's grid and lag for this chunk
+    config.update(PROGRAMS=programs, LAG=-(-50257 // chunk) if lag == "chunks" else lag)
+    first = kd.launch(*args, form="split", config=config)
+    for _ in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(first, kd.launch(*args, form="split", config=config)))
+    assert all(torch.equal(a, b) for a, b in zip(first, plain))
+    s64, t64 = s.double().requires_grad_(True), t.double().requires_grad_(True)
+    ref = reference.kd_kl_div(s64, t64, kwargs["labels"], kwargs["teacher_temperature"].double(), 1.0, "none",
+                              IGNORE)
+    rs, rt = torch.autograd.grad(ref.sum(), (s64, t64))
+    rtol, atol = _tolerances(50257, 3.0 * 4 / 0.5)
+    torch.testing.assert_close(first[0].double(), ref, rtol=rtol, atol=atol)
+    for grad, want, dtype in ((first[1], rs, dtypes[0]), (first[2], rt, dtypes[1])):
+        rtol, atol = _tolerances(50257, 3.0 * 4 / 0.5, dtype)
+        torch.testing.assert_close(grad.double(), want, rtol=rtol, atol=atol * float(want.abs().max()))
+
+
+def test_split_form_is_captured_by_a_cuda_graph():
+    """The split kernel's counters are zeroed by a launch of the call itself: every replay starts
+    from zeros (nothing of a previous call survives on the device)."""
+    s, t, kwargs = _case(8, 32000, (torch.float32, torch.float32), "class", seed=11)
+    s.requires_grad_(True)
+
+    def step():
+        loss = kd_kl_div(s, t, reduction="mean", **kwargs)
+        return loss, torch.autograd.grad(loss, s)[0]
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            want_loss, want_grad = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got_loss, got_grad = step()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got_loss, want_loss) and torch.equal(got_grad, want_grad)
 
 
 def test_eager_call_with_cpu_scalars_is_captured_by_a_cuda_graph():

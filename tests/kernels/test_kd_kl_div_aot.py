@@ -10,11 +10,14 @@ shapes the performance model reports. The block sizes ``plan`` can pick range fu
 per power of two of C and rows), but each keeps ELEMENTS_PER_THREAD elements a thread or fewer,
 which is what sets the registers; the extremes of that range are here.
 
-The eager path's finishing (reduce) and backward (scale) kernels are here too, and launches of
-the debug mode (``FASTABSLD_DEVICE_ASSERTS=1``). Checked per variant and capability: device
-asserts in the code exactly in the debug mode, at most 128 registers a thread and no spills;
-vector loads (or 16-byte cp.async) where the rows allow them; and a software-pipelined column
-loop (cp.async stages or the register prefetch) in the split kernels.
+The eager path's finishing (reduce) and backward (scale) kernels are here too, the split
+kernel with its reduction fused in ("sum", "mean") and without (the op), and launches of the
+debug mode (``FASTABSLD_DEVICE_ASSERTS=1``). Checked per variant and capability: device asserts
+in the code exactly in the debug mode, at most 128 registers a thread and no spills; vector
+loads (or 16-byte cp.async) where the rows allow them; a software-pipelined column loop
+(cp.async stages or the register prefetch) in the split kernel wherever a chunk has more than
+one block; and, for the split kernel, no more shared memory than its plan assumed when it sized
+the persistent grid (``kd.split_shared_bytes``), so that the planned programs are resident at once.
 """
 
 import re
@@ -113,9 +116,16 @@ def _real_launches():
     cases += _launches("tile 64-bit offsets", 8192, 100, "fp32", "fp32", "row-stride=268435456")
     cases += _launches("tile 64-bit strides", 16, 1000, "bf16", "bf16", "row-stride=4294967296")
     cases += _launches("split 64-bit offsets", 32768, 70000, "fp32", "fp32", "transposed")
-    cases += _launches("split prefetch", 2, 50257, "bf16", "bf16")
-    cases += _launches("split prefetch mixed", 2, 50257, "fp16", "fp32")
-    cases += _launches("split prefetch transposed", 4, 20000, "fp16", "fp16", "transposed")
+    # Chunks of several blocks (the pipelined column loops): many rows, odd C (2-byte scalar loads).
+    cases += _launches("split prefetch", 4096, 50257, "bf16", "bf16")
+    cases += _launches("split prefetch mixed", 4096, 50257, "fp16", "fp32")
+    cases += _launches("split prefetch transposed", 4096, 20000, "fp16", "fp16", "transposed")
+    cases += _launches("split staged, no gradients", 4096, 32000, "fp32", "fp32", grads=(False, False))
+    cases += _launches("split student gradient only", 64, 262144, "fp32", "bf16", grads=(True, False))
+    cases += _launches("split teacher gradient only", 4, 40000, "bf16", "fp32", grads=(False, True))
+    cases += _launches("split sum", 4, 20000, "fp32", "fp32", reduction="sum")
+    cases += _launches("split mean", 4096, 50257, "bf16", "bf16", reduction="mean")
+    cases += _launches("split batchmean, 1-warp programs", 8, 8192, "fp32", "fp32", reduction="batchmean")
     # The weights' presence is a runtime flag: weighted launches compile the variants above, except
     # where a weight's pointer is not 16-byte aligned.
     cases += _launches("tile weighted", 1024, 96, "bf16", "bf16", weights="aligned")
@@ -132,7 +142,8 @@ def _real_launches():
     cases += _backward_launches("backward 64-bit", 65536, 65536, "fp32", "fp32", per_row=False)
     cases += _debug_launches("debug tile", 1024, 96, "fp32", "fp32")
     cases += _debug_launches("debug split", 4, 40000, "bf16", "bf16")
-    cases += _debug_launches("debug split prefetch", 2, 50257, "fp16", "fp32")
+    cases += _debug_launches("debug split prefetch", 4096, 50257, "fp16", "fp32")
+    cases += _debug_launches("debug split mean", 8, 32000, "fp32", "fp32", reduction="mean")
     return cases
 
 
@@ -149,10 +160,16 @@ def test_the_variants_cover_every_code_path():
               launch.constexprs["VEC"]) for _, launch in REAL_LAUNCHES if "VEC" in launch.constexprs}
     kernels = {launch.kernel.__name__ for _, launch in REAL_LAUNCHES}
     assert {"_kd_reduce_kernel", "_kd_scale_kernel"} <= kernels
-    for kernel in ("_kd_tile_kernel", "_kd_split_stats_kernel", "_kd_split_finish_kernel"):
+    for kernel in ("_kd_tile_kernel", "_kd_split_kernel"):
         debug = {launch.debug for _, launch in REAL_LAUNCHES if launch.kernel.__name__ == kernel}
         assert debug == {False, True}, f"{kernel} with and without device asserts"
-    for kernel in ("_kd_tile_kernel", "_kd_split_stats_kernel", "_kd_split_finish_kernel"):
+    split = [launch for _, launch in REAL_LAUNCHES if launch.kernel is kd._kd_split_kernel]
+    assert {(launch.constexprs["REDUCE"], launch.constexprs["MEAN"]) for launch in split} == \
+        {(False, False), (True, False), (True, True)}, "the split kernel without, with a sum and with a mean"
+    assert {launch.constexprs["NUM_STAGES"] > 1 or launch.constexprs["PREFETCH"] for launch in split} == {False, True}
+    assert {(launch.constexprs["STUDENT_GRAD"], launch.constexprs["TEACHER_GRAD"]) for launch in split} == \
+        {(False, False), (True, False), (False, True), (True, True)}, "the gradients are compiled in"
+    for kernel in ("_kd_tile_kernel", "_kd_split_kernel"):
         for vec in (1, 2, 4, 8) if kernel == "_kd_tile_kernel" else (1, 4, 8):
             assert any(f[0] == kernel and f[3] == vec for f in forms), (kernel, vec)
         assert any(f[0] == kernel and f[2] for f in forms), f"{kernel} with 64-bit offsets"
@@ -160,7 +177,7 @@ def test_the_variants_cover_every_code_path():
     strides = [launch.args[launch.kernel.arg_names.index("stride_sb")] for _, launch in REAL_LAUNCHES
                if "stride_sb" in launch.kernel.arg_names]
     assert max(strides) >= 2**31, "a launch with 64-bit integer arguments"
-    for kernel in ("_kd_tile_kernel", "_kd_split_finish_kernel"):
+    for kernel in ("_kd_tile_kernel", "_kd_split_kernel"):
         weighted = [dict(zip(launch.kernel.arg_names, launch.args)) for _, launch in REAL_LAUNCHES
                     if launch.kernel.__name__ == kernel]
         weighted = [args for args in weighted if args["has_weight"] and args["has_sample_weight"]]
@@ -191,6 +208,11 @@ def test_variant_compiles_for_sm80_and_sm90_without_spills(compiled, index):
         if aligned and vector_bytes >= 8 and block >= threads * launch.constexprs["VEC"]:
             wide = STAGED_WIDE.search(ptx) if staged else "ld.global.v" in ptx
             assert wide, "aligned rows should be read with vector accesses"
-        if launch.kernel is not kd._kd_tile_kernel:
+        if launch.kernel is kd._kd_split_kernel:
             assert ("cp.async" in ptx) == staged, "the column loop is staged with cp.async exactly when asked"
-            assert staged or launch.constexprs["PREFETCH"], "the column loop is pipelined one way or the other"
+            if args["blocks_per_chunk"] > 1:
+                assert staged or launch.constexprs["PREFETCH"], "the column loop is pipelined one way or the other"
+            input_bytes = sum(t.element_size() for t in logits)
+            planned = kd.split_shared_bytes(launch.constexprs["BLOCK_N"], launch.num_stages, input_bytes)
+            assert usage["shared"] + kernel.metadata["shared"] <= planned, "more shared memory than the grid assumed"
+            assert usage["registers"] <= kd.SPLIT_MAX_REGISTERS

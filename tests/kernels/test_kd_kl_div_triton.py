@@ -1,11 +1,15 @@
 """The Triton KD forward (kernels/kd_kl_div.py) against fastabsld.reference.kd_kl_div.
 
 Runs on CPU tensors under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
-without a GPU): both launch forms (tile; split rows with its statistics and finish kernels) at
-small shapes with forced small configurations, so that several programs, several chunks per row
-and partial last blocks are exercised at a few programs each; unweighted and with row weights
-(per class, per row, a number, and all three). The launch plan (form, grid, vector width) is
-checked without running anything. Ahead-of-time compiles: test_kd_kl_div_aot.py.
+without a GPU): both launch forms (tile; split rows with its one persistent kernel) at small
+shapes with forced small configurations, so that several programs, several chunks per row and
+partial last blocks are exercised at a few programs each; unweighted and with row weights (per
+class, per row, a number, and all three). The split kernel's ticket sequence is checked as a
+function of its plan (every item once, every gradient item after its row's statistics), on the
+host and on the device, and its grid sizes and lags against the reference, with its fused
+reduction. The interpreter runs programs one after another: its first program takes every
+ticket. The launch plan (form, grid, vector width) is checked without running anything.
+Ahead-of-time compiles: test_kd_kl_div_aot.py.
 """
 
 import dataclasses
@@ -13,6 +17,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -186,6 +192,143 @@ def test_split_is_deterministic_and_chunking_only_rounds():
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
+# The split kernel's schedule: tickets and items, grid sizes, lags, and its fused reduction.
+
+def _schedule(batch, n_chunks, lag, gradients=True):
+    """The items of every ticket, in ticket order, as the plan's ``split_item`` gives them."""
+    n_stats = batch * n_chunks
+    lag = kd.split_lag(n_chunks, 1, n_stats, gradients, lag)
+    return [kd.split_item(ticket, n_stats, lag) for ticket in range(2 * n_stats if gradients else n_stats)], lag
+
+
+@settings(max_examples=300, deadline=None)
+@given(batch=st.integers(1, 40), n_chunks=st.integers(1, 40), extra=st.integers(0, 3000), gradients=st.booleans())
+def test_split_tickets_give_every_item_once_and_each_gradient_after_its_row(batch, n_chunks, extra, gradients):
+    """Statistics items once each in row-major order, gradient items once each, and each gradient
+    item's ticket after every statistics ticket of its row (so a gradient item only waits for
+    items already handed out), at least lag - n_chunks + 1 tickets after the last one."""
+    sequence, lag = _schedule(batch, n_chunks, n_chunks + extra, gradients)
+    n_stats = batch * n_chunks
+    assert [item for kind, item in sequence if kind == "S"] == list(range(n_stats))
+    assert [item for kind, item in sequence if kind == "G"] == (list(range(n_stats)) if gradients else [])
+    ticket = {entry: position for position, entry in enumerate(sequence)}
+    gaps = [ticket[("G", item)] - max(ticket[("S", item // n_chunks * n_chunks + chunk)] for chunk in range(n_chunks))
+            for item in range(n_stats if gradients else 0)]
+    assert min(gaps, default=lag - n_chunks + 1) == lag - n_chunks + 1
+
+
+def test_split_lag_below_the_chunks_is_refused():
+    with pytest.raises(ValueError, match="lag must be at least the chunks per row"):
+        kd.split_lag(4, 8, 40, True, 3)
+    assert kd.split_lag(4, 8, 40, False, 3) == 40  # no gradient items: nothing trails
+
+
+@triton.jit
+def _device_items(out_ptr, total, n_stats, lag, BLOCK: tl.constexpr):
+    tickets = tl.arange(0, BLOCK)
+    is_stats, item = kd._split_item(tickets, n_stats, lag)
+    mask = tickets < total
+    tl.store(out_ptr + 2 * tickets, is_stats.to(tl.int32), mask=mask)
+    tl.store(out_ptr + 2 * tickets + 1, item, mask=mask)
+
+
+@pytest.mark.parametrize("batch,n_chunks,lag,gradients", [(5, 3, 3, True), (5, 3, 7, True), (2, 4, 100, True),
+                                                          (6, 1, 1, True), (3, 5, None, False)])
+def test_split_item_on_the_device_is_the_plans(batch, n_chunks, lag, gradients):
+    """The kernel's ticket decoding (``_split_item``) gives the items ``split_item`` gives."""
+    sequence, lag = _schedule(batch, n_chunks, lag, gradients)
+    out = torch.full((2 * len(sequence),), -1, dtype=torch.int32, device=DEVICE)
+    _device_items[(1,)](out, len(sequence), batch * n_chunks, lag, BLOCK=64)
+    assert [("S" if kind else "G", item) for kind, item in out.view(-1, 2).tolist()] == sequence
+
+
+@pytest.mark.parametrize("programs,lag", [(1, None), (3, 3), (64, 5), (2, 10_000)])
+def test_split_grid_and_lag_change_no_bit(programs, lag):
+    """Any grid and any lag of at least n_chunks (3 here) give the reference's rows and gradients,
+    bit for bit the same: chunks are combined in chunk order whoever computed them. (In the
+    interpreter the first program takes every ticket; the others find none left.)"""
+    g = torch.Generator().manual_seed(53)
+    s, t = make_logits(5, 70, torch.float32, generator=g), make_logits(5, 70, torch.bfloat16, generator=g)
+    outputs = run_case(s, t, "class", form="split", config=dict(SPLIT_SMALL, PROGRAMS=programs, LAG=lag),
+                       generator=torch.Generator().manual_seed(1))
+    default = run_case(s, t, "class", form="split", config=SPLIT_SMALL, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(x, y) for x, y in zip(outputs, default))
+
+
+@pytest.mark.parametrize("everything_ignored", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+@pytest.mark.parametrize("form", FORMS)
+def test_reduction_in_the_plan(form, reduction, everything_ignored):
+    """The reduced loss and the backward's factor 1 / (kept rows * per_row) (1 for "sum"), after the
+    rows in their buffer: fused
+    into the split kernel (its last program), a finishing kernel after the tile; none for "none".
+    With every row ignored the loss is 0 and one row counts (no 0 / 0)."""
+    g = torch.Generator().manual_seed(59)
+    s, t = make_logits(7, 45, torch.float32, generator=g), make_logits(7, 45, torch.float32, generator=g)
+    labels, tau_t, _, scalar_t, scalar_s = temperatures("class", 7, 45, generator=g)
+    labels[::3] = IGNORE
+    if everything_ignored:
+        labels[:] = IGNORE
+    (rows, _, _), launches = kd.plan(s, t, labels, tau_t, None, scalar_t, scalar_s, IGNORE, True, False, form,
+                                     small_config(form, 45), reduction=reduction)
+    kernels = [launch.kernel for launch in launches]
+    if form == "split":
+        assert kernels == [kd._kd_split_kernel] and launches[0].constexprs["REDUCE"] == (reduction != "none")
+    else:
+        assert kernels == [kd._kd_tile_kernel] + ([kd._kd_reduce_kernel] if reduction != "none" else [])
+    for launch in launches:
+        launch.run()
+    ref_rows = reference.kd_kl_div(s.cpu().double(), t.cpu().double(), labels.cpu(), tau_t.cpu().double(), scalar_s,
+                                   "none", IGNORE)
+    # A reduced loss's row buffer holds B + 1 values: the rows, then the backward's factor.
+    assert rows.shape == ((7,) if reduction == "none" else (8,))
+    torch.testing.assert_close(rows[:7].cpu().double(), ref_rows, rtol=1e-5, atol=1e-6)
+    if reduction == "none":
+        return
+    args = dict(zip(launches[-1].kernel.arg_names, launches[-1].args))
+    out, scale = args["out_ptr"].cpu(), rows[7].cpu()
+    ref = reference.kd_kl_div(s.cpu().double(), t.cpu().double(), labels.cpu(), tau_t.cpu().double(), scalar_s,
+                              reduction, IGNORE)
+    kept = max(1, int((labels != IGNORE).sum()))
+    factor = 1.0 if reduction == "sum" else 1.0 / (kept * (45 if reduction == "mean" else 1))
+    assert float(scale) == pytest.approx(factor, rel=1e-6)
+    torch.testing.assert_close(out.double().reshape(()), ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape,dtype,grads", [((64, 262144), torch.float32, (True, False)),
+                                               ((4096, 32000), torch.float32, (True, False)),
+                                               ((64, 262144), torch.bfloat16, (True, True)),
+                                               ((8, 32000), torch.float16, (True, False)),
+                                               ((4096, 8193), torch.float32, (True, True))])
+def test_split_plan_keeps_the_reread_in_l2(shape, dtype, grads):
+    """The plan's chunk keeps what passes through L2 between a chunk's read and its re-read within
+    SPLIT_L2_BUDGET, the lag at least n_chunks, and the grid one full set of resident programs."""
+    logits = torch.empty(*shape, dtype=dtype, device="meta")
+    (launch,) = kd.plan(logits, logits, None, None, None, 1.0, 1.0, IGNORE, *grads)[1]
+    args = dict(zip(launch.kernel.arg_names, launch.args))
+    chunk = args["blocks_per_chunk"] * launch.constexprs["BLOCK_N"]
+    column_bytes = kd.split_column_bytes((logits, logits), *grads)
+    assert column_bytes == 2 * dtype.itemsize + sum(grads) * (4 if dtype == torch.float16 else dtype.itemsize)
+    assert kd.split_working_set(args["lag"], launch.grid[0], chunk, column_bytes) <= kd.SPLIT_L2_BUDGET
+    assert args["lag"] >= args["n_chunks"]
+    shared = kd.split_shared_bytes(launch.constexprs["BLOCK_N"], launch.num_stages, 2 * dtype.itemsize)
+    assert launch.grid[0] == min(kd.split_programs(launch.num_warps, shared), shape[0] * args["n_chunks"])
+
+
+def test_split_config_shrinks_the_chunk_to_the_l2_budget():
+    """A smaller L2 (``l2_budget`` of a smaller GPU) gives smaller chunks, down to SPLIT_MIN_CHUNK;
+    without gradients nothing is re-read and the budget does not bind."""
+    chunks = []
+    for budget in (64 << 20, 16 << 20, 4 << 20, 1 << 20, 64 << 10):
+        config = kd.split_config(4096, 32000, l2_budget=budget)
+        assert config["LAG"] == -(-32000 // config["CHUNK"]) + config["PROGRAMS"]
+        working = kd.split_working_set(config["LAG"], config["PROGRAMS"], config["CHUNK"], 12)
+        assert working <= budget or config["CHUNK"] == kd.SPLIT_MIN_CHUNK
+        chunks.append(config["CHUNK"])
+    assert chunks == sorted(chunks, reverse=True) and chunks[0] > chunks[-1] == kd.SPLIT_MIN_CHUNK
+    assert kd.split_config(4096, 32000, column_bytes=0, l2_budget=64 << 10)["CHUNK"] == 32768
+
+
 @pytest.mark.parametrize("batch,num_classes,dtype", [(2, 50257, torch.float32), (1, 8193, torch.bfloat16),
                                                      (1, 8192, torch.float16)])
 def test_default_plan_at_large_c(few_sms, batch, num_classes, dtype):
@@ -194,7 +337,7 @@ def test_default_plan_at_large_c(few_sms, batch, num_classes, dtype):
     s = make_logits(batch, num_classes, dtype, generator=g)
     t = make_logits(batch, num_classes, dtype, generator=g)
     _, launches = kd.plan(s, t, None, None, None, 1.0, 1.0, IGNORE, True, True)
-    expected = kd._kd_tile_kernel if num_classes <= kd.TILE_MAX_COLUMNS else kd._kd_split_stats_kernel
+    expected = kd._kd_tile_kernel if num_classes <= kd.TILE_MAX_COLUMNS else kd._kd_split_kernel
     assert launches[0].kernel is expected
     run_case(s, t, "class" if batch > 1 else "row", generator=g)
 
@@ -404,14 +547,20 @@ def test_bad_rows_degrade_to_nan_without_asserts(form):
 @settings(max_examples=12, deadline=None)
 @given(batch=st.integers(1, 6), num_classes=st.integers(1, 70), kind=st.sampled_from(["scalar", "class", "row"]),
        log_low=st.floats(math.log(0.05), math.log(50.0)), log_span=st.floats(0.0, 3.0),
-       scale=st.sampled_from([0.01, 1.0, 30.0, 1000.0]), form=st.sampled_from(FORMS), seed=st.integers(0, 2**16))
-def test_property_random_shapes_and_temperatures(batch, num_classes, kind, log_low, log_span, scale, form, seed):
+       scale=st.sampled_from([0.01, 1.0, 30.0, 1000.0]), form=st.sampled_from(FORMS), seed=st.integers(0, 2**16),
+       programs=st.integers(1, 40), extra_lag=st.integers(0, 50))
+def test_property_random_shapes_and_temperatures(batch, num_classes, kind, log_low, log_span, scale, form, seed,
+                                                 programs, extra_lag):
+    """Random shapes, temperatures and logit scales; the split form with any grid and any lag."""
     g = torch.Generator().manual_seed(seed)
     low = math.exp(log_low)
     high = min(50.0, low * math.exp(log_span))
+    config = small_config(form, num_classes)
+    if form == "split":
+        config = dict(config, PROGRAMS=programs, LAG=-(-num_classes // config["CHUNK"]) + extra_lag)
     run_case(make_logits(batch, num_classes, torch.float32, scale=scale, generator=g),
              make_logits(batch, num_classes, torch.float32, scale=scale, generator=g), kind, form=form,
-             config=small_config(form, num_classes), generator=g, low=low, high=high)
+             config=config, generator=g, low=low, high=high)
 
 
 # Row weights: w_i = sample_weight_scalar * weight[label_i] * sample_weight[i], scaling the loss and both gradients.
@@ -576,8 +725,15 @@ def test_plan_fills_the_gpu(batch, log_c, dtype, student_grad):
         assert stats_programs >= kd.DEFAULT_SMS
     else:
         assert stats_programs >= min(batch, kd.DEFAULT_SMS)
-    if len(launches) == 2 and student_grad:
-        assert launches[1].grid == launches[0].grid
+    assert len(launches) == 1  # the row kernel: the reduction is not asked for
+    if launches[0].kernel is kd._kd_split_kernel:
+        args = dict(zip(launches[0].kernel.arg_names, launches[0].args))
+        chunk = args["blocks_per_chunk"] * launches[0].constexprs["BLOCK_N"]
+        logits = torch.empty(0, dtype=dtype, device="meta")
+        working = kd.split_working_set(args["lag"], stats_programs, chunk,
+                                       kd.split_column_bytes((logits, logits), student_grad, False))
+        assert args["lag"] >= (args["n_chunks"] if student_grad else batch * args["n_chunks"])
+        assert working <= kd.SPLIT_L2_BUDGET or chunk == kd.SPLIT_MIN_CHUNK
     for launch in launches:
         assert launch.num_warps <= kd.MAX_WARPS
         blocks = launch.constexprs.get("BLOCK_M", 1) * launch.constexprs["BLOCK_N"]
@@ -586,7 +742,7 @@ def test_plan_fills_the_gpu(batch, log_c, dtype, student_grad):
 
 @pytest.mark.parametrize("shape,form,programs", [((128, 10), "tile", 128), ((1024, 100), "tile", 256),
                                                  ((256, 1000), "tile", 256), ((8, 32000), "split", 256),
-                                                 ((64, 262144), "split", 512), ((4096, 32000), "split", 4096),
+                                                 ((64, 262144), "split", 264), ((4096, 32000), "split", 264),
                                                  ((8, 8192), "split", 256), ((4096, 8192), "tile", 4096)])
 def test_plan_at_the_benchmark_shapes(shape, form, programs):
     launches = _plan(*shape)

@@ -105,7 +105,7 @@ def test_split_form_and_strided_logits_match_the_reference(cuda_path):
     labels = torch.tensor([1, IGNORE, 8999], device=DEVICE)
     tau = (0.5 + torch.rand(9000, generator=gen)).to(DEVICE)
     loss = kd_kl_div(s, t, labels=labels, teacher_temperature=tau, reduction="mean")
-    assert cuda_path[:2] == ["kd_split_stats_kernel", "kd_split_finish_kernel"]
+    assert cuda_path[:1] == ["kd_split_kernel"]  # the forward: one kernel (after its counters' memset)
     (grad,) = torch.autograd.grad(loss, s)
     s64 = s.detach().double().requires_grad_(True)
     ref = reference.kd_kl_div(s64, t.double(), labels, tau.double(), reduction="mean")
