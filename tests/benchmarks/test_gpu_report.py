@@ -12,10 +12,10 @@ def test_bytes_per_op():
     # row's loss and label once more (12 B/row).
     assert gpu_report.kd_bytes(128, 10) == (128 * 10 * 20 + 128 * 16, 128 * 10 * 20 + 128 * (16 + 12))
     assert gpu_report.kd_bytes(128, 10, torch.bfloat16)[0] == 128 * 10 * 10 + 128 * 16
-    # The split form (few long rows) reads both inputs a second time: 8 more bytes per fp32 element.
+    # The split form (few long rows) re-reads both inputs from L2, not DRAM: the minimum plus its
+    # per-row workspace and statistics, well under the 8 B/element a DRAM re-read would add.
     minimum, moved = gpu_report.kd_bytes(8, 32000)
-    assert minimum == 8 * 32000 * 20 + 8 * 16 and moved - 8 * 32000 * 28 > 0
-    assert moved < 8 * 32000 * 28 * 1.01
+    assert minimum == 8 * 32000 * 20 + 8 * 16 and minimum < moved < minimum + 8 * 32000 * 0.1
     # PGD: x_adv, x, grad read and the output written, whichever norm.
     assert gpu_report.pgd_bytes((2, 3, 4, 4)) == (96 * 4 * 4, 96 * 4 * 4)
     assert gpu_report.pgd_bytes((2, 3, 4, 4), "l2", "bfloat16") == (96 * 2 * 4, 96 * 2 * 4)
