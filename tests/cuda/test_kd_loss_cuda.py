@@ -164,6 +164,24 @@ def test_split_kernel_schedules_agree_bit_for_bit(dtypes, chunk, programs, lag):
         torch.testing.assert_close(grad.double(), want, rtol=rtol, atol=atol * float(want.abs().max()))
 
 
+def _assert_graph_replays_match_eager(step, replays):
+    """Captures ``step`` (returning loss and gradient) in a CUDA graph after warm-up calls on a side
+    stream, and checks that each replay gives the eager call's exact bits."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            want_loss, want_grad = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got_loss, got_grad = step()
+    for _ in range(replays):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got_loss, want_loss) and torch.equal(got_grad, want_grad)
+
+
 def test_split_form_is_captured_by_a_cuda_graph():
     """The split kernel's counters are zeroed by a launch of the call itself: every replay starts
     from zeros (nothing of a previous call survives on the device)."""
@@ -174,19 +192,7 @@ def test_split_form_is_captured_by_a_cuda_graph():
         loss = kd_kl_div(s, t, reduction="mean", **kwargs)
         return loss, torch.autograd.grad(loss, s)[0]
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            want_loss, want_grad = step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got_loss, got_grad = step()
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(got_loss, want_loss) and torch.equal(got_grad, want_grad)
+    _assert_graph_replays_match_eager(step, replays=3)
 
 
 def test_eager_call_with_cpu_scalars_is_captured_by_a_cuda_graph():
@@ -200,18 +206,7 @@ def test_eager_call_with_cpu_scalars_is_captured_by_a_cuda_graph():
         loss = kd_kl_div(s, t, reduction="mean", **kwargs)
         return loss, torch.autograd.grad(loss, s)[0]
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            want_loss, want_grad = step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got_loss, got_grad = step()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(got_loss, want_loss) and torch.equal(got_grad, want_grad)
+    _assert_graph_replays_match_eager(step, replays=1)
 
 
 def test_bad_rows_are_nan_without_device_asserts():
