@@ -139,6 +139,13 @@ SM_CTAS = 32
 SM_SHARED_BYTES = 228 * 1024
 CTA_RESERVED_SHARED_BYTES = 1024
 SPLIT_MAX_REGISTERS = 128
+# The constants above that the kernels read (a Triton kernel sees a module global only as a
+# constexpr), and the base changes of the split form's base-2 statistics.
+_N_PARTIALS = tl.constexpr(N_PARTIALS)
+_ROW_STATISTICS = tl.constexpr(ROW_STATISTICS)
+_WORK_COUNTERS = tl.constexpr(WORK_COUNTERS)
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 # Bytes a vector access covers at most.
 MAX_VECTOR_BYTES = 16
 INT32_LIMIT = 2**31
@@ -435,9 +442,8 @@ def _combine_partials(part_ptr, B, row, n_chunks, PART_BLOCK: tl.constexpr):
         m_s = m_s_new
     log_z_t = tl.log2(z_t)
     log_z_s = tl.log2(z_s)
-    ln2 = 0.6931471805599453
-    loss = (cross / z_t - (m_t - m_s) - (log_z_t - log_z_s)) * ln2
-    loss = tl.where(tl.exp(((a_inf - m_t) - log_z_t) * ln2) > 0, float("inf"), loss)
+    loss = (cross / z_t - (m_t - m_s) - (log_z_t - log_z_s)) * _LN2
+    loss = tl.where(tl.exp(((a_inf - m_t) - log_z_t) * _LN2) > 0, float("inf"), loss)
     loss = tl.where((m_t == float("-inf")) | (m_s == float("-inf")), float("nan"), loss)
     return m_t, m_s, log_z_t, log_z_s, loss
 
@@ -485,8 +491,33 @@ def _store_split_grads(gs_ptrs, gt_ptrs, mask, log2_p, log2_q, loss, scale_t, sc
         grad = (tl.exp2(log2_q) - tl.exp2(log2_p)) * scale_s
         tl.store(gs_ptrs, _finish_rows(grad, keep, bad).to(gs_ptrs.dtype.element_ty), mask=mask)
     if TEACHER_GRAD:
-        ln2 = 0.6931471805599453
-        _store_grads(gs_ptrs, gt_ptrs, mask, log2_p * ln2, log2_q * ln2, loss, scale_t, scale_s, keep, bad, 0, 1)
+        _store_grads(gs_ptrs, gt_ptrs, mask, log2_p * _LN2, log2_q * _LN2, loss, scale_t, scale_s, keep, bad, 0, 1)
+
+
+@triton.jit
+def _store_row_statistics(row_stats, m_t, m_s, log_z_t, log_z_s, loss, load_t, load_s, scale_t, scale_s):
+    """Publishes what a row's gradient items need (ROW_STATISTICS values, in this order): the
+    row's statistics (base 2), its KL, the loads' factors log2(e) / tau and the gradients' w / tau."""
+    tl.store(row_stats, m_t)
+    tl.store(row_stats + 1, m_s)
+    tl.store(row_stats + 2, log_z_t)
+    tl.store(row_stats + 3, log_z_s)
+    tl.store(row_stats + 4, loss)
+    tl.store(row_stats + 5, load_t)
+    tl.store(row_stats + 6, load_s)
+    tl.store(row_stats + 7, scale_t)
+    tl.store(row_stats + 8, scale_s)
+
+
+@triton.jit
+def _load_row_statistics(row_stats):
+    """The values ``_store_row_statistics`` published, in its order, read from L2 (``.cg``): another
+    program wrote them, and a stale L1 line must not answer."""
+    return (tl.load(row_stats, cache_modifier=".cg"), tl.load(row_stats + 1, cache_modifier=".cg"),
+            tl.load(row_stats + 2, cache_modifier=".cg"), tl.load(row_stats + 3, cache_modifier=".cg"),
+            tl.load(row_stats + 4, cache_modifier=".cg"), tl.load(row_stats + 5, cache_modifier=".cg"),
+            tl.load(row_stats + 6, cache_modifier=".cg"), tl.load(row_stats + 7, cache_modifier=".cg"),
+            tl.load(row_stats + 8, cache_modifier=".cg"))
 
 
 @triton.jit(do_not_specialize=RUNTIME_INTS)
@@ -502,7 +533,7 @@ def _kd_split_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weight_ptr,
     Items (see ``split_item``): a statistics item writes its (row, chunk)'s 6 partials to
     part[k, row * n_chunks + chunk] and counts itself in the row's counter (work[2 + row]); the
     program that completes the count combines the row's partials in chunk order, writes the row
-    loss and what the row's gradient items need (part[6 * B * n_chunks + row * ROW_STATISTICS + k])
+    loss and what the row's gradient items need (part[N_PARTIALS * B * n_chunks + row * ROW_STATISTICS + k])
     and counts once more, by 1 + kept + 2 * bad: the row is ready, and its gradient items read its
     flags from the count. A gradient item waits for its row to be ready, re-reads its
     chunk (read by the statistics pass at most about lag + programs items earlier: from L2 when
@@ -527,7 +558,7 @@ def _kd_split_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weight_ptr,
     if STUDENT_GRAD or TEACHER_GRAD:
         total = 2 * n_stats
     column_blocks = tl.cdiv(C, BLOCK_N)
-    row_stats_ptr = part_ptr + 6 * (B.to(tl.int64) * n_chunks)  # after the N_PARTIALS planes
+    row_stats_ptr = part_ptr + _N_PARTIALS * (B.to(tl.int64) * n_chunks)  # after the partials' planes
     labels_ok = tl.full([], 1, tl.int32)
     temperatures_ok = tl.full([], 1, tl.int32)
     ticket = tl.atomic_add(work_ptr, 1, sem="relaxed")
@@ -539,19 +570,18 @@ def _kd_split_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weight_ptr,
         n_blocks = tl.minimum(blocks_per_chunk, column_blocks - first_block)
         s_row = s_ptr + row.to(tl.int64) * stride_sb
         t_row = t_ptr + row.to(tl.int64) * stride_tb
-        # the statistics in base 2: exp2 is one instruction, exp three more
-        log2e = 1.4426950408889634
-        counter = work_ptr + 2 + row
-        row_stats = row_stats_ptr + row.to(tl.int64) * 9  # ROW_STATISTICS, contiguous per row
+        counter = work_ptr + _WORK_COUNTERS + row
+        row_stats = row_stats_ptr + row.to(tl.int64) * _ROW_STATISTICS  # contiguous per row
         if is_stats:
             keep, bad, inv_t, inv_s, labels_fine, temperatures_fine, label, usable = _row_setup(
                 labels_ptr, stride_l, tau_t_ptr, tau_s_ptr, tau_t_scalar, tau_s_scalar, tau_t_mode, tau_s_mode,
                 has_labels, ignore_index, row, row < B, C)
             labels_ok = labels_ok & labels_fine.to(tl.int32)
             temperatures_ok = temperatures_ok & temperatures_fine.to(tl.int32)
+            # the statistics in base 2: exp2 is one instruction, exp three more
             m_t, m_s, z_t, z_s, cross, a_inf = _split_statistics(
-                s_row, t_row, stride_sc, stride_tc, first_block, n_blocks, cols, C, keep, inv_t * log2e,
-                inv_s * log2e, BLOCK_N, NUM_STAGES, PREFETCH)
+                s_row, t_row, stride_sc, stride_tc, first_block, n_blocks, cols, C, keep, inv_t * _LOG2E,
+                inv_s * _LOG2E, BLOCK_N, NUM_STAGES, PREFETCH)
             plane = B.to(tl.int64) * n_chunks
             out = part_ptr + (row.to(tl.int64) * n_chunks + chunk)
             tl.store(out, m_t)
@@ -569,17 +599,9 @@ def _kd_split_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weight_ptr,
                                      label, row, usable, row < B)
                 bad = bad | (keep & (loss != loss))
                 tl.store(loss_ptr + row, _finish_rows(weight * loss, keep, bad))
-                # what the row's gradient items need, so that they read no label, temperature or weight:
-                # the statistics and the loads' and the gradients' factors; the row's flags ride on its count
-                tl.store(row_stats, r_m_t)
-                tl.store(row_stats + 1, r_m_s)
-                tl.store(row_stats + 2, log_z_t)
-                tl.store(row_stats + 3, log_z_s)
-                tl.store(row_stats + 4, loss)
-                tl.store(row_stats + 5, inv_t * log2e)
-                tl.store(row_stats + 6, inv_s * log2e)
-                tl.store(row_stats + 7, weight * inv_t)
-                tl.store(row_stats + 8, weight * inv_s)
+                # so that the row's gradient items read no label, temperature or weight; its flags ride on its count
+                _store_row_statistics(row_stats, r_m_t, r_m_s, log_z_t, log_z_s, loss, inv_t * _LOG2E, inv_s * _LOG2E,
+                                      weight * inv_t, weight * inv_s)
                 tl.debug_barrier()
                 # ready: the count passes n_chunks, by 1 + kept + 2 * bad (a bad row is a kept one)
                 tl.atomic_add(counter, 1 + keep.to(tl.int32) + 2 * bad.to(tl.int32), sem="release")
@@ -588,14 +610,11 @@ def _kd_split_kernel(s_ptr, t_ptr, labels_ptr, tau_t_ptr, tau_s_ptr, weight_ptr,
             while ready <= n_chunks:
                 ready = tl.atomic_add(counter, 0, sem="acquire")
             flags = ready - n_chunks - 1
+            g_m_t, g_m_s, g_log_z_t, g_log_z_s, g_loss, load_t, load_s, scale_t, scale_s = _load_row_statistics(row_stats)
             _split_gradients(s_row, t_row, gs_ptr + row.to(tl.int64) * C, gt_ptr + row.to(tl.int64) * C, stride_sc,
-                             stride_tc, first_block, n_blocks, cols, C, (flags & 1) != 0, (flags & 2) != 0,
-                             tl.load(row_stats + 5, cache_modifier=".cg"), tl.load(row_stats + 6, cache_modifier=".cg"),
-                             tl.load(row_stats + 7, cache_modifier=".cg"), tl.load(row_stats + 8, cache_modifier=".cg"),
-                             tl.load(row_stats, cache_modifier=".cg"), tl.load(row_stats + 1, cache_modifier=".cg"),
-                             tl.load(row_stats + 2, cache_modifier=".cg"), tl.load(row_stats + 3, cache_modifier=".cg"),
-                             tl.load(row_stats + 4, cache_modifier=".cg"), STUDENT_GRAD, TEACHER_GRAD, BLOCK_N,
-                             NUM_STAGES, PREFETCH)
+                             stride_tc, first_block, n_blocks, cols, C, (flags & 1) != 0, (flags & 2) != 0, load_t,
+                             load_s, scale_t, scale_s, g_m_t, g_m_s, g_log_z_t, g_log_z_s, g_loss, STUDENT_GRAD,
+                             TEACHER_GRAD, BLOCK_N, NUM_STAGES, PREFETCH)
         ticket = tl.atomic_add(work_ptr, 1, sem="relaxed")
     if REDUCE:
         # every row this program finished is written before it counts itself out
@@ -1208,9 +1227,10 @@ def _static_plan(student_logits, teacher_logits, labels, tau_t, tau_s, ignore_in
         elif form == "split":
             # -- split form (persistent kernel, reduction fused in) --
             gradients = bool(student_grad or teacher_grad)
+            input_bytes = sum(t.element_size() for t in logits)
             config = config or split_config(batch, num_classes, sms, nbytes, vec,
                                             split_column_bytes(logits, student_grad, teacher_grad),
-                                            l2_budget(device), sum(t.element_size() for t in logits))
+                                            l2_budget(device), input_bytes)
             block_n, chunk = config["BLOCK_N"], config["CHUNK"]
             blocks_per_chunk = chunk // block_n
             n_chunks = -(-(-(-num_classes // block_n)) // blocks_per_chunk)
@@ -1221,7 +1241,7 @@ def _static_plan(student_logits, teacher_logits, labels, tau_t, tau_s, ignore_in
             prefetch = config["num_stages"] > 1 and narrowest < 4
             stages = 1 if prefetch else config["num_stages"]
             programs = config.get("PROGRAMS") or split_programs(
-                config["num_warps"], split_shared_bytes(block_n, stages, sum(t.element_size() for t in logits)), sms)
+                config["num_warps"], split_shared_bytes(block_n, stages, input_bytes), sms)
             programs = min(programs, items)
             lag = split_lag(n_chunks, programs, items, gradients, config.get("LAG"))
             partials = N_PARTIALS * items + ROW_STATISTICS * batch
