@@ -152,6 +152,39 @@ def sass_instructions(cubin):
     return [(int(m.group(1), 16), m.group(2)) for m in map(_SASS_LINE.search, done.stdout.splitlines()) if m]
 
 
+INSTRUCTION_BYTES = 16  # an sm_90 instruction
+
+
+def loop_spans(instructions):
+    """Every loop: the (first, last) addresses of the span that a backward branch at ``last`` to
+    ``first`` closes (the final self-branch is not one).
+
+    Args:
+        instructions: ``sass_instructions``'s list.
+
+    Returns:
+        list[tuple[int, int]]: the spans, in address order of their branches.
+    """
+    spans = []
+    for address, text in instructions:
+        found = BRANCH.search(text)
+        if found and int(found.group(1), 16) < address:
+            spans.append((int(found.group(1), 16), address))
+    return spans
+
+
+def span_instructions(span):
+    """Instructions in a (first, last) address span, both included.
+
+    Args:
+        span: (first, last) addresses.
+
+    Returns:
+        int: instructions.
+    """
+    return (span[1] - span[0]) // INSTRUCTION_BYTES + 1
+
+
 def loop_instructions(instructions):
     """Instructions of the innermost-to-outermost hot loop: the longest span a backward branch closes.
 
@@ -161,13 +194,7 @@ def loop_instructions(instructions):
     Returns:
         tuple: (instructions in the loop body or 0 when there is no loop, instructions in all).
     """
-    step = 16  # bytes per sm_90 instruction
-    longest = 0
-    for address, text in instructions:
-        found = BRANCH.search(text)
-        if found and int(found.group(1), 16) < address:  # a backward branch (not the final self-branch)
-            longest = max(longest, (address - int(found.group(1), 16)) // step + 1)
-    return longest, len(instructions)
+    return max(map(span_instructions, loop_spans(instructions)), default=0), len(instructions)
 
 
 def compile_for_sm90(launches):

@@ -169,31 +169,19 @@ def _forward_branches(instructions, start, end):
         if not (start <= address <= end and match and text.startswith("@")):
             continue
         target = int(match.group(1), 16)
-        jump = hardware.BRANCH.search(at.get(target - 16, ""))
-        if target > address and jump and not at[target - 16].startswith("@"):
+        before_target = target - hardware.INSTRUCTION_BYTES
+        jump = hardware.BRANCH.search(at.get(before_target, ""))
+        if target > address and jump and not at[before_target].startswith("@"):
             join = int(jump.group(1), 16)
-            if target < join <= end + 16:
+            if target < join <= end + hardware.INSTRUCTION_BYTES:
                 found.append((address, target, join))
     return found
 
 
-def _loops(instructions):
-    """(first, last) addresses of every loop: a backward branch at ``last`` to ``first``."""
-    spans = []
-    for address, text in instructions:
-        match = hardware.BRANCH.search(text)
-        if match and int(match.group(1), 16) < address:
-            spans.append((int(match.group(1), 16), address))
-    return spans
-
-
-def _length(span):
-    return (span[1] - span[0]) // 16 + 1
-
-
 def _longest_loop(instructions, start, end):
     """Instructions of the longest loop inside [start, end)."""
-    return max([_length(span) for span in _loops(instructions) if start <= span[0] and span[1] < end], default=0)
+    inside = [span for span in hardware.loop_spans(instructions) if start <= span[0] and span[1] < end]
+    return max(map(hardware.span_instructions, inside), default=0)
 
 
 def _leaving(instructions, start, end):
@@ -202,7 +190,7 @@ def _leaving(instructions, start, end):
     for address, text in instructions:
         match = hardware.BRANCH.search(text)
         if start <= address < end and match and text.startswith("@") and int(match.group(1), 16) >= end:
-            return (end - address) // 16 - 1
+            return (end - address) // hardware.INSTRUCTION_BYTES - 1
     return 0
 
 
@@ -225,16 +213,16 @@ def split_item_instructions(instructions, blocks_per_chunk, n_chunks):
         tuple: (per statistics item, per gradient item, per program outside the item loop).
     """
     total = len(instructions)
-    start, end = max(_loops(instructions), key=_length)
-    body = _length((start, end))
+    start, end = max(hardware.loop_spans(instructions), key=hardware.span_instructions)
+    body = hardware.span_instructions((start, end))
     branches = _forward_branches(instructions, start, end)
     if not branches:  # no if/else found: every item counts the whole body (an upper bound)
         return body, body, total - body
     branch, other, join = max(branches, key=lambda b: b[2] - b[0])
-    statistics = (other - branch) // 16 - 1
-    gradients = (join - other) // 16
+    statistics = (other - branch) // hardware.INSTRUCTION_BYTES - 1
+    gradients = (join - other) // hardware.INSTRUCTION_BYTES
     extra = blocks_per_chunk - 1
-    combine = _leaving(instructions, branch + 16, other)
+    combine = _leaving(instructions, branch + hardware.INSTRUCTION_BYTES, other)
     return (body - gradients - combine + combine / n_chunks + extra * _longest_loop(instructions, branch, other),
             body - statistics + extra * _longest_loop(instructions, other, join), total - body)
 
@@ -258,7 +246,7 @@ def issue(launch, compiled):
         per_statistics, per_gradient, per_program = split_item_instructions(instructions, args["blocks_per_chunk"],
                                                                             args["n_chunks"])
         compiled["item_instructions"] = {"statistics": per_statistics, "gradient": per_gradient,
-                                         "loop": _length(max(_loops(instructions), key=_length))}
+                                         "loop": len(instructions) - per_program}
         items = args["B"] * args["n_chunks"]
         gradients = items if (launch.constexprs["STUDENT_GRAD"] or launch.constexprs["TEACHER_GRAD"]) else 0
         return (per_statistics * items + per_gradient * gradients + per_program * launch.grid[0]) * threads
